@@ -1,0 +1,32 @@
+# Two commands on a fresh machine (Rust toolchain + python3 present):
+#   make demo   set up .venv, build the extension, run the demo
+#   make test   add the reference stack (scanpy, scikit-learn), run Rust and Python tests
+PY      := .venv/bin/python
+export VIRTUAL_ENV := $(CURDIR)/.venv
+export PATH := $(CURDIR)/.venv/bin:$(PATH)
+
+.PHONY: demo test build bench
+
+.venv/.base:
+	python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $$(grep -E '^(maturin|polars|numpy)==' requirements-test.txt)
+	touch $@
+
+.venv/.test: .venv/.base requirements-test.txt
+	$(PY) -m pip install -q -r requirements-test.txt
+	touch $@
+
+build: .venv/.base
+	maturin develop --release --quiet
+
+demo: build
+	$(PY) -m polars_singlecell demo
+
+test: .venv/.test build
+	cargo test --quiet
+	cargo run --quiet --example rust_pipeline
+	$(PY) -m pytest -q
+
+bench: .venv/.test build
+	$(PY) benches/bench_preprocessing.py

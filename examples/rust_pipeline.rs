@@ -1,0 +1,31 @@
+//! Using the crate from a Rust Polars pipeline (polars 0.55.x).
+//! Run: cargo run --example rust_pipeline
+use polars::prelude::*;
+use polars_singlecell::expressions::{fit_pca_update, normalize, pca_project};
+use polars_singlecell::kernels::pca::{CovAccumulator, PcaProjector};
+
+fn main() -> PolarsResult<()> {
+    // Three cells over three genes, in the project's sparse layout.
+    let gene_idx = Series::new("gene_idx".into(), [
+        Series::new("".into(), [0u32, 2]),
+        Series::new("".into(), [1u32]),
+        Series::new("".into(), [0u32, 1, 2]),
+    ]);
+    let values = Series::new("values".into(), [
+        Series::new("".into(), [1f32, 3.0]),
+        Series::new("".into(), [5f32]),
+        Series::new("".into(), [2f32, 2.0, 2.0]),
+    ]);
+    let lognorm = normalize(&gene_idx, &values, Some(1e4), true)?;
+
+    // Fit PCA; a streaming pipeline calls fit_pca_update once per batch of rows.
+    let mut acc = CovAccumulator::new(3)?;
+    fit_pca_update(&mut acc, &gene_idx, &lognorm)?;
+    let fit = acc.fit(2)?;
+    let model = PcaProjector::from_fit(&fit)?;
+
+    let df = DataFrame::new_infer_height(vec![pca_project(&gene_idx, &lognorm, &model)?.into()])?;
+    println!("{df}");
+    assert_eq!(df.column("X_pca")?.dtype(), &DataType::Array(Box::new(DataType::Float32), 2));
+    Ok(())
+}

@@ -1,0 +1,49 @@
+"""polars-singlecell: atlas-scale single-cell preprocessing and integration as Polars expressions.
+
+>>> import polars as pl, polars_singlecell as psc
+>>> df = pl.DataFrame(
+...     {"gene_idx": [[0, 2], [1]], "values": [[1.0, 3.0], [5.0]]},
+...     schema={"gene_idx": pl.List(pl.UInt32), "values": pl.List(pl.Float32)},
+... )
+>>> df.with_columns(psc.normalize("gene_idx", "values", target_sum=4, log1p=False))["values"].to_list()
+[[1.0, 3.0], [4.0]]
+"""
+
+from __future__ import annotations
+
+import polars as _pl
+
+from polars_singlecell import _internal
+from polars_singlecell._plugin import check_polars_version as _check_polars_version
+
+_check_polars_version(_pl.__version__, _internal.POLARS_CRATE_VERSION)
+
+from polars_singlecell import datasets  # noqa: E402
+from polars_singlecell.io import sink_parquet  # noqa: E402
+from polars_singlecell.preprocessing import (  # noqa: E402
+    PcaModel,
+    consensus_genes,
+    fit_pca,
+    highly_variable_genes,
+    median_total_counts,
+    normalize,
+    pca_project,
+    select_genes,
+    total_counts,
+)
+
+__version__: str = _internal.__version__
+
+__all__ = [
+    "PcaModel",
+    "consensus_genes",
+    "datasets",
+    "fit_pca",
+    "highly_variable_genes",
+    "median_total_counts",
+    "normalize",
+    "pca_project",
+    "select_genes",
+    "sink_parquet",
+    "total_counts",
+]

@@ -1,0 +1,502 @@
+"""normalize → highly_variable_genes → select_genes → fit_pca / pca_project.
+
+Apply steps are Polars expressions (elementwise: they stream). Fit steps take a
+LazyFrame, stream it once in record batches and return a small result.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Union
+
+import numpy as np
+import polars as pl
+
+from polars_singlecell import _internal
+from polars_singlecell._plugin import call
+from polars_singlecell.io import write_parquet
+
+IntoExpr = Union[str, pl.Expr]
+Frame = Union[pl.LazyFrame, pl.DataFrame, str, os.PathLike]
+
+__all__ = [
+    "PcaModel",
+    "consensus_genes",
+    "fit_pca",
+    "highly_variable_genes",
+    "median_total_counts",
+    "normalize",
+    "pca_project",
+    "select_genes",
+    "total_counts",
+]
+
+
+def _col(x: IntoExpr) -> pl.Expr:
+    return pl.col(x) if isinstance(x, str) else x
+
+
+def _lazy(data: Frame) -> pl.LazyFrame:
+    if isinstance(data, pl.LazyFrame):
+        return data
+    if isinstance(data, pl.DataFrame):
+        return data.lazy()
+    if isinstance(data, (str, os.PathLike)):
+        path = Path(data)
+        if not path.exists():
+            raise FileNotFoundError(f"no such file or folder: {path}")
+        return pl.scan_parquet(path / "*.parquet" if path.is_dir() else path)
+    raise TypeError(f"expected a LazyFrame, DataFrame or Parquet path, got {type(data).__name__}")
+
+
+def _record_batches(lf: pl.LazyFrame, columns: list[str]) -> Iterator[pl.DataFrame]:
+    """Stream `columns` of `lf` in row order, one record batch at a time."""
+    missing = [c for c in columns if c not in lf.collect_schema()]
+    if missing:
+        raise ValueError(f"column(s) {missing} not found; the frame has {lf.collect_schema().names()}")
+    yield from lf.select(columns).collect_batches(maintain_order=True)
+
+
+def _positive_int(name: str, value: object, *, upper: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if upper is not None and value > upper:
+        raise ValueError(f"{name}={value} exceeds its maximum {upper}")
+    return int(value)
+
+
+def _n_threads(n_threads: int | None) -> int:
+    if n_threads is None:
+        return int(os.environ.get("POLARS_MAX_THREADS", 0)) or pl.thread_pool_size()
+    return _positive_int("n_threads", n_threads)
+
+
+# --------------------------------------------------------------------------- normalize
+
+
+def normalize(
+    gene_idx: IntoExpr = "gene_idx",
+    values: IntoExpr = "values",
+    *,
+    target_sum: float | None = 1e4,
+    log1p: bool = True,
+) -> pl.Expr:
+    """Normalise each cell to ``target_sum`` total counts, then ``ln(1 + x)``.
+
+    The same numbers as ``scanpy.pp.normalize_total(adata, target_sum=...)``
+    followed by ``scanpy.pp.log1p(adata)`` on a CSR matrix (float32).
+
+    Parameters
+    ----------
+    gene_idx, values
+        ``List(UInt32)`` / ``List(Float32)`` sparse counts of each cell.
+    target_sum
+        Total counts of each cell after normalisation. ``None``: the median of
+        the non-zero cell totals of the column, like scanpy; that needs the whole
+        column at once (not streamed), so for data larger than memory pass
+        ``target_sum=psc.median_total_counts(lf)`` instead.
+    log1p
+        Apply ``ln(1 + x)`` after scaling.
+
+    Returns
+    -------
+    ``List(Float32)`` named like ``values`` and aligned with ``gene_idx``, so
+    ``with_columns`` replaces the counts. Cells with zero total counts keep their
+    zeros (scanpy does the same, with a warning). Null cells stay null.
+
+    Examples
+    --------
+    >>> import polars as pl, polars_singlecell as psc
+    >>> df = pl.DataFrame({"gene_idx": [[0, 1]], "values": [[1.0, 3.0]]},
+    ...                   schema={"gene_idx": pl.List(pl.UInt32), "values": pl.List(pl.Float32)})
+    >>> df.select(psc.normalize(target_sum=4, log1p=False))["values"].to_list()
+    [[1.0, 3.0]]
+    """
+    if target_sum is not None:
+        if isinstance(target_sum, bool) or not isinstance(target_sum, (int, float, np.number)):
+            raise ValueError(f"target_sum must be a number or None, got {target_sum!r}")
+        if not (math.isfinite(target_sum) and target_sum > 0):
+            raise ValueError(f"target_sum must be positive and finite, got {target_sum!r}")
+        target_sum = float(target_sum)
+    if not isinstance(log1p, bool):
+        raise ValueError(f"log1p must be True or False, got {log1p!r}")
+    # values first: the plugin's output takes the first input's name.
+    return call(
+        "normalize",
+        [_col(values), _col(gene_idx)],
+        {"target_sum": target_sum, "log1p": log1p},
+        is_elementwise=target_sum is not None,
+    )
+
+
+def total_counts(gene_idx: IntoExpr = "gene_idx", values: IntoExpr = "values") -> pl.Expr:
+    """Total counts of each cell (``Float32``, named ``total_counts``), summed like scanpy."""
+    return call("total_counts", [_col(gene_idx), _col(values)])
+
+
+def median_total_counts(data: Frame, *, gene_idx: str = "gene_idx", values: str = "values") -> float:
+    """Median of the non-zero cell totals: scanpy's default ``target_sum``.
+
+    One streaming pass; memory grows with the number of *distinct* totals
+    (a few thousand for integer counts), not with the number of cells.
+    """
+    counts = (
+        _lazy(data)
+        .select(total_counts(gene_idx, values).alias("t"))
+        .filter(pl.col("t") > 0)
+        .group_by("t")
+        .len()
+        .collect(engine="streaming")
+        .sort("t")
+    )
+    if counts.height == 0:
+        raise ValueError("every cell has zero total counts; pass target_sum explicitly")
+    t = counts["t"].to_numpy()
+    cum = np.cumsum(counts["len"].to_numpy())
+    n = int(cum[-1])
+    lo = t[np.searchsorted(cum, (n - 1) // 2 + 1)]
+    hi = t[np.searchsorted(cum, n // 2 + 1)]
+    # numpy.median of float32 totals: the mean of the middle pair, in float32.
+    return float((np.float32(lo) + np.float32(hi)) / np.float32(2))
+
+
+# --------------------------------------------------------------------------- select_genes
+
+
+def select_genes(
+    gene_idx: IntoExpr = "gene_idx",
+    values: IntoExpr = "values",
+    *,
+    genes: Iterable[int] | pl.Series | np.ndarray,
+) -> pl.Expr:
+    """Keep only ``genes`` and renumber them ``0..len(genes)-1``; rows stay sparse and sorted.
+
+    Returns a ``Struct`` with fields named like the inputs; ``.struct.unnest()``
+    inside ``with_columns`` replaces both columns.
+
+    Examples
+    --------
+    >>> import polars as pl, polars_singlecell as psc
+    >>> df = pl.DataFrame({"gene_idx": [[0, 2, 5]], "values": [[1.0, 2.0, 5.0]]},
+    ...                   schema={"gene_idx": pl.List(pl.UInt32), "values": pl.List(pl.Float32)})
+    >>> out = df.with_columns(psc.select_genes(genes=[2, 5]).struct.unnest())
+    >>> out.rows()
+    [([0, 1], [2.0, 5.0])]
+    """
+    g = np.asarray(genes.to_numpy() if isinstance(genes, pl.Series) else list(genes))
+    if g.ndim != 1 or g.size == 0:
+        raise ValueError("genes must be a non-empty 1-D sequence of gene indices")
+    if not np.issubdtype(g.dtype, np.integer) or g.min() < 0 or g.max() >= 2**32:
+        raise ValueError(f"genes must be non-negative integer gene indices, got dtype {g.dtype}")
+    if np.unique(g).size != g.size:
+        raise ValueError("genes lists a gene more than once; pass each gene once")
+    return call("select_genes", [_col(gene_idx), _col(values)], {"genes": [int(x) for x in g]})
+
+
+# --------------------------------------------------------------------------- HVG
+
+
+def _seurat_single(stats: pl.DataFrame, n_bins: int, n_top_genes: int | None, cutoffs: dict) -> dict:
+    """scanpy's flavor="seurat" on per-gene mean/var of expm1(x) (one batch)."""
+    mean = stats["mean"].to_numpy().copy()
+    var = stats["var"].to_numpy()
+    mean[mean == 0] = 1e-12
+    with np.errstate(divide="ignore", invalid="ignore"):
+        disp = var / mean
+        disp[disp == 0] = np.nan
+        disp = np.log(disp)
+    mean = np.log1p(mean)
+    # pandas.cut(means, n_bins): equal-width bins, right-closed, the lowest edge
+    # pulled down by 0.1% of the range.
+    lo, hi = mean.min(), mean.max()
+    if lo == hi:
+        lo, hi = lo - 0.001 * abs(lo) if lo else -0.001, hi + 0.001 * abs(hi) if hi else 0.001
+        edges = np.linspace(lo, hi, n_bins + 1)
+    else:
+        edges = np.linspace(lo, hi, n_bins + 1)
+        edges[0] -= (hi - lo) * 0.001
+    bins = np.clip(np.searchsorted(edges, mean, side="left") - 1, 0, n_bins - 1)
+    avg = np.full(n_bins, np.nan)
+    dev = np.full(n_bins, np.nan)
+    for b in np.unique(bins):
+        d = disp[bins == b]
+        d = d[~np.isnan(d)]
+        if d.size:
+            avg[b] = d.mean()
+        if d.size > 1:
+            dev[b] = d.std(ddof=1)
+    # One gene in a bin (std undefined): scanpy sets its normalised dispersion to 1.
+    single = np.isnan(dev)
+    dev[single] = avg[single]
+    avg[single] = 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        norm = (disp - avg[bins]) / dev[bins]
+    if n_top_genes is None:
+        n0 = np.nan_to_num(norm)
+        hv = (mean > cutoffs["min_mean"]) & (mean < cutoffs["max_mean"]) & (n0 > cutoffs["min_disp"]) & (n0 < cutoffs["max_disp"])
+    else:
+        finite = norm[~np.isnan(norm)]
+        n = min(n_top_genes, finite.size)
+        cut = np.sort(finite)[::-1][n - 1] if n else np.inf
+        hv = np.nan_to_num(norm, nan=-np.inf) >= cut
+    return {"means": mean, "dispersions": disp, "dispersions_norm": norm, "highly_variable": hv}
+
+
+def highly_variable_genes(
+    data: Frame,
+    *,
+    n_genes: int,
+    n_top_genes: int | None = 2000,
+    batch_key: str | None = None,
+    flavor: str = "seurat",
+    min_mean: float = 0.0125,
+    max_mean: float = 3,
+    min_disp: float = 0.5,
+    max_disp: float = float("inf"),
+    n_bins: int = 20,
+    gene_idx: str = "gene_idx",
+    values: str = "values",
+) -> pl.DataFrame:
+    """Highly variable genes, as ``scanpy.pp.highly_variable_genes(flavor="seurat")``.
+
+    Expects log-normalised values (after :func:`normalize`). Streams the data
+    once, accumulating per-gene (and per-batch) statistics.
+
+    Parameters
+    ----------
+    data
+        LazyFrame, DataFrame or Parquet path with one row per cell.
+    n_genes
+        Number of genes in the dataset (``genes.parquet`` rows).
+    n_top_genes
+        Keep this many genes, ranked by normalised dispersion; ``None`` uses the
+        ``min_mean``/``max_mean``/``min_disp``/``max_disp`` cut-offs instead.
+    batch_key
+        Column of batch labels: genes are ranked within each batch (genes not
+        expressed in a batch are left out of its ranking), then by the number of
+        batches in which they are variable and their mean normalised dispersion.
+
+    Returns
+    -------
+    One row per gene, like scanpy's ``adata.var``: ``gene_idx``, ``means``,
+    ``dispersions``, ``dispersions_norm``, ``highly_variable`` and, with a
+    ``batch_key``, ``highly_variable_nbatches`` and ``highly_variable_intersection``.
+    """
+    if flavor != "seurat":
+        raise ValueError(f"flavor={flavor!r} is not supported; use flavor='seurat'")
+    n_genes = _positive_int("n_genes", n_genes)
+    if n_top_genes is not None:
+        n_top_genes = _positive_int("n_top_genes", n_top_genes)
+    n_bins = _positive_int("n_bins", n_bins)
+    cutoffs = {"min_mean": min_mean, "max_mean": max_mean, "min_disp": min_disp, "max_disp": max_disp}
+
+    lf = _lazy(data)
+    acc = _internal.GeneStatsAccumulator(n_genes)
+    cols = [gene_idx, values] + ([batch_key] if batch_key else [])
+    for df in _record_batches(lf, cols):
+        acc.update(df[gene_idx], df[values], df[batch_key] if batch_key else None)
+    stats = acc.finish()
+    if stats.height == 0:
+        raise ValueError("no cells: highly_variable_genes needs at least one row")
+
+    gene = np.arange(n_genes, dtype=np.uint32)
+    if batch_key is None:
+        res = _seurat_single(stats, n_bins, n_top_genes, cutoffs)
+        return pl.DataFrame({"gene_idx": gene, **res})
+
+    per_batch = []
+    for (_,), st in stats.group_by("batch", maintain_order=True):
+        expressed = (st["nnz"] > 0).to_numpy()
+        res = _seurat_single(st.filter(pl.Series(expressed)), n_bins, n_top_genes, cutoffs)
+        full = {k: np.zeros(n_genes) for k in ("means", "dispersions", "dispersions_norm", "highly_variable")}
+        for k, v in res.items():
+            full[k][expressed] = v
+        per_batch.append(full)
+    n_batches = len(per_batch)
+
+    def nanmean(key: str) -> np.ndarray:
+        stack = np.vstack([b[key] for b in per_batch])
+        with np.errstate(invalid="ignore"), np.testing.suppress_warnings() as sup:
+            sup.filter(RuntimeWarning)
+            return np.nanmean(stack, axis=0)
+
+    nbatches = np.vstack([b["highly_variable"] for b in per_batch]).sum(axis=0).astype(np.int64)
+    out = pl.DataFrame(
+        {
+            "gene_idx": gene,
+            "means": nanmean("means"),
+            "dispersions": nanmean("dispersions"),
+            "dispersions_norm": nanmean("dispersions_norm"),
+            "highly_variable_nbatches": nbatches,
+            "highly_variable_intersection": nbatches == n_batches,
+        }
+    )
+    if n_top_genes is None:
+        dn = np.nan_to_num(out["dispersions_norm"].to_numpy())
+        m = out["means"].to_numpy()
+        hv = (m > min_mean) & (m < max_mean) & (dn > min_disp) & (dn < max_disp)
+    else:
+        # rank by (nbatches, mean normalised dispersion), both descending, NaN last
+        order = (
+            out.with_row_index("_i")
+            .sort(["highly_variable_nbatches", "dispersions_norm"], descending=True, nulls_last=True, maintain_order=True)
+            .get_column("_i")
+            .to_numpy()
+        )
+        hv = np.zeros(n_genes, dtype=bool)
+        hv[order[:n_top_genes]] = True
+    return out.with_columns(highly_variable=pl.Series(hv)).select(
+        "gene_idx", "means", "dispersions", "dispersions_norm", "highly_variable",
+        "highly_variable_nbatches", "highly_variable_intersection",
+    )
+
+
+def consensus_genes(var: pl.DataFrame, *, more_than: int) -> pl.Series:
+    """Genes variable in more than ``more_than`` batches (the Tahoe-100M consensus).
+
+    ``var`` is the result of :func:`highly_variable_genes` with a ``batch_key``.
+    Returns the sorted ``gene_idx`` to pass to :func:`select_genes`.
+    """
+    if "highly_variable_nbatches" not in var.columns:
+        raise ValueError("var has no highly_variable_nbatches column: run highly_variable_genes with batch_key=...")
+    if isinstance(more_than, bool) or not isinstance(more_than, (int, np.integer)) or more_than < 0:
+        raise ValueError(f"more_than must be a non-negative integer, got {more_than!r}")
+    return var.filter(pl.col("highly_variable_nbatches") > more_than)["gene_idx"].sort()
+
+
+# --------------------------------------------------------------------------- PCA
+
+_PCA_KIND = "polars-singlecell/pca/1"
+
+
+@dataclass(frozen=True)
+class PcaModel:
+    """A fitted PCA in scikit-learn's conventions (``components`` rows are axes).
+
+    Each axis is signed so that its largest-magnitude loading is positive.
+    """
+
+    mean: np.ndarray  # (n_genes,) float64
+    components: np.ndarray  # (n_comps, n_genes) float64
+    explained_variance: np.ndarray  # (n_comps,)
+    explained_variance_ratio: np.ndarray  # (n_comps,)
+    n_cells: int
+
+    @property
+    def n_genes(self) -> int:
+        return self.mean.shape[0]
+
+    @property
+    def n_comps(self) -> int:
+        return self.components.shape[0]
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write as Parquet: one row per gene (``gene_idx``, ``mean``,
+        ``loadings: Array(Float64, n_comps)``), per-axis numbers in the file's
+        key-value metadata. Written to a temporary file, then renamed."""
+        df = pl.DataFrame(
+            {
+                "gene_idx": np.arange(self.n_genes, dtype=np.uint32),
+                "mean": self.mean,
+                "loadings": np.ascontiguousarray(self.components.T),
+            }
+        )
+        meta = {
+            "kind": _PCA_KIND,
+            "n_cells": self.n_cells,
+            "explained_variance": self.explained_variance.tolist(),
+            "explained_variance_ratio": self.explained_variance_ratio.tolist(),
+        }
+        write_parquet(df, path, metadata={"polars_singlecell": json.dumps(meta)})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> PcaModel:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"PCA model file not found: {path}")
+        meta = json.loads(pl.read_parquet_metadata(path).get("polars_singlecell", "{}"))
+        if meta.get("kind") != _PCA_KIND:
+            raise ValueError(f"{path} is not a polars-singlecell PCA model (written by PcaModel.save)")
+        df = pl.read_parquet(path)
+        return cls(
+            mean=df["mean"].to_numpy(),
+            components=np.ascontiguousarray(df["loadings"].to_numpy().T),
+            explained_variance=np.asarray(meta["explained_variance"], dtype=np.float64),
+            explained_variance_ratio=np.asarray(meta["explained_variance_ratio"], dtype=np.float64),
+            n_cells=int(meta["n_cells"]),
+        )
+
+
+def fit_pca(
+    data: Frame,
+    *,
+    n_genes: int,
+    n_comps: int = 50,
+    gene_idx: str = "gene_idx",
+    values: str = "values",
+    n_threads: int | None = None,
+) -> PcaModel:
+    """Fit PCA out of core: one streaming pass accumulates the exact float64
+    covariance (O(n_genes²) memory, never O(cells)), then its eigendecomposition.
+
+    Matches ``sklearn.decomposition.PCA(n_comps, svd_solver="full")`` fitted on
+    the dense float64 matrix, with each axis signed so that its largest loading
+    is positive. ``n_threads`` defaults to ``POLARS_MAX_THREADS`` (or Polars'
+    pool size); the result is bit-identical for any thread count.
+    """
+    n_genes = _positive_int("n_genes", n_genes)
+    n_comps = _positive_int("n_comps", n_comps, upper=n_genes)
+    if n_genes * n_genes * 8 > 16 * 2**30:
+        raise ValueError(
+            f"n_genes={n_genes} needs a {n_genes * n_genes * 8 / 2**30:.0f} GiB covariance; "
+            "select highly variable genes first (psc.select_genes)"
+        )
+    acc = _internal.PcaAccumulator(n_genes, _n_threads(n_threads))
+    for df in _record_batches(_lazy(data), [gene_idx, values]):
+        acc.update(df[gene_idx], df[values])
+    n_cells, mean, comps, ev, evr = acc.finish(n_comps)
+    return PcaModel(
+        mean=mean.to_numpy(),
+        components=comps.to_numpy().reshape(n_comps, n_genes),
+        explained_variance=ev.to_numpy(),
+        explained_variance_ratio=evr.to_numpy(),
+        n_cells=int(n_cells),
+    )
+
+
+def pca_project(
+    gene_idx: IntoExpr = "gene_idx",
+    values: IntoExpr = "values",
+    *,
+    model: PcaModel | str | os.PathLike,
+) -> pl.Expr:
+    """Project each cell onto the fitted axes: ``(x - mean) @ components.T``.
+
+    Elementwise and streaming. Returns ``Array(Float32, n_comps)`` named
+    ``X_pca``, null where the input row is null. A gene index outside the
+    model's genes is an error (select the model's genes first).
+
+    Examples
+    --------
+    >>> import polars as pl, polars_singlecell as psc
+    >>> df = pl.DataFrame({"gene_idx": [[0], [1], [0, 1]], "values": [[1.0], [2.0], [1.0, 2.0]]},
+    ...                   schema={"gene_idx": pl.List(pl.UInt32), "values": pl.List(pl.Float32)})
+    >>> model = psc.fit_pca(df, n_genes=2, n_comps=1)
+    >>> df.select(psc.pca_project(model=model)).shape
+    (3, 1)
+    """
+    if not isinstance(model, PcaModel):
+        model = PcaModel.load(model)
+    return call(
+        "pca_project",
+        [_col(gene_idx), _col(values)],
+        {
+            "n_comps": model.n_comps,
+            "mean": np.ascontiguousarray(model.mean, dtype="<f8").tobytes(),
+            "components": np.ascontiguousarray(model.components, dtype="<f8").tobytes(),
+        },
+    )

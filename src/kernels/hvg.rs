@@ -1,0 +1,76 @@
+//! Per-gene statistics for `highly_variable_genes` (flavor "seurat", Satija et
+//! al. 2015, as in scanpy): the mean and variance of `expm1(x)` per gene,
+//! accumulated in one streaming pass, optionally per batch. The dispersion
+//! ranking itself works on these small per-gene tables (Python side).
+
+use super::SparseRow;
+
+/// Running sums for one batch: n cells, Σ expm1(x) and Σ expm1(x)² per gene.
+#[derive(Debug, Clone)]
+pub struct GeneStats {
+    pub n_cells: u64,
+    pub sum: Vec<f64>,   // (n_genes,)
+    pub sumsq: Vec<f64>, // (n_genes,)
+    pub nnz: Vec<u64>,   // (n_genes,) cells with a non-zero entry
+}
+
+impl GeneStats {
+    pub fn new(n_genes: usize) -> Self {
+        GeneStats { n_cells: 0, sum: vec![0.0; n_genes], sumsq: vec![0.0; n_genes], nnz: vec![0; n_genes] }
+    }
+
+    /// Add one cell of log-normalised values. Rows must be validated against
+    /// `n_genes` first (`validate_rows`).
+    pub fn add(&mut self, row: SparseRow<'_>) {
+        self.n_cells += 1;
+        for (&g, &v) in row.gene_idx.iter().zip(row.values) {
+            // scanpy takes expm1 of the float32 matrix, then sums in float64.
+            let e = v.exp_m1() as f64;
+            let g = g as usize;
+            self.sum[g] += e;
+            self.sumsq[g] += e * e;
+            self.nnz[g] += (v != 0.0) as u64;
+        }
+    }
+
+    /// Mean and unbiased (ddof=1) variance per gene, computed like scanpy's
+    /// `_get_mean_var`: `(E[x²] − E[x]²) · n/(n−1)`.
+    pub fn mean_var(&self) -> (Vec<f64>, Vec<f64>) {
+        let n = self.n_cells as f64;
+        let mean: Vec<f64> = self.sum.iter().map(|s| s / n).collect();
+        let var = self
+            .sumsq
+            .iter()
+            .zip(&mean)
+            .map(|(sq, m)| {
+                let v = sq / n - m * m;
+                if self.n_cells > 1 { v * n / (n - 1.0) } else { f64::NAN }
+            })
+            .collect();
+        (mean, var)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::testing::Rows;
+
+    #[test]
+    fn mean_var_match_dense_two_pass() {
+        let rows = Rows::random(40, 12, 0.4, 7);
+        let mut st = GeneStats::new(12);
+        for r in rows.view() {
+            st.add(r);
+        }
+        let d = rows.dense(12);
+        let (mean, var) = st.mean_var();
+        for g in 0..12 {
+            let col: Vec<f64> = (0..40).map(|c| (d[c * 12 + g] as f32).exp_m1() as f64).collect();
+            let m = col.iter().sum::<f64>() / 40.0;
+            let v = col.iter().map(|x| (x - m).powi(2)).sum::<f64>() / 39.0;
+            assert!((mean[g] - m).abs() <= 1e-12 * m.abs().max(1.0));
+            assert!((var[g] - v).abs() <= 1e-9 * v.abs().max(1.0), "gene {g}: {} vs {v}", var[g]);
+        }
+    }
+}

@@ -1,0 +1,146 @@
+//! Numerical kernels. They take slices and matrices, never a Series: the
+//! expression glue (`crate::expressions`) converts and validates.
+
+pub mod hvg;
+pub mod normalize;
+pub mod pca;
+pub mod select_genes;
+
+use crate::error::{KernelError, Part};
+
+/// One cell's sparse counts: sorted 0-based gene indices and matching values.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SparseRow<'a> {
+    pub gene_idx: &'a [u32],
+    pub values: &'a [f32],
+}
+
+/// Check the data contract of `../shared/DATA.md` for every row: equal lengths,
+/// strictly increasing gene indices below `n_genes` (when known), finite values.
+/// Done once here so each kernel can index without re-checking.
+pub fn validate_rows(rows: &[SparseRow<'_>], n_genes: Option<usize>) -> Result<(), KernelError> {
+    for (row, r) in rows.iter().enumerate() {
+        if r.gene_idx.len() != r.values.len() {
+            return Err(KernelError::Row {
+                part: Part::Values,
+                row,
+                problem: format!(
+                    "the cell has {} gene indices but {} values",
+                    r.gene_idx.len(),
+                    r.values.len()
+                ),
+                fix: "gene_idx and values must be parallel lists of the same length",
+            });
+        }
+        for w in r.gene_idx.windows(2) {
+            if w[1] <= w[0] {
+                return Err(KernelError::Row {
+                    part: Part::GeneIdx,
+                    row,
+                    problem: format!(
+                        "gene index {} follows {} (indices must be strictly increasing)",
+                        w[1], w[0]
+                    ),
+                    fix: "sort each cell's gene_idx (with its values) and merge duplicates before calling",
+                });
+            }
+        }
+        if let (Some(n), Some(&last)) = (n_genes, r.gene_idx.last()) {
+            if last as usize >= n {
+                return Err(KernelError::Row {
+                    part: Part::GeneIdx,
+                    row,
+                    problem: format!("gene index {last} is out of range for n_genes={n}"),
+                    fix: "pass the right n_genes, or restrict the cells to the model's genes with psc.select_genes",
+                });
+            }
+        }
+        if let Some(v) = r.values.iter().find(|v| !v.is_finite()) {
+            return Err(KernelError::Row {
+                part: Part::Values,
+                row,
+                problem: format!("non-finite value {v}"),
+                fix: "remove or repair NaN/Inf entries before calling (e.g. filter the cells out)",
+            });
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::SparseRow;
+
+    /// Owned sparse rows for tests.
+    pub struct Rows(pub Vec<(Vec<u32>, Vec<f32>)>);
+
+    impl Rows {
+        pub fn view(&self) -> Vec<SparseRow<'_>> {
+            self.0
+                .iter()
+                .map(|(i, v)| SparseRow { gene_idx: i, values: v })
+                .collect()
+        }
+
+        /// A deterministic pseudo-random sparse matrix (xorshift; no rand dependency).
+        pub fn random(n_cells: usize, n_genes: usize, density: f64, seed: u64) -> Rows {
+            let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+            let mut next = move || {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                (s >> 11) as f64 / (1u64 << 53) as f64
+            };
+            let rows = (0..n_cells)
+                .map(|_| {
+                    let mut idx = Vec::new();
+                    let mut val = Vec::new();
+                    for g in 0..n_genes {
+                        if next() < density {
+                            idx.push(g as u32);
+                            val.push((1.0 + (next() * 20.0).floor()) as f32);
+                        }
+                    }
+                    (idx, val)
+                })
+                .collect();
+            Rows(rows)
+        }
+
+        /// The same rows as a dense row-major matrix.
+        pub fn dense(&self, n_genes: usize) -> Vec<f64> {
+            let mut d = vec![0.0; self.0.len() * n_genes];
+            for (r, (i, v)) in self.0.iter().enumerate() {
+                for (&g, &x) in i.iter().zip(v) {
+                    d[r * n_genes + g as usize] = x as f64;
+                }
+            }
+            d
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(rows: &[SparseRow<'_>], n: Option<usize>) -> String {
+        validate_rows(rows, n).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn rejects_each_contract_violation_with_row_and_value() {
+        let ok = SparseRow { gene_idx: &[0, 2], values: &[1.0, 2.0] };
+        assert!(validate_rows(&[ok], Some(3)).is_ok());
+        let unsorted = SparseRow { gene_idx: &[2, 1], values: &[1.0, 2.0] };
+        let e = err(&[ok, unsorted], None);
+        assert!(e.contains("gene index 1 follows 2") && e.contains("at row 1"), "{e}");
+        let dup = SparseRow { gene_idx: &[1, 1], values: &[1.0, 2.0] };
+        assert!(err(&[dup], None).contains("follows 1"));
+        let ragged = SparseRow { gene_idx: &[1], values: &[1.0, 2.0] };
+        assert!(err(&[ragged], None).contains("1 gene indices but 2 values"));
+        assert!(err(&[ok], Some(2)).contains("gene index 2 is out of range for n_genes=2"));
+        let nan = SparseRow { gene_idx: &[1], values: &[f32::NAN] };
+        assert!(err(&[nan], None).contains("non-finite value NaN"));
+    }
+}

@@ -1,0 +1,119 @@
+//! `normalize`: per-cell total-count normalisation and log1p, with the
+//! semantics of `scanpy.pp.normalize_total` + `scanpy.pp.log1p` on CSR input:
+//! the cell total is summed in float64 and rounded to float32, the divisor is
+//! `total / target_sum` in float32 and each value is divided by it in float32,
+//! so results agree with scanpy to the last bit or one ulp.
+
+use super::SparseRow;
+use crate::error::{KernelError, Part};
+
+/// Total counts of each cell: float64 sum rounded to float32, as scanpy does.
+pub fn total_counts(rows: &[SparseRow<'_>]) -> Vec<f32> {
+    rows.iter()
+        .map(|r| r.values.iter().map(|&v| v as f64).sum::<f64>() as f32)
+        .collect()
+}
+
+/// Median of the non-zero cell totals (scanpy's default `target_sum`);
+/// `None` when every cell is empty.
+pub fn median_nonzero(totals: &[f32]) -> Option<f32> {
+    let mut t: Vec<f32> = totals.iter().copied().filter(|&x| x > 0.0).collect();
+    if t.is_empty() {
+        return None;
+    }
+    t.sort_by(f32::total_cmp);
+    let m = t.len() / 2;
+    // numpy.median of float32: the mean of the two middle values, in float32.
+    Some(if t.len() % 2 == 1 { t[m] } else { (t[m - 1] + t[m]) / 2.0 })
+}
+
+/// Normalise every cell to `target_sum` total counts, then `ln(1 + x)` if
+/// `log1p`. Returns the new values of all rows concatenated in row order.
+///
+/// `target_sum = None` uses the median of the non-zero totals of `rows`.
+/// A cell with zero total counts keeps its (zero) values, as in scanpy.
+/// Negative counts are an error: their totals have no meaning.
+pub fn normalize(rows: &[SparseRow<'_>], target_sum: Option<f32>, log1p: bool) -> Result<Vec<f32>, KernelError> {
+    for (row, r) in rows.iter().enumerate() {
+        if let Some(v) = r.values.iter().find(|&&v| v < 0.0) {
+            return Err(KernelError::Row {
+                part: Part::Values,
+                row,
+                problem: format!("negative count {v}"),
+                fix: "normalize expects raw non-negative counts",
+            });
+        }
+    }
+    if let Some(t) = target_sum {
+        if !(t.is_finite() && t > 0.0) {
+            return Err(KernelError::Invalid(format!(
+                "target_sum must be a positive finite number, got {t}"
+            )));
+        }
+    }
+    let totals = total_counts(rows);
+    let target = match target_sum {
+        Some(t) => t,
+        None => median_nonzero(&totals).unwrap_or(1.0),
+    };
+    let mut out = Vec::with_capacity(rows.iter().map(|r| r.values.len()).sum());
+    for (r, &total) in rows.iter().zip(&totals) {
+        // scanpy replaces a zero divisor by 1, which leaves the zeros as they are.
+        let divisor = if total > 0.0 { total / target } else { 1.0 };
+        out.extend(r.values.iter().map(|&v| {
+            let x = v / divisor;
+            if log1p { x.ln_1p() } else { x }
+        }));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::testing::Rows;
+
+    #[test]
+    fn each_cell_sums_to_target_before_log() {
+        let rows = Rows::random(50, 30, 0.3, 1);
+        let out = normalize(&rows.view(), Some(1e4), false).unwrap();
+        let mut at = 0;
+        for (idx, _) in &rows.0 {
+            let s: f64 = out[at..at + idx.len()].iter().map(|&x| x as f64).sum();
+            at += idx.len();
+            if !idx.is_empty() {
+                assert!((s - 1e4).abs() < 1e-2, "cell sums to {s}");
+            }
+        }
+    }
+
+    #[test]
+    fn log1p_is_applied_after_scaling() {
+        let rows = Rows(vec![(vec![0, 3], vec![1.0, 3.0])]);
+        let out = normalize(&rows.view(), Some(4.0), true).unwrap();
+        assert_eq!(out, vec![1f32.ln_1p(), 3f32.ln_1p()]);
+    }
+
+    #[test]
+    fn zero_cells_stay_zero_and_median_ignores_them() {
+        let rows = Rows(vec![
+            (vec![0], vec![0.0]),
+            (vec![], vec![]),
+            (vec![1], vec![2.0]),
+            (vec![1], vec![6.0]),
+        ]);
+        assert_eq!(median_nonzero(&total_counts(&rows.view())), Some(4.0));
+        let out = normalize(&rows.view(), None, false).unwrap();
+        assert_eq!(out, vec![0.0, 4.0, 4.0]);
+    }
+
+    #[test]
+    fn negative_counts_and_bad_target_are_errors() {
+        let rows = Rows(vec![(vec![0], vec![1.0]), (vec![2], vec![-1.0])]);
+        let e = normalize(&rows.view(), Some(1.0), true).unwrap_err().to_string();
+        assert!(e.contains("negative count -1 at row 1"), "{e}");
+        let ok = Rows(vec![(vec![0], vec![1.0])]);
+        assert!(normalize(&ok.view(), Some(0.0), true).is_err());
+        assert!(normalize(&ok.view(), Some(f32::NAN), true).is_err());
+    }
+}

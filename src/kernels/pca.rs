@@ -1,0 +1,315 @@
+//! PCA of sparse cells, out of core: an exact float64 covariance accumulated in
+//! one pass (`CovAccumulator`), its symmetric eigendecomposition (faer), and the
+//! projection of sparse rows onto the axes (`pca_project`).
+//!
+//! The Gram matrix XᵀX is accumulated by scattering each cell's sparse outer
+//! product into the lower triangle, tiled by output rows so a tile stays in L2
+//! and each tile is owned by one thread. Every entry is summed in cell order,
+//! so the result is bit-identical for any thread count and any batching of
+//! the rows. At ~10% density this beats a dense f64 GEMM of the same block by
+//! the density² factor (see benches/).
+
+use faer::{Mat, Side};
+use rayon::prelude::*;
+
+use super::SparseRow;
+use crate::error::KernelError;
+
+/// Output rows of the Gram matrix per tile: 32 rows × 2000 genes × 8 B = 0.5 MB.
+const TILE_ROWS: usize = 32;
+
+/// Exact streaming covariance of sparse cells.
+pub struct CovAccumulator {
+    n_genes: usize,
+    n_cells: u64,
+    sum: Vec<f64>,  // (n_genes,)
+    gram: Vec<f64>, // (n_genes, n_genes) row-major; lower triangle used
+}
+
+/// A fitted PCA, in scikit-learn's conventions.
+#[derive(Debug, Clone)]
+pub struct PcaFit {
+    pub n_cells: u64,
+    pub mean: Vec<f64>,                     // (n_genes,)
+    pub components: Mat<f64>,               // (n_comps, n_genes)
+    pub explained_variance: Vec<f64>,       // (n_comps,)
+    pub explained_variance_ratio: Vec<f64>, // (n_comps,)
+}
+
+impl CovAccumulator {
+    pub fn new(n_genes: usize) -> Result<Self, KernelError> {
+        if n_genes == 0 {
+            return Err(KernelError::Invalid("n_genes must be at least 1".into()));
+        }
+        let cells = n_genes.checked_mul(n_genes).ok_or_else(|| KernelError::Invalid(format!("n_genes={n_genes} is too large")))?;
+        Ok(CovAccumulator { n_genes, n_cells: 0, sum: vec![0.0; n_genes], gram: vec![0.0; cells] })
+    }
+
+    pub fn n_cells(&self) -> u64 {
+        self.n_cells
+    }
+
+    pub fn n_genes(&self) -> usize {
+        self.n_genes
+    }
+
+    /// Add validated rows (indices sorted and `< n_genes`).
+    pub fn add(&mut self, rows: &[SparseRow<'_>]) {
+        let g = self.n_genes;
+        self.n_cells += rows.len() as u64;
+        for r in rows {
+            for (&i, &v) in r.gene_idx.iter().zip(r.values) {
+                self.sum[i as usize] += v as f64;
+            }
+        }
+        self.gram.par_chunks_mut(TILE_ROWS * g).enumerate().for_each(|(t, tile)| {
+            let lo = (t * TILE_ROWS) as u32;
+            let hi = lo + (tile.len() / g) as u32;
+            for r in rows {
+                let a0 = r.gene_idx.partition_point(|&i| i < lo);
+                let a1 = a0 + r.gene_idx[a0..].partition_point(|&i| i < hi);
+                for a in a0..a1 {
+                    let out = &mut tile[(r.gene_idx[a] - lo) as usize * g..][..g];
+                    let va = r.values[a] as f64;
+                    // Products of two f32 are exact in f64; only the sum rounds.
+                    for (&j, &vb) in r.gene_idx[..=a].iter().zip(&r.values[..=a]) {
+                        out[j as usize] += va * vb as f64;
+                    }
+                }
+            }
+        });
+    }
+
+    /// The unbiased (n−1) covariance matrix, full and symmetric.
+    pub fn covariance(&self) -> Result<Mat<f64>, KernelError> {
+        if self.n_cells < 2 {
+            return Err(KernelError::Invalid(format!(
+                "PCA needs at least 2 cells, got {}",
+                self.n_cells
+            )));
+        }
+        let g = self.n_genes;
+        let n = self.n_cells as f64;
+        let mean: Vec<f64> = self.sum.iter().map(|s| s / n).collect();
+        Ok(Mat::from_fn(g, g, |i, j| {
+            let (i, j) = if i >= j { (i, j) } else { (j, i) };
+            (self.gram[i * g + j] - n * mean[i] * mean[j]) / (n - 1.0)
+        }))
+    }
+
+    /// Eigendecomposition of the covariance: the top `n_comps` axes, each
+    /// signed so its largest-|loading| entry is positive (scikit-learn's
+    /// `svd_flip(u_based_decision=False)`).
+    pub fn fit(&self, n_comps: usize) -> Result<PcaFit, KernelError> {
+        let g = self.n_genes;
+        if n_comps == 0 || n_comps > g {
+            return Err(KernelError::Invalid(format!(
+                "n_comps must be between 1 and n_genes={g}, got {n_comps}"
+            )));
+        }
+        let cov = self.covariance()?;
+        let total_var: f64 = (0..g).map(|i| cov[(i, i)]).sum();
+        let evd = cov
+            .self_adjoint_eigen(Side::Lower)
+            .map_err(|e| KernelError::Invalid(format!("eigendecomposition failed: {e:?}")))?;
+        let (u, s) = (evd.U(), evd.S());
+        let s = s.column_vector();
+        // faer returns ascending eigenvalues: take them from the end.
+        let order: Vec<usize> = (0..n_comps).map(|k| g - 1 - k).collect();
+        let mut components = Mat::<f64>::zeros(n_comps, g);
+        for (k, &c) in order.iter().enumerate() {
+            let col = u.col(c);
+            let mut best = 0;
+            for i in 1..g {
+                if col[i].abs() > col[best].abs() {
+                    best = i;
+                }
+            }
+            let sign = if col[best] < 0.0 { -1.0 } else { 1.0 };
+            for i in 0..g {
+                components[(k, i)] = sign * col[i];
+            }
+        }
+        // Rounding can make the smallest eigenvalues slightly negative.
+        let explained_variance: Vec<f64> = order.iter().map(|&c| s[c].max(0.0)).collect();
+        let explained_variance_ratio = explained_variance
+            .iter()
+            .map(|v| if total_var > 0.0 { v / total_var } else { 0.0 })
+            .collect();
+        let n = self.n_cells as f64;
+        Ok(PcaFit {
+            n_cells: self.n_cells,
+            mean: self.sum.iter().map(|s| s / n).collect(),
+            components,
+            explained_variance,
+            explained_variance_ratio,
+        })
+    }
+}
+
+impl PcaFit {
+    /// `components` as a row-major (n_comps, n_genes) buffer.
+    pub fn components_row_major(&self) -> Vec<f64> {
+        let (k, g) = (self.components.nrows(), self.components.ncols());
+        (0..k).flat_map(|r| (0..g).map(move |c| self.components[(r, c)])).collect()
+    }
+}
+
+/// Projection operands in the layout the kernel wants: loadings gene-major so
+/// each non-zero entry adds one contiguous row.
+#[derive(Debug, Clone)]
+pub struct PcaProjector {
+    pub n_genes: usize,
+    pub n_comps: usize,
+    loadings: Vec<f32>, // (n_genes, n_comps): componentsᵀ
+    offset: Vec<f32>,   // (n_comps,): mean · componentsᵀ
+}
+
+impl PcaProjector {
+    /// `mean` (n_genes,), `components` (n_comps, n_genes) row-major.
+    pub fn new(mean: &[f64], components: &[f64], n_comps: usize) -> Result<Self, KernelError> {
+        let n_genes = mean.len();
+        if n_comps == 0 || components.len() != n_comps * n_genes {
+            return Err(KernelError::Shape { what: "components (n_comps × n_genes)", expected: n_comps * n_genes, got: components.len() });
+        }
+        if let Some(x) = mean.iter().chain(components).find(|x| !x.is_finite()) {
+            return Err(KernelError::Invalid(format!("the PCA model holds a non-finite number {x}; refit it")));
+        }
+        let mut loadings = vec![0f32; n_genes * n_comps];
+        let mut offset = vec![0f64; n_comps];
+        for k in 0..n_comps {
+            for g in 0..n_genes {
+                let w = components[k * n_genes + g];
+                loadings[g * n_comps + k] = w as f32;
+                offset[k] += mean[g] * w;
+            }
+        }
+        Ok(PcaProjector { n_genes, n_comps, loadings, offset: offset.into_iter().map(|x| x as f32).collect() })
+    }
+
+    pub fn from_fit(fit: &PcaFit) -> Result<Self, KernelError> {
+        Self::new(&fit.mean, &fit.components_row_major(), fit.components.nrows())
+    }
+}
+
+/// Project cells onto fitted axes: (x − mean) · componentsᵀ, with x sparse.
+/// Rows must be validated against `p.n_genes`. Returns (n_rows, n_comps) row-major.
+pub fn pca_project(rows: &[SparseRow<'_>], p: &PcaProjector) -> Vec<f32> {
+    let k = p.n_comps;
+    let mut out = vec![0f32; rows.len() * k];
+    for (r, y) in rows.iter().zip(out.chunks_exact_mut(k)) {
+        for (&g, &v) in r.gene_idx.iter().zip(r.values) {
+            let w = &p.loadings[g as usize * k..][..k];
+            for (yk, wk) in y.iter_mut().zip(w) {
+                *yk += v * wk;
+            }
+        }
+        for (yk, ok) in y.iter_mut().zip(&p.offset) {
+            *yk -= ok;
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::testing::Rows;
+
+    fn dense_cov(d: &[f64], n: usize, g: usize) -> Vec<f64> {
+        let mean: Vec<f64> = (0..g).map(|j| (0..n).map(|i| d[i * g + j]).sum::<f64>() / n as f64).collect();
+        let mut c = vec![0.0; g * g];
+        for a in 0..g {
+            for b in 0..g {
+                c[a * g + b] = (0..n).map(|i| (d[i * g + a] - mean[a]) * (d[i * g + b] - mean[b])).sum::<f64>() / (n - 1) as f64;
+            }
+        }
+        c
+    }
+
+    #[test]
+    fn covariance_matches_two_pass_dense() {
+        let (n, g) = (80, 70); // 70 genes: three tiles, the last one partial
+        let rows = Rows::random(n, g, 0.2, 3);
+        let mut acc = CovAccumulator::new(g).unwrap();
+        acc.add(&rows.view()[..33]);
+        acc.add(&rows.view()[33..]);
+        let cov = acc.covariance().unwrap();
+        let want = dense_cov(&rows.dense(g), n, g);
+        for a in 0..g {
+            for b in 0..g {
+                assert!((cov[(a, b)] - want[a * g + b]).abs() < 1e-9, "({a},{b})");
+            }
+        }
+    }
+
+    #[test]
+    fn batching_and_threads_do_not_change_a_bit() {
+        let rows = Rows::random(120, 90, 0.15, 5);
+        let v = rows.view();
+        let mut one = CovAccumulator::new(90).unwrap();
+        one.add(&v);
+        let mut split = CovAccumulator::new(90).unwrap();
+        for c in v.chunks(7) {
+            split.add(c);
+        }
+        let single = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+        let mut seq = CovAccumulator::new(90).unwrap();
+        single.install(|| seq.add(&v));
+        assert_eq!(one.gram, split.gram);
+        assert_eq!(one.gram, seq.gram);
+    }
+
+    #[test]
+    fn axes_are_eigenvectors_sorted_and_signed() {
+        let (n, g) = (200, 20);
+        let rows = Rows::random(n, g, 0.5, 9);
+        let mut acc = CovAccumulator::new(g).unwrap();
+        acc.add(&rows.view());
+        let fit = acc.fit(5).unwrap();
+        let cov = acc.covariance().unwrap();
+        for k in 0..5 {
+            let v: Vec<f64> = (0..g).map(|i| fit.components[(k, i)]).collect();
+            let cv: Vec<f64> = (0..g).map(|i| (0..g).map(|j| cov[(i, j)] * v[j]).sum()).collect();
+            for i in 0..g {
+                assert!((cv[i] - fit.explained_variance[k] * v[i]).abs() < 1e-9);
+            }
+            let big = v.iter().cloned().fold(0.0f64, |m, x| if x.abs() > m.abs() { x } else { m });
+            assert!(big > 0.0);
+            if k > 0 {
+                assert!(fit.explained_variance[k] <= fit.explained_variance[k - 1]);
+            }
+        }
+        assert!(fit.explained_variance_ratio.iter().sum::<f64>() < 1.0);
+    }
+
+    #[test]
+    fn projection_equals_dense_centered_product() {
+        let (n, g, k) = (30, 25, 4);
+        let rows = Rows::random(n, g, 0.3, 11);
+        let mut acc = CovAccumulator::new(g).unwrap();
+        acc.add(&rows.view());
+        let fit = acc.fit(k).unwrap();
+        let comps = fit.components_row_major();
+        let p = PcaProjector::from_fit(&fit).unwrap();
+        let got = pca_project(&rows.view(), &p);
+        let d = rows.dense(g);
+        for i in 0..n {
+            for c in 0..k {
+                let want: f64 = (0..g).map(|j| (d[i * g + j] - fit.mean[j]) * comps[c * g + j]).sum();
+                assert!((got[i * k + c] as f64 - want).abs() < 1e-4 * want.abs().max(1.0));
+            }
+        }
+    }
+
+    #[test]
+    fn bad_parameters_are_errors() {
+        assert!(CovAccumulator::new(0).is_err());
+        let mut acc = CovAccumulator::new(3).unwrap();
+        assert!(acc.fit(1).unwrap_err().to_string().contains("at least 2 cells"));
+        let rows = Rows::random(5, 3, 0.9, 1);
+        acc.add(&rows.view());
+        assert!(acc.fit(4).is_err());
+        assert!(PcaProjector::new(&[0.0; 3], &[0.0; 5], 2).is_err());
+    }
+}

@@ -1,0 +1,12 @@
+//! polars-singlecell: atlas-scale single-cell preprocessing and integration as
+//! Polars expressions. `kernels` hold the numerics on slices; `expressions`
+//! is the Series glue shared by the Python plugin and Rust Polars pipelines.
+
+pub mod error;
+pub mod expressions;
+pub mod kernels;
+
+#[cfg(feature = "python")]
+mod python;
+
+pub use error::KernelError;

@@ -1,0 +1,226 @@
+//! The Python extension `polars_singlecell._internal`: the `#[polars_expr]`
+//! plugin functions and the streaming-fit accumulators. Glue only: convert,
+//! validate options, call `crate::expressions` / `crate::kernels`.
+
+use std::collections::BTreeMap;
+
+use polars::prelude::*;
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3_polars::derive::polars_expr;
+use pyo3_polars::{PolarsAllocator, PyDataFrame, PySeries};
+use serde::Deserialize;
+
+use crate::expressions::{self, convert};
+use crate::kernels::hvg::GeneStats;
+use crate::kernels::pca::{CovAccumulator, PcaProjector};
+
+#[global_allocator]
+static ALLOC: PolarsAllocator = PolarsAllocator::new();
+
+fn value_error(e: impl std::fmt::Display) -> PyErr {
+    PyValueError::new_err(e.to_string())
+}
+
+// ---------------------------------------------------------------- normalize
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NormalizeKwargs {
+    target_sum: Option<f64>,
+    log1p: bool,
+}
+
+/// Inputs are (values, gene_idx): the output takes the name of the first
+/// input, so `with_columns(psc.normalize(...))` replaces `values`.
+fn normalize_output(fields: &[Field]) -> PolarsResult<Field> {
+    convert::check_sparse_fields(&[fields[1].clone(), fields[0].clone()])?;
+    Ok(Field::new(fields[0].name().clone(), DataType::List(Box::new(DataType::Float32))))
+}
+
+#[polars_expr(output_type_func = normalize_output)]
+fn normalize(inputs: &[Series], kwargs: NormalizeKwargs) -> PolarsResult<Series> {
+    expressions::normalize(&inputs[1], &inputs[0], kwargs.target_sum, kwargs.log1p)
+}
+
+fn total_counts_output(fields: &[Field]) -> PolarsResult<Field> {
+    convert::check_sparse_fields(fields)?;
+    Ok(Field::new("total_counts".into(), DataType::Float32))
+}
+
+#[polars_expr(output_type_func = total_counts_output)]
+fn total_counts(inputs: &[Series]) -> PolarsResult<Series> {
+    expressions::total_counts(&inputs[0], &inputs[1])
+}
+
+// ------------------------------------------------------------- select_genes
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SelectGenesKwargs {
+    genes: Vec<u32>,
+}
+
+fn select_genes_output(fields: &[Field]) -> PolarsResult<Field> {
+    convert::check_sparse_fields(fields)?;
+    Ok(Field::new(
+        fields[0].name().clone(),
+        DataType::Struct(vec![fields[0].clone(), fields[1].clone()]),
+    ))
+}
+
+#[polars_expr(output_type_func = select_genes_output)]
+fn select_genes(inputs: &[Series], kwargs: SelectGenesKwargs) -> PolarsResult<Series> {
+    let (idx, val) = expressions::select_genes(&inputs[0], &inputs[1], &kwargs.genes)?;
+    let len = idx.len();
+    Ok(StructChunked::from_series(inputs[0].name().clone(), len, [idx, val].iter())?.into_series())
+}
+
+// -------------------------------------------------------------- pca_project
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PcaProjectKwargs {
+    n_comps: usize,
+    /// float64 little-endian, (n_genes,)
+    #[serde(with = "serde_bytes")]
+    mean: Vec<u8>,
+    /// float64 little-endian, (n_comps, n_genes) row-major
+    #[serde(with = "serde_bytes")]
+    components: Vec<u8>,
+}
+
+fn f64_le(b: &[u8], what: &str) -> PolarsResult<Vec<f64>> {
+    if b.len() % 8 != 0 {
+        polars_bail!(ComputeError: "{what}: {} bytes is not a whole number of float64", b.len());
+    }
+    Ok(b.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes"))).collect())
+}
+
+fn pca_project_output(fields: &[Field], kwargs: PcaProjectKwargs) -> PolarsResult<Field> {
+    convert::check_sparse_fields(fields)?;
+    Ok(Field::new("X_pca".into(), DataType::Array(Box::new(DataType::Float32), kwargs.n_comps)))
+}
+
+#[polars_expr(output_type_func_with_kwargs = pca_project_output)]
+fn pca_project(inputs: &[Series], kwargs: PcaProjectKwargs) -> PolarsResult<Series> {
+    let mean = f64_le(&kwargs.mean, "mean")?;
+    let components = f64_le(&kwargs.components, "components")?;
+    let model = PcaProjector::new(&mean, &components, kwargs.n_comps)?;
+    expressions::pca_project(&inputs[0], &inputs[1], &model)
+}
+
+// ------------------------------------------------------------ streaming fits
+
+/// A rayon pool for the single-call fits (never the global pool: inside a
+/// plugin process that would fight Polars' own).
+fn fit_pool(n_threads: usize) -> PyResult<rayon::ThreadPool> {
+    rayon::ThreadPoolBuilder::new().num_threads(n_threads.max(1)).build().map_err(value_error)
+}
+
+/// Per-batch gene statistics for `highly_variable_genes`, fed one record
+/// batch at a time.
+#[pyclass(module = "polars_singlecell._internal")]
+struct GeneStatsAccumulator {
+    n_genes: usize,
+    batches: BTreeMap<String, GeneStats>,
+}
+
+#[pymethods]
+impl GeneStatsAccumulator {
+    #[new]
+    fn new(n_genes: usize) -> PyResult<Self> {
+        if n_genes == 0 {
+            return Err(value_error("n_genes must be at least 1"));
+        }
+        Ok(GeneStatsAccumulator { n_genes, batches: BTreeMap::new() })
+    }
+
+    /// `batch`: a Series of batch labels (or None for one batch).
+    #[pyo3(signature = (gene_idx, values, batch=None))]
+    fn update(&mut self, py: Python<'_>, gene_idx: PySeries, values: PySeries, batch: Option<PySeries>) -> PyResult<()> {
+        let labels = match batch {
+            Some(b) => Some(b.0.cast(&DataType::String).map_err(value_error)?.str().map_err(value_error)?.clone()),
+            None => None,
+        };
+        let (n_genes, batches) = (self.n_genes, &mut self.batches);
+        py.detach(|| expressions::gene_stats_update(batches, n_genes, &gene_idx.0, &values.0, labels.as_ref()))
+            .map_err(value_error)
+    }
+
+    /// One row per (batch, gene): n_cells, mean, var (ddof=1), nnz.
+    fn finish(&self) -> PyResult<PyDataFrame> {
+        let g = self.n_genes;
+        let (mut batch, mut gene, mut n_cells, mut mean, mut var, mut nnz) = (vec![], vec![], vec![], vec![], vec![], vec![]);
+        for (label, st) in &self.batches {
+            let (m, v) = st.mean_var();
+            batch.extend(std::iter::repeat_n(label.clone(), g));
+            gene.extend(0..g as u32);
+            n_cells.extend(std::iter::repeat_n(st.n_cells, g));
+            mean.extend(m);
+            var.extend(v);
+            nnz.extend(st.nnz.iter().copied());
+        }
+        let df = DataFrame::new_infer_height(vec![
+            Column::new("batch".into(), batch),
+            Column::new("gene_idx".into(), gene),
+            Column::new("n_cells".into(), n_cells),
+            Column::new("mean".into(), mean),
+            Column::new("var".into(), var),
+            Column::new("nnz".into(), nnz),
+        ])
+        .map_err(value_error)?;
+        Ok(PyDataFrame(df))
+    }
+}
+
+/// Exact float64 covariance of sparse cells, fed one record batch at a time.
+#[pyclass(module = "polars_singlecell._internal")]
+struct PcaAccumulator {
+    acc: CovAccumulator,
+    pool: rayon::ThreadPool,
+}
+
+#[pymethods]
+impl PcaAccumulator {
+    #[new]
+    fn new(n_genes: usize, n_threads: usize) -> PyResult<Self> {
+        Ok(PcaAccumulator { acc: CovAccumulator::new(n_genes).map_err(value_error)?, pool: fit_pool(n_threads)? })
+    }
+
+    fn update(&mut self, py: Python<'_>, gene_idx: PySeries, values: PySeries) -> PyResult<()> {
+        let (acc, pool) = (&mut self.acc, &self.pool);
+        py.detach(|| pool.install(|| expressions::fit_pca_update(acc, &gene_idx.0, &values.0))).map_err(value_error)
+    }
+
+    /// (n_cells, mean, components flattened (n_comps × n_genes), explained
+    /// variance, explained variance ratio) as float64 Series.
+    fn finish(&self, py: Python<'_>, n_comps: usize) -> PyResult<(u64, PySeries, PySeries, PySeries, PySeries)> {
+        let (acc, pool) = (&self.acc, &self.pool);
+        let fit = py.detach(|| pool.install(|| acc.fit(n_comps))).map_err(value_error)?;
+        let comps = fit.components_row_major();
+        let s = |name: &str, v: Vec<f64>| PySeries(Series::new(name.into(), v));
+        Ok((
+            fit.n_cells,
+            s("mean", fit.mean),
+            s("components", comps),
+            s("explained_variance", fit.explained_variance),
+            s("explained_variance_ratio", fit.explained_variance_ratio),
+        ))
+    }
+
+    #[getter]
+    fn n_cells(&self) -> u64 {
+        self.acc.n_cells()
+    }
+}
+
+#[pymodule]
+fn _internal(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    // The Rust polars the plugin was built against, for the version check.
+    m.add("POLARS_CRATE_VERSION", "0.55.2")?;
+    m.add_class::<GeneStatsAccumulator>()?;
+    m.add_class::<PcaAccumulator>()?;
+    Ok(())
+}

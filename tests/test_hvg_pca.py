@@ -1,0 +1,147 @@
+"""highly_variable_genes, select_genes, fit_pca and pca_project against scanpy and
+scikit-learn on real data (CellBench mixology, Tian et al. 2019)."""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import polars as pl
+import pytest
+import scanpy as sc
+from conftest import sparse_frame, to_csr
+from sklearn.decomposition import PCA
+
+import polars_singlecell as psc
+
+
+@pytest.fixture(scope="module")
+def lognorm(cellbench):
+    df, n_genes = cellbench
+    return df.with_columns(psc.normalize("gene_idx", "values", target_sum=1e4)), n_genes
+
+
+@pytest.fixture(scope="module")
+def scanpy_lognorm(cellbench):
+    df, n_genes = cellbench
+    a = ad.AnnData(to_csr(df, n_genes), obs=df.select("batch").to_pandas())
+    sc.pp.normalize_total(a, target_sum=1e4)
+    sc.pp.log1p(a)
+    return a
+
+
+def test_hvg_matches_scanpy_single_batch(lognorm, scanpy_lognorm):
+    df, n_genes = lognorm
+    got = psc.highly_variable_genes(df, n_genes=n_genes, n_top_genes=2000)
+    want = sc.pp.highly_variable_genes(scanpy_lognorm, n_top_genes=2000, flavor="seurat", inplace=False)
+    for col in ["means", "dispersions", "dispersions_norm"]:
+        np.testing.assert_allclose(got[col].to_numpy(), want[col].to_numpy(), rtol=1e-9, atol=1e-12, err_msg=col)
+    assert got["highly_variable"].sum() == 2000
+    assert (got["highly_variable"].to_numpy() == want["highly_variable"].to_numpy()).all()
+
+
+def test_hvg_cutoffs_match_scanpy(lognorm, scanpy_lognorm):
+    df, n_genes = lognorm
+    got = psc.highly_variable_genes(df, n_genes=n_genes, n_top_genes=None, min_mean=0.05, min_disp=0.3)
+    want = sc.pp.highly_variable_genes(scanpy_lognorm, min_mean=0.05, min_disp=0.3, flavor="seurat", inplace=False)
+    assert 0 < got["highly_variable"].sum() < n_genes
+    assert (got["highly_variable"].to_numpy() == want["highly_variable"].to_numpy()).all()
+
+
+def test_hvg_per_batch_matches_scanpy(lognorm, scanpy_lognorm):
+    df, n_genes = lognorm
+    got = psc.highly_variable_genes(df, n_genes=n_genes, n_top_genes=1000, batch_key="batch")
+    want = sc.pp.highly_variable_genes(scanpy_lognorm, n_top_genes=1000, batch_key="batch", flavor="seurat", inplace=False)
+    np.testing.assert_array_equal(got["highly_variable_nbatches"].to_numpy(), want["highly_variable_nbatches"].to_numpy())
+    np.testing.assert_array_equal(got["highly_variable_intersection"].to_numpy(), want["highly_variable_intersection"].to_numpy())
+    for col in ["means", "dispersions", "dispersions_norm"]:
+        np.testing.assert_allclose(got[col].to_numpy(), want[col].to_numpy(), rtol=1e-9, atol=1e-12, err_msg=col)
+    assert (got["highly_variable"].to_numpy() == want["highly_variable"].to_numpy()).all()
+    # The Tahoe-100M consensus: genes variable in more than N batches.
+    for n in range(5):
+        genes = psc.consensus_genes(got, more_than=n)
+        assert genes.to_list() == sorted(np.flatnonzero(want["highly_variable_nbatches"].to_numpy() > n).tolist())
+
+
+def test_select_genes_matches_scipy_column_slice(cellbench):
+    df, n_genes = cellbench
+    genes = np.random.default_rng(0).choice(n_genes, 500, replace=False)  # unsorted on purpose
+    out = df.with_columns(psc.select_genes("gene_idx", "values", genes=genes).struct.unnest())
+    assert out.columns == df.columns
+    got = to_csr(out, len(genes))
+    want = to_csr(df, n_genes)[:, genes]
+    assert (got != want).nnz == 0
+    assert out["gene_idx"].list.eval(pl.element().diff().drop_nulls().min() > 0).explode().drop_nulls().all()
+
+
+@pytest.fixture(scope="module")
+def hvg_cells(lognorm):
+    df, n_genes = lognorm
+    var = psc.highly_variable_genes(df, n_genes=n_genes, n_top_genes=2000)
+    genes = var.filter("highly_variable")["gene_idx"]
+    return df.with_columns(psc.select_genes(genes=genes).struct.unnest()), genes.len()
+
+
+def sklearn_signed(pca):
+    """scikit-learn's components with our fixed convention: the largest |loading| positive."""
+    c = pca.components_.copy()
+    signs = np.sign(c[np.arange(c.shape[0]), np.abs(c).argmax(axis=1)])
+    return c * signs[:, None], signs
+
+
+def test_fit_pca_matches_sklearn_full_svd(hvg_cells):
+    df, n_genes = hvg_cells
+    model = psc.fit_pca(df, n_genes=n_genes, n_comps=50)
+    x = to_csr(df, n_genes).toarray().astype(np.float64)
+    ref = PCA(50, svd_solver="full").fit(x)
+    comps, signs = sklearn_signed(ref)
+    assert model.n_cells == df.height and model.components.shape == (50, n_genes)
+    np.testing.assert_allclose(model.mean, ref.mean_, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(model.explained_variance, ref.explained_variance_, rtol=1e-4)
+    np.testing.assert_allclose(model.explained_variance_ratio, ref.explained_variance_ratio_, rtol=1e-4)
+    scale = np.abs(comps).max(axis=1, keepdims=True)
+    np.testing.assert_allclose(model.components / scale, comps / scale, rtol=0, atol=1e-4)
+    got = df.select(psc.pca_project("gene_idx", "values", model=model))["X_pca"].to_numpy()
+    want = ref.transform(x) * signs
+    assert got.dtype == np.float32 and got.shape == (df.height, 50)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+def test_pca_model_parquet_round_trip(hvg_cells, tmp_path):
+    df, n_genes = hvg_cells
+    model = psc.fit_pca(df, n_genes=n_genes, n_comps=10)
+    path = tmp_path / "pca.parquet"
+    model.save(path)
+    assert [p.name for p in tmp_path.iterdir()] == ["pca.parquet"]  # no temporary left behind
+    table = pl.read_parquet(path)
+    assert table.schema == pl.Schema({"gene_idx": pl.UInt32, "mean": pl.Float64, "loadings": pl.Array(pl.Float64, 10)})
+    back = psc.PcaModel.load(path)
+    for field in ["mean", "components", "explained_variance", "explained_variance_ratio"]:
+        np.testing.assert_array_equal(getattr(back, field), getattr(model, field))
+    a = df.select(psc.pca_project(model=model))
+    b = df.select(psc.pca_project(model=path))
+    assert a.equals(b)
+
+
+def test_fit_pca_is_bit_identical_across_threads_and_batching(hvg_cells, tmp_path):
+    df, n_genes = hvg_cells
+    path = tmp_path / "cells.parquet"
+    df.write_parquet(path, row_group_size=97)
+    one = psc.fit_pca(df, n_genes=n_genes, n_comps=20, n_threads=1)
+    two = psc.fit_pca(pl.scan_parquet(path), n_genes=n_genes, n_comps=20, n_threads=2)
+    np.testing.assert_array_equal(one.components, two.components)
+    np.testing.assert_array_equal(one.explained_variance, two.explained_variance)
+
+
+def test_sign_convention_largest_loading_positive(hvg_cells):
+    df, n_genes = hvg_cells
+    c = psc.fit_pca(df, n_genes=n_genes, n_comps=20).components
+    assert (c[np.arange(20), np.abs(c).argmax(axis=1)] > 0).all()
+
+
+def test_pca_project_keeps_null_cells_null():
+    df = sparse_frame([([0], [1.0]), ([1], [2.0]), ([0, 1], [3.0, 1.0])])
+    model = psc.fit_pca(df, n_genes=2, n_comps=2)
+    with_null = pl.concat([df, pl.DataFrame({"gene_idx": [None], "values": [None]}, schema=df.schema)])
+    out = with_null.select(psc.pca_project(model=model))["X_pca"]
+    assert out.null_count() == 1 and out[3] is None
+    assert out.dtype == pl.Array(pl.Float32, 2)

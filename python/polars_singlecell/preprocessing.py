@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Union
@@ -135,7 +136,7 @@ def normalize(
 
 def total_counts(gene_idx: IntoExpr = "gene_idx", values: IntoExpr = "values") -> pl.Expr:
     """Total counts of each cell (``Float32``, named ``total_counts``), summed like scanpy."""
-    return call("total_counts", [_col(gene_idx), _col(values)])
+    return call("total_counts", [_col(gene_idx), _col(values)]).alias("total_counts")
 
 
 def median_total_counts(data: Frame, *, gene_idx: str = "gene_idx", values: str = "values") -> float:
@@ -320,8 +321,8 @@ def highly_variable_genes(
 
     def nanmean(key: str) -> np.ndarray:
         stack = np.vstack([b[key] for b in per_batch])
-        with np.errstate(invalid="ignore"), np.testing.suppress_warnings() as sup:
-            sup.filter(RuntimeWarning)
+        with warnings.catch_warnings():  # an all-NaN gene ("Mean of empty slice") stays NaN
+            warnings.simplefilter("ignore", RuntimeWarning)
             return np.nanmean(stack, axis=0)
 
     nbatches = np.vstack([b["highly_variable"] for b in per_batch]).sum(axis=0).astype(np.int64)
@@ -499,4 +500,4 @@ def pca_project(
             "mean": np.ascontiguousarray(model.mean, dtype="<f8").tobytes(),
             "components": np.ascontiguousarray(model.components, dtype="<f8").tobytes(),
         },
-    )
+    ).alias("X_pca")

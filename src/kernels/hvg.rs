@@ -24,11 +24,13 @@ impl GeneStats {
     pub fn add(&mut self, row: SparseRow<'_>) {
         self.n_cells += 1;
         for (&g, &v) in row.gene_idx.iter().zip(row.values) {
-            // scanpy takes expm1 of the float32 matrix, then sums in float64.
-            let e = v.exp_m1() as f64;
+            // scanpy takes expm1 of the float32 matrix and squares it in
+            // float32 (numba `value * value`), then sums in float64: do the
+            // same so the dispersion ranking matches it exactly.
+            let e = v.exp_m1();
             let g = g as usize;
-            self.sum[g] += e;
-            self.sumsq[g] += e * e;
+            self.sum[g] += e as f64;
+            self.sumsq[g] += (e * e) as f64;
             self.nnz[g] += (v != 0.0) as u64;
         }
     }
@@ -70,7 +72,8 @@ mod tests {
             let m = col.iter().sum::<f64>() / 40.0;
             let v = col.iter().map(|x| (x - m).powi(2)).sum::<f64>() / 39.0;
             assert!((mean[g] - m).abs() <= 1e-12 * m.abs().max(1.0));
-            assert!((var[g] - v).abs() <= 1e-9 * v.abs().max(1.0), "gene {g}: {} vs {v}", var[g]);
+            // float32 squares (as scanpy) bound the agreement to ~1e-7 relative
+            assert!((var[g] - v).abs() <= 1e-6 * v.abs().max(1.0), "gene {g}: {} vs {v}", var[g]);
         }
     }
 }

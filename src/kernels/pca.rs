@@ -9,7 +9,10 @@
 //! the rows. At ~10% density this beats a dense f64 GEMM of the same block by
 //! the density² factor (see benches/).
 
-use faer::{Mat, Side};
+use faer::dyn_stack::{MemBuffer, MemStack};
+use faer::linalg::evd::{self_adjoint_evd, self_adjoint_evd_scratch, ComputeEigenvectors};
+use faer::diag::Diag;
+use faer::{Mat, Par};
 use rayon::prelude::*;
 
 use super::SparseRow;
@@ -109,10 +112,21 @@ impl CovAccumulator {
         }
         let cov = self.covariance()?;
         let total_var: f64 = (0..g).map(|i| cov[(i, i)]).sum();
-        let evd = cov
-            .self_adjoint_eigen(Side::Lower)
-            .map_err(|e| KernelError::Invalid(format!("eigendecomposition failed: {e:?}")))?;
-        let (u, s) = (evd.U(), evd.S());
+        // Sequential on purpose: faer's parallel EVD blocks by thread count,
+        // which changes the last bits; the fit must not depend on it.
+        let par = Par::Seq;
+        let mut u = Mat::<f64>::zeros(g, g);
+        let mut s = Diag::<f64>::zeros(g);
+        let scratch = self_adjoint_evd_scratch::<f64>(g, ComputeEigenvectors::Yes, par, Default::default());
+        self_adjoint_evd(
+            cov.as_ref(),
+            s.as_mut(),
+            Some(u.as_mut()),
+            par,
+            MemStack::new(&mut MemBuffer::new(scratch)),
+            Default::default(),
+        )
+        .map_err(|e| KernelError::Invalid(format!("eigendecomposition failed: {e:?}")))?;
         let s = s.column_vector();
         // faer returns ascending eigenvalues: take them from the end.
         let order: Vec<usize> = (0..n_comps).map(|k| g - 1 - k).collect();

@@ -1,0 +1,75 @@
+//! Kernel benches on generated sparse rows (2000 genes, ~10% dense).
+//! `cov_accumulate/sparse_tiled` vs `cov_accumulate/dense_faer_gemm` is the
+//! measurement behind the choice of a tiled sparse scatter in kernels/pca.rs.
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use faer::linalg::matmul::matmul;
+use faer::{Accum, Mat, Par};
+use polars_singlecell::kernels::normalize::normalize;
+use polars_singlecell::kernels::pca::{pca_project, CovAccumulator};
+use polars_singlecell::kernels::SparseRow;
+
+const GENES: usize = 2000;
+
+fn rows(n: usize, density: f64) -> Vec<(Vec<u32>, Vec<f32>)> {
+    let mut s = 0x2545_F491_4F6C_DD1Du64;
+    let mut next = move || {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        (s >> 11) as f64 / (1u64 << 53) as f64
+    };
+    (0..n)
+        .map(|_| {
+            let idx: Vec<u32> = (0..GENES as u32).filter(|_| next() < density).collect();
+            let val = idx.iter().map(|_| 1.0 + (next() * 5.0).floor() as f32).collect();
+            (idx, val)
+        })
+        .collect()
+}
+
+fn view(r: &[(Vec<u32>, Vec<f32>)]) -> Vec<SparseRow<'_>> {
+    r.iter().map(|(i, v)| SparseRow { gene_idx: i, values: v }).collect()
+}
+
+fn bench(c: &mut Criterion) {
+    let owned = rows(4096, 0.1);
+    let v = view(&owned);
+
+    let mut g = c.benchmark_group("normalize");
+    g.throughput(Throughput::Elements(v.len() as u64));
+    g.bench_function("4096_cells", |b| b.iter(|| normalize(&v, Some(1e4), true).unwrap()));
+    g.finish();
+
+    let mut g = c.benchmark_group("cov_accumulate");
+    g.sample_size(10);
+    g.throughput(Throughput::Elements(v.len() as u64));
+    g.bench_function("sparse_tiled", |b| {
+        let mut acc = CovAccumulator::new(GENES).unwrap();
+        b.iter(|| acc.add(&v))
+    });
+    g.bench_function("dense_faer_gemm", |b| {
+        let mut gram = Mat::<f64>::zeros(GENES, GENES);
+        b.iter(|| {
+            let mut x = Mat::<f64>::zeros(v.len(), GENES);
+            for (r, row) in v.iter().enumerate() {
+                for (&i, &val) in row.gene_idx.iter().zip(row.values) {
+                    x[(r, i as usize)] = val as f64;
+                }
+            }
+            matmul(gram.as_mut(), Accum::Add, x.transpose(), x.as_ref(), 1.0, Par::rayon(0));
+        })
+    });
+    g.finish();
+
+    let mut acc = CovAccumulator::new(GENES).unwrap();
+    acc.add(&v);
+    let fit = acc.fit(50).unwrap();
+    let p = polars_singlecell::kernels::pca::PcaProjector::from_fit(&fit).unwrap();
+    let mut g = c.benchmark_group("pca_project");
+    g.throughput(Throughput::Elements(v.len() as u64));
+    g.bench_function("4096_cells_50_comps", |b| b.iter(|| pca_project(&v, &p)));
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

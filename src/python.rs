@@ -34,7 +34,10 @@ struct NormalizeKwargs {
 /// Inputs are (values, gene_idx): the output takes the name of the first
 /// input, so `with_columns(psc.normalize(...))` replaces `values`.
 fn normalize_output(fields: &[Field]) -> PolarsResult<Field> {
-    convert::check_sparse_fields(&[fields[1].clone(), fields[0].clone()])?;
+    let [values, gene_idx] = fields else {
+        polars_bail!(ComputeError: "normalize takes 2 inputs (gene_idx, values), got {}", fields.len());
+    };
+    convert::check_sparse_fields(&[gene_idx.clone(), values.clone()])?;
     Ok(Field::new(fields[0].name().clone(), DataType::List(Box::new(DataType::Float32))))
 }
 

@@ -154,6 +154,21 @@ def test_fits_reject_bad_rows_with_names():
         psc.highly_variable_genes(batch_null, n_genes=2, batch_key="batch")
 
 
+def test_gene_stats_reject_a_batch_column_of_another_length():
+    acc = psc._internal.GeneStatsAccumulator(3)
+    df = sparse_frame([([0], [1.0]), ([1], [1.0])])
+    with pytest.raises(ValueError, match="batch column 'b' has 1 rows but the cells have 2"):
+        acc.update(df["gene_idx"], df["values"], pl.Series("b", ["x"]))
+
+
+def test_eager_frames_large_enough_to_split_match_row_by_row(model):
+    """Calls of >= 4 * 65,536 rows run in parallel blocks: same bits as small calls."""
+    big = psc.datasets.synthetic_counts(300_000, n_genes=300, umis_per_cell=8, seed=2)
+    whole = big.with_columns(psc.normalize()).with_columns(psc.pca_project(model=model))
+    parts = pl.concat([p.with_columns(psc.normalize()).with_columns(psc.pca_project(model=model)) for p in big.iter_slices(50_000)])
+    assert_frame_equal(whole, parts)
+
+
 def test_model_files_are_checked(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.parquet"):
         psc.pca_project(model=tmp_path / "nope.parquet")

@@ -62,6 +62,31 @@ def test_hvg_per_batch_matches_scanpy(lognorm, scanpy_lognorm):
         assert genes.to_list() == sorted(np.flatnonzero(want["highly_variable_nbatches"].to_numpy() > n).tolist())
 
 
+def test_hvg_per_batch_cutoffs_match_scanpy(lognorm, scanpy_lognorm):
+    df, n_genes = lognorm
+    got = psc.highly_variable_genes(df, n_genes=n_genes, n_top_genes=None, batch_key="batch")
+    want = sc.pp.highly_variable_genes(scanpy_lognorm, batch_key="batch", flavor="seurat", inplace=False)
+    want = want.loc[scanpy_lognorm.var_names]  # this scanpy branch returns genes sorted by name
+    np.testing.assert_allclose(got["dispersions_norm"].to_numpy(), want["dispersions_norm"].to_numpy(), rtol=1e-9, atol=1e-12)
+    assert 0 < got["highly_variable"].sum() < n_genes
+    assert (got["highly_variable"].to_numpy() == want["highly_variable"].to_numpy()).all()
+
+
+def test_hvg_batch_of_one_cell_like_scanpy(cellbench):
+    """A one-cell batch: scanpy keeps the uncorrected variance (0) instead of n/(n-1)."""
+    df, n_genes = cellbench
+    raw = pl.concat([df.head(60), df.slice(60, 1).with_columns(batch=pl.lit("lonely"))])
+    raw = raw.with_columns(psc.select_genes(genes=np.arange(3000)).struct.unnest())
+    a = ad.AnnData(to_csr(raw, 3000), obs=raw.select("batch").to_pandas())
+    sc.pp.normalize_total(a, target_sum=1e4)
+    sc.pp.log1p(a)
+    got = psc.highly_variable_genes(raw.with_columns(psc.normalize()), n_genes=3000, n_top_genes=300, batch_key="batch")
+    want = sc.pp.highly_variable_genes(a, n_top_genes=300, batch_key="batch", flavor="seurat", inplace=False)
+    assert raw["batch"].n_unique() >= 2
+    np.testing.assert_array_equal(got["highly_variable_nbatches"].to_numpy(), want["highly_variable_nbatches"].to_numpy())
+    assert (got["highly_variable"].to_numpy() == want["highly_variable"].to_numpy()).all()
+
+
 def test_select_genes_matches_scipy_column_slice(cellbench):
     df, n_genes = cellbench
     genes = np.random.default_rng(0).choice(n_genes, 500, replace=False)  # unsorted on purpose

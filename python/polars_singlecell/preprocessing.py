@@ -201,6 +201,37 @@ def select_genes(
 # --------------------------------------------------------------------------- HVG
 
 
+def _bin_mean_std(x: np.ndarray, bins: np.ndarray, n_bins: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-bin mean and std (ddof=1) of `x`, NaN skipped, with pandas' groupby
+    arithmetic: a Kahan-compensated sum for the mean and Welford's update for
+    the variance. A bin of identical values then has std exactly 0 and mean
+    exactly that value, so its normalised dispersions are 0/0 = NaN as in
+    scanpy; a plain two-pass numpy std leaves rounding noise (±inf) instead.
+    One pass over the genes, so O(n_genes) Python steps per batch."""
+    total = np.zeros(n_bins)
+    comp = np.zeros(n_bins)
+    count = np.zeros(n_bins)
+    mean = np.zeros(n_bins)
+    m2 = np.zeros(n_bins)
+    for v, b in zip(x.tolist(), bins.tolist()):
+        if v != v:  # NaN
+            continue
+        count[b] += 1
+        y = v - comp[b]
+        t = total[b] + y
+        comp[b] = t - total[b] - y
+        if comp[b] != comp[b]:
+            comp[b] = 0.0
+        total[b] = t
+        old = mean[b]
+        mean[b] += (v - old) / count[b]
+        m2[b] += (v - mean[b]) * (v - old)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        avg = np.where(count > 0, total / count, np.nan)
+        std = np.where(count > 1, np.sqrt(m2 / (count - 1)), np.nan)
+    return avg, std
+
+
 def _seurat_single(stats: pl.DataFrame, n_bins: int, n_top_genes: int | None, cutoffs: dict) -> dict:
     """scanpy's flavor="seurat" on per-gene mean/var of expm1(x) (one batch)."""
     mean = stats["mean"].to_numpy().copy()
@@ -221,15 +252,7 @@ def _seurat_single(stats: pl.DataFrame, n_bins: int, n_top_genes: int | None, cu
         edges = np.linspace(lo, hi, n_bins + 1)
         edges[0] -= (hi - lo) * 0.001
     bins = np.clip(np.searchsorted(edges, mean, side="left") - 1, 0, n_bins - 1)
-    avg = np.full(n_bins, np.nan)
-    dev = np.full(n_bins, np.nan)
-    for b in np.unique(bins):
-        d = disp[bins == b]
-        d = d[~np.isnan(d)]
-        if d.size:
-            avg[b] = d.mean()
-        if d.size > 1:
-            dev[b] = d.std(ddof=1)
+    avg, dev = _bin_mean_std(disp, bins, n_bins)
     # One gene in a bin (std undefined): scanpy sets its normalised dispersion to 1.
     single = np.isnan(dev)
     dev[single] = avg[single]
@@ -337,13 +360,16 @@ def highly_variable_genes(
         }
     )
     if n_top_genes is None:
-        dn = np.nan_to_num(out["dispersions_norm"].to_numpy())
+        out = out.with_columns(pl.col("dispersions_norm").fill_nan(0.0))  # as scanpy (and Seurat)
+        dn = out["dispersions_norm"].to_numpy()
         m = out["means"].to_numpy()
         hv = (m > min_mean) & (m < max_mean) & (dn > min_disp) & (dn < max_disp)
     else:
-        # rank by (nbatches, mean normalised dispersion), both descending, NaN last
+        # rank by (nbatches, mean normalised dispersion), both descending, NaN
+        # last as in pandas (Polars sorts NaN above every number: make it null)
         order = (
             out.with_row_index("_i")
+            .with_columns(pl.col("dispersions_norm").fill_nan(None))
             .sort(["highly_variable_nbatches", "dispersions_norm"], descending=True, nulls_last=True, maintain_order=True)
             .get_column("_i")
             .to_numpy()

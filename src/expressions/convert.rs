@@ -58,51 +58,55 @@ pub fn with_sparse_rows<R>(
         )));
     }
     let describe = |e: KernelError| err(e.describe(&iname, &vname));
-    let n = gene_idx.len();
-    if n == 0 {
-        return f(&[], None).map_err(describe);
-    }
-    let ica = gene_idx.list()?.rechunk();
-    let vca = values.list()?.rechunk();
-    let iarr: &ListArray<i64> = ica.downcast_iter().next().expect("rechunked: one chunk");
-    let varr: &ListArray<i64> = vca.downcast_iter().next().expect("rechunked: one chunk");
-    let ichild = iarr.values().as_any().downcast_ref::<PrimitiveArray<u32>>().expect("List(UInt32) checked");
-    let vchild = varr.values().as_any().downcast_ref::<PrimitiveArray<f32>>().expect("List(Float32) checked");
-    let (ioff, voff) = (iarr.offsets().buffer(), varr.offsets().buffer());
-    let (ivalid, vvalid) = (iarr.validity(), varr.validity());
-    let is_valid = |b: Option<&Bitmap>, i: usize| b.is_none_or(|b| b.get_bit(i));
-
-    let mut rows = Vec::with_capacity(n);
-    for i in 0..n {
-        match (is_valid(ivalid, i), is_valid(vvalid, i)) {
-            (true, true) => {},
-            (false, false) => {
+    let islices = row_slices::<u32>(gene_idx.list()?, &iname)?;
+    let vslices = row_slices::<f32>(values.list()?, &vname)?;
+    let mut rows = Vec::with_capacity(islices.len());
+    let mut any_null = false;
+    for (i, (gi, v)) in islices.iter().zip(&vslices).enumerate() {
+        match (gi, v) {
+            (Some(gi), Some(v)) => rows.push(SparseRow { gene_idx: gi, values: v }),
+            (None, None) => {
+                any_null = true;
                 rows.push(SparseRow::default());
-                continue;
             },
-            (iv, _) => {
-                let (null, other) = if iv { (&vname, &iname) } else { (&iname, &vname) };
+            (gi, _) => {
+                let (null, other) = if gi.is_some() { (&vname, &iname) } else { (&iname, &vname) };
                 return Err(err(format!(
                     "row {i}: '{null}' is null but '{other}' is not; a cell's gene_idx and values must be null together (drop such rows with .drop_nulls())"
                 )));
             },
         }
-        let (i0, i1) = (ioff[i] as usize, ioff[i + 1] as usize);
-        let (v0, v1) = (voff[i] as usize, voff[i + 1] as usize);
-        for (child, lo, hi, name) in [(ichild as &dyn Array, i0, i1, &iname), (vchild as &dyn Array, v0, v1, &vname)] {
-            if let Some(b) = child.validity() {
-                if (lo..hi).any(|k| !b.get_bit(k)) {
-                    return Err(err(format!(
-                        "column '{name}': row {i} contains a null entry; sparse rows cannot hold nulls (drop or fill them)"
-                    )));
-                }
-            }
-        }
-        rows.push(SparseRow { gene_idx: &ichild.values()[i0..i1], values: &vchild.values()[v0..v1] });
     }
     validate_rows(&rows, n_genes).map_err(describe)?;
-    let validity = ivalid.filter(|b| b.unset_bits() > 0);
-    f(&rows, validity).map_err(describe)
+    let validity: Option<Bitmap> = any_null.then(|| islices.iter().map(|s| s.is_some()).collect());
+    f(&rows, validity.as_ref()).map_err(describe)
+}
+
+/// Each row's slice of the list's values (`None` for a null row), read chunk
+/// by chunk without rechunking. An inner null is an error naming the row.
+fn row_slices<'a, T: polars_arrow::types::NativeType>(ca: &'a ListChunked, name: &str) -> PolarsResult<Vec<Option<&'a [T]>>> {
+    let mut out = Vec::with_capacity(ca.len());
+    for arr in ca.downcast_iter() {
+        let child = arr.values().as_any().downcast_ref::<PrimitiveArray<T>>().ok_or_else(|| {
+            err(format!("column '{name}': unexpected inner dtype {:?}", arr.values().dtype()))
+        })?;
+        let (off, vals, inner) = (arr.offsets().buffer(), child.values(), child.validity());
+        for i in 0..arr.len() {
+            if !arr.is_valid(i) {
+                out.push(None);
+                continue;
+            }
+            let (lo, hi) = (off[i] as usize, off[i + 1] as usize);
+            if inner.is_some_and(|b| (lo..hi).any(|k| !b.get_bit(k))) {
+                return Err(err(format!(
+                    "column '{name}': row {} contains a null entry; sparse rows cannot hold nulls (drop or fill them)",
+                    out.len()
+                )));
+            }
+            out.push(Some(&vals[lo..hi]));
+        }
+    }
+    Ok(out)
 }
 
 /// Fits take every row: a null cell is an error naming its row.

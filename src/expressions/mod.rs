@@ -6,6 +6,7 @@
 pub mod convert;
 
 use polars::prelude::*;
+use polars_core::runtime::THREAD_POOL;
 
 use crate::kernels::hvg::GeneStats;
 use crate::kernels::pca::{CovAccumulator, PcaProjector};
@@ -13,12 +14,18 @@ use crate::kernels::{self, select_genes::GeneMap};
 
 /// `normalize_total` + `log1p` of each cell; `List(Float32)` aligned with `gene_idx`.
 /// `target_sum = None`: the median of the non-zero cell totals of this Series.
+///
+/// Large calls (eager frames) split their rows over Polars' thread pool;
+/// streaming batches stay serial (see `kernels::PAR_BLOCK`).
 pub fn normalize(gene_idx: &Series, values: &Series, target_sum: Option<f64>, log1p: bool) -> PolarsResult<Series> {
-    convert::with_sparse_rows(gene_idx, values, None, |rows, validity| {
-        let out = kernels::normalize::normalize(rows, target_sum.map(|t| t as f32), log1p)?;
-        Ok((rows.iter().map(|r| r.values.len()).collect::<Vec<_>>(), out, validity.cloned()))
-    })
-    .and_then(|(lens, out, validity)| convert::list_f32(values.name(), lens.into_iter(), out, validity.as_ref()))
+    THREAD_POOL
+        .install(|| {
+            convert::with_sparse_rows(gene_idx, values, None, |rows, validity| {
+                let out = kernels::normalize::normalize(rows, target_sum.map(|t| t as f32), log1p)?;
+                Ok((rows.iter().map(|r| r.values.len()).collect::<Vec<_>>(), out, validity.cloned()))
+            })
+        })
+        .and_then(|(lens, out, validity)| convert::list_f32(values.name(), lens.into_iter(), out, validity.as_ref()))
 }
 
 /// Total counts per cell (float64 sum rounded to float32, as scanpy); `Float32`.
@@ -45,8 +52,10 @@ pub fn select_genes(gene_idx: &Series, values: &Series, genes: &[u32]) -> Polars
 
 /// Project each cell onto fitted axes; `Array(Float32, n_comps)`, null where the row is null.
 pub fn pca_project(gene_idx: &Series, values: &Series, model: &PcaProjector) -> PolarsResult<Series> {
-    let (out, validity) = convert::with_sparse_rows(gene_idx, values, Some(model.n_genes), |rows, validity| {
-        Ok((kernels::pca::pca_project(rows, model), validity.cloned()))
+    let (out, validity) = THREAD_POOL.install(|| {
+        convert::with_sparse_rows(gene_idx, values, Some(model.n_genes), |rows, validity| {
+            Ok((kernels::pca::pca_project(rows, model), validity.cloned()))
+        })
     })?;
     convert::array_f32("X_pca", model.n_comps, out, validity.as_ref())
 }
@@ -71,6 +80,9 @@ pub fn gene_stats_update(
     batch: Option<&StringChunked>,
 ) -> PolarsResult<()> {
     if let Some(b) = batch {
+        if b.len() != gene_idx.len() {
+            polars_bail!(ComputeError: "batch column '{}' has {} rows but the cells have {}", b.name(), b.len(), gene_idx.len());
+        }
         if let Some(i) = b.iter().position(|x| x.is_none()) {
             polars_bail!(ComputeError: "batch column '{}' is null at row {i}; fill or drop null batches first", b.name());
         }

@@ -26,7 +26,7 @@ impl GeneStats {
         for (&g, &v) in row.gene_idx.iter().zip(row.values) {
             // scanpy takes expm1 of the float32 matrix and squares it in
             // float32 (numba `value * value`), then sums in float64: do the
-            // same so the dispersion ranking matches it exactly.
+            // same, so only the summation order can differ from it.
             let e = v.exp_m1();
             let g = g as usize;
             self.sum[g] += e as f64;
@@ -36,7 +36,7 @@ impl GeneStats {
     }
 
     /// Mean and unbiased (ddof=1) variance per gene, computed like scanpy's
-    /// `_get_mean_var`: `(E[x²] − E[x]²) · n/(n−1)`.
+    /// `_get_mean_var`: `(E[x²] − E[x]²) · n/(n−1)`, uncorrected when n = 1.
     pub fn mean_var(&self) -> (Vec<f64>, Vec<f64>) {
         let n = self.n_cells as f64;
         let mean: Vec<f64> = self.sum.iter().map(|s| s / n).collect();
@@ -46,7 +46,7 @@ impl GeneStats {
             .zip(&mean)
             .map(|(sq, m)| {
                 let v = sq / n - m * m;
-                if self.n_cells > 1 { v * n / (n - 1.0) } else { f64::NAN }
+                if self.n_cells > 1 { v * n / (n - 1.0) } else { v }
             })
             .collect();
         (mean, var)

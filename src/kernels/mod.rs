@@ -6,7 +6,42 @@ pub mod normalize;
 pub mod pca;
 pub mod select_genes;
 
+use rayon::prelude::*;
+
 use crate::error::{KernelError, Part};
+
+/// Rows per parallel task. A call with fewer than `4 * PAR_BLOCK` rows stays
+/// serial: streaming morsels (≤100k rows) arrive in parallel already, so only
+/// large eager calls split their rows across the current rayon pool. Every
+/// row-wise kernel gives the same bits either way.
+pub const PAR_BLOCK: usize = 65_536;
+
+fn parallel(n_rows: usize) -> bool {
+    n_rows >= 4 * PAR_BLOCK && rayon::current_num_threads() > 1
+}
+
+/// Run `f(block, out_block)` over consecutive blocks of rows, where each row
+/// owns `width(row)` consecutive entries of `out`: serial for small calls,
+/// parallel over disjoint output slices for large ones.
+pub fn for_row_blocks<T: Send>(
+    rows: &[SparseRow<'_>],
+    out: &mut [T],
+    width: impl Fn(&SparseRow<'_>) -> usize,
+    f: impl Fn(&[SparseRow<'_>], &mut [T]) + Sync,
+) {
+    if !parallel(rows.len()) {
+        return f(rows, out);
+    }
+    let mut tasks = Vec::with_capacity(rows.len() / PAR_BLOCK + 1);
+    let mut rest = out;
+    for block in rows.chunks(PAR_BLOCK) {
+        let n = block.iter().map(&width).sum();
+        let (head, tail) = std::mem::take(&mut rest).split_at_mut(n);
+        tasks.push((block, head));
+        rest = tail;
+    }
+    tasks.into_par_iter().for_each(|(block, dst)| f(block, dst));
+}
 
 /// One cell's sparse counts: sorted 0-based gene indices and matching values.
 #[derive(Debug, Clone, Copy, Default)]
@@ -19,6 +54,26 @@ pub struct SparseRow<'a> {
 /// strictly increasing gene indices below `n_genes` (when known), finite values.
 /// Done once here so each kernel can index without re-checking.
 pub fn validate_rows(rows: &[SparseRow<'_>], n_genes: Option<usize>) -> Result<(), KernelError> {
+    if parallel(rows.len()) {
+        // The first bad row in row order, whichever block finds it first.
+        let found: Vec<Result<(), KernelError>> = rows
+            .par_chunks(PAR_BLOCK)
+            .enumerate()
+            .map(|(b, block)| {
+                validate_block(block, n_genes).map_err(|mut e| {
+                    if let KernelError::Row { row, .. } = &mut e {
+                        *row += b * PAR_BLOCK;
+                    }
+                    e
+                })
+            })
+            .collect();
+        return found.into_iter().collect();
+    }
+    validate_block(rows, n_genes)
+}
+
+fn validate_block(rows: &[SparseRow<'_>], n_genes: Option<usize>) -> Result<(), KernelError> {
     for (row, r) in rows.iter().enumerate() {
         if r.gene_idx.len() != r.values.len() {
             return Err(KernelError::Row {

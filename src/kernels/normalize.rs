@@ -7,11 +7,14 @@
 use super::SparseRow;
 use crate::error::{KernelError, Part};
 
-/// Total counts of each cell: float64 sum rounded to float32, as scanpy does.
+/// One cell's total: a float64 sum rounded to float32, as scanpy's CSR path.
+fn cell_total(values: &[f32]) -> f32 {
+    values.iter().map(|&v| v as f64).sum::<f64>() as f32
+}
+
+/// Total counts of each cell.
 pub fn total_counts(rows: &[SparseRow<'_>]) -> Vec<f32> {
-    rows.iter()
-        .map(|r| r.values.iter().map(|&v| v as f64).sum::<f64>() as f32)
-        .collect()
+    rows.iter().map(|r| cell_total(r.values)).collect()
 }
 
 /// Median of the non-zero cell totals (scanpy's default `target_sum`);
@@ -51,20 +54,24 @@ pub fn normalize(rows: &[SparseRow<'_>], target_sum: Option<f32>, log1p: bool) -
             )));
         }
     }
-    let totals = total_counts(rows);
     let target = match target_sum {
         Some(t) => t,
-        None => median_nonzero(&totals).unwrap_or(1.0),
+        None => median_nonzero(&total_counts(rows)).unwrap_or(1.0),
     };
-    let mut out = Vec::with_capacity(rows.iter().map(|r| r.values.len()).sum());
-    for (r, &total) in rows.iter().zip(&totals) {
-        // scanpy replaces a zero divisor by 1, which leaves the zeros as they are.
-        let divisor = if total > 0.0 { total / target } else { 1.0 };
-        out.extend(r.values.iter().map(|&v| {
-            let x = v / divisor;
-            if log1p { x.ln_1p() } else { x }
-        }));
-    }
+    let mut out = vec![0f32; rows.iter().map(|r| r.values.len()).sum()];
+    super::for_row_blocks(rows, &mut out, |r| r.values.len(), |block, dst| {
+        let mut at = 0;
+        for r in block {
+            let total = cell_total(r.values);
+            // scanpy replaces a zero divisor by 1, which leaves the zeros as they are.
+            let divisor = if total > 0.0 { total / target } else { 1.0 };
+            for (o, &v) in dst[at..at + r.values.len()].iter_mut().zip(r.values) {
+                let x = v / divisor;
+                *o = if log1p { x.ln_1p() } else { x };
+            }
+            at += r.values.len();
+        }
+    });
     Ok(out)
 }
 
@@ -105,6 +112,22 @@ mod tests {
         assert_eq!(median_nonzero(&total_counts(&rows.view())), Some(4.0));
         let out = normalize(&rows.view(), None, false).unwrap();
         assert_eq!(out, vec![0.0, 4.0, 4.0]);
+    }
+
+    #[test]
+    fn parallel_blocks_equal_serial_and_errors_name_the_global_row() {
+        let small = Rows::random(97, 40, 0.3, 2);
+        let v = small.view();
+        let rows: Vec<_> = v.iter().cycle().take(4 * crate::kernels::PAR_BLOCK + 5).copied().collect();
+        let pool = |t| rayon::ThreadPoolBuilder::new().num_threads(t).build().unwrap();
+        let one = pool(1).install(|| normalize(&rows, Some(1e4), true).unwrap());
+        let two = pool(2).install(|| normalize(&rows, Some(1e4), true).unwrap());
+        assert_eq!(one, two);
+        let mut bad = rows.clone();
+        let last = bad.len() - 1;
+        bad[last] = crate::kernels::SparseRow { gene_idx: &[3, 1], values: &[1.0, 1.0] };
+        let e = pool(2).install(|| crate::kernels::validate_rows(&bad, None)).unwrap_err().to_string();
+        assert!(e.contains(&format!("at row {last}")), "{e}");
     }
 
     #[test]

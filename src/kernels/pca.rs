@@ -1,5 +1,6 @@
-//! PCA of sparse cells, out of core: an exact float64 covariance accumulated in
-//! one pass (`CovAccumulator`), its symmetric eigendecomposition (faer), and the
+//! PCA of sparse cells, out of core: a float64 covariance accumulated in one
+//! pass (`CovAccumulator`: products of float32 values are exact in float64,
+//! sums are float64, then `(XᵀX − n·μμᵀ)/(n−1)`), its symmetric eigendecomposition (faer), and the
 //! projection of sparse rows onto the axes (`pca_project`).
 //!
 //! The Gram matrix XᵀX is accumulated by scattering each cell's sparse outer
@@ -44,8 +45,12 @@ impl CovAccumulator {
         if n_genes == 0 {
             return Err(KernelError::Invalid("n_genes must be at least 1".into()));
         }
-        let cells = n_genes.checked_mul(n_genes).ok_or_else(|| KernelError::Invalid(format!("n_genes={n_genes} is too large")))?;
-        Ok(CovAccumulator { n_genes, n_cells: 0, sum: vec![0.0; n_genes], gram: vec![0.0; cells] })
+        let too_large = || KernelError::Invalid(format!("n_genes={n_genes} is too large for a dense covariance; select genes first"));
+        let cells = n_genes.checked_mul(n_genes).filter(|c| c.checked_mul(8).is_some()).ok_or_else(too_large)?;
+        let mut gram = Vec::new();
+        gram.try_reserve_exact(cells).map_err(|_| too_large())?;
+        gram.resize(cells, 0.0);
+        Ok(CovAccumulator { n_genes, n_cells: 0, sum: vec![0.0; n_genes], gram })
     }
 
     pub fn n_cells(&self) -> u64 {
@@ -211,17 +216,19 @@ impl PcaProjector {
 pub fn pca_project(rows: &[SparseRow<'_>], p: &PcaProjector) -> Vec<f32> {
     let k = p.n_comps;
     let mut out = vec![0f32; rows.len() * k];
-    for (r, y) in rows.iter().zip(out.chunks_exact_mut(k)) {
-        for (&g, &v) in r.gene_idx.iter().zip(r.values) {
-            let w = &p.loadings[g as usize * k..][..k];
-            for (yk, wk) in y.iter_mut().zip(w) {
-                *yk += v * wk;
+    super::for_row_blocks(rows, &mut out, |_| k, |block, dst| {
+        for (r, y) in block.iter().zip(dst.chunks_exact_mut(k)) {
+            for (&g, &v) in r.gene_idx.iter().zip(r.values) {
+                let w = &p.loadings[g as usize * k..][..k];
+                for (yk, wk) in y.iter_mut().zip(w) {
+                    *yk += v * wk;
+                }
+            }
+            for (yk, ok) in y.iter_mut().zip(&p.offset) {
+                *yk -= ok;
             }
         }
-        for (yk, ok) in y.iter_mut().zip(&p.offset) {
-            *yk -= ok;
-        }
-    }
+    });
     out
 }
 
@@ -294,7 +301,10 @@ mod tests {
                 assert!(fit.explained_variance[k] <= fit.explained_variance[k - 1]);
             }
         }
-        assert!(fit.explained_variance_ratio.iter().sum::<f64>() < 1.0);
+        let trace: f64 = (0..g).map(|i| cov[(i, i)]).sum();
+        for k in 0..5 {
+            assert!((fit.explained_variance_ratio[k] - fit.explained_variance[k] / trace).abs() < 1e-12);
+        }
     }
 
     #[test]
@@ -314,6 +324,22 @@ mod tests {
                 assert!((got[i * k + c] as f64 - want).abs() < 1e-4 * want.abs().max(1.0));
             }
         }
+    }
+
+    #[test]
+    fn parallel_projection_equals_serial() {
+        let n = 4 * crate::kernels::PAR_BLOCK + 17;
+        let rows: Vec<SparseRow<'_>> = (0..n)
+            .map(|i| SparseRow { gene_idx: if i % 3 == 0 { &[0, 2] } else { &[1] }, values: if i % 3 == 0 { &[1.0, 3.0] } else { &[2.5] } })
+            .collect();
+        let mut acc = CovAccumulator::new(3).unwrap();
+        acc.add(&rows[..1000]);
+        let p = PcaProjector::from_fit(&acc.fit(2).unwrap()).unwrap();
+        let pool = |t| rayon::ThreadPoolBuilder::new().num_threads(t).build().unwrap();
+        let one = pool(1).install(|| pca_project(&rows, &p));
+        let two = pool(2).install(|| pca_project(&rows, &p));
+        assert_eq!(one, two);
+        assert_eq!(&two[two.len() - 2..], &one[2..4]); // row n-1 is like row 1
     }
 
     #[test]

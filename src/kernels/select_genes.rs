@@ -4,24 +4,27 @@
 use super::SparseRow;
 use crate::error::KernelError;
 
-/// Old gene index → new index, `u32::MAX` where a gene is dropped.
+/// Old gene index → new index.
 pub struct GeneMap {
-    new_of_old: Vec<u32>,
+    /// (old, new) sorted by old: a binary search per entry, memory O(len(genes))
+    /// whatever the indices are.
+    pairs: Vec<(u32, u32)>,
     monotonic: bool,
 }
 
 impl GeneMap {
     /// `genes[k]` is the old index that becomes gene `k`.
     pub fn new(genes: &[u32]) -> Result<Self, KernelError> {
-        let size = genes.iter().map(|&g| g as usize + 1).max().unwrap_or(0);
-        let mut new_of_old = vec![u32::MAX; size];
-        for (k, &g) in genes.iter().enumerate() {
-            if new_of_old[g as usize] != u32::MAX {
-                return Err(KernelError::Invalid(format!("genes lists gene {g} twice; pass each gene once")));
-            }
-            new_of_old[g as usize] = k as u32;
+        let mut pairs: Vec<(u32, u32)> = genes.iter().enumerate().map(|(k, &g)| (g, k as u32)).collect();
+        pairs.sort_unstable();
+        if let Some(w) = pairs.windows(2).find(|w| w[0].0 == w[1].0) {
+            return Err(KernelError::Invalid(format!("genes lists gene {} twice; pass each gene once", w[0].0)));
         }
-        Ok(GeneMap { new_of_old, monotonic: genes.windows(2).all(|w| w[0] < w[1]) })
+        Ok(GeneMap { pairs, monotonic: genes.windows(2).all(|w| w[0] < w[1]) })
+    }
+
+    fn get(&self, old: u32) -> Option<u32> {
+        self.pairs.binary_search_by_key(&old, |p| p.0).ok().map(|i| self.pairs[i].1)
     }
 }
 
@@ -34,10 +37,8 @@ pub fn select_genes(rows: &[SparseRow<'_>], map: &GeneMap) -> (Vec<usize>, Vec<u
     for r in rows {
         pairs.clear();
         for (&g, &v) in r.gene_idx.iter().zip(r.values) {
-            if let Some(&k) = map.new_of_old.get(g as usize) {
-                if k != u32::MAX {
-                    pairs.push((k, v));
-                }
+            if let Some(k) = map.get(g) {
+                pairs.push((k, v));
             }
         }
         // A non-monotonic selection reorders genes: sort to keep rows sorted.
@@ -64,5 +65,7 @@ mod tests {
         let (_, i, v) = select_genes(&rows.view(), &GeneMap::new(&[2, 9]).unwrap());
         assert_eq!((i, v), (vec![0, 1], vec![2.0, 9.0]));
         assert!(GeneMap::new(&[1, 1]).is_err());
+        let (_, i, _) = select_genes(&rows.view(), &GeneMap::new(&[u32::MAX, 9]).unwrap());
+        assert_eq!(i, vec![1]);
     }
 }

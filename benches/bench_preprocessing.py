@@ -43,28 +43,38 @@ def _csr(df, n_genes=2000):
     )
 
 
+REPEATS = 3  # normalize is short: best of 3 for both contenders
+
+
 def ours_normalize(folder):
     import polars_singlecell as psc
 
     df = _load(folder)
-    df.head(100).select(psc.normalize())
-    t = time.perf_counter()
-    df.select(psc.normalize("gene_idx", "values", target_sum=1e4))
-    return time.perf_counter() - t
+    best = float("inf")
+    for _ in range(REPEATS):
+        t = time.perf_counter()
+        df.select(psc.normalize("gene_idx", "values", target_sum=1e4))
+        best = min(best, time.perf_counter() - t)
+    return best
 
 
 def scanpy_normalize(folder):
     import anndata as ad
     import scanpy as sc
 
-    a = ad.AnnData(_csr(_load(folder)))
-    warm = a[:100].copy()
+    raw = ad.AnnData(_csr(_load(folder)))
+    warm = raw[:100].copy()
     sc.pp.normalize_total(warm, target_sum=1e4)
     sc.pp.log1p(warm)  # numba compiles here, not in the timing
-    t = time.perf_counter()
-    sc.pp.normalize_total(a, target_sum=1e4)
-    sc.pp.log1p(a)
-    return time.perf_counter() - t
+    best = float("inf")
+    for _ in range(REPEATS):
+        a = raw.copy()  # scanpy works in place: a fresh copy each time, untimed
+        t = time.perf_counter()
+        sc.pp.normalize_total(a, target_sum=1e4)
+        sc.pp.log1p(a)
+        best = min(best, time.perf_counter() - t)
+        del a
+    return best
 
 
 def ours_pca(folder):
@@ -141,7 +151,7 @@ def main() -> None:
     rows = []
     t_ours, m_ours = run(ours_normalize, str(folder))
     ref = (None, None) if args.skip_reference else run(scanpy_normalize, str(folder))
-    rows.append(("normalize_total + log1p", "scanpy", t_ours, m_ours, *ref))
+    rows.append(("normalize_total + log1p (best of 3)", "scanpy", t_ours, m_ours, *ref))
     t_ours, m_ours = run(ours_pca, str(folder))
     ref = (None, None) if args.skip_reference else run(scanpy_pca, str(folder))
     rows.append(("PCA fit + project, 50 comps", "scanpy.pp.pca (arpack)", t_ours, m_ours, *ref))

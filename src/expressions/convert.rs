@@ -123,21 +123,16 @@ fn offsets(lens: impl Iterator<Item = usize>) -> PolarsResult<OffsetsBuffer<i64>
     Ok(Offsets::<i64>::try_from_lengths(lens)?.into())
 }
 
-/// A `List(Float32)` Series from row lengths and concatenated values.
-pub fn list_f32(name: &str, lens: impl Iterator<Item = usize>, values: Vec<f32>, validity: Option<&Bitmap>) -> PolarsResult<Series> {
+/// A `List(T)` Series (`List(Float32)`, `List(UInt32)`, ...) from row lengths
+/// and the rows' values concatenated.
+pub fn list_series<T: polars_arrow::types::NativeType>(
+    name: &str,
+    lens: impl Iterator<Item = usize>,
+    values: Vec<T>,
+    validity: Option<&Bitmap>,
+) -> PolarsResult<Series> {
     let arr = ListArray::<i64>::new(
-        ListArray::<i64>::default_datatype(ArrowDataType::Float32),
-        offsets(lens)?,
-        PrimitiveArray::from_vec(values).boxed(),
-        validity.cloned(),
-    );
-    Series::from_arrow(name.into(), arr.boxed())
-}
-
-/// A `List(UInt32)` Series from row lengths and concatenated values.
-pub fn list_u32(name: &str, lens: impl Iterator<Item = usize>, values: Vec<u32>, validity: Option<&Bitmap>) -> PolarsResult<Series> {
-    let arr = ListArray::<i64>::new(
-        ListArray::<i64>::default_datatype(ArrowDataType::UInt32),
+        ListArray::<i64>::default_datatype(ArrowDataType::from(T::PRIMITIVE)),
         offsets(lens)?,
         PrimitiveArray::from_vec(values).boxed(),
         validity.cloned(),

@@ -25,7 +25,7 @@ pub fn normalize(gene_idx: &Series, values: &Series, target_sum: Option<f64>, lo
                 Ok((rows.iter().map(|r| r.values.len()).collect::<Vec<_>>(), out, validity.cloned()))
             })
         })
-        .and_then(|(lens, out, validity)| convert::list_f32(values.name(), lens.into_iter(), out, validity.as_ref()))
+        .and_then(|(lens, out, validity)| convert::list_series(values.name(), lens.into_iter(), out, validity.as_ref()))
 }
 
 /// Total counts per cell (float64 sum rounded to float32, as scanpy); `Float32`.
@@ -45,8 +45,8 @@ pub fn select_genes(gene_idx: &Series, values: &Series, genes: &[u32]) -> Polars
         Ok((lens, idx, val, validity.cloned()))
     })?;
     Ok((
-        convert::list_u32(gene_idx.name(), lens.iter().copied(), idx, validity.as_ref())?,
-        convert::list_f32(values.name(), lens.iter().copied(), val, validity.as_ref())?,
+        convert::list_series(gene_idx.name(), lens.iter().copied(), idx, validity.as_ref())?,
+        convert::list_series(values.name(), lens.iter().copied(), val, validity.as_ref())?,
     ))
 }
 

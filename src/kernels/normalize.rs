@@ -30,6 +30,9 @@ pub fn median_nonzero(totals: &[f32]) -> Option<f32> {
     Some(if t.len() % 2 == 1 { t[m] } else { (t[m - 1] + t[m]) / 2.0 })
 }
 
+/// Integer counts below this share one `ln_1p` per cell (see `normalize`).
+const MEMO: usize = 64;
+
 /// Normalise every cell to `target_sum` total counts, then `ln(1 + x)` if
 /// `log1p`. Returns the new values of all rows concatenated in row order.
 ///
@@ -61,15 +64,34 @@ pub fn normalize(rows: &[SparseRow<'_>], target_sum: Option<f32>, log1p: bool) -
     let mut out = vec![0f32; rows.iter().map(|r| r.values.len()).sum()];
     super::for_row_blocks(rows, &mut out, |r| r.values.len(), |block, dst| {
         let mut at = 0;
+        // UMI counts are small integers and repeat within a cell: memoise
+        // ln(1 + c/divisor) per integer count c of the cell. The same input
+        // gives the same bits, so this only skips repeated libm calls.
+        let mut memo = [f32::NAN; MEMO];
         for r in block {
             let total = cell_total(r.values);
             // scanpy replaces a zero divisor by 1, which leaves the zeros as they are.
             let divisor = if total > 0.0 { total / target } else { 1.0 };
-            for (o, &v) in dst[at..at + r.values.len()].iter_mut().zip(r.values) {
-                let x = v / divisor;
-                *o = if log1p { x.ln_1p() } else { x };
-            }
+            let dst = &mut dst[at..at + r.values.len()];
             at += r.values.len();
+            if !log1p {
+                for (o, &v) in dst.iter_mut().zip(r.values) {
+                    *o = v / divisor;
+                }
+                continue;
+            }
+            memo.fill(f32::NAN);
+            for (o, &v) in dst.iter_mut().zip(r.values) {
+                let c = v as usize; // v >= 0 was checked
+                *o = if c < MEMO && c as f32 == v {
+                    if memo[c].is_nan() {
+                        memo[c] = (v / divisor).ln_1p();
+                    }
+                    memo[c]
+                } else {
+                    (v / divisor).ln_1p()
+                };
+            }
         }
     });
     Ok(out)
@@ -99,6 +121,18 @@ mod tests {
         let rows = Rows(vec![(vec![0, 3], vec![1.0, 3.0])]);
         let out = normalize(&rows.view(), Some(4.0), true).unwrap();
         assert_eq!(out, vec![1f32.ln_1p(), 3f32.ln_1p()]);
+    }
+
+    #[test]
+    fn memoised_log1p_equals_direct_for_integer_and_fractional_counts() {
+        let rows = Rows(vec![(vec![0, 1, 2, 3, 4, 5], vec![1.0, 1.0, 2.5, 63.0, 64.0, 1000.0]), (vec![0, 1], vec![1.0, 3.0])]);
+        let out = normalize(&rows.view(), Some(1e4), true).unwrap();
+        let mut want = Vec::new();
+        for (_, v) in &rows.0 {
+            let total = v.iter().map(|&x| x as f64).sum::<f64>() as f32;
+            want.extend(v.iter().map(|&x| (x / (total / 1e4f32)).ln_1p()));
+        }
+        assert_eq!(out, want);
     }
 
     #[test]

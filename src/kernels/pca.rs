@@ -7,8 +7,9 @@
 //! product into the lower triangle, tiled by output rows so a tile stays in L2
 //! and each tile is owned by one thread. Every entry is summed in cell order,
 //! so the result is bit-identical for any thread count and any batching of
-//! the rows. At ~10% density this beats a dense f64 GEMM of the same block by
-//! the density² factor (see benches/).
+//! the rows. The scatter does density² of a dense GEMM's flops (1% at 10%
+//! density) at a lower rate per flop; `benches/kernels` (criterion,
+//! `cov_accumulate`) times both on the same block.
 
 use faer::dyn_stack::{MemBuffer, MemStack};
 use faer::linalg::evd::{self_adjoint_evd, self_adjoint_evd_scratch, ComputeEigenvectors};

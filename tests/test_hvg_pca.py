@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import polars as pl
 import pytest
 import scanpy as sc
@@ -23,7 +24,7 @@ def lognorm(cellbench):
 @pytest.fixture(scope="module")
 def scanpy_lognorm(cellbench):
     df, n_genes = cellbench
-    a = ad.AnnData(to_csr(df, n_genes), obs=df.select("batch").to_pandas())
+    a = ad.AnnData(to_csr(df, n_genes), obs=pd.DataFrame({"batch": df["batch"].to_list()}))
     sc.pp.normalize_total(a, target_sum=1e4)
     sc.pp.log1p(a)
     return a
@@ -77,7 +78,7 @@ def test_hvg_batch_of_one_cell_like_scanpy(cellbench):
     df, n_genes = cellbench
     raw = pl.concat([df.head(60), df.slice(60, 1).with_columns(batch=pl.lit("lonely"))])
     raw = raw.with_columns(psc.select_genes(genes=np.arange(3000)).struct.unnest())
-    a = ad.AnnData(to_csr(raw, 3000), obs=raw.select("batch").to_pandas())
+    a = ad.AnnData(to_csr(raw, 3000), obs=pd.DataFrame({"batch": raw["batch"].to_list()}))
     sc.pp.normalize_total(a, target_sum=1e4)
     sc.pp.log1p(a)
     got = psc.highly_variable_genes(raw.with_columns(psc.normalize()), n_genes=3000, n_top_genes=300, batch_key="batch")

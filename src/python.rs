@@ -13,6 +13,8 @@ use serde::Deserialize;
 
 use crate::expressions::{self, convert};
 use crate::kernels::hvg::GeneStats;
+use crate::kernels::kmeans::KMeansParams;
+use crate::kernels::sample::BottomK;
 use crate::kernels::pca::{CovAccumulator, PcaProjector};
 
 #[global_allocator]
@@ -111,6 +113,47 @@ fn pca_project(inputs: &[Series], kwargs: PcaProjectKwargs) -> PolarsResult<Seri
     let components = f64_le(&kwargs.components, "components")?;
     let model = PcaProjector::new(&mean, &components, kwargs.n_comps)?;
     expressions::pca_project(&inputs[0], &inputs[1], &model)
+}
+
+// -------------------------------------------------------- kmeans_centroids
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KMeansKwargs {
+    n_centroids: usize,
+    max_iter: usize,
+    tol: f64,
+    random_state: u64,
+    init_size: Option<usize>,
+}
+
+impl KMeansKwargs {
+    fn params(&self) -> KMeansParams {
+        let mut p = KMeansParams::new(self.n_centroids);
+        p.max_iter = self.max_iter;
+        p.tol = self.tol;
+        p.seed = self.random_state;
+        p.init_size = self.init_size;
+        p
+    }
+}
+
+fn kmeans_centroids_output(fields: &[Field]) -> PolarsResult<Field> {
+    let Some(embedding) = fields.first() else {
+        polars_bail!(ComputeError: "kmeans_centroids takes an embedding column");
+    };
+    let d = convert::check_embedding_field(embedding)?;
+    if let Some(w) = fields.get(1) {
+        if !w.dtype().is_primitive_numeric() {
+            polars_bail!(ComputeError: "weights column '{}' has dtype {}, expected a number per cell", w.name(), w.dtype());
+        }
+    }
+    Ok(Field::new("centroids".into(), expressions::centroids_dtype(d)))
+}
+
+#[polars_expr(output_type_func = kmeans_centroids_output)]
+fn kmeans_centroids(inputs: &[Series], kwargs: KMeansKwargs) -> PolarsResult<Series> {
+    expressions::kmeans_centroids(&inputs[0], inputs.get(1), &kwargs.params())
 }
 
 // ------------------------------------------------------------ streaming fits
@@ -218,6 +261,111 @@ impl PcaAccumulator {
     }
 }
 
+/// Per-batch seeded samples of an embedding (bottom-k by a hash of the row
+/// number), fed one record batch at a time; then k-means per batch.
+#[pyclass(module = "polars_singlecell._internal")]
+struct CentroidSampler {
+    cap: usize,
+    seed: u64,
+    n_rows: u64,
+    samplers: BTreeMap<String, BottomK>,
+    pool: rayon::ThreadPool,
+}
+
+#[pymethods]
+impl CentroidSampler {
+    #[new]
+    fn new(max_samples_per_batch: usize, random_state: u64, n_threads: usize) -> PyResult<Self> {
+        if max_samples_per_batch == 0 {
+            return Err(value_error("max_samples_per_batch must be at least 1, got 0"));
+        }
+        Ok(CentroidSampler {
+            cap: max_samples_per_batch,
+            seed: random_state,
+            n_rows: 0,
+            samplers: BTreeMap::new(),
+            pool: fit_pool(n_threads)?,
+        })
+    }
+
+    fn update(&mut self, py: Python<'_>, embedding: PySeries, batch: PySeries) -> PyResult<()> {
+        let labels = batch.0.cast(&DataType::String).map_err(value_error)?;
+        let labels = labels.str().map_err(value_error)?;
+        let (samplers, cap, seed, row0) = (&mut self.samplers, self.cap, self.seed, self.n_rows);
+        let n = py
+            .detach(|| expressions::centroid_sample_update(samplers, cap, seed, row0, &embedding.0, labels))
+            .map_err(value_error)?;
+        self.n_rows += n as u64;
+        Ok(())
+    }
+
+    #[getter]
+    fn n_rows(&self) -> u64 {
+        self.n_rows
+    }
+
+    /// k-means per batch (batches in sorted label order). Returns the long
+    /// table (batch, centroid_id, centroid, mass) and one summary row per batch.
+    fn fit(
+        &self,
+        py: Python<'_>,
+        n_centroids: usize,
+        max_iter: usize,
+        tol: f64,
+        init_size: Option<usize>,
+    ) -> PyResult<(PyDataFrame, PyDataFrame)> {
+        let kw = KMeansKwargs { n_centroids, max_iter, tol, random_state: self.seed, init_size };
+        let params = kw.params();
+        let (samplers, pool) = (&self.samplers, &self.pool);
+        let fits = py
+            .detach(|| {
+                pool.install(|| {
+                    samplers
+                        .iter()
+                        .map(|(b, s)| expressions::fit_sampled_centroids(s, &params).map(|f| (b.clone(), f)))
+                        .collect::<PolarsResult<Vec<_>>>()
+                })
+            })
+            .map_err(value_error)?;
+        let d = samplers.values().next().map(|s| s.d()).unwrap_or(1);
+        let (mut batch, mut cid, mut cent, mut mass) = (vec![], vec![], vec![], vec![]);
+        let (mut sb, mut n_cells, mut n_sampled, mut k, mut inertia, mut n_iter, mut converged) =
+            (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
+        for (b, f) in &fits {
+            let kb = f.fit.n_centroids();
+            batch.extend(std::iter::repeat_n(b.clone(), kb));
+            cid.extend(0..kb as u32);
+            cent.extend_from_slice(&f.fit.centroids);
+            mass.extend_from_slice(&f.fit.mass);
+            sb.push(b.clone());
+            n_cells.push(f.n_cells);
+            n_sampled.push(f.n_sampled as u64);
+            k.push(kb as u32);
+            inertia.push(f.fit.inertia);
+            n_iter.push(f.fit.n_iter as u32);
+            converged.push(f.fit.converged);
+        }
+        let long = DataFrame::new_infer_height(vec![
+            Column::new("batch".into(), batch),
+            Column::new("centroid_id".into(), cid),
+            convert::array_f32("centroid", d, cent, None).map_err(value_error)?.into(),
+            Column::new("mass".into(), mass),
+        ])
+        .map_err(value_error)?;
+        let summary = DataFrame::new_infer_height(vec![
+            Column::new("batch".into(), sb),
+            Column::new("n_cells".into(), n_cells),
+            Column::new("n_sampled".into(), n_sampled),
+            Column::new("n_centroids".into(), k),
+            Column::new("inertia".into(), inertia),
+            Column::new("n_iter".into(), n_iter),
+            Column::new("converged".into(), converged),
+        ])
+        .map_err(value_error)?;
+        Ok((PyDataFrame(long), PyDataFrame(summary)))
+    }
+}
+
 #[pymodule]
 fn _internal(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
@@ -225,5 +373,6 @@ fn _internal(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("POLARS_CRATE_VERSION", "0.55.2")?;
     m.add_class::<GeneStatsAccumulator>()?;
     m.add_class::<PcaAccumulator>()?;
+    m.add_class::<CentroidSampler>()?;
     Ok(())
 }

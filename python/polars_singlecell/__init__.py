@@ -19,6 +19,7 @@ from polars_singlecell._plugin import check_polars_version as _check_polars_vers
 _check_polars_version(_pl.__version__, _internal.POLARS_CRATE_VERSION)
 
 from polars_singlecell import datasets  # noqa: E402
+from polars_singlecell.centroids import fit_centroids, kmeans_centroids  # noqa: E402
 from polars_singlecell.io import sink_parquet  # noqa: E402
 from polars_singlecell.preprocessing import (  # noqa: E402
     PcaModel,
@@ -38,8 +39,10 @@ __all__ = [
     "PcaModel",
     "consensus_genes",
     "datasets",
+    "fit_centroids",
     "fit_pca",
     "highly_variable_genes",
+    "kmeans_centroids",
     "median_total_counts",
     "normalize",
     "pca_project",

@@ -41,6 +41,7 @@ def call(
     kwargs: dict[str, Any] | None = None,
     *,
     is_elementwise: bool = True,
+    returns_scalar: bool = False,
 ) -> pl.Expr:
     return register_plugin_function(
         plugin_path=LIB,
@@ -48,4 +49,5 @@ def call(
         args=args,
         kwargs=kwargs,
         is_elementwise=is_elementwise,
+        returns_scalar=returns_scalar,
     )

@@ -157,3 +157,71 @@ pub fn column_f32(name: &str, values: Vec<f32>, validity: Option<&Bitmap>) -> Po
     let arr = PrimitiveArray::from_vec(values).with_validity(validity.cloned());
     Series::from_arrow(name.into(), arr.boxed())
 }
+
+/// Schema-time check of an embedding column: `Array(Float32, d)`; returns `d`.
+/// Other dtypes are refused, not cast: a float64 or list embedding is usually
+/// a mistake upstream, and the fix is one `.cast` the message spells out.
+pub fn check_embedding_field(f: &Field) -> PolarsResult<usize> {
+    if let DataType::Array(inner, d) = f.dtype() {
+        if **inner == DataType::Float32 && *d > 0 {
+            return Ok(*d);
+        }
+    }
+    let width = match f.dtype() {
+        DataType::Array(_, d) => d.to_string(),
+        _ => "d".to_string(),
+    };
+    Err(err(format!(
+        "column '{}' has dtype {}, expected Array(Float32, d) (one float32 vector per cell): cast it with pl.col('{}').cast(pl.Array(pl.Float32, {width}))",
+        f.name(),
+        f.dtype(),
+        f.name()
+    )))
+}
+
+/// The rows of an `Array(Float32, d)` column as one row-major buffer (borrowed
+/// when the column is one chunk) and `d`. Null rows and null entries are errors
+/// naming the column and row: callers that keep nulls use `embedding_view`.
+pub fn embedding_rows(s: &Series) -> PolarsResult<(std::borrow::Cow<'_, [f32]>, usize)> {
+    let (chunks, d, validity) = embedding_view(s)?;
+    if let Some(row) = validity.and_then(|v| (0..v.len()).find(|&i| !v.get_bit(i))) {
+        return Err(err(format!("column '{}' is null at row {row}; drop null cells first (.drop_nulls('{}'))", s.name(), s.name())));
+    }
+    Ok((if chunks.len() == 1 { std::borrow::Cow::Borrowed(chunks[0]) } else { chunks.concat().into() }, d))
+}
+
+/// The value slices of an embedding column chunk by chunk, its width and its
+/// row validity (None: no null rows). An inner null inside a valid row is an
+/// error naming the row.
+pub fn embedding_view(s: &Series) -> PolarsResult<(Vec<&[f32]>, usize, Option<Bitmap>)> {
+    let d = check_embedding_field(&s.field())?;
+    let ca = s.array()?;
+    let mut chunks = Vec::with_capacity(ca.chunks().len());
+    let mut offset = 0;
+    let mut any_null = false;
+    for arr in ca.downcast_iter() {
+        let child = arr
+            .values()
+            .as_any()
+            .downcast_ref::<PrimitiveArray<f32>>()
+            .ok_or_else(|| err(format!("column '{}': unexpected inner dtype {:?}", s.name(), arr.values().dtype())))?;
+        let vals = child.values().as_slice();
+        if let Some(inner) = child.validity() {
+            for i in 0..arr.len() {
+                if arr.is_valid(i) && (i * d..(i + 1) * d).any(|k| !inner.get_bit(k)) {
+                    return Err(err(format!(
+                        "column '{}': row {} contains a null entry; embeddings cannot hold nulls (drop or fill those cells)",
+                        s.name(),
+                        offset + i
+                    )));
+                }
+            }
+        }
+        any_null |= arr.null_count() > 0;
+        chunks.push(&vals[..arr.len() * d]);
+        offset += arr.len();
+    }
+    let validity: Option<Bitmap> =
+        any_null.then(|| ca.downcast_iter().flat_map(|arr| (0..arr.len()).map(move |i| arr.is_valid(i))).collect());
+    Ok((chunks, d, validity))
+}

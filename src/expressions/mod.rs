@@ -9,6 +9,8 @@ use polars::prelude::*;
 use polars_core::runtime::THREAD_POOL;
 
 use crate::kernels::hvg::GeneStats;
+use crate::kernels::kmeans::{KMeansFit, KMeansParams};
+use crate::kernels::sample::BottomK;
 use crate::kernels::pca::{CovAccumulator, PcaProjector};
 use crate::kernels::{self, select_genes::GeneMap};
 
@@ -95,4 +97,90 @@ pub fn gene_stats_update(
         }
         Ok(())
     })
+}
+
+/// The dtype `kmeans_centroids` returns for a `d`-wide embedding:
+/// `Struct{centroid: List(Array(Float32, d)), mass: List(Float64)}`.
+pub fn centroids_dtype(d: usize) -> DataType {
+    DataType::Struct(vec![
+        Field::new("centroid".into(), DataType::List(Box::new(DataType::Array(Box::new(DataType::Float32), d)))),
+        Field::new("mass".into(), DataType::List(Box::new(DataType::Float64))),
+    ])
+}
+
+/// Per-cell weights as float64 (any numeric dtype is cast; a null is an error).
+fn weights_f64(s: &Series) -> PolarsResult<Vec<f64>> {
+    if !s.dtype().is_primitive_numeric() {
+        polars_bail!(ComputeError: "weights column '{}' has dtype {}, expected a number per cell", s.name(), s.dtype());
+    }
+    let w = s.cast(&DataType::Float64)?;
+    let w = w.f64()?;
+    if let Some(i) = w.iter().position(|v| v.is_none()) {
+        polars_bail!(ComputeError: "weights column '{}' is null at row {i}; fill it (e.g. .fill_null(1.0)) or drop the cell", s.name());
+    }
+    Ok(w.into_no_null_iter().collect())
+}
+
+/// k-means of one group of cells (an aggregation: one row out). Its
+/// centroids and their masses, as `centroids_dtype(d)`.
+pub fn kmeans_centroids(embedding: &Series, weights: Option<&Series>, params: &KMeansParams) -> PolarsResult<Series> {
+    let (x, d) = convert::embedding_rows(embedding)?;
+    let w = weights.map(weights_f64).transpose()?;
+    let fit = THREAD_POOL
+        .install(|| kernels::kmeans::kmeans(&x, d, w.as_deref(), params))
+        .map_err(|e| polars_err!(ComputeError: "kmeans_centroids of '{}': {e}", embedding.name()))?;
+    let centroid = convert::array_f32("centroid", d, fit.centroids, None)?.implode()?.into_series();
+    let mass = Series::new("mass".into(), fit.mass).implode()?.into_series();
+    Ok(StructChunked::from_series("centroids".into(), 1, [centroid, mass].iter())?.into_series())
+}
+
+/// Offer a record batch of cells to per-batch bottom-k samplers. `row0` is
+/// the global number of the first row (sampling keys hash it).
+pub fn centroid_sample_update(
+    samplers: &mut std::collections::BTreeMap<String, BottomK>,
+    cap: usize,
+    seed: u64,
+    row0: u64,
+    embedding: &Series,
+    batch: &StringChunked,
+) -> PolarsResult<usize> {
+    let (x, d) = convert::embedding_rows(embedding)?;
+    if batch.len() * d != x.len() {
+        polars_bail!(ComputeError: "batch column '{}' has {} rows but the embedding has {}", batch.name(), batch.len(), x.len() / d);
+    }
+    if let Some(i) = batch.iter().position(|b| b.is_none()) {
+        polars_bail!(ComputeError: "batch column '{}' is null at row {}; fill or drop null batches first", batch.name(), row0 + i as u64);
+    }
+    if let Some(i) = x.iter().position(|v| !v.is_finite()) {
+        polars_bail!(ComputeError: "column '{}' holds the non-finite value {} at row {}; k-means needs finite embeddings (drop or fix those cells)", embedding.name(), x[i], row0 + (i / d) as u64);
+    }
+    if let Some(other) = samplers.values().next().map(|s| s.d()).filter(|&o| o != d) {
+        polars_bail!(ComputeError: "column '{}' has width {d} here but {other} earlier", embedding.name());
+    }
+    for (i, (b, row)) in batch.iter().zip(x.chunks_exact(d)).enumerate() {
+        let b = b.expect("checked: no null batch");
+        let s = match samplers.get_mut(b) {
+            Some(s) => s,
+            None => samplers.entry(b.to_string()).or_insert_with(|| BottomK::new(cap, d, seed)),
+        };
+        s.offer(row0 + i as u64, row);
+    }
+    Ok(batch.len())
+}
+
+/// One batch's k-means on its sample, with masses scaled to its full size.
+pub struct BatchCentroids {
+    pub n_cells: u64,
+    pub n_sampled: usize,
+    pub fit: KMeansFit,
+}
+
+pub fn fit_sampled_centroids(sampler: &BottomK, params: &KMeansParams) -> PolarsResult<BatchCentroids> {
+    let (x, _) = sampler.finish();
+    let d = sampler.d();
+    let n_sampled = x.len() / d;
+    let mut fit = kernels::kmeans::kmeans(&x, d, None, params)?;
+    let scale = sampler.n_seen as f64 / n_sampled as f64;
+    fit.mass.iter_mut().for_each(|m| *m *= scale);
+    Ok(BatchCentroids { n_cells: sampler.n_seen, n_sampled, fit })
 }

@@ -1,9 +1,13 @@
 //! Numerical kernels. They take slices and matrices, never a Series: the
 //! expression glue (`crate::expressions`) converts and validates.
 
+pub mod distance;
 pub mod hvg;
+pub mod kmeans;
 pub mod normalize;
 pub mod pca;
+pub mod rng;
+pub mod sample;
 pub mod select_genes;
 
 use rayon::prelude::*;

@@ -1,0 +1,167 @@
+"""Per-batch k-means centroids with mass: the first stage of centroid-level OT integration.
+
+``kmeans_centroids`` is an aggregation expression for groups that fit in memory;
+``fit_centroids`` streams a LazyFrame or Parquet source of any size, sampling at
+most ``max_samples_per_batch`` cells per batch.
+
+>>> import numpy as np, polars as pl, polars_singlecell as psc
+>>> rng = np.random.default_rng(0)
+>>> x = np.concatenate([rng.normal(0, 0.1, (50, 2)), rng.normal(5, 0.1, (50, 2))]).astype(np.float32)
+>>> df = pl.DataFrame({"plate": ["a"] * 100, "X_pca": x}, schema={"plate": pl.String, "X_pca": pl.Array(pl.Float32, 2)})
+>>> out = df.group_by("plate").agg(psc.kmeans_centroids("X_pca", n_centroids=2)).unnest("centroids")
+>>> long = out.explode("centroid", "mass")
+>>> sorted(long["mass"].to_list())
+[50.0, 50.0]
+>>> fit = psc.fit_centroids(df.lazy(), embedding="X_pca", batch_key="plate", n_centroids=2)
+>>> fit.columns, fit["mass"].sum()
+(['plate', 'centroid_id', 'centroid', 'mass'], 100.0)
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Union
+
+import polars as pl
+
+from polars_singlecell import _internal
+from polars_singlecell._plugin import call
+from polars_singlecell.preprocessing import Frame, IntoExpr, _col, _lazy, _n_threads, _positive_int, _record_batches
+
+__all__ = ["fit_centroids", "kmeans_centroids"]
+
+
+def _seed(random_state: object) -> int:
+    if isinstance(random_state, bool) or not isinstance(random_state, int) or not 0 <= random_state < 2**64:
+        msg = f"random_state must be an integer in [0, 2**64), got {random_state!r}"
+        raise ValueError(msg)
+    return random_state
+
+
+def _tol(tol: object) -> float:
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not (0 <= tol < float("inf")):
+        msg = f"tol must be a finite number >= 0, got {tol!r}"
+        raise ValueError(msg)
+    return float(tol)
+
+
+def kmeans_centroids(
+    embedding: IntoExpr = "X_pca",
+    *,
+    n_centroids: int = 2048,
+    max_iter: int = 300,
+    tol: float = 1e-4,
+    random_state: int = 0,
+    weights: IntoExpr | None = None,
+    init_size: int | None = None,
+) -> pl.Expr:
+    """k-means centroids of an ``Array(Float32, d)`` column and the mass of each.
+
+    An aggregation: use it in ``group_by(batch_key).agg(...)`` (one row per
+    batch) or ``select`` (the whole column); inside ``.over`` every row gets
+    its group's result. Returns ``Struct{centroid: List(Array(Float32, d)),
+    mass: List(Float64)}`` named ``centroids``; ``.struct.unnest()`` then
+    ``.explode("centroid", "mass")`` makes it one row per centroid.
+
+    Greedy k-means++ seeding then Lloyd iterations, scikit-learn's ``KMeans``
+    semantics: ``max_iter`` Lloyd passes over all rows at most, stopping once
+    the summed squared centre shift is below ``tol`` × the mean per-feature
+    variance. Inputs larger than ``init_size`` (default ``max(3·n_centroids,
+    10_000)``) are seeded on a random ``init_size`` subset and warmed up with
+    3 Lloyd passes on nested random subsets growing ×4 (up to half the rows)
+    before the passes over all rows. ``mass`` is the number of rows (or summed
+    ``weights``) assigned to each centroid; with fewer distinct rows than
+    ``n_centroids`` every distinct row becomes a centroid. Same input and
+    ``random_state`` give the same bits at any thread count.
+    """
+    kwargs = {
+        "n_centroids": _positive_int("n_centroids", n_centroids),
+        "max_iter": _positive_int("max_iter", max_iter),
+        "tol": _tol(tol),
+        "random_state": _seed(random_state),
+        "init_size": None if init_size is None else _positive_int("init_size", init_size),
+    }
+    args = [_col(embedding)] if weights is None else [_col(embedding), _col(weights).cast(pl.Float64)]
+    return call("kmeans_centroids", args, kwargs, is_elementwise=False, returns_scalar=True).alias("centroids")
+
+
+def fit_centroids(
+    data: Union[Frame, str, os.PathLike],
+    *,
+    embedding: str = "X_pca",
+    batch_key: str = "batch",
+    n_centroids: int = 2048,
+    max_samples_per_batch: int = 500_000,
+    max_iter: int = 3,
+    tol: float = 1e-4,
+    random_state: int = 0,
+    init_size: int | None = None,
+    n_threads: int | None = None,
+    summary: bool = False,
+) -> pl.DataFrame | tuple[pl.DataFrame, pl.DataFrame]:
+    """Per-batch centroids of a cell embedding of any size, streaming.
+
+    Reads ``embedding`` and ``batch_key`` once, in record batches, keeping for
+    each batch the ``max_samples_per_batch`` cells whose seeded hash of their
+    row number is smallest (a uniform sample without replacement; never the
+    whole batch in memory: about ``batches × min(cells, cap) × d × 4`` bytes).
+    Then k-means per batch as :func:`kmeans_centroids` with ``max_iter`` Lloyd
+    passes over each sample (default 3: below MiniBatchKMeans' inertia at a
+    fraction of its time, see ``benches/bench_kmeans.py``), masses scaled so
+    each batch's sum to its number of cells.
+
+    Returns one row per centroid: ``batch_key``, ``centroid_id`` (UInt32, from
+    0 per batch), ``centroid`` (``Array(Float32, d)``), ``mass`` (Float64);
+    with ``summary=True`` also one row per batch: ``n_cells``, ``n_sampled``,
+    ``n_centroids``, ``inertia`` (on the sample), ``n_iter``, ``converged``.
+    A batch with fewer distinct cells than ``n_centroids`` gets one centroid
+    per distinct cell. An ``Enum`` batch column's categories with no cells are
+    skipped with a warning and listed in the summary with ``n_cells == 0``.
+    """
+    lf = _lazy(data)
+    schema = lf.collect_schema()
+    for name in (embedding, batch_key):
+        if name not in schema:
+            msg = f"column {name!r} not found; the data has {list(schema.names())}"
+            raise ValueError(msg)
+    dtype = schema[embedding]
+    if not (isinstance(dtype, pl.Array) and dtype.inner == pl.Float32):
+        width = dtype.size if isinstance(dtype, pl.Array) else "d"
+        msg = (
+            f"column {embedding!r} has dtype {dtype}, expected Array(Float32, d): cast it with "
+            f"pl.col({embedding!r}).cast(pl.Array(pl.Float32, {width}))"
+        )
+        raise ValueError(msg)
+    params = (
+        _positive_int("n_centroids", n_centroids),
+        _positive_int("max_iter", max_iter),
+        _tol(tol),
+        None if init_size is None else _positive_int("init_size", init_size),
+    )
+    sampler = _internal.CentroidSampler(
+        _positive_int("max_samples_per_batch", max_samples_per_batch), _seed(random_state), _n_threads(n_threads)
+    )
+    for batch in _record_batches(lf, [embedding, batch_key]):
+        sampler.update(batch[embedding], batch[batch_key])
+    long, summ = sampler.fit(*params)
+    key_dtype = schema[batch_key]
+    long = long.rename({"batch": batch_key}).with_columns(pl.col(batch_key).cast(key_dtype))
+    summ = summ.rename({"batch": batch_key}).with_columns(pl.col(batch_key).cast(key_dtype))
+    if isinstance(key_dtype, pl.Enum):
+        seen = set(summ[batch_key].to_list())
+        empty = [c for c in key_dtype.categories.to_list() if c not in seen]
+        if empty:
+            warnings.warn(
+                f"batches {empty} of {batch_key!r} have no cells and were skipped", UserWarning, stacklevel=2
+            )
+            filler = pl.DataFrame({batch_key: empty}, schema={batch_key: key_dtype}).with_columns(
+                n_cells=pl.lit(0, pl.UInt64),
+                n_sampled=pl.lit(0, pl.UInt64),
+                n_centroids=pl.lit(0, pl.UInt32),
+                inertia=pl.lit(None, pl.Float64),
+                n_iter=pl.lit(0, pl.UInt32),
+                converged=pl.lit(None, pl.Boolean),
+            )
+            summ = pl.concat([summ, filler]).sort(batch_key)
+    return (long, summ) if summary else long

@@ -1,0 +1,102 @@
+//! A seeded uniform sample of at most `cap` rows from a stream, in memory
+//! O(cap): every row gets the key `hash64(seed, row number)` and the sample is
+//! the `cap` rows with the smallest keys (a bottom-k sample). The result does
+//! not depend on how the stream was cut into batches, only on the row order
+//! and the seed.
+
+use std::collections::BinaryHeap;
+
+use super::rng::hash64;
+
+#[derive(Debug, Clone)]
+pub struct BottomK {
+    cap: usize,
+    d: usize,
+    seed: u64,
+    /// Rows offered so far.
+    pub n_seen: u64,
+    /// Max-heap of (key, row number, slot) of the kept rows.
+    heap: BinaryHeap<(u64, u64, usize)>,
+    data: Vec<f32>,
+}
+
+impl BottomK {
+    pub fn new(cap: usize, d: usize, seed: u64) -> Self {
+        BottomK { cap, d, seed, n_seen: 0, heap: BinaryHeap::new(), data: Vec::new() }
+    }
+
+    pub fn d(&self) -> usize {
+        self.d
+    }
+
+    /// Offer one row (`d` values) with its global row number.
+    pub fn offer(&mut self, row: u64, values: &[f32]) {
+        debug_assert_eq!(values.len(), self.d);
+        self.n_seen += 1;
+        if self.cap == 0 {
+            return;
+        }
+        let key = hash64(self.seed, row);
+        if self.heap.len() < self.cap {
+            let slot = self.heap.len();
+            self.data.extend_from_slice(values);
+            self.heap.push((key, row, slot));
+        } else if let Some(&(top_key, top_row, slot)) = self.heap.peek() {
+            if (key, row) < (top_key, top_row) {
+                self.heap.pop();
+                self.data[slot * self.d..(slot + 1) * self.d].copy_from_slice(values);
+                self.heap.push((key, row, slot));
+            }
+        }
+    }
+
+    /// The kept rows in row-number order, row-major, and their row numbers.
+    pub fn finish(&self) -> (Vec<f32>, Vec<u64>) {
+        let mut kept: Vec<(u64, usize)> = self.heap.iter().map(|&(_, row, slot)| (row, slot)).collect();
+        kept.sort_unstable();
+        let mut out = Vec::with_capacity(kept.len() * self.d);
+        for &(_, slot) in &kept {
+            out.extend_from_slice(&self.data[slot * self.d..(slot + 1) * self.d]);
+        }
+        (out, kept.into_iter().map(|(r, _)| r).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keeps_the_smallest_keys_whatever_the_batching() {
+        let rows: Vec<f32> = (0..1000).map(|i| i as f32).collect();
+        let mut a = BottomK::new(50, 1, 3);
+        for (i, v) in rows.iter().enumerate() {
+            a.offer(i as u64, std::slice::from_ref(v));
+        }
+        let (vals, idx) = a.finish();
+        let mut want: Vec<(u64, u64)> = (0..1000u64).map(|i| (hash64(3, i), i)).collect();
+        want.sort_unstable();
+        let mut want: Vec<u64> = want[..50].iter().map(|p| p.1).collect();
+        want.sort_unstable();
+        assert_eq!(idx, want);
+        assert_eq!(vals, want.iter().map(|&i| i as f32).collect::<Vec<_>>());
+        assert_eq!(a.n_seen, 1000);
+        // fewer rows than the cap: all of them, in order
+        let mut b = BottomK::new(50, 1, 3);
+        for i in 0..7u64 {
+            b.offer(i, &[i as f32]);
+        }
+        assert_eq!(b.finish().1, (0..7).collect::<Vec<u64>>());
+    }
+
+    #[test]
+    fn sample_is_roughly_uniform() {
+        let mut s = BottomK::new(10_000, 1, 11);
+        for i in 0..100_000u64 {
+            s.offer(i, &[0.0]);
+        }
+        let (_, idx) = s.finish();
+        let first_half = idx.iter().filter(|&&i| i < 50_000).count();
+        assert!((4_800..5_200).contains(&first_half), "{first_half}");
+    }
+}

@@ -5,7 +5,7 @@ PY      := .venv/bin/python
 export VIRTUAL_ENV := $(CURDIR)/.venv
 export PATH := $(CURDIR)/.venv/bin:$(PATH)
 
-.PHONY: demo test build bench
+.PHONY: demo test build bench bench-kmeans
 
 .venv/.base:
 	python3 -m venv .venv
@@ -30,3 +30,6 @@ test: .venv/.test build
 
 bench: .venv/.test build
 	$(PY) benches/bench_preprocessing.py
+
+bench-kmeans: .venv/.test build
+	$(PY) benches/bench_kmeans.py

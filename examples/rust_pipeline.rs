@@ -1,7 +1,8 @@
 //! Using the crate from a Rust Polars pipeline (polars 0.55.x).
 //! Run: cargo run --example rust_pipeline
 use polars::prelude::*;
-use polars_singlecell::expressions::{fit_pca_update, normalize, pca_project};
+use polars_singlecell::expressions::{fit_pca_update, kmeans_centroids, normalize, pca_project};
+use polars_singlecell::kernels::kmeans::KMeansParams;
 use polars_singlecell::kernels::pca::{CovAccumulator, PcaProjector};
 
 fn main() -> PolarsResult<()> {
@@ -24,8 +25,17 @@ fn main() -> PolarsResult<()> {
     let fit = acc.fit(2)?;
     let model = PcaProjector::from_fit(&fit)?;
 
-    let df = DataFrame::new_infer_height(vec![pca_project(&gene_idx, &lognorm, &model)?.into()])?;
+    let x_pca = pca_project(&gene_idx, &lognorm, &model)?;
+    let df = DataFrame::new_infer_height(vec![x_pca.clone().into()])?;
     println!("{df}");
     assert_eq!(df.column("X_pca")?.dtype(), &DataType::Array(Box::new(DataType::Float32), 2));
+
+    // Two centroids of the embedding with their masses (an aggregation: one row).
+    let mut params = KMeansParams::new(2);
+    params.seed = 0;
+    let centroids = kmeans_centroids(&x_pca, None, &params)?;
+    println!("{centroids}");
+    let mass = centroids.struct_()?.field_by_name("mass")?;
+    assert_eq!(mass.list()?.get_as_series(0).unwrap().sum::<f64>()?, 3.0);
     Ok(())
 }

@@ -266,6 +266,7 @@ impl PcaAccumulator {
 #[pyclass(module = "polars_singlecell._internal")]
 struct CentroidSampler {
     cap: usize,
+    d: usize,
     seed: u64,
     n_rows: u64,
     samplers: BTreeMap<String, BottomK>,
@@ -275,11 +276,12 @@ struct CentroidSampler {
 #[pymethods]
 impl CentroidSampler {
     #[new]
-    fn new(max_samples_per_batch: usize, random_state: u64, n_threads: usize) -> PyResult<Self> {
-        if max_samples_per_batch == 0 {
-            return Err(value_error("max_samples_per_batch must be at least 1, got 0"));
+    fn new(d: usize, max_samples_per_batch: usize, random_state: u64, n_threads: usize) -> PyResult<Self> {
+        if max_samples_per_batch == 0 || d == 0 {
+            return Err(value_error("max_samples_per_batch and the embedding width must be at least 1"));
         }
         Ok(CentroidSampler {
+            d,
             cap: max_samples_per_batch,
             seed: random_state,
             n_rows: 0,
@@ -291,9 +293,9 @@ impl CentroidSampler {
     fn update(&mut self, py: Python<'_>, embedding: PySeries, batch: PySeries) -> PyResult<()> {
         let labels = batch.0.cast(&DataType::String).map_err(value_error)?;
         let labels = labels.str().map_err(value_error)?;
-        let (samplers, cap, seed, row0) = (&mut self.samplers, self.cap, self.seed, self.n_rows);
+        let (samplers, cap, seed, d, row0) = (&mut self.samplers, self.cap, self.seed, self.d, self.n_rows);
         let n = py
-            .detach(|| expressions::centroid_sample_update(samplers, cap, seed, row0, &embedding.0, labels))
+            .detach(|| expressions::centroid_sample_update(samplers, cap, seed, d, row0, &embedding.0, labels))
             .map_err(value_error)?;
         self.n_rows += n as u64;
         Ok(())
@@ -327,7 +329,7 @@ impl CentroidSampler {
                 })
             })
             .map_err(value_error)?;
-        let d = samplers.values().next().map(|s| s.d()).unwrap_or(1);
+        let d = self.d;
         let (mut batch, mut cid, mut cent, mut mass) = (vec![], vec![], vec![], vec![]);
         let (mut sb, mut n_cells, mut n_sampled, mut k, mut inertia, mut n_iter, mut converged) =
             (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);

@@ -82,7 +82,9 @@ def kmeans_centroids(
         "random_state": _seed(random_state),
         "init_size": None if init_size is None else _positive_int("init_size", init_size),
     }
-    args = [_col(embedding)] if weights is None else [_col(embedding), _col(weights).cast(pl.Float64)]
+    # Weights of any numeric dtype are read as float64 by the plugin; other
+    # dtypes (strings, booleans) are refused when the query is planned.
+    args = [_col(embedding)] if weights is None else [_col(embedding), _col(weights)]
     return call("kmeans_centroids", args, kwargs, is_elementwise=False, returns_scalar=True).alias("centroids")
 
 
@@ -140,14 +142,19 @@ def fit_centroids(
         None if init_size is None else _positive_int("init_size", init_size),
     )
     sampler = _internal.CentroidSampler(
-        _positive_int("max_samples_per_batch", max_samples_per_batch), _seed(random_state), _n_threads(n_threads)
+        dtype.size,
+        _positive_int("max_samples_per_batch", max_samples_per_batch),
+        _seed(random_state),
+        _n_threads(n_threads),
     )
     for batch in _record_batches(lf, [embedding, batch_key]):
         sampler.update(batch[embedding], batch[batch_key])
     long, summ = sampler.fit(*params)
     key_dtype = schema[batch_key]
+    # Back to the key's own dtype and order (the sampler keys batches by their text).
     long = long.rename({"batch": batch_key}).with_columns(pl.col(batch_key).cast(key_dtype))
-    summ = summ.rename({"batch": batch_key}).with_columns(pl.col(batch_key).cast(key_dtype))
+    long = long.sort(batch_key, maintain_order=True)
+    summ = summ.rename({"batch": batch_key}).with_columns(pl.col(batch_key).cast(key_dtype)).sort(batch_key)
     if isinstance(key_dtype, pl.Enum):
         seen = set(summ[batch_key].to_list())
         empty = [c for c in key_dtype.categories.to_list() if c not in seen]

@@ -140,11 +140,13 @@ pub fn centroid_sample_update(
     samplers: &mut std::collections::BTreeMap<String, BottomK>,
     cap: usize,
     seed: u64,
+    width: usize,
     row0: u64,
     embedding: &Series,
     batch: &StringChunked,
 ) -> PolarsResult<usize> {
-    let (x, d) = convert::embedding_rows(embedding)?;
+    let (x, d) = convert::embedding_rows(embedding)
+        .map_err(|e| polars_err!(ComputeError: "{e} (row numbers count from {row0}, the first row of this record batch)"))?;
     if batch.len() * d != x.len() {
         polars_bail!(ComputeError: "batch column '{}' has {} rows but the embedding has {}", batch.name(), batch.len(), x.len() / d);
     }
@@ -154,8 +156,8 @@ pub fn centroid_sample_update(
     if let Some(i) = x.iter().position(|v| !v.is_finite()) {
         polars_bail!(ComputeError: "column '{}' holds the non-finite value {} at row {}; k-means needs finite embeddings (drop or fix those cells)", embedding.name(), x[i], row0 + (i / d) as u64);
     }
-    if let Some(other) = samplers.values().next().map(|s| s.d()).filter(|&o| o != d) {
-        polars_bail!(ComputeError: "column '{}' has width {d} here but {other} earlier", embedding.name());
+    if d != width {
+        polars_bail!(ComputeError: "column '{}' has width {d} here but {width} in the schema", embedding.name());
     }
     for (i, (b, row)) in batch.iter().zip(x.chunks_exact(d)).enumerate() {
         let b = b.expect("checked: no null batch");

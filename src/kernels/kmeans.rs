@@ -77,10 +77,19 @@ pub fn kmeans(x: &[f32], d: usize, weights: Option<&[f64]>, params: &KMeansParam
         return Ok(distinct_rows(x, d, &w));
     }
     let mut rng = Rng::new(params.seed);
-    let init_size = params.init_size.unwrap_or(params.n_centroids.saturating_mul(3).max(10_000)).clamp(1, n);
-
-    // A random order of the rows; stage s uses its first m_s rows.
-    let order = if init_size < n { partial_shuffle(n, n, &mut rng) } else { (0..n as u32).collect() };
+    // Seeding and warm-up use rows of positive weight only (a zero-weight row
+    // can never be drawn nor move a centre); the last stage assigns every row.
+    let mut order: Vec<u32> = (0..n as u32).filter(|&i| w[i as usize] > 0.0).collect();
+    let n_pos = order.len();
+    let init_size = params
+        .init_size
+        .unwrap_or(params.n_centroids.saturating_mul(3).max(10_000))
+        .max(params.n_centroids)
+        .min(n_pos);
+    if init_size < n_pos {
+        // A random order; stage s uses its first m_s rows.
+        shuffle(&mut order, &mut rng);
+    }
     let gather = |m: usize| -> (Vec<f32>, Vec<f64>) {
         let mut xs = Vec::with_capacity(m * d);
         let mut ws = Vec::with_capacity(m);
@@ -91,20 +100,46 @@ pub fn kmeans(x: &[f32], d: usize, weights: Option<&[f64]>, params: &KMeansParam
         (xs, ws)
     };
 
-    let (xs, ws) = gather(init_size);
+    let (mut xs, mut ws) = gather(init_size);
     let mut centres = kmeans_plusplus(&xs, d, &ws, params.n_centroids, &mut rng);
     let tol = params.tol * mean_variance(x, d, &w);
 
-    // Warm-up on nested subsamples ×4 (skipped when the seeding used every row).
+    // Warm-up on nested subsamples ×4 (none when the seeding used every row).
     // Stages stop at half of the rows: a larger one costs nearly a full pass.
     let mut m = init_size;
-    while m.saturating_mul(2) <= n && params.warm_iter > 0 {
-        let (xs, ws) = if m == init_size { (xs.clone(), ws.clone()) } else { gather(m) };
-        let stage = lloyd(&xs, d, &ws, centres, params.warm_iter, tol);
-        centres = stage.centroids;
+    while m.saturating_mul(2) <= n_pos && params.warm_iter > 0 {
+        if m > init_size {
+            (xs, ws) = gather(m);
+        }
+        centres = lloyd(&xs, d, &ws, centres, params.warm_iter, tol).centroids;
         m = m.saturating_mul(4);
     }
-    Ok(lloyd(x, d, &w, centres, params.max_iter, tol))
+    Ok(drop_unused(lloyd(x, d, &w, centres, params.max_iter, tol)))
+}
+
+/// Remove centres no row is assigned to (left when the data have fewer
+/// distinct rows than centres) and renumber the labels.
+fn drop_unused(mut fit: KMeansFit) -> KMeansFit {
+    let k = fit.mass.len();
+    let mut used = vec![false; k];
+    for &l in &fit.labels {
+        used[l as usize] = true;
+    }
+    if used.iter().all(|&u| u) {
+        return fit;
+    }
+    let d = fit.d;
+    let mut new_id = vec![u32::MAX; k];
+    let (mut centroids, mut mass) = (Vec::new(), Vec::new());
+    for j in (0..k).filter(|&j| used[j]) {
+        new_id[j] = mass.len() as u32;
+        centroids.extend_from_slice(&fit.centroids[j * d..(j + 1) * d]);
+        mass.push(fit.mass[j]);
+    }
+    fit.labels.iter_mut().for_each(|l| *l = new_id[*l as usize]);
+    fit.centroids = centroids;
+    fit.mass = mass;
+    fit
 }
 
 fn check_input(x: &[f32], d: usize, weights: Option<&[f64]>, p: &KMeansParams) -> Result<usize, KernelError> {
@@ -118,6 +153,9 @@ fn check_input(x: &[f32], d: usize, weights: Option<&[f64]>, p: &KMeansParams) -
     if n == 0 {
         return Err(KernelError::Invalid("k-means needs at least one row, got an empty input".into()));
     }
+    if n >= u32::MAX as usize {
+        return Err(KernelError::Invalid(format!("k-means takes at most {} rows, got {n}; sample first", u32::MAX - 1)));
+    }
     if p.n_centroids == 0 {
         return Err(KernelError::Invalid("n_centroids must be at least 1, got 0".into()));
     }
@@ -130,6 +168,14 @@ fn check_input(x: &[f32], d: usize, weights: Option<&[f64]>, p: &KMeansParams) -
     if let Some(i) = x.iter().position(|v| !v.is_finite()) {
         return Err(KernelError::Invalid(format!(
             "row {} holds the non-finite value {}; k-means needs finite embeddings (drop or fix those rows)",
+            i / d,
+            x[i]
+        )));
+    }
+    // Squared norms must stay finite in float32 (the GEMM expansion).
+    if let Some(i) = x.iter().position(|v| v.abs() > 1e15) {
+        return Err(KernelError::Invalid(format!(
+            "row {} holds {}, beyond ±1e15: its squared distances overflow float32 (rescale the embedding)",
             i / d,
             x[i]
         )));
@@ -182,15 +228,12 @@ fn distinct_rows(x: &[f32], d: usize, w: &[f64]) -> KMeansFit {
     KMeansFit { d, centroids, mass, labels, inertia: 0.0, inertia_history: vec![0.0], n_iter: 0, converged: true }
 }
 
-/// The first `m` entries of a uniformly random permutation of `0..n`.
-fn partial_shuffle(n: usize, m: usize, rng: &mut Rng) -> Vec<u32> {
-    let mut p: Vec<u32> = (0..n as u32).collect();
-    for i in 0..m.min(n.saturating_sub(1)) {
-        let j = i + rng.below(n - i);
-        p.swap(i, j);
+/// Fisher–Yates: a uniformly random permutation, in place.
+fn shuffle(v: &mut [u32], rng: &mut Rng) {
+    for i in 0..v.len().saturating_sub(1) {
+        let j = i + rng.below(v.len() - i);
+        v.swap(i, j);
     }
-    p.truncate(m);
-    p
 }
 
 /// Weighted mean over features of the per-feature variance (scikit-learn's
@@ -265,6 +308,18 @@ fn kmeans_plusplus(x: &[f32], d: usize, w: &[f64], k: usize, rng: &mut Rng) -> V
             .map(|(b, o)| {
                 let r = b * TASK_ROWS..(b * TASK_ROWS + o.len() / t);
                 sq_dists_to(&x[r.start * d..r.end * d], &x_norms[r.clone()], &cand_rows, d, o);
+                // The expansion leaves a rounding residue where a row equals a
+                // candidate; recompute such near-zero distances exactly, so a
+                // row already chosen has potential exactly 0 and is never drawn
+                // again (no duplicate centres).
+                for (i, o) in r.clone().zip(o.chunks_exact_mut(t)) {
+                    for (v, c) in o.iter_mut().zip(cand_rows.chunks_exact(d)) {
+                        let c_norm = sq_norm(c);
+                        if *v <= (d as f32 + 8.0) * 2.4e-7 * (x_norms[i] + c_norm) {
+                            *v = sq_dist(&x[i * d..(i + 1) * d], c);
+                        }
+                    }
+                }
                 let mut pot = vec![0f64; t];
                 for ((o, &c), &wi) in o.chunks_exact_mut(t).zip(&closest[r.clone()]).zip(&w[r]) {
                     for (v, p) in o.iter_mut().zip(pot.iter_mut()) {
@@ -294,7 +349,7 @@ fn lloyd(x: &[f32], d: usize, w: &[f64], mut centres: Vec<f32>, max_iter: usize,
     let mut history = vec![assign(x, d, &centres, &mut labels, &mut dist, w)];
     let (mut n_iter, mut converged) = (0, false);
     while n_iter < max_iter {
-        let new = update(x, d, w, &labels, &dist, centres.len() / d);
+        let new = update(x, d, w, &labels, &dist, &centres);
         let shift: f64 = new.chunks_exact(d).zip(centres.chunks_exact(d)).map(|(a, b)| sq_dist_f64(a, b)).sum();
         centres = new;
         n_iter += 1;
@@ -346,7 +401,8 @@ fn assign(x: &[f32], d: usize, centres: &[f32], labels: &mut [u32], dist: &mut [
 /// centre left with no weight moves to the row farthest from its centre
 /// (largest weighted distance; lowest row on ties), one row per empty centre,
 /// as scikit-learn relocates empty clusters.
-fn update(x: &[f32], d: usize, w: &[f64], labels: &[u32], dist: &[f64], k: usize) -> Vec<f32> {
+fn update(x: &[f32], d: usize, w: &[f64], labels: &[u32], dist: &[f64], old: &[f32]) -> Vec<f32> {
+    let k = old.len() / d;
     // Counting sort of rows by centre: members of each centre in row order.
     let mut start = vec![0usize; k + 1];
     for &l in labels {
@@ -384,12 +440,18 @@ fn update(x: &[f32], d: usize, w: &[f64], labels: &[u32], dist: &[f64], k: usize
             wsum == 0.0
         })
         .collect();
-    let n_empty = empty.iter().filter(|&&e| e).count();
-    if n_empty > 0 {
-        let mut far: Vec<usize> = (0..labels.len()).filter(|&i| w[i] > 0.0).collect();
+    if empty.iter().any(|&e| e) {
+        // Rows not sitting on their centre, farthest first; each used once.
+        // An empty centre left without such a row stays where it was (and is
+        // dropped at the end if still unused).
+        let mut far: Vec<usize> = (0..labels.len()).filter(|&i| w[i] > 0.0 && dist[i] > 0.0).collect();
         far.sort_by(|&a, &b| (w[b] * dist[b]).total_cmp(&(w[a] * dist[a])).then(a.cmp(&b)));
-        for (j, &i) in empty.iter().enumerate().filter(|(_, &e)| e).map(|(j, _)| j).zip(far.iter().cycle()) {
-            centres[j * d..(j + 1) * d].copy_from_slice(&x[i * d..(i + 1) * d]);
+        let mut far = far.into_iter();
+        for j in (0..k).filter(|&j| empty[j]) {
+            match far.next() {
+                Some(i) => centres[j * d..(j + 1) * d].copy_from_slice(&x[i * d..(i + 1) * d]),
+                None => centres[j * d..(j + 1) * d].copy_from_slice(&old[j * d..(j + 1) * d]),
+            }
         }
     }
     centres
@@ -491,6 +553,45 @@ mod tests {
     }
 
     #[test]
+    fn few_distinct_float_rows_give_each_once() {
+        // Non-integer values, where the GEMM expansion leaves rounding residue.
+        let mut r = Rng::new(5);
+        let d = 7;
+        let distinct: Vec<f32> = (0..3 * d).map(|_| (r.uniform() * 3.0 - 1.7) as f32).collect();
+        let x: Vec<f32> = (0..600).flat_map(|i| distinct[(i % 3) * d..(i % 3 + 1) * d].to_vec()).collect();
+        for init_size in [None, Some(5)] {
+            let mut p = KMeansParams::new(16);
+            p.init_size = init_size;
+            let fit = kmeans(&x, d, None, &p).unwrap();
+            assert_eq!(fit.n_centroids(), 3, "{init_size:?}");
+            assert_eq!(fit.mass, vec![200.0; 3]);
+            let mut got: Vec<&[f32]> = fit.centroids.chunks(d).collect();
+            let mut want: Vec<&[f32]> = distinct.chunks(d).collect();
+            got.sort_by(|a, b| a[0].total_cmp(&b[0]));
+            want.sort_by(|a, b| a[0].total_cmp(&b[0]));
+            assert_eq!(got, want);
+        }
+    }
+
+    #[test]
+    fn zero_weights_neither_seed_nor_move_centres() {
+        let (n, d) = (20_000, 4);
+        let x = blobs(n, d, 10, 6);
+        // 1% of rows carry weight; the rest are assigned but weigh nothing.
+        let w: Vec<f64> = (0..n).map(|i| if i % 100 == 0 { 1.0 } else { 0.0 }).collect();
+        let mut p = KMeansParams::new(50);
+        p.init_size = Some(1000);
+        let fit = kmeans(&x, d, Some(&w), &p).unwrap();
+        assert_eq!(fit.n_centroids(), 50);
+        assert!(fit.centroids.iter().all(|v| v.is_finite()));
+        assert_eq!(fit.mass.iter().sum::<f64>(), 200.0);
+        // init_size below K is raised to K: still K centres
+        let mut q = KMeansParams::new(300);
+        q.init_size = Some(10);
+        assert_eq!(kmeans(&x, d, None, &q).unwrap().n_centroids(), 300);
+    }
+
+    #[test]
     fn bad_input_is_an_error() {
         let p = KMeansParams::new(2);
         assert!(kmeans(&[], 2, None, &p).unwrap_err().to_string().contains("empty"));
@@ -499,6 +600,7 @@ mod tests {
         assert!(kmeans(&[1.0, 2.0], 2, None, &KMeansParams::new(0)).unwrap_err().to_string().contains("n_centroids"));
         assert!(kmeans(&[1.0, 2.0], 2, Some(&[-1.0]), &p).unwrap_err().to_string().contains("weight"));
         assert!(kmeans(&[1.0, 2.0], 2, Some(&[0.0]), &p).is_err());
+        assert!(kmeans(&[1.0, 2e20], 2, None, &p).unwrap_err().to_string().contains("1e15"));
     }
 
     #[test]

@@ -1,11 +1,16 @@
 //! Kernel benches on generated sparse rows (2000 genes, ~10% dense).
 //! `cov_accumulate/sparse_tiled` vs `cov_accumulate/dense_faer_gemm` is the
 //! measurement behind the choice of a tiled sparse scatter in kernels/pca.rs.
+//! `kmeans_assign/*` is the k-means assignment step (blocked GEMM + argmin);
+//! its throughput is in floating-point operations (2·n·K·d per pass), so
+//! criterion's "elem/s" reads as FLOP/s against this machine's SGEMM peak.
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use faer::linalg::matmul::matmul;
 use faer::{Accum, Mat, Par};
 use polars_singlecell::kernels::normalize::normalize;
 use polars_singlecell::kernels::pca::{pca_project, CovAccumulator};
+use polars_singlecell::kernels::distance::{nearest, Centres};
+use polars_singlecell::kernels::rng::Rng;
 use polars_singlecell::kernels::SparseRow;
 
 const GENES: usize = 2000;
@@ -71,5 +76,21 @@ fn bench(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench);
+fn bench_assign(c: &mut Criterion) {
+    let (n, k) = (65_536, 2048);
+    let mut g = c.benchmark_group("kmeans_assign");
+    g.sample_size(10);
+    for d in [50usize, 300] {
+        let mut r = Rng::new(d as u64);
+        let x: Vec<f32> = (0..n * d).map(|_| r.uniform() as f32).collect();
+        let cen: Vec<f32> = (0..k * d).map(|_| r.uniform() as f32).collect();
+        let cs = Centres::new(&cen, d);
+        let mut labels = vec![0u32; n];
+        g.throughput(Throughput::Elements((2 * n * k * d) as u64));
+        g.bench_function(format!("65536x{d}_k2048_flops"), |b| b.iter(|| nearest(&x, &cs, &mut labels)));
+    }
+    g.finish();
+}
+
+criterion_group!(benches, bench, bench_assign);
 criterion_main!(benches);

@@ -79,16 +79,14 @@ def _child(fn, args, q):
 
 
 def run(fn, *args):
-    q: mp.Queue = mp.Queue()
-    p = mp.get_context("fork").Process(target=_child, args=(fn, args, q))
+    # spawn, not fork: this parent runs scikit-learn (OpenMP) to score each
+    # contender, and a child forked after that deadlocks in OpenMP (seen here).
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_child, args=(fn, args, q))
     p.start()
     out, peak = q.get()
-    # A forked child that ran scikit-learn's OpenMP code can hang at exit
-    # (seen here after KMeans); its result is in, so don't wait for it forever.
-    p.join(timeout=30)
-    if p.is_alive():
-        p.kill()
-        p.join()
+    p.join()
     return out, peak
 
 

@@ -17,17 +17,14 @@ centre‖² over all 500k cells in float64. Usage:
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
-import resource
 import tempfile
 import time
 from pathlib import Path
 
+from _harness import run
+
 K = 2048
 
-
-def _peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def generate(n: int, d: int, seed: int = 0):
@@ -71,23 +68,6 @@ def kmeans(path: str):
     t = time.perf_counter()
     km = KMeans(n_clusters=K, n_init=1, max_iter=10, random_state=0).fit(x)
     return time.perf_counter() - t, km.cluster_centers_
-
-
-def _child(fn, args, q):
-    out = fn(*args)
-    q.put((out, _peak_mb()))
-
-
-def run(fn, *args):
-    # spawn, not fork: this parent runs scikit-learn (OpenMP) to score each
-    # contender, and a child forked after that deadlocks in OpenMP (seen here).
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    p = ctx.Process(target=_child, args=(fn, args, q))
-    p.start()
-    out, peak = q.get()
-    p.join()
-    return out, peak
 
 
 def inertia(x, centres) -> float:

@@ -12,16 +12,13 @@ Prints a Markdown table: seconds, speed-up, peak RSS.
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
 import os
-import resource
 import tempfile
 import time
 from pathlib import Path
 
+from _harness import run
 
-def _peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _load(folder: str, log: bool = False):
@@ -111,21 +108,6 @@ def ours_stream(folder, model_path, repeat):
         dt = time.perf_counter() - t
         n = pl.scan_parquet(Path(d) / "out.parquet").select(pl.len()).collect().item()
     return dt, n
-
-
-def _child(fn, args, q):
-    out = fn(*args)
-    q.put((out, _peak_mb()))
-
-
-def run(fn, *args):
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    p = ctx.Process(target=_child, args=(fn, args, q))
-    p.start()
-    out, peak = q.get()
-    p.join()
-    return out, peak
 
 
 def main() -> None:

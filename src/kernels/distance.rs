@@ -103,17 +103,16 @@ fn dot_block(x: &[f32], c: &[f32], d: usize, scratch: &mut Vec<f32>) {
 }
 
 /// `out[i·t + c] = ‖x_i − c_c‖²` for every row of `x` and each of the `t`
-/// rows of `c`, by the expansion with precomputed row norms `x_norms`
-/// (serial). Clamped at 0: the expansion can dip below.
-pub fn sq_dists_to(x: &[f32], x_norms: &[f32], c: &[f32], d: usize, out: &mut [f32]) {
+/// rows of `c`, by the expansion with precomputed squared norms `x_norms`
+/// and `c_norms` (serial). Clamped at 0: the expansion can dip below.
+pub fn sq_dists_to(x: &[f32], x_norms: &[f32], c: &[f32], c_norms: &[f32], d: usize, out: &mut [f32]) {
     let (t, b) = (c.len() / d, x_norms.len());
-    let c_norms: Vec<f32> = c.chunks_exact(d).map(sq_norm).collect();
     let dst = MatMut::from_column_major_slice_mut(&mut out[..t * b], t, b);
     let lhs = MatRef::from_row_major_slice(c, t, d);
     let rhs = MatRef::from_column_major_slice(x, d, b);
     matmul(dst, Accum::Replace, lhs, rhs, -2.0f32, Par::Seq);
     for (col, &n) in out.chunks_exact_mut(t).zip(x_norms) {
-        for (v, &cn) in col.iter_mut().zip(&c_norms) {
+        for (v, &cn) in col.iter_mut().zip(c_norms) {
             *v = (*v + n + cn).max(0.0);
         }
     }

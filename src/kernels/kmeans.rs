@@ -302,19 +302,19 @@ fn kmeans_plusplus(x: &[f32], d: usize, w: &[f64], k: usize, rng: &mut Rng) -> V
         // candidate; blocks summed in order. One pass: rayon's per-call cost
         // matters at 2048 steps.
         let cand_rows: Vec<f32> = cands.iter().flat_map(|&c| x[c * d..(c + 1) * d].iter().copied()).collect();
+        let cand_norms: Vec<f32> = cands.iter().map(|&c| x_norms[c]).collect();
         let parts: Vec<Vec<f64>> = cand_dist[..t * n]
             .par_chunks_mut(TASK_ROWS * t)
             .enumerate()
             .map(|(b, o)| {
                 let r = b * TASK_ROWS..(b * TASK_ROWS + o.len() / t);
-                sq_dists_to(&x[r.start * d..r.end * d], &x_norms[r.clone()], &cand_rows, d, o);
+                sq_dists_to(&x[r.start * d..r.end * d], &x_norms[r.clone()], &cand_rows, &cand_norms, d, o);
                 // The expansion leaves a rounding residue where a row equals a
                 // candidate; recompute such near-zero distances exactly, so a
                 // row already chosen has potential exactly 0 and is never drawn
                 // again (no duplicate centres).
                 for (i, o) in r.clone().zip(o.chunks_exact_mut(t)) {
-                    for (v, c) in o.iter_mut().zip(cand_rows.chunks_exact(d)) {
-                        let c_norm = sq_norm(c);
+                    for ((v, c), &c_norm) in o.iter_mut().zip(cand_rows.chunks_exact(d)).zip(&cand_norms) {
                         if *v <= (d as f32 + 8.0) * 2.4e-7 * (x_norms[i] + c_norm) {
                             *v = sq_dist(&x[i * d..(i + 1) * d], c);
                         }

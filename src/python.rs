@@ -2,7 +2,9 @@
 //! plugin functions and the streaming-fit accumulators. Glue only: convert,
 //! validate options, call `crate::expressions` / `crate::kernels`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock, RwLock};
 
 use polars::prelude::*;
 use pyo3::exceptions::PyValueError;
@@ -11,7 +13,7 @@ use pyo3_polars::derive::polars_expr;
 use pyo3_polars::{PolarsAllocator, PyDataFrame, PySeries};
 use serde::Deserialize;
 
-use crate::expressions::{self, convert};
+use crate::expressions::{self, convert, InterpolationModel};
 use crate::kernels::hvg::GeneStats;
 use crate::kernels::kmeans::KMeansParams;
 use crate::kernels::sample::BottomK;
@@ -154,6 +156,128 @@ fn kmeans_centroids_output(fields: &[Field]) -> PolarsResult<Field> {
 #[polars_expr(output_type_func = kmeans_centroids_output)]
 fn kmeans_centroids(inputs: &[Series], kwargs: KMeansKwargs) -> PolarsResult<Series> {
     expressions::kmeans_centroids(&inputs[0], inputs.get(1), &kwargs.params())
+}
+
+// ------------------------------------------------------ knn, knn_interpolate
+
+/// Models registered from Python (`register_model`), keyed by a digest of
+/// their contents. A plugin call looks its model up (one read lock, no copy),
+/// so a model is built once per process however many record batches stream
+/// through. Passing the arrays in kwargs instead would unpickle them on every
+/// batch (BUILD.md: 2–4 ms per MB).
+static MODELS: LazyLock<RwLock<HashMap<String, Arc<InterpolationModel>>>> = LazyLock::new(Default::default);
+/// How many models this process has built (tests check it stays at one).
+static MODEL_BUILDS: AtomicU64 = AtomicU64::new(0);
+
+fn lookup_model(key: &str) -> PolarsResult<Arc<InterpolationModel>> {
+    let models = MODELS.read().map_err(|_| polars_err!(ComputeError: "the model registry is poisoned by an earlier panic"))?;
+    models.get(key).cloned().ok_or_else(|| {
+        polars_err!(ComputeError: "model {key} is not loaded in this process (was the query built in another process, or psc.clear_models() called?); build the expression again here with model=<IntegrationModel or Parquet path>")
+    })
+}
+
+/// Build and keep a model under `key` (a no-op when it is already there).
+/// Returns whether it was built now.
+#[pyfunction]
+#[pyo3(signature = (key, labels, centroids, displacement=None))]
+fn register_model(
+    py: Python<'_>,
+    key: String,
+    labels: Vec<String>,
+    centroids: PySeries,
+    displacement: Option<PySeries>,
+) -> PyResult<bool> {
+    if MODELS.read().map_err(value_error)?.contains_key(&key) {
+        return Ok(false);
+    }
+    let (c, d) = convert::embedding_rows(&centroids.0).map_err(value_error)?;
+    let disp = match &displacement {
+        Some(s) => {
+            let (v, dd) = convert::embedding_rows(&s.0).map_err(value_error)?;
+            if dd != d {
+                return Err(value_error(format!("column '{}' has width {dd} but the centroids have {d}", s.0.name())));
+            }
+            Some(v.into_owned())
+        },
+        None => None,
+    };
+    let c = c.into_owned();
+    let model = py.detach(|| InterpolationModel::new(&labels, c, disp, d)).map_err(value_error)?;
+    MODELS.write().map_err(value_error)?.insert(key, Arc::new(model));
+    MODEL_BUILDS.fetch_add(1, Ordering::Relaxed);
+    Ok(true)
+}
+
+#[pyfunction]
+fn model_builds() -> u64 {
+    MODEL_BUILDS.load(Ordering::Relaxed)
+}
+
+/// Forget every registered model (queries built before fail clearly).
+#[pyfunction]
+fn clear_models() -> PyResult<()> {
+    MODELS.write().map_err(value_error)?.clear();
+    Ok(())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KnnInterpolateKwargs {
+    model: String,
+    d: usize,
+    k: usize,
+    unknown_pooled: bool,
+}
+
+/// Schema-time checks: the embedding's width is the model's, and the batch
+/// column is a scalar (its values are looked up as text).
+fn embedding_for_model(op: &str, f: &Field, d: usize) -> PolarsResult<()> {
+    let width = convert::check_embedding_field(f)?;
+    if width != d {
+        polars_bail!(ComputeError: "{op}: column '{}' has width {width} but the model's centroids have {d}; project the cells with the same PCA model the centroids came from", f.name());
+    }
+    Ok(())
+}
+
+fn knn_interpolate_output(fields: &[Field], kwargs: KnnInterpolateKwargs) -> PolarsResult<Field> {
+    let Some(embedding) = fields.first() else {
+        polars_bail!(ComputeError: "knn_interpolate takes an embedding column");
+    };
+    embedding_for_model("knn_interpolate", embedding, kwargs.d)?;
+    if let Some(b) = fields.get(1) {
+        if b.dtype().is_nested() {
+            polars_bail!(ComputeError: "knn_interpolate: batch column '{}' has dtype {}, expected one label per cell (string, categorical or integer)", b.name(), b.dtype());
+        }
+    }
+    Ok(Field::new(embedding.name().clone(), DataType::Array(Box::new(DataType::Float32), kwargs.d)))
+}
+
+#[polars_expr(output_type_func_with_kwargs = knn_interpolate_output)]
+fn knn_interpolate(inputs: &[Series], kwargs: KnnInterpolateKwargs) -> PolarsResult<Series> {
+    let model = lookup_model(&kwargs.model)?;
+    expressions::knn_interpolate(&inputs[0], inputs.get(1), &model, kwargs.k, kwargs.unknown_pooled)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KnnKwargs {
+    index: String,
+    d: usize,
+    k: usize,
+}
+
+fn knn_output(fields: &[Field], kwargs: KnnKwargs) -> PolarsResult<Field> {
+    let Some(embedding) = fields.first() else {
+        polars_bail!(ComputeError: "knn takes an embedding column");
+    };
+    embedding_for_model("knn", embedding, kwargs.d)?;
+    Ok(Field::new(embedding.name().clone(), expressions::knn_dtype(kwargs.k)))
+}
+
+#[polars_expr(output_type_func_with_kwargs = knn_output)]
+fn knn(inputs: &[Series], kwargs: KnnKwargs) -> PolarsResult<Series> {
+    let model = lookup_model(&kwargs.index)?;
+    expressions::knn(&inputs[0], &model, kwargs.k)
 }
 
 // ------------------------------------------------------------ streaming fits
@@ -376,5 +500,8 @@ fn _internal(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<GeneStatsAccumulator>()?;
     m.add_class::<PcaAccumulator>()?;
     m.add_class::<CentroidSampler>()?;
+    m.add_function(wrap_pyfunction!(register_model, m)?)?;
+    m.add_function(wrap_pyfunction!(model_builds, m)?)?;
+    m.add_function(wrap_pyfunction!(clear_models, m)?)?;
     Ok(())
 }

@@ -9,6 +9,8 @@ import polars as pl
 import pytest
 import scipy.sparse as sp
 
+import polars_singlecell as psc
+
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 SPARSE = {"gene_idx": pl.List(pl.UInt32), "values": pl.List(pl.Float32)}
@@ -44,3 +46,21 @@ def pancreas() -> tuple[pl.DataFrame, int]:
     df = pl.read_parquet(DATA / "cepo_sce_pancreas" / "cells.parquet")
     n_genes = pl.read_parquet(DATA / "cepo_sce_pancreas" / "genes.parquet").height
     return df, n_genes
+
+
+@pytest.fixture(scope="session")
+def harmony() -> pl.DataFrame:
+    """Harmony's cell-line data (Zheng et al. 2017): 2,370 cells × 20 PCs, 3 batches."""
+    return pl.read_parquet(DATA / "harmony_cell_lines" / "embedding.parquet")
+
+
+@pytest.fixture(scope="session")
+def cellbench_pca(cellbench) -> pl.DataFrame:
+    """CellBench mixology → normalize, 2000 HVGs, 30 PCs (our pipeline, tested against scanpy/sklearn)."""
+    df, n_genes = cellbench
+    df = df.with_columns(psc.normalize(target_sum=1e4))
+    var = psc.highly_variable_genes(df, n_genes=n_genes, n_top_genes=2000)
+    genes = var.filter("highly_variable")["gene_idx"]
+    df = df.with_columns(psc.select_genes(genes=genes).struct.unnest())
+    model = psc.fit_pca(df, n_genes=genes.len(), n_comps=30)
+    return df.with_columns(psc.pca_project(model=model)).select("batch", "label", "X_pca")

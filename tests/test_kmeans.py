@@ -16,24 +16,6 @@ import polars_singlecell as psc
 SEEDS = range(5)
 
 
-@pytest.fixture(scope="module")
-def harmony() -> pl.DataFrame:
-    """Harmony's cell-line data (Zheng et al. 2017): 2,370 cells × 20 PCs, 3 batches."""
-    return pl.read_parquet(DATA / "harmony_cell_lines" / "embedding.parquet")
-
-
-@pytest.fixture(scope="module")
-def cellbench_pca(cellbench) -> pl.DataFrame:
-    """CellBench mixology → normalize, 2000 HVGs, 30 PCs (our pipeline, tested against scanpy/sklearn)."""
-    df, n_genes = cellbench
-    df = df.with_columns(psc.normalize(target_sum=1e4))
-    var = psc.highly_variable_genes(df, n_genes=n_genes, n_top_genes=2000)
-    genes = var.filter("highly_variable")["gene_idx"]
-    df = df.with_columns(psc.select_genes(genes=genes).struct.unnest())
-    model = psc.fit_pca(df, n_genes=genes.len(), n_comps=30)
-    return df.with_columns(psc.pca_project(model=model)).select("batch", "label", "X_pca")
-
-
 def blobs(n: int, d: int, n_blobs: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     scales = 1 / np.sqrt(np.arange(1, d + 1))

@@ -20,6 +20,7 @@ _check_polars_version(_pl.__version__, _internal.POLARS_CRATE_VERSION)
 
 from polars_singlecell import datasets  # noqa: E402
 from polars_singlecell.centroids import fit_centroids, kmeans_centroids  # noqa: E402
+from polars_singlecell.integration import IntegrationModel, clear_models, knn, knn_interpolate  # noqa: E402
 from polars_singlecell.io import sink_parquet  # noqa: E402
 from polars_singlecell.preprocessing import (  # noqa: E402
     PcaModel,
@@ -36,13 +37,17 @@ from polars_singlecell.preprocessing import (  # noqa: E402
 __version__: str = _internal.__version__
 
 __all__ = [
+    "IntegrationModel",
     "PcaModel",
+    "clear_models",
     "consensus_genes",
     "datasets",
     "fit_centroids",
     "fit_pca",
     "highly_variable_genes",
     "kmeans_centroids",
+    "knn",
+    "knn_interpolate",
     "median_total_counts",
     "normalize",
     "pca_project",

@@ -142,9 +142,19 @@ pub fn list_series<T: polars_arrow::types::NativeType>(
 
 /// An `Array(Float32, width)` Series from a row-major (n_rows, width) buffer.
 pub fn array_f32(name: &str, width: usize, values: Vec<f32>, validity: Option<&Bitmap>) -> PolarsResult<Series> {
+    array_of(name, width, values, validity)
+}
+
+/// An `Array(T, width)` Series from a row-major (n_rows, width) buffer.
+pub fn array_of<T: polars_arrow::types::NativeType>(
+    name: &str,
+    width: usize,
+    values: Vec<T>,
+    validity: Option<&Bitmap>,
+) -> PolarsResult<Series> {
     let len = values.len() / width;
     let arr = FixedSizeListArray::new(
-        FixedSizeListArray::default_datatype(ArrowDataType::Float32, width),
+        FixedSizeListArray::default_datatype(ArrowDataType::from(T::PRIMITIVE), width),
         len,
         PrimitiveArray::from_vec(values).boxed(),
         validity.cloned(),

@@ -4,6 +4,9 @@
 //! kernels.
 
 pub mod convert;
+pub mod integration;
+
+pub use integration::{knn, knn_dtype, knn_interpolate, InterpolationModel};
 
 use polars::prelude::*;
 use polars_core::runtime::THREAD_POOL;

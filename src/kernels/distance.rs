@@ -89,7 +89,7 @@ pub fn sq_dist_f64(a: &[f32], b: &[f32]) -> f64 {
 }
 
 /// `scratch[j + i·k] = x_i · c_j` for one block of rows (column-major k × b).
-fn dot_block(x: &[f32], c: &[f32], d: usize, scratch: &mut Vec<f32>) {
+pub(crate) fn dot_block(x: &[f32], c: &[f32], d: usize, scratch: &mut Vec<f32>) {
     let (b, k) = (x.len() / d, c.len() / d);
     // Grow only: the matmul overwrites every entry (zero-filling each call
     // cost a third of the assignment time).

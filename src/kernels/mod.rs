@@ -4,6 +4,7 @@
 pub mod distance;
 pub mod hvg;
 pub mod kmeans;
+pub mod knn;
 pub mod normalize;
 pub mod pca;
 pub mod rng;
@@ -20,7 +21,7 @@ use crate::error::{KernelError, Part};
 /// row-wise kernel gives the same bits either way.
 pub const PAR_BLOCK: usize = 65_536;
 
-fn parallel(n_rows: usize) -> bool {
+pub(crate) fn parallel(n_rows: usize) -> bool {
     n_rows >= 4 * PAR_BLOCK && rayon::current_num_threads() > 1
 }
 

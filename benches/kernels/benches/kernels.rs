@@ -4,12 +4,15 @@
 //! `kmeans_assign/*` is the k-means assignment step (blocked GEMM + argmin);
 //! its throughput is in floating-point operations (2·n·K·d per pass), so
 //! criterion's "elem/s" reads as FLOP/s against this machine's SGEMM peak.
+//! `knn_interpolate/*` is the same for the fused kNN + gather of
+//! `knn_interpolate`, on one core.
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use faer::linalg::matmul::matmul;
 use faer::{Accum, Mat, Par};
 use polars_singlecell::kernels::normalize::normalize;
 use polars_singlecell::kernels::pca::{pca_project, CovAccumulator};
 use polars_singlecell::kernels::distance::{nearest, Centres};
+use polars_singlecell::kernels::knn::{interpolate, CentroidIndex};
 use polars_singlecell::kernels::rng::Rng;
 use polars_singlecell::kernels::SparseRow;
 
@@ -88,9 +91,32 @@ fn bench_assign(c: &mut Criterion) {
         let mut labels = vec![0u32; n];
         g.throughput(Throughput::Elements((2 * n * k * d) as u64));
         g.bench_function(format!("65536x{d}_k2048_flops"), |b| b.iter(|| nearest(&x, &cs, &mut labels)));
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+        g.bench_function(format!("65536x{d}_k2048_1core_flops"), |b| b.iter(|| pool.install(|| nearest(&x, &cs, &mut labels))));
     }
     g.finish();
 }
 
-criterion_group!(benches, bench, bench_assign);
+/// The fused kNN + interpolation on one core (65,536 rows stay serial, as a
+/// streaming morsel does): FLOP/s of its GEMM part, 2·n·K·d.
+fn bench_knn(c: &mut Criterion) {
+    let (n, k) = (65_536, 2048);
+    let mut g = c.benchmark_group("knn_interpolate");
+    g.sample_size(10);
+    for d in [50usize, 300] {
+        let mut r = Rng::new(d as u64);
+        let x: Vec<f32> = (0..n * d).map(|_| r.uniform() as f32).collect();
+        let cen: Vec<f32> = (0..k * d).map(|_| r.uniform() as f32).collect();
+        let disp: Vec<f32> = (0..k * d).map(|_| r.uniform() as f32).collect();
+        let index = CentroidIndex::new(cen, Some(disp), d).unwrap();
+        let mut out = vec![0f32; n * d];
+        g.throughput(Throughput::Elements((2 * n * k * d) as u64));
+        g.bench_function(format!("65536x{d}_k2048_top8_1core_flops"), |b| {
+            b.iter(|| interpolate(&x, &index, 8, &mut out).unwrap())
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, bench, bench_assign, bench_knn);
 criterion_main!(benches);

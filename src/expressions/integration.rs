@@ -1,0 +1,173 @@
+//! Glue for `knn` and `knn_interpolate`: the searchable form of a fitted
+//! integration model, and the Series-level operations over it.
+
+use std::collections::HashMap;
+
+use polars::prelude::*;
+use polars_core::runtime::THREAD_POOL;
+
+use super::convert;
+use crate::error::KernelError;
+use crate::kernels::knn::{self, CentroidIndex};
+
+/// A fitted integration ready to search: one index per batch (own-batch
+/// mode) and one over all centroids in model row order (pooled mode, and the
+/// row numbers `knn` returns).
+#[derive(Debug)]
+pub struct InterpolationModel {
+    d: usize,
+    batches: Vec<String>,
+    lookup: HashMap<String, u32>,
+    per_batch: Vec<CentroidIndex>,
+    pooled: CentroidIndex,
+}
+
+impl InterpolationModel {
+    /// `labels[j]` is the batch of centroid row `j` (as text: the cells'
+    /// batch column is cast to String to be looked up); `centroids` and
+    /// `displacement` are row-major, `d` wide. Without displacements the
+    /// model only serves `knn`. An empty `labels` means one unnamed set.
+    pub fn new(labels: &[String], centroids: Vec<f32>, displacement: Option<Vec<f32>>, d: usize) -> Result<Self, KernelError> {
+        let pooled = CentroidIndex::new(centroids, displacement, d)?;
+        let n = pooled.len();
+        if !labels.is_empty() && labels.len() != n {
+            return Err(KernelError::Shape { what: "batch labels (one per centroid)", expected: n, got: labels.len() });
+        }
+        if n == 0 {
+            return Err(KernelError::Invalid("the model has no centroids".into()));
+        }
+        let mut batches: Vec<String> = Vec::new();
+        let mut lookup: HashMap<String, u32> = HashMap::new();
+        let mut rows_of: Vec<Vec<usize>> = Vec::new();
+        for (j, b) in labels.iter().enumerate() {
+            let g = *lookup.entry(b.clone()).or_insert_with(|| {
+                batches.push(b.clone());
+                rows_of.push(Vec::new());
+                (batches.len() - 1) as u32
+            });
+            rows_of[g as usize].push(j);
+        }
+        let (all_c, all_d) = pooled.rows();
+        let per_batch = rows_of
+            .iter()
+            .map(|rows| {
+                let c: Vec<f32> = rows.iter().flat_map(|&j| all_c[j * d..(j + 1) * d].iter().copied()).collect();
+                let disp = all_d.map(|a| rows.iter().flat_map(|&j| a[j * d..(j + 1) * d].iter().copied()).collect());
+                CentroidIndex::new(c, disp, d)
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(InterpolationModel { d, batches, lookup, per_batch, pooled })
+    }
+
+    pub fn d(&self) -> usize {
+        self.d
+    }
+
+    pub fn n_centroids(&self) -> usize {
+        self.pooled.len()
+    }
+
+    pub fn batches(&self) -> &[String] {
+        &self.batches
+    }
+
+    fn batch_list(&self) -> String {
+        let shown: Vec<String> = self.batches.iter().take(10).map(|b| format!("'{b}'")).collect();
+        let more = if self.batches.len() > 10 { format!(", … ({} in all)", self.batches.len()) } else { String::new() };
+        format!("{}{more}", shown.join(", "))
+    }
+}
+
+/// Rows of the embedding, checked against the model width; no nulls.
+fn rows_for<'a>(op: &str, embedding: &'a Series, model: &InterpolationModel) -> PolarsResult<std::borrow::Cow<'a, [f32]>> {
+    let (x, d) = convert::embedding_rows(embedding).map_err(|e| polars_err!(ComputeError: "{op}: {e}"))?;
+    if d != model.d {
+        polars_bail!(ComputeError: "{op}: column '{}' has width {d} but the model's centroids have {}; project the cells with the same PCA model the centroids came from", embedding.name(), model.d);
+    }
+    Ok(x)
+}
+
+fn kernel_err(op: &str, embedding: &Series, e: KernelError) -> PolarsError {
+    polars_err!(ComputeError: "{op} of '{}': {e}; drop or fix those cells", embedding.name())
+}
+
+/// Every cell moved by the weighted displacement of its `k` nearest
+/// centroids (see `kernels::knn::interpolate`); `Array(Float32, d)` named
+/// like `embedding`. `batch = None` searches all centroids. In own-batch mode
+/// a cell whose batch is not in the model is an error unless
+/// `unknown_pooled`, which sends it to all centroids.
+pub fn knn_interpolate(
+    embedding: &Series,
+    batch: Option<&Series>,
+    model: &InterpolationModel,
+    k: usize,
+    unknown_pooled: bool,
+) -> PolarsResult<Series> {
+    const OP: &str = "knn_interpolate";
+    let x = rows_for(OP, embedding, model)?;
+    let d = model.d;
+    let n = x.len() / d;
+    let pooled_group = model.per_batch.len() as u32;
+    let group: Vec<u32> = match batch {
+        None => vec![pooled_group; n],
+        Some(b) => {
+            if b.len() != n {
+                polars_bail!(ComputeError: "{OP}: batch column '{}' has {} rows but '{}' has {n}", b.name(), b.len(), embedding.name());
+            }
+            let text = b.cast(&DataType::String)?;
+            let mut group = Vec::with_capacity(n);
+            for (i, v) in text.str()?.iter().enumerate() {
+                let Some(v) = v else {
+                    polars_bail!(ComputeError: "{OP}: batch column '{}' is null at row {i}; fill or drop cells with no batch", b.name());
+                };
+                match model.lookup.get(v) {
+                    Some(&g) => group.push(g),
+                    None if unknown_pooled => group.push(pooled_group),
+                    None => polars_bail!(ComputeError: "{OP}: batch column '{}' holds '{v}' at row {i}, which is not a batch of the model (its batches: {}); pass unknown_batch='pooled' to move such cells by all centroids, or refit the model with this batch", b.name(), model.batch_list()),
+                }
+            }
+            group
+        },
+    };
+    let mut indexes: Vec<&CentroidIndex> = model.per_batch.iter().collect();
+    indexes.push(&model.pooled);
+    // Name the batch whose centroids are too few for k (the kernel can't).
+    let mut used = vec![false; indexes.len()];
+    group.iter().for_each(|&g| used[g as usize] = true);
+    for (g, ix) in indexes.iter().enumerate().filter(|(g, _)| used[*g]) {
+        if k > ix.len() {
+            let which = model.batches.get(g).map_or("all batches".to_string(), |b| format!("batch '{b}'"));
+            polars_bail!(ComputeError: "{OP}: k = {k} is more than the {} centroids of {which}; lower k", ix.len());
+        }
+    }
+    let mut out = vec![0f32; x.len()];
+    THREAD_POOL
+        .install(|| knn::interpolate_grouped(&x, d, &group, &indexes, k, &mut out))
+        .map_err(|e| kernel_err(OP, embedding, e))?;
+    convert::array_f32(embedding.name(), d, out, None)
+}
+
+/// The dtype `knn` returns: `Struct{indices: Array(UInt32, k), distances: Array(Float32, k)}`.
+pub fn knn_dtype(k: usize) -> DataType {
+    DataType::Struct(vec![
+        Field::new("indices".into(), DataType::Array(Box::new(DataType::UInt32), k)),
+        Field::new("distances".into(), DataType::Array(Box::new(DataType::Float32), k)),
+    ])
+}
+
+/// Each cell's `k` nearest rows of the model (pooled, model row numbers) and
+/// their Euclidean distances, ascending; ties go to the lower row.
+pub fn knn(embedding: &Series, model: &InterpolationModel, k: usize) -> PolarsResult<Series> {
+    const OP: &str = "knn";
+    let x = rows_for(OP, embedding, model)?;
+    if k == 0 || k > model.n_centroids() {
+        polars_bail!(ComputeError: "{OP}: k = {k} must be between 1 and the {} points of the index", model.n_centroids());
+    }
+    let n = x.len() / model.d;
+    let (mut idx, mut dist) = (vec![0u32; n * k], vec![0f32; n * k]);
+    THREAD_POOL
+        .install(|| knn::knn(&x, &model.pooled, k, &mut idx, &mut dist))
+        .map_err(|e| kernel_err(OP, embedding, e))?;
+    let fields = [convert::array_of("indices", k, idx, None)?, convert::array_of("distances", k, dist, None)?];
+    Ok(StructChunked::from_series(embedding.name().clone(), n, fields.iter())?.into_series())
+}

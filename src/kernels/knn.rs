@@ -1,0 +1,524 @@
+//! Exact k nearest centres, and the interpolation that moves each cell by
+//! the weighted displacement of its nearest centres.
+//!
+//! One fused pass per block of rows: a float32 GEMM of the rows against a slab
+//! of centres (`distance::dot_block`), a vectorised top-k scan of each row's
+//! distances while they are still in cache, then an exact re-rank of the few
+//! candidates and the weighted gather of their displacements. Nothing of size
+//! rows × centres or rows × k × d is ever allocated.
+
+use rayon::prelude::*;
+
+use super::distance::{dot_block, sq_dist_f64, Centres, GEMM_CENTRES, GEMM_ROWS, TASK_ROWS};
+use crate::error::KernelError;
+
+/// Candidates kept beyond `k` from the float32 ranking before the exact
+/// re-rank. The expansion ‖x‖² + ‖c‖² − 2x·c can misorder centres whose
+/// distances differ by less than its rounding error; keeping a few more and
+/// re-ranking them by the exact distance makes the chosen set the exact one
+/// unless more than this many centres sit inside that error band.
+pub const RERANK_EXTRA: usize = 4;
+
+/// Distances below this floor weigh as if they were this far (a cell sitting
+/// on a centroid would otherwise take all of the weight, or divide by zero).
+pub const MIN_DIST: f64 = 1e-3;
+
+/// One set of centres to search, with their squared norms precomputed and,
+/// for interpolation, one displacement per centre.
+#[derive(Debug, Clone)]
+pub struct CentroidIndex {
+    d: usize,
+    centres: Vec<f32>,
+    norms: Vec<f32>,
+    displacement: Option<Vec<f32>>,
+}
+
+impl CentroidIndex {
+    /// `centres` and `displacement` are row-major, `d` wide, one row per
+    /// centre. Both must be finite.
+    pub fn new(centres: Vec<f32>, displacement: Option<Vec<f32>>, d: usize) -> Result<Self, KernelError> {
+        if d == 0 || centres.len() % d != 0 {
+            return Err(KernelError::Invalid(format!("{} centre values do not make rows of width {d}", centres.len())));
+        }
+        if let Some(i) = centres.iter().position(|v| !v.is_finite()) {
+            return Err(KernelError::Invalid(format!("centroid {} holds the non-finite value {}", i / d, centres[i])));
+        }
+        if let Some(disp) = &displacement {
+            if disp.len() != centres.len() {
+                return Err(KernelError::Shape { what: "displacement values", expected: centres.len(), got: disp.len() });
+            }
+            if let Some(i) = disp.iter().position(|v| !v.is_finite()) {
+                return Err(KernelError::Invalid(format!("displacement {} holds the non-finite value {}", i / d, disp[i])));
+            }
+        }
+        if centres.len() / d >= u32::MAX as usize {
+            return Err(KernelError::Invalid(format!("{} centres is more than u32 indices can address", centres.len() / d)));
+        }
+        let norms = Centres::new(&centres, d).norms;
+        Ok(CentroidIndex { d, centres, norms, displacement })
+    }
+
+    pub fn d(&self) -> usize {
+        self.d
+    }
+
+    pub fn len(&self) -> usize {
+        self.norms.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.norms.is_empty()
+    }
+
+    pub fn has_displacement(&self) -> bool {
+        self.displacement.is_some()
+    }
+
+    /// The centres and displacements, row-major.
+    pub fn rows(&self) -> (&[f32], Option<&[f32]>) {
+        (&self.centres, self.displacement.as_deref())
+    }
+
+    fn centres(&self) -> Centres<'_> {
+        Centres { data: &self.centres, d: self.d, norms: self.norms.clone() }
+    }
+}
+
+/// The `cap` smallest (value, index) pairs seen so far, ascending; on equal
+/// values the earlier (lower) index stays first, and a later equal value does
+/// not displace it.
+struct TopK {
+    cap: usize,
+    len: usize,
+    vals: Vec<f32>,
+    idx: Vec<u32>,
+}
+
+impl TopK {
+    fn new(cap: usize) -> Self {
+        TopK { cap, len: 0, vals: vec![f32::INFINITY; cap], idx: vec![0; cap] }
+    }
+
+    fn clear(&mut self) {
+        self.len = 0;
+    }
+
+    /// Values must be strictly below this to enter.
+    #[inline(always)]
+    fn threshold(&self) -> f32 {
+        if self.len < self.cap {
+            f32::INFINITY
+        } else {
+            self.vals[self.cap - 1]
+        }
+    }
+
+    /// Insert `v < threshold()` keeping the order.
+    #[inline(always)]
+    fn push(&mut self, v: f32, j: u32) {
+        let mut p = if self.len < self.cap {
+            self.len += 1;
+            self.len - 1
+        } else {
+            self.cap - 1
+        };
+        while p > 0 && self.vals[p - 1] > v {
+            self.vals[p] = self.vals[p - 1];
+            self.idx[p] = self.idx[p - 1];
+            p -= 1;
+        }
+        self.vals[p] = v;
+        self.idx[p] = j;
+    }
+}
+
+/// Offer centres `base..base + dots.len()` to `top`, ranked by
+/// norms[j] − 2·dots[j] (the squared distance less the row's own ‖x‖²).
+fn scan(dots: &[f32], norms: &[f32], base: u32, top: &mut TopK) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2 (checked just above).
+        return unsafe { scan_avx2(dots, norms, base, top) };
+    }
+    scan_generic(dots, norms, base, top)
+}
+
+/// The crate targets baseline x86-64; compiled for AVX2 the 16-lane compare
+/// below becomes two vector compares and a mask test (see `argmin_shifted`).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn scan_avx2(dots: &[f32], norms: &[f32], base: u32, top: &mut TopK) {
+    scan_generic(dots, norms, base, top)
+}
+
+#[inline(always)]
+fn scan_generic(dots: &[f32], norms: &[f32], base: u32, top: &mut TopK) {
+    const L: usize = 16;
+    let mut thr = top.threshold();
+    let (dc, nc) = (dots.chunks_exact(L), norms.chunks_exact(L));
+    let (dr, nr) = (dc.remainder(), nc.remainder());
+    let mut j0 = base;
+    for (g, n) in dc.zip(nc) {
+        let g: &[f32; L] = g.try_into().expect("chunk of L");
+        let n: &[f32; L] = n.try_into().expect("chunk of L");
+        let mut v = [0f32; L];
+        let mut mask = 0u32;
+        for l in 0..L {
+            v[l] = n[l] - 2.0 * g[l];
+            mask |= ((v[l] < thr) as u32) << l;
+        }
+        // Once k candidates are held, most chunks hold none below the k-th
+        // best: one well-predicted branch per 16 centres, then a visit of the
+        // set lanes only (a per-lane branch mispredicted on every hit chunk
+        // cost as much as the GEMM at d = 50).
+        while mask != 0 {
+            let l = mask.trailing_zeros() as usize;
+            mask &= mask - 1;
+            if v[l] < thr {
+                top.push(v[l], j0 + l as u32);
+                thr = top.threshold();
+            }
+        }
+        j0 += L as u32;
+    }
+    for (t, (g, n)) in dr.iter().zip(nr).enumerate() {
+        let v = n - 2.0 * g;
+        if v < thr {
+            top.push(v, j0 + t as u32);
+            thr = top.threshold();
+        }
+    }
+}
+
+/// What to write for each row once its neighbours are known.
+trait Sink: Send {
+    /// Row `i` of this task (its values `x`), neighbours ascending by exact
+    /// distance: `(squared distance, centre index)`.
+    fn row(&mut self, i: usize, x: &[f32], nbrs: &[(f64, u32)]);
+}
+
+/// `psc.knn`: indices and Euclidean distances, `k` per row.
+struct Neighbours<'o> {
+    k: usize,
+    idx: &'o mut [u32],
+    dist: &'o mut [f32],
+}
+
+impl Sink for Neighbours<'_> {
+    fn row(&mut self, i: usize, _x: &[f32], nbrs: &[(f64, u32)]) {
+        for (t, &(d2, j)) in nbrs.iter().enumerate() {
+            self.idx[i * self.k + t] = j;
+            self.dist[i * self.k + t] = d2.sqrt() as f32;
+        }
+    }
+}
+
+/// `psc.knn_interpolate`: y = x + Σ w_j·D_j, w_j ∝ 1 / max(dist_j, MIN_DIST).
+struct Interpolated<'o> {
+    d: usize,
+    displacement: &'o [f32],
+    out: &'o mut [f32],
+    acc: Vec<f64>,
+}
+
+impl Sink for Interpolated<'_> {
+    fn row(&mut self, i: usize, x: &[f32], nbrs: &[(f64, u32)]) {
+        let d = self.d;
+        let w: Vec<f64> = nbrs.iter().map(|&(d2, _)| 1.0 / d2.sqrt().max(MIN_DIST)).collect();
+        let total: f64 = w.iter().sum();
+        self.acc.iter_mut().for_each(|a| *a = 0.0);
+        for (&(_, j), wj) in nbrs.iter().zip(&w) {
+            let disp = &self.displacement[j as usize * d..(j as usize + 1) * d];
+            let wj = wj / total;
+            for (a, &v) in self.acc.iter_mut().zip(disp) {
+                *a += wj * v as f64;
+            }
+        }
+        for ((o, &xv), a) in self.out[i * d..(i + 1) * d].iter_mut().zip(x).zip(&self.acc) {
+            *o = (xv as f64 + a) as f32;
+        }
+    }
+}
+
+/// The fused search over one task's rows (serial): per block of `GEMM_ROWS`
+/// rows, GEMM against each slab of centres, top-(k + RERANK_EXTRA) scan, then
+/// exact distances for the candidates, re-ranked by (distance, index).
+fn search_serial(x: &[f32], c: &Centres<'_>, k: usize, sink: &mut impl Sink) {
+    let d = c.d;
+    let cap = (k + RERANK_EXTRA).min(c.len());
+    let mut tops: Vec<TopK> = (0..GEMM_ROWS).map(|_| TopK::new(cap)).collect();
+    let mut scratch = Vec::new();
+    let mut cand: Vec<(f64, u32)> = Vec::with_capacity(cap);
+    for (blk, xb) in x.chunks(GEMM_ROWS * d).enumerate() {
+        let b = xb.len() / d;
+        tops[..b].iter_mut().for_each(TopK::clear);
+        for j0 in (0..c.len()).step_by(GEMM_CENTRES) {
+            let j1 = (j0 + GEMM_CENTRES).min(c.len());
+            dot_block(xb, &c.data[j0 * d..j1 * d], d, &mut scratch);
+            let kc = j1 - j0;
+            for (col, top) in scratch[..kc * b].chunks_exact(kc).zip(&mut tops) {
+                scan(col, &c.norms[j0..j1], j0 as u32, top);
+            }
+        }
+        for (i, (xi, top)) in xb.chunks_exact(d).zip(&tops).enumerate() {
+            cand.clear();
+            cand.extend(top.idx[..top.len].iter().map(|&j| (sq_dist_f64(xi, c.row(j as usize)), j)));
+            cand.sort_unstable_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+            sink.row(blk * GEMM_ROWS + i, xi, &cand[..k]);
+        }
+    }
+}
+
+fn check(x: &[f32], index: &CentroidIndex, k: usize) -> Result<(), KernelError> {
+    let d = index.d;
+    if x.len() % d != 0 {
+        return Err(KernelError::Invalid(format!("{} values do not make rows of width {d}", x.len())));
+    }
+    if k == 0 || k > index.len() {
+        return Err(KernelError::Invalid(format!("k = {k} must be between 1 and the {} centroids searched", index.len())));
+    }
+    check_finite(x, d)
+}
+
+fn check_finite(x: &[f32], d: usize) -> Result<(), KernelError> {
+    match x.iter().position(|v| !v.is_finite()) {
+        Some(i) => Err(KernelError::Invalid(format!("row {} holds the non-finite value {}", i / d, x[i]))),
+        None => Ok(()),
+    }
+}
+
+/// Run `make_sink(rows, task)` over tasks of `TASK_ROWS` rows: serially for a
+/// streaming-sized call, in parallel on the current rayon pool for a large
+/// one. Each row's result depends on that row alone, so both give the same bits.
+fn for_tasks<S: Sink>(
+    x: &[f32],
+    d: usize,
+    parallel: bool,
+    tasks: Vec<S>,
+    run: impl Fn(&[f32], &mut S) + Sync + Send,
+) {
+    let chunks: Vec<(&[f32], S)> = x.chunks(TASK_ROWS * d).zip(tasks).collect();
+    if parallel {
+        chunks.into_par_iter().for_each(|(xb, mut s)| run(xb, &mut s));
+    } else {
+        chunks.into_iter().for_each(|(xb, mut s)| run(xb, &mut s));
+    }
+}
+
+/// For each row of `x` (row-major, `index.d()` wide): its `k` nearest centres
+/// by exact Euclidean distance, ascending, ties to the lower index.
+/// Writes `idx[i·k + t]` and the distance (not squared) `dist[i·k + t]`.
+pub fn knn(x: &[f32], index: &CentroidIndex, k: usize, idx: &mut [u32], dist: &mut [f32]) -> Result<(), KernelError> {
+    check(x, index, k)?;
+    let (d, n) = (index.d, x.len() / index.d);
+    assert!(idx.len() == n * k && dist.len() == n * k, "output buffers sized n·k");
+    let c = index.centres();
+    let tasks = idx
+        .chunks_mut(TASK_ROWS * k)
+        .zip(dist.chunks_mut(TASK_ROWS * k))
+        .map(|(idx, dist)| Neighbours { k, idx, dist })
+        .collect();
+    for_tasks(x, d, super::parallel(n), tasks, |xb, s| search_serial(xb, &c, k, s));
+    Ok(())
+}
+
+/// `out` row i = x_i + Σ_j w_j·D_j over the `k` nearest centres j of x_i,
+/// with w_j = (1 / max(dist_j, 1e-3)) / Σ (1 / max(dist, 1e-3)) and dist the
+/// Euclidean distance. Sums in float64, written as float32.
+pub fn interpolate(x: &[f32], index: &CentroidIndex, k: usize, out: &mut [f32]) -> Result<(), KernelError> {
+    check(x, index, k)?;
+    let Some(displacement) = index.displacement.as_deref() else {
+        return Err(KernelError::Invalid("this index has no displacements to interpolate".into()));
+    };
+    let (d, n) = (index.d, x.len() / index.d);
+    assert_eq!(out.len(), x.len(), "output buffer sized like the input");
+    let c = index.centres();
+    let tasks = out
+        .chunks_mut(TASK_ROWS * d)
+        .map(|out| Interpolated { d, displacement, out, acc: vec![0.0; d] })
+        .collect();
+    for_tasks(x, d, super::parallel(n), tasks, |xb, s| search_serial(xb, &c, k, s));
+    Ok(())
+}
+
+/// `interpolate` where row i searches `indexes[group[i]]` only (a cell's own
+/// batch). Rows are gathered group by group into one contiguous buffer, run,
+/// and scattered back, so each group is one blocked GEMM pass.
+pub fn interpolate_grouped(
+    x: &[f32],
+    d: usize,
+    group: &[u32],
+    indexes: &[&CentroidIndex],
+    k: usize,
+    out: &mut [f32],
+) -> Result<(), KernelError> {
+    if x.len() != group.len() * d || out.len() != x.len() {
+        return Err(KernelError::Shape { what: "rows × width", expected: group.len() * d, got: x.len() });
+    }
+    if let Some(ix) = indexes.iter().find(|ix| ix.d != d) {
+        return Err(KernelError::Shape { what: "centroid width", expected: d, got: ix.d });
+    }
+    // Checked here, before gathering, so the error names the caller's row.
+    check_finite(x, d)?;
+    if let Some(&g) = group.iter().find(|&&g| g as usize >= indexes.len()) {
+        return Err(KernelError::Invalid(format!("group {g} has no index ({} indexes)", indexes.len())));
+    }
+    // The common case in a stream of one batch per file: nothing to gather.
+    if let Some(&g0) = group.first() {
+        if group.iter().all(|&g| g == g0) {
+            return interpolate(x, indexes[g0 as usize], k, out);
+        }
+    }
+    let mut rows_of: Vec<Vec<usize>> = vec![Vec::new(); indexes.len()];
+    for (i, &g) in group.iter().enumerate() {
+        rows_of[g as usize].push(i);
+    }
+    let mut xs = Vec::new();
+    let mut ys = Vec::new();
+    for (g, rows) in rows_of.iter().enumerate().filter(|(_, r)| !r.is_empty()) {
+        xs.clear();
+        for &i in rows {
+            xs.extend_from_slice(&x[i * d..(i + 1) * d]);
+        }
+        ys.resize(xs.len(), 0.0);
+        interpolate(&xs, indexes[g], k, &mut ys)?;
+        for (t, &i) in rows.iter().enumerate() {
+            out[i * d..(i + 1) * d].copy_from_slice(&ys[t * d..(t + 1) * d]);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::rng::Rng;
+
+    fn random(n: usize, d: usize, seed: u64) -> Vec<f32> {
+        let mut r = Rng::new(seed);
+        (0..n * d).map(|_| (r.uniform() * 4.0 - 2.0) as f32).collect()
+    }
+
+    /// Exact brute force in float64, ties to the lower index.
+    fn brute(x: &[f32], c: &[f32], d: usize, k: usize) -> Vec<Vec<(f64, u32)>> {
+        x.chunks_exact(d)
+            .map(|xi| {
+                let mut all: Vec<(f64, u32)> =
+                    c.chunks_exact(d).enumerate().map(|(j, cj)| (sq_dist_f64(xi, cj), j as u32)).collect();
+                all.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+                all.truncate(k);
+                all
+            })
+            .collect()
+    }
+
+    #[test]
+    fn knn_matches_brute_force() {
+        for &(n, kc, d, k) in &[(1, 1, 1, 1), (300, 5000, 7, 8), (2000, 33, 50, 33), (700, 2049, 16, 5), (130, 40, 300, 1)] {
+            let (x, c) = (random(n, d, 1), random(kc, d, 2));
+            let index = CentroidIndex::new(c.clone(), None, d).unwrap();
+            let (mut idx, mut dist) = (vec![0u32; n * k], vec![0f32; n * k]);
+            knn(&x, &index, k, &mut idx, &mut dist).unwrap();
+            for (i, want) in brute(&x, &c, d, k).iter().enumerate() {
+                let got = &idx[i * k..(i + 1) * k];
+                let want_idx: Vec<u32> = want.iter().map(|p| p.1).collect();
+                assert_eq!(got, &want_idx[..], "n={n} kc={kc} d={d} k={k} row {i}");
+                for t in 0..k {
+                    assert_eq!(dist[i * k + t], want[t].0.sqrt() as f32);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn ties_go_to_the_lower_index() {
+        // Centres 0 and 2 are the same point; 1 and 3 too.
+        let c = vec![1.0, 0.0, 0.0, 3.0, 1.0, 0.0, 0.0, 3.0, 9.0, 9.0];
+        let index = CentroidIndex::new(c, None, 2).unwrap();
+        let (mut idx, mut dist) = (vec![0u32; 3], vec![0f32; 3]);
+        knn(&[0.9, 0.1], &index, 3, &mut idx, &mut dist).unwrap();
+        assert_eq!(idx, vec![0, 2, 1]);
+    }
+
+    #[test]
+    fn interpolation_is_the_formula() {
+        let (n, kc, d, k) = (500, 300, 12, 8);
+        let (x, c, disp) = (random(n, d, 5), random(kc, d, 6), random(kc, d, 7));
+        let index = CentroidIndex::new(c.clone(), Some(disp.clone()), d).unwrap();
+        let mut out = vec![0f32; n * d];
+        interpolate(&x, &index, k, &mut out).unwrap();
+        for (i, nb) in brute(&x, &c, d, k).iter().enumerate() {
+            let w: Vec<f64> = nb.iter().map(|p| 1.0 / p.0.sqrt().max(MIN_DIST)).collect();
+            let tot: f64 = w.iter().sum();
+            for t in 0..d {
+                let want = x[i * d + t] as f64 + nb.iter().zip(&w).map(|(p, w)| w / tot * disp[p.1 as usize * d + t] as f64).sum::<f64>();
+                assert!((out[i * d + t] as f64 - want).abs() <= 1e-6 * (1.0 + want.abs()), "row {i} dim {t}");
+            }
+        }
+        // A cell on a centroid takes (almost) only that centroid's displacement.
+        let mut on = vec![0f32; d];
+        interpolate(&c[..d], &index, k, &mut on).unwrap();
+        let moved: Vec<f32> = on.iter().zip(&c[..d]).map(|(a, b)| a - b).collect();
+        for (m, want) in moved.iter().zip(&disp[..d]) {
+            assert!((m - want).abs() < 0.05, "{m} vs {want}");
+        }
+    }
+
+    #[test]
+    fn grouped_equals_one_group_at_a_time() {
+        let (n, d, k) = (3000, 9, 4);
+        let x = random(n, d, 8);
+        let a = CentroidIndex::new(random(50, d, 9), Some(random(50, d, 10)), d).unwrap();
+        let b = CentroidIndex::new(random(70, d, 11), Some(random(70, d, 12)), d).unwrap();
+        let group: Vec<u32> = (0..n).map(|i| ((i * 7919) % 3 == 0) as u32).collect();
+        let mut out = vec![0f32; n * d];
+        interpolate_grouped(&x, d, &group, &[&a, &b], k, &mut out).unwrap();
+        for (i, &g) in group.iter().enumerate() {
+            let mut one = vec![0f32; d];
+            interpolate(&x[i * d..(i + 1) * d], if g == 0 { &a } else { &b }, k, &mut one).unwrap();
+            assert_eq!(&out[i * d..(i + 1) * d], &one[..], "row {i}");
+        }
+    }
+
+    #[test]
+    fn same_bits_serial_and_parallel() {
+        // Above 4 · PAR_BLOCK rows the call splits across the pool.
+        let (n, d, k) = (4 * crate::kernels::PAR_BLOCK + 17, 5, 3);
+        let x = random(n, d, 13);
+        let index = CentroidIndex::new(random(64, d, 14), Some(random(64, d, 15)), d).unwrap();
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            let mut out = vec![0f32; n * d];
+            pool.install(|| interpolate(&x, &index, k, &mut out)).unwrap();
+            out
+        };
+        let one = run(1);
+        assert!(one == run(3));
+        // And equal to calls on small pieces (a stream of morsels).
+        let mut pieces = vec![0f32; n * d];
+        for (xb, ob) in x.chunks(1000 * d).zip(pieces.chunks_mut(1000 * d)) {
+            interpolate(xb, &index, k, ob).unwrap();
+        }
+        assert!(one == pieces);
+    }
+
+    #[test]
+    fn bad_input() {
+        let index = CentroidIndex::new(random(10, 3, 1), Some(random(10, 3, 2)), 3).unwrap();
+        let mut out = vec![0f32; 6];
+        let msg = |e: KernelError| e.to_string();
+        assert!(msg(interpolate(&[0.0, 1.0, 2.0, 0.0, f32::NAN, 0.0], &index, 2, &mut out).unwrap_err()).contains("row 1"));
+        assert!(msg(interpolate(&[0.0; 6], &index, 11, &mut out).unwrap_err()).contains("k = 11"));
+        assert!(msg(interpolate(&[0.0; 6], &index, 0, &mut out).unwrap_err()).contains("k = 0"));
+        assert!(CentroidIndex::new(vec![0.0, f32::INFINITY], None, 2).is_err());
+        assert!(CentroidIndex::new(vec![0.0; 4], Some(vec![0.0; 2]), 2).is_err());
+        let plain = CentroidIndex::new(vec![0.0; 4], None, 2).unwrap();
+        assert!(interpolate(&[0.0; 2], &plain, 1, &mut [0.0; 2]).is_err());
+        // A non-finite value in a gathered group names the caller's row.
+        let other = CentroidIndex::new(random(10, 3, 3), Some(random(10, 3, 4)), 3).unwrap();
+        let x = [0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 2.0, f32::NAN, 0.0];
+        let mut out = vec![0f32; 9];
+        let e = interpolate_grouped(&x, 3, &[0, 1, 1], &[&index, &other], 2, &mut out).unwrap_err();
+        assert!(msg(e).starts_with("row 2 holds"));
+    }
+}

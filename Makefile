@@ -5,7 +5,7 @@ PY      := .venv/bin/python
 export VIRTUAL_ENV := $(CURDIR)/.venv
 export PATH := $(CURDIR)/.venv/bin:$(PATH)
 
-.PHONY: demo test build bench bench-kmeans
+.PHONY: demo test build bench bench-kmeans bench-knn
 
 .venv/.base:
 	python3 -m venv .venv
@@ -33,3 +33,6 @@ bench: .venv/.test build
 
 bench-kmeans: .venv/.test build
 	$(PY) benches/bench_kmeans.py
+
+bench-knn: .venv/.test build
+	$(PY) benches/bench_knn.py

@@ -154,7 +154,26 @@ unsafe fn scan_avx2(dots: &[f32], norms: &[f32], base: u32, top: &mut TopK) {
 #[inline(always)]
 fn scan_generic(dots: &[f32], norms: &[f32], base: u32, top: &mut TopK) {
     const L: usize = 16;
-    let mut thr = top.threshold();
+    // Pass 1, branch-free: the minimum of each of M lanes. Those M values are
+    // M distinct centres, so the cap-th smallest of them bounds the slab's
+    // cap-th smallest distance from above: nothing beyond it can enter. Pass
+    // 2 then offers only the ~1.5·cap centres under the bound, instead of
+    // the ~cap·(1 + ln(K/cap)) a running threshold lets in, each of them a
+    // mispredicted branch (that had made the scan cost as much as the GEMM
+    // at d = 50).
+    const M: usize = 32;
+    let mut bound = f32::INFINITY;
+    if top.cap <= M && dots.len() >= 4 * M {
+        let mut lane = [f32::INFINITY; M];
+        for (g, n) in dots.chunks_exact(M).zip(norms.chunks_exact(M)) {
+            for l in 0..M {
+                lane[l] = lane[l].min(n[l] - 2.0 * g[l]);
+            }
+        }
+        let (_, kth, _) = lane.select_nth_unstable_by(top.cap - 1, f32::total_cmp);
+        bound = kth.next_up();
+    }
+    let mut thr = top.threshold().min(bound);
     let (dc, nc) = (dots.chunks_exact(L), norms.chunks_exact(L));
     let (dr, nr) = (dc.remainder(), nc.remainder());
     let mut j0 = base;
@@ -167,16 +186,14 @@ fn scan_generic(dots: &[f32], norms: &[f32], base: u32, top: &mut TopK) {
             v[l] = n[l] - 2.0 * g[l];
             mask |= ((v[l] < thr) as u32) << l;
         }
-        // Once k candidates are held, most chunks hold none below the k-th
-        // best: one well-predicted branch per 16 centres, then a visit of the
-        // set lanes only (a per-lane branch mispredicted on every hit chunk
-        // cost as much as the GEMM at d = 50).
+        // One well-predicted branch per 16 centres, then a visit of the set
+        // lanes only.
         while mask != 0 {
             let l = mask.trailing_zeros() as usize;
             mask &= mask - 1;
             if v[l] < thr {
                 top.push(v[l], j0 + l as u32);
-                thr = top.threshold();
+                thr = top.threshold().min(bound);
             }
         }
         j0 += L as u32;
@@ -185,7 +202,7 @@ fn scan_generic(dots: &[f32], norms: &[f32], base: u32, top: &mut TopK) {
         let v = n - 2.0 * g;
         if v < thr {
             top.push(v, j0 + t as u32);
-            thr = top.threshold();
+            thr = top.threshold().min(bound);
         }
     }
 }
@@ -218,25 +235,46 @@ struct Interpolated<'o> {
     d: usize,
     displacement: &'o [f32],
     out: &'o mut [f32],
-    acc: Vec<f64>,
+    w: Vec<f32>,
 }
 
 impl Sink for Interpolated<'_> {
     fn row(&mut self, i: usize, x: &[f32], nbrs: &[(f64, u32)]) {
         let d = self.d;
-        let w: Vec<f64> = nbrs.iter().map(|&(d2, _)| 1.0 / d2.sqrt().max(MIN_DIST)).collect();
-        let total: f64 = w.iter().sum();
-        self.acc.iter_mut().for_each(|a| *a = 0.0);
-        for (&(_, j), wj) in nbrs.iter().zip(&w) {
-            let disp = &self.displacement[j as usize * d..(j as usize + 1) * d];
-            let wj = wj / total;
-            for (a, &v) in self.acc.iter_mut().zip(disp) {
-                *a += wj * v as f64;
-            }
+        // Weights in float64, then float32 for the gather: k terms of a
+        // float32 sum are well inside float32 tolerance of the float64 formula.
+        let inv: f64 = nbrs.iter().map(|&(d2, _)| 1.0 / d2.sqrt().max(MIN_DIST)).sum();
+        self.w.clear();
+        self.w.extend(nbrs.iter().map(|&(d2, _)| ((1.0 / d2.sqrt().max(MIN_DIST)) / inv) as f32));
+        let out = &mut self.out[i * d..(i + 1) * d];
+        out.copy_from_slice(x);
+        for (&(_, j), &w) in nbrs.iter().zip(&self.w) {
+            axpy(out, w, &self.displacement[j as usize * d..(j as usize + 1) * d]);
         }
-        for ((o, &xv), a) in self.out[i * d..(i + 1) * d].iter_mut().zip(x).zip(&self.acc) {
-            *o = (xv as f64 + a) as f32;
-        }
+    }
+}
+
+/// `y += a·x`, compiled for AVX2 where the CPU has it (no FMA: the same bits
+/// on every x86-64 CPU).
+fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2 (checked just above).
+        return unsafe { axpy_avx2(y, a, x) };
+    }
+    axpy_generic(y, a, x)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn axpy_avx2(y: &mut [f32], a: f32, x: &[f32]) {
+    axpy_generic(y, a, x)
+}
+
+#[inline(always)]
+fn axpy_generic(y: &mut [f32], a: f32, x: &[f32]) {
+    for (y, x) in y.iter_mut().zip(x) {
+        *y += a * x;
     }
 }
 
@@ -287,9 +325,19 @@ fn check_finite(x: &[f32], d: usize) -> Result<(), KernelError> {
     }
 }
 
-/// Run `make_sink(rows, task)` over tasks of `TASK_ROWS` rows: serially for a
-/// streaming-sized call, in parallel on the current rayon pool for a large
-/// one. Each row's result depends on that row alone, so both give the same bits.
+/// Split a call across the current rayon pool from this many rows. A row
+/// costs microseconds here (a GEMM against thousands of centres), so even one
+/// streaming morsel is worth splitting, unlike the cheap row-wise kernels
+/// (`kernels::PAR_BLOCK`).
+const PAR_ROWS: usize = 2 * TASK_ROWS;
+
+fn parallel(n_rows: usize) -> bool {
+    n_rows >= PAR_ROWS && rayon::current_num_threads() > 1
+}
+
+/// Run `run(rows, sink)` over tasks of `TASK_ROWS` rows, serially or in
+/// parallel. Each row's result depends on that row alone, so both give the
+/// same bits.
 fn for_tasks<S: Sink>(
     x: &[f32],
     d: usize,
@@ -318,32 +366,49 @@ pub fn knn(x: &[f32], index: &CentroidIndex, k: usize, idx: &mut [u32], dist: &m
         .zip(dist.chunks_mut(TASK_ROWS * k))
         .map(|(idx, dist)| Neighbours { k, idx, dist })
         .collect();
-    for_tasks(x, d, super::parallel(n), tasks, |xb, s| search_serial(xb, &c, k, s));
+    for_tasks(x, d, parallel(n), tasks, |xb, s| search_serial(xb, &c, k, s));
     Ok(())
 }
 
 /// `out` row i = x_i + Σ_j w_j·D_j over the `k` nearest centres j of x_i,
 /// with w_j = (1 / max(dist_j, 1e-3)) / Σ (1 / max(dist, 1e-3)) and dist the
-/// Euclidean distance. Sums in float64, written as float32.
+/// Euclidean distance. Weights in float64, the sum in float32.
 pub fn interpolate(x: &[f32], index: &CentroidIndex, k: usize, out: &mut [f32]) -> Result<(), KernelError> {
     check(x, index, k)?;
-    let Some(displacement) = index.displacement.as_deref() else {
+    if index.displacement.is_none() {
         return Err(KernelError::Invalid("this index has no displacements to interpolate".into()));
-    };
-    let (d, n) = (index.d, x.len() / index.d);
+    }
     assert_eq!(out.len(), x.len(), "output buffer sized like the input");
-    let c = index.centres();
-    let tasks = out
-        .chunks_mut(TASK_ROWS * d)
-        .map(|out| Interpolated { d, displacement, out, acc: vec![0.0; d] })
-        .collect();
-    for_tasks(x, d, super::parallel(n), tasks, |xb, s| search_serial(xb, &c, k, s));
+    run_interpolation(vec![(x, index, out)], k);
     Ok(())
 }
 
+/// Interpolate several (rows, index, out) parts as one pool of fixed
+/// `TASK_ROWS`-row tasks, so many small batches still fill every core.
+/// Parts are checked by the caller.
+fn run_interpolation(parts: Vec<(&[f32], &CentroidIndex, &mut [f32])>, k: usize) {
+    let centres: Vec<Centres<'_>> = parts.iter().map(|p| p.1.centres()).collect();
+    let mut tasks = Vec::new();
+    let mut n_rows = 0;
+    for ((x, index, out), c) in parts.into_iter().zip(&centres) {
+        let d = index.d;
+        let displacement = index.displacement.as_deref().expect("checked: the index has displacements");
+        n_rows += x.len() / d;
+        for (xb, out) in x.chunks(TASK_ROWS * d).zip(out.chunks_mut(TASK_ROWS * d)) {
+            tasks.push((xb, c, Interpolated { d, displacement, out, w: Vec::with_capacity(k) }));
+        }
+    }
+    let run = |(xb, c, mut sink): (&[f32], &Centres<'_>, Interpolated<'_>)| search_serial(xb, c, k, &mut sink);
+    if parallel(n_rows) {
+        tasks.into_par_iter().for_each(run);
+    } else {
+        tasks.into_iter().for_each(run);
+    }
+}
+
 /// `interpolate` where row i searches `indexes[group[i]]` only (a cell's own
-/// batch). Rows are gathered group by group into one contiguous buffer, run,
-/// and scattered back, so each group is one blocked GEMM pass.
+/// batch). Rows are gathered group by group into one contiguous buffer, run
+/// as one pool of tasks, and scattered back.
 pub fn interpolate_grouped(
     x: &[f32],
     d: usize,
@@ -373,17 +438,35 @@ pub fn interpolate_grouped(
     for (i, &g) in group.iter().enumerate() {
         rows_of[g as usize].push(i);
     }
-    let mut xs = Vec::new();
-    let mut ys = Vec::new();
-    for (g, rows) in rows_of.iter().enumerate().filter(|(_, r)| !r.is_empty()) {
-        xs.clear();
-        for &i in rows {
+    let used: Vec<usize> = (0..indexes.len()).filter(|&g| !rows_of[g].is_empty()).collect();
+    for &g in &used {
+        check(&[], indexes[g], k)?;
+        if indexes[g].displacement.is_none() {
+            return Err(KernelError::Invalid("this index has no displacements to interpolate".into()));
+        }
+    }
+    let mut xs = Vec::with_capacity(x.len());
+    for &g in &used {
+        for &i in &rows_of[g] {
             xs.extend_from_slice(&x[i * d..(i + 1) * d]);
         }
-        ys.resize(xs.len(), 0.0);
-        interpolate(&xs, indexes[g], k, &mut ys)?;
-        for (t, &i) in rows.iter().enumerate() {
+    }
+    let mut ys = vec![0f32; xs.len()];
+    let mut parts = Vec::with_capacity(used.len());
+    let (mut xr, mut yr): (&[f32], &mut [f32]) = (&xs, &mut ys);
+    for &g in &used {
+        let len = rows_of[g].len() * d;
+        let (xh, xt) = xr.split_at(len);
+        let (yh, yt) = std::mem::take(&mut yr).split_at_mut(len);
+        parts.push((xh, indexes[g], yh));
+        (xr, yr) = (xt, yt);
+    }
+    run_interpolation(parts, k);
+    let mut t = 0;
+    for &g in &used {
+        for &i in &rows_of[g] {
             out[i * d..(i + 1) * d].copy_from_slice(&ys[t * d..(t + 1) * d]);
+            t += 1;
         }
     }
     Ok(())
@@ -482,8 +565,8 @@ mod tests {
 
     #[test]
     fn same_bits_serial_and_parallel() {
-        // Above 4 · PAR_BLOCK rows the call splits across the pool.
-        let (n, d, k) = (4 * crate::kernels::PAR_BLOCK + 17, 5, 3);
+        // Above PAR_ROWS rows the call splits across the pool.
+        let (n, d, k) = (5 * PAR_ROWS + 17, 5, 3);
         let x = random(n, d, 13);
         let index = CentroidIndex::new(random(64, d, 14), Some(random(64, d, 15)), d).unwrap();
         let run = |threads: usize| {

@@ -43,6 +43,22 @@ def make(n: int, d: int, n_batches: int, seed: int = 0):
     return x, batch, cents, disp
 
 
+def integration_model(cents: np.ndarray, disp: np.ndarray, n_batches: int):
+    """Batches 0..n_batches-1 of K_PER_BATCH centroids each, as an IntegrationModel."""
+    import polars as pl
+
+    import polars_singlecell as psc
+
+    arr = pl.Array(pl.Float32, cents.shape[1])
+    return psc.IntegrationModel(
+        pl.DataFrame({
+            "batch": np.repeat(np.arange(n_batches), K_PER_BATCH),
+            "centroid": pl.Series(cents[: n_batches * K_PER_BATCH], dtype=arr),
+            "displacement": pl.Series(disp[: n_batches * K_PER_BATCH], dtype=arr),
+        })
+    )
+
+
 def sgemm_peak() -> float:
     a = np.random.default_rng(0).random((4096, 4096), dtype=np.float32)
     a @ a
@@ -84,10 +100,7 @@ def run_ours(n: int, d: int, n_batches: int, mode: str):
     import polars_singlecell as psc
 
     x, batch, cents, disp = make(n, d, n_batches)
-    labels = np.repeat(np.arange(n_batches), K_PER_BATCH)
-    model = psc.IntegrationModel(
-        pl.DataFrame({"batch": labels, "centroid": pl.Series(cents, dtype=pl.Array(pl.Float32, d)), "displacement": pl.Series(disp, dtype=pl.Array(pl.Float32, d))})
-    )
+    model = integration_model(cents, disp, n_batches)
     cells = pl.DataFrame({"batch": batch, "X_pca": pl.Series(x, dtype=pl.Array(pl.Float32, d))})
     expr = psc.knn_interpolate("X_pca", "batch", model=model, k=K_NN, mode=mode)
     cells.head(1).select(expr)  # the model is registered once, outside the timing
@@ -139,12 +152,7 @@ def write_cells_streaming(n: int, folder: str, d: int = 50) -> None:
     import polars as pl
 
     _, _, cents, disp = make(1000, d, 4)
-    import polars_singlecell as psc
-
-    labels = np.repeat(np.arange(4), K_PER_BATCH)
-    psc.IntegrationModel(
-        pl.DataFrame({"batch": labels, "centroid": pl.Series(cents, dtype=pl.Array(pl.Float32, d)), "displacement": pl.Series(disp, dtype=pl.Array(pl.Float32, d))})
-    ).write_parquet(Path(folder) / "model.parquet")
+    integration_model(cents, disp, 4).write_parquet(Path(folder) / "model.parquet")
     parts = []
     for i, s in enumerate(range(0, n, 500_000)):
         x, batch, _, _ = make(min(500_000, n - s), d, 4, seed=100 + i)
@@ -163,9 +171,7 @@ def overhead(d: int = 300):
     import polars_singlecell as psc
 
     _, _, cents, disp = make(10, d, N_BATCHES)
-    model = psc.IntegrationModel(
-        pl.DataFrame({"batch": np.repeat(np.arange(N_BATCHES), K_PER_BATCH), "centroid": pl.Series(cents, dtype=pl.Array(pl.Float32, d)), "displacement": pl.Series(disp, dtype=pl.Array(pl.Float32, d))})
-    )
+    model = integration_model(cents, disp, N_BATCHES)
     one = pl.DataFrame({"batch": [0], "X_pca": pl.Series(cents[:1], dtype=pl.Array(pl.Float32, d))})
     t = time.perf_counter()
     expr = psc.knn_interpolate("X_pca", "batch", model=model, k=1)

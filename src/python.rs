@@ -229,14 +229,10 @@ struct KnnInterpolateKwargs {
     unknown_pooled: bool,
 }
 
-/// Schema-time checks: the embedding's width is the model's, and the batch
-/// column is a scalar (its values are looked up as text).
+/// Schema-time check: the embedding is `Array(Float32, d)` of the model's `d`.
 fn embedding_for_model(op: &str, f: &Field, d: usize) -> PolarsResult<()> {
     let width = convert::check_embedding_field(f)?;
-    if width != d {
-        polars_bail!(ComputeError: "{op}: column '{}' has width {width} but the model's centroids have {d}; project the cells with the same PCA model the centroids came from", f.name());
-    }
-    Ok(())
+    expressions::check_model_width(op, f.name(), width, d)
 }
 
 fn knn_interpolate_output(fields: &[Field], kwargs: KnnInterpolateKwargs) -> PolarsResult<Field> {

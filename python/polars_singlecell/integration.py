@@ -152,15 +152,15 @@ class IntegrationModel:
     def _register(self) -> str:
         """Hand the arrays to the plugin once per process; return their key.
         The key is a digest of the contents, so equal models share one copy."""
-        labels = self.table[self.batch_key].cast(pl.String)
+        labels = self.table[self.batch_key].cast(pl.String).to_list()
         if self._key is None:
             h = hashlib.blake2b(digest_size=16)
             h.update(f"{self.d}\0{self.batch_key}\0".encode())
-            h.update("\0".join(labels.to_list()).encode())
+            h.update("\0".join(labels).encode())
             for c in ("centroid", "displacement"):
                 h.update(np.ascontiguousarray(self.table[c].to_numpy()).tobytes())
             self._key = "model:" + h.hexdigest()
-        _internal.register_model(self._key, labels.to_list(), self.table["centroid"], self.table["displacement"])
+        _internal.register_model(self._key, labels, self.table["centroid"], self.table["displacement"])
         return self._key
 
 

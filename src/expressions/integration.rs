@@ -78,12 +78,19 @@ impl InterpolationModel {
     }
 }
 
+/// An embedding of width `width` against a model of width `d` (also the
+/// plugins' schema-time check).
+pub fn check_model_width(op: &str, column: &str, width: usize, d: usize) -> PolarsResult<()> {
+    if width != d {
+        polars_bail!(ComputeError: "{op}: column '{column}' has width {width} but the model's centroids have {d}; project the cells with the same PCA model the centroids came from");
+    }
+    Ok(())
+}
+
 /// Rows of the embedding, checked against the model width; no nulls.
 fn rows_for<'a>(op: &str, embedding: &'a Series, model: &InterpolationModel) -> PolarsResult<std::borrow::Cow<'a, [f32]>> {
     let (x, d) = convert::embedding_rows(embedding).map_err(|e| polars_err!(ComputeError: "{op}: {e}"))?;
-    if d != model.d {
-        polars_bail!(ComputeError: "{op}: column '{}' has width {d} but the model's centroids have {}; project the cells with the same PCA model the centroids came from", embedding.name(), model.d);
-    }
+    check_model_width(op, embedding.name(), d, model.d)?;
     Ok(x)
 }
 

@@ -6,7 +6,7 @@
 pub mod convert;
 pub mod integration;
 
-pub use integration::{knn, knn_dtype, knn_interpolate, InterpolationModel};
+pub use integration::{check_model_width, knn, knn_dtype, knn_interpolate, InterpolationModel};
 
 use polars::prelude::*;
 use polars_core::runtime::THREAD_POOL;

@@ -70,10 +70,6 @@ impl CentroidIndex {
         self.norms.is_empty()
     }
 
-    pub fn has_displacement(&self) -> bool {
-        self.displacement.is_some()
-    }
-
     /// The centres and displacements, row-major.
     pub fn rows(&self) -> (&[f32], Option<&[f32]>) {
         (&self.centres, self.displacement.as_deref())
@@ -318,6 +314,14 @@ fn check(x: &[f32], index: &CentroidIndex, k: usize) -> Result<(), KernelError> 
     check_finite(x, d)
 }
 
+fn check_interpolable(x: &[f32], index: &CentroidIndex, k: usize) -> Result<(), KernelError> {
+    check(x, index, k)?;
+    match index.displacement {
+        Some(_) => Ok(()),
+        None => Err(KernelError::Invalid("this index has no displacements to interpolate".into())),
+    }
+}
+
 fn check_finite(x: &[f32], d: usize) -> Result<(), KernelError> {
     match x.iter().position(|v| !v.is_finite()) {
         Some(i) => Err(KernelError::Invalid(format!("row {} holds the non-finite value {}", i / d, x[i]))),
@@ -335,21 +339,16 @@ fn parallel(n_rows: usize) -> bool {
     n_rows >= PAR_ROWS && rayon::current_num_threads() > 1
 }
 
-/// Run `run(rows, sink)` over tasks of `TASK_ROWS` rows, serially or in
-/// parallel. Each row's result depends on that row alone, so both give the
+/// Search each (rows, centres, sink) task, serially or in parallel by the
+/// total rows. Each row's result depends on that row alone, so both give the
 /// same bits.
-fn for_tasks<S: Sink>(
-    x: &[f32],
-    d: usize,
-    parallel: bool,
-    tasks: Vec<S>,
-    run: impl Fn(&[f32], &mut S) + Sync + Send,
-) {
-    let chunks: Vec<(&[f32], S)> = x.chunks(TASK_ROWS * d).zip(tasks).collect();
-    if parallel {
-        chunks.into_par_iter().for_each(|(xb, mut s)| run(xb, &mut s));
+fn run_tasks<S: Sink>(tasks: Vec<(&[f32], &Centres<'_>, S)>, k: usize) {
+    let n_rows: usize = tasks.iter().map(|(x, c, _)| x.len() / c.d).sum();
+    let run = |(x, c, mut sink): (&[f32], &Centres<'_>, S)| search_serial(x, c, k, &mut sink);
+    if parallel(n_rows) {
+        tasks.into_par_iter().for_each(run);
     } else {
-        chunks.into_iter().for_each(|(xb, mut s)| run(xb, &mut s));
+        tasks.into_iter().for_each(run);
     }
 }
 
@@ -361,12 +360,12 @@ pub fn knn(x: &[f32], index: &CentroidIndex, k: usize, idx: &mut [u32], dist: &m
     let (d, n) = (index.d, x.len() / index.d);
     assert!(idx.len() == n * k && dist.len() == n * k, "output buffers sized n·k");
     let c = index.centres();
-    let tasks = idx
-        .chunks_mut(TASK_ROWS * k)
-        .zip(dist.chunks_mut(TASK_ROWS * k))
-        .map(|(idx, dist)| Neighbours { k, idx, dist })
+    let tasks = x
+        .chunks(TASK_ROWS * d)
+        .zip(idx.chunks_mut(TASK_ROWS * k).zip(dist.chunks_mut(TASK_ROWS * k)))
+        .map(|(xb, (idx, dist))| (xb, &c, Neighbours { k, idx, dist }))
         .collect();
-    for_tasks(x, d, parallel(n), tasks, |xb, s| search_serial(xb, &c, k, s));
+    run_tasks(tasks, k);
     Ok(())
 }
 
@@ -374,10 +373,7 @@ pub fn knn(x: &[f32], index: &CentroidIndex, k: usize, idx: &mut [u32], dist: &m
 /// with w_j = (1 / max(dist_j, 1e-3)) / Σ (1 / max(dist, 1e-3)) and dist the
 /// Euclidean distance. Weights in float64, the sum in float32.
 pub fn interpolate(x: &[f32], index: &CentroidIndex, k: usize, out: &mut [f32]) -> Result<(), KernelError> {
-    check(x, index, k)?;
-    if index.displacement.is_none() {
-        return Err(KernelError::Invalid("this index has no displacements to interpolate".into()));
-    }
+    check_interpolable(x, index, k)?;
     assert_eq!(out.len(), x.len(), "output buffer sized like the input");
     run_interpolation(vec![(x, index, out)], k);
     Ok(())
@@ -389,21 +385,14 @@ pub fn interpolate(x: &[f32], index: &CentroidIndex, k: usize, out: &mut [f32]) 
 fn run_interpolation(parts: Vec<(&[f32], &CentroidIndex, &mut [f32])>, k: usize) {
     let centres: Vec<Centres<'_>> = parts.iter().map(|p| p.1.centres()).collect();
     let mut tasks = Vec::new();
-    let mut n_rows = 0;
     for ((x, index, out), c) in parts.into_iter().zip(&centres) {
         let d = index.d;
         let displacement = index.displacement.as_deref().expect("checked: the index has displacements");
-        n_rows += x.len() / d;
         for (xb, out) in x.chunks(TASK_ROWS * d).zip(out.chunks_mut(TASK_ROWS * d)) {
             tasks.push((xb, c, Interpolated { d, displacement, out, w: Vec::with_capacity(k) }));
         }
     }
-    let run = |(xb, c, mut sink): (&[f32], &Centres<'_>, Interpolated<'_>)| search_serial(xb, c, k, &mut sink);
-    if parallel(n_rows) {
-        tasks.into_par_iter().for_each(run);
-    } else {
-        tasks.into_iter().for_each(run);
-    }
+    run_tasks(tasks, k);
 }
 
 /// `interpolate` where row i searches `indexes[group[i]]` only (a cell's own
@@ -440,10 +429,7 @@ pub fn interpolate_grouped(
     }
     let used: Vec<usize> = (0..indexes.len()).filter(|&g| !rows_of[g].is_empty()).collect();
     for &g in &used {
-        check(&[], indexes[g], k)?;
-        if indexes[g].displacement.is_none() {
-            return Err(KernelError::Invalid("this index has no displacements to interpolate".into()));
-        }
+        check_interpolable(&[], indexes[g], k)?;
     }
     let mut xs = Vec::with_capacity(x.len());
     for &g in &used {

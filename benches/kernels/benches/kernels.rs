@@ -5,7 +5,7 @@
 //! its throughput is in floating-point operations (2·n·K·d per pass), so
 //! criterion's "elem/s" reads as FLOP/s against this machine's SGEMM peak.
 //! `knn_interpolate/*` is the same for the fused kNN + gather of
-//! `knn_interpolate`, on one core.
+//! `knn_interpolate`, on all cores and on one.
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use faer::linalg::matmul::matmul;
 use faer::{Accum, Mat, Par};
@@ -79,14 +79,18 @@ fn bench(c: &mut Criterion) {
     g.finish();
 }
 
+/// `len` uniform [0, 1) floats.
+fn uniform(r: &mut Rng, len: usize) -> Vec<f32> {
+    (0..len).map(|_| r.uniform() as f32).collect()
+}
+
 fn bench_assign(c: &mut Criterion) {
     let (n, k) = (65_536, 2048);
     let mut g = c.benchmark_group("kmeans_assign");
     g.sample_size(10);
     for d in [50usize, 300] {
         let mut r = Rng::new(d as u64);
-        let x: Vec<f32> = (0..n * d).map(|_| r.uniform() as f32).collect();
-        let cen: Vec<f32> = (0..k * d).map(|_| r.uniform() as f32).collect();
+        let (x, cen) = (uniform(&mut r, n * d), uniform(&mut r, k * d));
         let cs = Centres::new(&cen, d);
         let mut labels = vec![0u32; n];
         g.throughput(Throughput::Elements((2 * n * k * d) as u64));
@@ -97,22 +101,24 @@ fn bench_assign(c: &mut Criterion) {
     g.finish();
 }
 
-/// The fused kNN + interpolation on one core (65,536 rows stay serial, as a
-/// streaming morsel does): FLOP/s of its GEMM part, 2·n·K·d.
+/// The fused kNN + interpolation on all cores and on one (a one-thread
+/// pool): FLOP/s of its GEMM part, 2·n·K·d.
 fn bench_knn(c: &mut Criterion) {
     let (n, k) = (65_536, 2048);
     let mut g = c.benchmark_group("knn_interpolate");
     g.sample_size(10);
     for d in [50usize, 300] {
         let mut r = Rng::new(d as u64);
-        let x: Vec<f32> = (0..n * d).map(|_| r.uniform() as f32).collect();
-        let cen: Vec<f32> = (0..k * d).map(|_| r.uniform() as f32).collect();
-        let disp: Vec<f32> = (0..k * d).map(|_| r.uniform() as f32).collect();
+        let (x, cen, disp) = (uniform(&mut r, n * d), uniform(&mut r, k * d), uniform(&mut r, k * d));
         let index = CentroidIndex::new(cen, Some(disp), d).unwrap();
         let mut out = vec![0f32; n * d];
         g.throughput(Throughput::Elements((2 * n * k * d) as u64));
-        g.bench_function(format!("65536x{d}_k2048_top8_1core_flops"), |b| {
+        g.bench_function(format!("65536x{d}_k2048_top8_flops"), |b| {
             b.iter(|| interpolate(&x, &index, 8, &mut out).unwrap())
+        });
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+        g.bench_function(format!("65536x{d}_k2048_top8_1core_flops"), |b| {
+            b.iter(|| pool.install(|| interpolate(&x, &index, 8, &mut out)).unwrap())
         });
     }
     g.finish();

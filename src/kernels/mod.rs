@@ -5,6 +5,7 @@ pub mod distance;
 pub mod hvg;
 pub mod kmeans;
 pub mod knn;
+pub mod metrics;
 pub mod normalize;
 pub mod pca;
 pub mod rng;

@@ -5,7 +5,7 @@ PY      := .venv/bin/python
 export VIRTUAL_ENV := $(CURDIR)/.venv
 export PATH := $(CURDIR)/.venv/bin:$(PATH)
 
-.PHONY: demo test build bench bench-kmeans bench-knn
+.PHONY: demo test build bench bench-kmeans bench-knn bench-metrics
 
 .venv/.base:
 	python3 -m venv .venv
@@ -36,3 +36,6 @@ bench-kmeans: .venv/.test build
 
 bench-knn: .venv/.test build
 	$(PY) benches/bench_knn.py
+
+bench-metrics: .venv/.test build
+	$(PY) benches/bench_metrics.py

@@ -14,6 +14,7 @@ use pyo3_polars::{PolarsAllocator, PyDataFrame, PySeries};
 use serde::Deserialize;
 
 use crate::expressions::{self, convert, InterpolationModel};
+use crate::kernels;
 use crate::kernels::hvg::GeneStats;
 use crate::kernels::kmeans::KMeansParams;
 use crate::kernels::sample::BottomK;
@@ -488,6 +489,71 @@ impl CentroidSampler {
     }
 }
 
+// ------------------------------------------------------------------ metrics
+
+/// A flat `UInt32` Series without nulls as one slice.
+fn u32_values(s: &Series) -> PyResult<Vec<u32>> {
+    let ca = s.u32().map_err(|_| value_error(format!("column '{}' has dtype {}, expected UInt32", s.name(), s.dtype())))?;
+    if ca.null_count() > 0 {
+        return Err(value_error(format!("column '{}' holds nulls", s.name())));
+    }
+    Ok(ca.into_no_null_iter().collect())
+}
+
+/// Exact `k` nearest rows of `index` for every row of `queries` (both
+/// `Array(Float32, d)`), without registering a model: the metrics search a
+/// sample once and drop it. Returns (indices `Array(UInt32, k)`, distances
+/// `Array(Float32, k)`), ascending, Euclidean, ties to the lower row.
+#[pyfunction]
+fn knn_search(py: Python<'_>, queries: PySeries, index: PySeries, k: usize) -> PyResult<(PySeries, PySeries)> {
+    let (q, d) = convert::embedding_rows(&queries.0).map_err(value_error)?;
+    let (c, dc) = convert::embedding_rows(&index.0).map_err(value_error)?;
+    if d != dc {
+        return Err(value_error(format!(
+            "column '{}' has width {d} but the index '{}' has {dc}",
+            queries.0.name(),
+            index.0.name()
+        )));
+    }
+    let (q, c) = (q.into_owned(), c.into_owned());
+    let n = q.len() / d;
+    let (idx, dist) = py
+        .detach(|| {
+            polars_core::runtime::THREAD_POOL.install(|| {
+                let ix = kernels::knn::CentroidIndex::new(c, None, d)?;
+                let (mut idx, mut dist) = (vec![0u32; n * k], vec![0f32; n * k]);
+                kernels::knn::knn(&q, &ix, k, &mut idx, &mut dist)?;
+                Ok::<_, crate::error::KernelError>((idx, dist))
+            })
+        })
+        .map_err(value_error)?;
+    let idx = convert::array_of("indices", k, idx, None).map_err(value_error)?;
+    let dist = convert::array_of("distances", k, dist, None).map_err(value_error)?;
+    Ok((PySeries(idx), PySeries(dist)))
+}
+
+/// LISI of every row of a neighbour table: `distances` is `Array(Float32, k)`
+/// (Euclidean, self excluded), `labels` the neighbours' category codes,
+/// flattened row by row (n·k `UInt32`).
+#[pyfunction]
+fn lisi(py: Python<'_>, distances: PySeries, labels: PySeries, n_categories: usize, perplexity: f64) -> PyResult<PySeries> {
+    let (d, k) = convert::embedding_rows(&distances.0).map_err(value_error)?;
+    let l = u32_values(&labels.0)?;
+    let out = py
+        .detach(|| polars_core::runtime::THREAD_POOL.install(|| kernels::metrics::lisi(&d, &l, k, n_categories, perplexity)))
+        .map_err(value_error)?;
+    Ok(PySeries(Series::new("lisi".into(), out)))
+}
+
+/// Connected components of the undirected graph on `n` nodes with edges
+/// (src, dst); each node's component is named by its smallest member.
+#[pyfunction]
+fn connected_components(py: Python<'_>, n: usize, src: PySeries, dst: PySeries) -> PyResult<PySeries> {
+    let (a, b) = (u32_values(&src.0)?, u32_values(&dst.0)?);
+    let out = py.detach(|| kernels::metrics::components(n, &a, &b)).map_err(value_error)?;
+    Ok(PySeries(Series::new("component".into(), out)))
+}
+
 #[pymodule]
 fn _internal(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
@@ -499,5 +565,8 @@ fn _internal(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(register_model, m)?)?;
     m.add_function(wrap_pyfunction!(model_builds, m)?)?;
     m.add_function(wrap_pyfunction!(clear_models, m)?)?;
+    m.add_function(wrap_pyfunction!(lisi, m)?)?;
+    m.add_function(wrap_pyfunction!(knn_search, m)?)?;
+    m.add_function(wrap_pyfunction!(connected_components, m)?)?;
     Ok(())
 }

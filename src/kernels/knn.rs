@@ -339,17 +339,29 @@ fn parallel(n_rows: usize) -> bool {
     n_rows >= PAR_ROWS && rayon::current_num_threads() > 1
 }
 
-/// Search each (rows, centres, sink) task, serially or in parallel by the
-/// total rows. Each row's result depends on that row alone, so both give the
-/// same bits.
-fn run_tasks<S: Sink>(tasks: Vec<(&[f32], &Centres<'_>, S)>, k: usize) {
+/// Search each (rows, centres, sink) task, in parallel when the call has
+/// `PAR_ROWS` rows or more (or the caller says so). Each row's result depends
+/// on that row alone, so both give the same bits.
+fn run_tasks<S: Sink>(tasks: Vec<(&[f32], &Centres<'_>, S)>, k: usize, force_parallel: bool) {
     let n_rows: usize = tasks.iter().map(|(x, c, _)| x.len() / c.d).sum();
     let run = |(x, c, mut sink): (&[f32], &Centres<'_>, S)| search_serial(x, c, k, &mut sink);
-    if parallel(n_rows) {
+    if parallel(n_rows) || (force_parallel && tasks.len() > 1) {
         tasks.into_par_iter().for_each(run);
     } else {
         tasks.into_iter().for_each(run);
     }
+}
+
+/// Rows per task of a `knn` call: `TASK_ROWS`, or fewer when a call has few
+/// rows against many centres (a metric's whole-sample index), so every core
+/// gets several tasks. Calls of under `PAR_ROWS` rows against at most 2048
+/// centres keep one task (serial): splitting them costs more than it saves.
+fn knn_task_rows(n_rows: usize, n_centres: usize) -> usize {
+    let threads = rayon::current_num_threads();
+    if threads == 1 || n_rows.saturating_mul(n_centres) < PAR_ROWS * 2048 {
+        return TASK_ROWS;
+    }
+    n_rows.div_ceil(4 * threads).clamp(GEMM_ROWS, TASK_ROWS)
 }
 
 /// For each row of `x` (row-major, `index.d()` wide): its `k` nearest centres
@@ -360,12 +372,13 @@ pub fn knn(x: &[f32], index: &CentroidIndex, k: usize, idx: &mut [u32], dist: &m
     let (d, n) = (index.d, x.len() / index.d);
     assert!(idx.len() == n * k && dist.len() == n * k, "output buffers sized n·k");
     let c = index.centres();
+    let rows = knn_task_rows(n, index.len());
     let tasks = x
-        .chunks(TASK_ROWS * d)
-        .zip(idx.chunks_mut(TASK_ROWS * k).zip(dist.chunks_mut(TASK_ROWS * k)))
+        .chunks(rows * d)
+        .zip(idx.chunks_mut(rows * k).zip(dist.chunks_mut(rows * k)))
         .map(|(xb, (idx, dist))| (xb, &c, Neighbours { k, idx, dist }))
         .collect();
-    run_tasks(tasks, k);
+    run_tasks(tasks, k, rows < TASK_ROWS);
     Ok(())
 }
 
@@ -392,7 +405,7 @@ fn run_interpolation(parts: Vec<(&[f32], &CentroidIndex, &mut [f32])>, k: usize)
             tasks.push((xb, c, Interpolated { d, displacement, out, w: Vec::with_capacity(k) }));
         }
     }
-    run_tasks(tasks, k);
+    run_tasks(tasks, k, false);
 }
 
 /// `interpolate` where row i searches `indexes[group[i]]` only (a cell's own

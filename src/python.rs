@@ -532,6 +532,43 @@ fn knn_search(py: Python<'_>, queries: PySeries, index: PySeries, k: usize) -> P
     Ok((PySeries(idx), PySeries(dist)))
 }
 
+/// A flat `Float64` Series without nulls as a Vec.
+fn f64_values(s: &Series) -> PyResult<Vec<f64>> {
+    let ca = s.f64().map_err(|_| value_error(format!("column '{}' has dtype {}, expected Float64", s.name(), s.dtype())))?;
+    if ca.null_count() > 0 {
+        return Err(value_error(format!("column '{}' holds nulls", s.name())));
+    }
+    Ok(ca.into_no_null_iter().collect())
+}
+
+/// Entropic OT plan (log domain) between masses `a` and `b` for a row-major
+/// cost matrix; `reg_m = inf` is balanced. Returns (plan as a flat Float64
+/// Series, iterations, converged, last potential change).
+#[pyfunction]
+#[pyo3(signature = (a, b, cost, epsilon, reg_m, max_iter, tol))]
+fn sinkhorn(
+    py: Python<'_>,
+    a: PySeries,
+    b: PySeries,
+    cost: PySeries,
+    epsilon: f64,
+    reg_m: f64,
+    max_iter: usize,
+    tol: f64,
+) -> PyResult<(PySeries, usize, bool, f64)> {
+    let (a, b, c) = (f64_values(&a.0)?, f64_values(&b.0)?, f64_values(&cost.0)?);
+    let params = kernels::ot::SinkhornParams { epsilon, reg_m, max_iter, tol };
+    let (plan, fit) = py
+        .detach(|| {
+            polars_core::runtime::THREAD_POOL.install(|| {
+                let fit = kernels::ot::sinkhorn_log(&a, &b, &c, &params)?;
+                Ok::<_, crate::error::KernelError>((kernels::ot::plan(&a, &b, &c, &fit, epsilon), fit))
+            })
+        })
+        .map_err(value_error)?;
+    Ok((PySeries(Series::new("plan".into(), plan)), fit.iterations, fit.converged, fit.delta))
+}
+
 /// LISI of every row of a neighbour table: `distances` is `Array(Float32, k)`
 /// (Euclidean, self excluded), `labels` the neighbours' category codes,
 /// flattened row by row (n·k `UInt32`).
@@ -566,6 +603,7 @@ fn _internal(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(model_builds, m)?)?;
     m.add_function(wrap_pyfunction!(clear_models, m)?)?;
     m.add_function(wrap_pyfunction!(lisi, m)?)?;
+    m.add_function(wrap_pyfunction!(sinkhorn, m)?)?;
     m.add_function(wrap_pyfunction!(knn_search, m)?)?;
     m.add_function(wrap_pyfunction!(connected_components, m)?)?;
     Ok(())

@@ -22,6 +22,7 @@ from polars_singlecell import datasets, metrics  # noqa: E402
 from polars_singlecell.centroids import fit_centroids, kmeans_centroids  # noqa: E402
 from polars_singlecell.integration import IntegrationModel, clear_models, knn, knn_interpolate  # noqa: E402
 from polars_singlecell.io import sink_parquet  # noqa: E402
+from polars_singlecell.ot import fit_integration, ot_integrate  # noqa: E402
 from polars_singlecell.preprocessing import (  # noqa: E402
     PcaModel,
     consensus_genes,
@@ -43,6 +44,7 @@ __all__ = [
     "consensus_genes",
     "datasets",
     "fit_centroids",
+    "fit_integration",
     "fit_pca",
     "highly_variable_genes",
     "kmeans_centroids",
@@ -51,6 +53,7 @@ __all__ = [
     "median_total_counts",
     "metrics",
     "normalize",
+    "ot_integrate",
     "pca_project",
     "select_genes",
     "sink_parquet",

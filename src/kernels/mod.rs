@@ -7,6 +7,7 @@ pub mod kmeans;
 pub mod knn;
 pub mod metrics;
 pub mod normalize;
+pub mod ot;
 pub mod pca;
 pub mod rng;
 pub mod sample;

@@ -1,0 +1,207 @@
+"""ot_integrate / fit_integration: the OT core against POT, integration
+quality judged on cells with psc.metrics (not the method's own objective) on
+the real labelled sets in ../shared/data, determinism, bad input."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import polars as pl
+import pytest
+
+import polars_singlecell as psc
+from polars_singlecell import _internal
+from polars_singlecell import metrics as M
+
+
+def sinkhorn(a, b, cost, epsilon, reg_m, max_iter=100_000, tol=1e-13):
+    plan, iters, conv, _ = _internal.sinkhorn(pl.Series(a), pl.Series(b), pl.Series(cost.ravel()), epsilon, reg_m, max_iter, tol)
+    return plan.to_numpy().reshape(cost.shape), iters, conv
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("epsilon, reg_m", [(0.05, np.inf), (0.01, np.inf), (0.05, 1.0), (0.1, 0.2), (0.02, 5.0)])
+def test_plans_equal_pot(seed, epsilon, reg_m):
+    import ot
+
+    rng = np.random.default_rng(seed)
+    x, y = rng.normal(size=(40, 3)), rng.normal(size=(30, 3)) + 0.5
+    a, b = rng.random(40) + 0.1, rng.random(30) + 0.1
+    a, b = a / a.sum(), b / b.sum() * (1.0 if np.isinf(reg_m) else 1.3)  # unbalanced: unequal totals
+    cost = ot.dist(x, y)
+    cost /= cost.max()
+    ours, _, converged = sinkhorn(a, b, cost, epsilon, reg_m)
+    assert converged
+    if np.isinf(reg_m):
+        ref = ot.bregman.sinkhorn_log(a, b, cost, epsilon, numItermax=100_000, stopThr=1e-15)
+    else:
+        ref = ot.sinkhorn_unbalanced(a, b, cost, epsilon, reg_m, reg_type="kl", numItermax=100_000, stopThr=1e-15)
+    np.testing.assert_allclose(ours, ref, rtol=1e-8, atol=1e-15)
+    np.testing.assert_allclose(ours.sum(1), ref.sum(1), rtol=1e-8)
+    np.testing.assert_allclose(ours.sum(0), ref.sum(0), rtol=1e-8)
+
+
+def test_far_apart_clouds_where_the_linear_domain_underflows():
+    """POT's scaling iterations fail (warning, NaN or an all-zero plan) once
+    cost/ε passes ~700; the log domain gives the right plan."""
+    import ot
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(20, 2))
+    y = x[::-1] + 100.0
+    a = b = np.full(20, 1 / 20)
+    cost = ot.dist(x, y)
+    ours, _, converged = sinkhorn(a, b, cost, 0.01, np.inf, tol=1e-10)
+    assert converged and np.isfinite(ours).all()
+    with np.errstate(all="ignore"), pytest.warns(UserWarning):
+        ref = ot.sinkhorn(a, b, cost, 0.01, numItermax=1000)
+    assert not np.isfinite(ref).all() or ref.sum() < 1e-100  # POT's linear domain underflows
+    # Ours matches each point with its own translate (row i ↔ column 19 − i)
+    # and keeps the marginals: the columns to float64 resolution of potentials
+    # of ~cost/ε ≈ 2e6 (ulp 4.7e-10; updated last), the rows to
+    # the stopping rule, 1e-10 relative to potentials of ~cost/ε ≈ 2e6, i.e.
+    # ~2e-4 in φ, hence ~2e-4 relative in a row's mass.
+    assert (ours.argmax(1) == np.arange(20)[::-1]).all()
+    np.testing.assert_allclose(ours.sum(0), b, rtol=1e-9)
+    np.testing.assert_allclose(ours.sum(1), a, rtol=5e-4)
+    # Unbalanced: destroying mass is cheaper than moving it 100 away; the plan
+    # is finite and (almost) empty rather than NaN.
+    ours, _, converged = sinkhorn(a, b, cost, 1.0, 3.0, tol=1e-10)
+    assert converged and np.isfinite(ours).all() and ours.sum() < 1e-6
+
+
+def cell_centroids(cells: pl.DataFrame, n: int) -> pl.DataFrame:
+    return (
+        cells.group_by("batch", maintain_order=True)
+        .agg(psc.kmeans_centroids("X_pca", n_centroids=n))
+        .unnest("centroids")
+        .explode("centroid", "mass")
+    )
+
+
+@pytest.fixture(scope="module")
+def cellbench_sng(cellbench_pca, cellbench):
+    """CellBench cells whose line demuxlet called cleanly (DATA.md: keep SNG)."""
+    df, _ = cellbench
+    return cellbench_pca.filter(df["demuxlet_cls"] == "SNG")
+
+
+def judged(cells: pl.DataFrame, n_centroids: int):
+    model = psc.fit_integration(cell_centroids(cells, n_centroids))
+    out = cells.with_columns(psc.knn_interpolate("X_pca", "batch", model=model, k=8))
+    table = M.evaluate(out, ["X_pca", "X_ot"], batch_key="batch", label_key="label")
+    return model, out, {(e, m): v for e, m, v in table.iter_rows()}
+
+
+@pytest.mark.parametrize("dataset", ["harmony", "cellbench"])
+def test_real_data_batches_mix_and_labels_survive(dataset, harmony, cellbench_sng):
+    if dataset == "harmony":
+        cells, n = harmony.select("batch", "label", pl.col("embedding").alias("X_pca")), 64
+    else:
+        cells, n = cellbench_sng, 24
+    model, out, m = judged(cells, n)
+    # mixing rises, on cells, by measures that are not the OT objective
+    assert m["X_ot", "batch_entropy_norm"] > m["X_pca", "batch_entropy_norm"] + 0.1
+    assert m["X_ot", "ilisi"] > m["X_pca", "ilisi"] + 0.1
+    # conservation within 2% of the uncorrected embedding
+    for metric in ("label_purity", "clisi"):
+        assert m["X_ot", metric] >= 0.98 * m["X_pca", metric], metric
+    assert model.metrics["after"]["mix"] > model.metrics["before"]["mix"]
+    assert model.metrics["converged"]
+
+
+def test_lines_missing_from_batches_are_not_pulled_into_others(cellbench_sng):
+    """A549 and H838 exist in only 3 of the 5 CellBench batches: their cells'
+    neighbours must stay their own line."""
+    _, out, _ = judged(cellbench_sng, 24)
+    lab = out["label"].to_numpy()
+    for emb in ("X_pca", "X_ot"):
+        idx, _ = M.neighbors(out[emb], 30)
+        for line in ("A549", "H838"):
+            rows = lab == line
+            purity = (lab[idx[rows]] == line).mean()
+            if emb == "X_pca":
+                before = purity
+            else:
+                assert purity >= 0.98 * before, line
+
+
+def test_reference_batch_stays_put_and_expression_matches(harmony):
+    cells = harmony.select("batch", "label", pl.col("embedding").alias("X_pca"))
+    cents = cell_centroids(cells, 32)
+    model = psc.fit_integration(cents, reference="half")
+    disp = model.table.filter(pl.col("batch") == "half")["displacement"].to_numpy()
+    assert (disp == 0).all()
+    assert np.abs(model.table.filter(pl.col("batch") != "half")["displacement"].to_numpy()).max() > 0
+    # the expression over the same table gives the same displacements
+    via_expr = cents.lazy().with_columns(psc.ot_integrate("centroid", "batch", "mass")).collect()
+    base = psc.fit_integration(cents)
+    assert via_expr["displacement"].equals(base.table["displacement"])
+
+
+def test_model_round_trip_keeps_metrics(tmp_path, harmony):
+    cells = harmony.select("batch", pl.col("embedding").alias("X_pca"))
+    model = psc.fit_integration(cell_centroids(cells, 16))
+    model.write_parquet(tmp_path / "m.parquet")
+    back = psc.IntegrationModel.read_parquet(tmp_path / "m.parquet")
+    assert back.table.equals(model.table)
+    assert back.metrics["after"]["mix"] == model.metrics["after"]["mix"]
+    assert back.metrics["n_centroids"] == 48 and back.metrics["it"] == 3
+    assert {"iterations", "converged", "marginal_error", "delta"} <= set(back.metrics["convergence"][0])
+
+
+def test_same_bits_at_one_and_two_threads(tmp_path, harmony):
+    cells = harmony.select("batch", pl.col("embedding").alias("X_pca"))
+    cell_centroids(cells, 32).write_parquet(tmp_path / "c.parquet")
+    script = textwrap.dedent(
+        """
+        import sys, polars as pl, polars_singlecell as psc
+        model = psc.fit_integration(pl.read_parquet(sys.argv[1]))
+        model.table.write_parquet(sys.argv[2])
+        """
+    )
+    outs = []
+    for threads in ("1", "2"):
+        env = dict(os.environ, POLARS_MAX_THREADS=threads, OPENBLAS_NUM_THREADS=threads, OMP_NUM_THREADS=threads)
+        path = tmp_path / f"m{threads}.parquet"
+        subprocess.run([sys.executable, "-c", script, str(tmp_path / "c.parquet"), str(path)], check=True, env=env)
+        outs.append(pl.read_parquet(path))
+    assert outs[0].equals(outs[1])
+
+
+def table(batches, masses=None, d=3, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(len(batches), d)).astype(np.float32)
+    return pl.DataFrame({
+        "batch": batches,
+        "centroid": pl.Series(x, dtype=pl.Array(pl.Float32, d)),
+        "mass": np.ones(len(batches)) if masses is None else masses,
+    })
+
+
+@pytest.mark.parametrize(
+    "make, kwargs, match",
+    [
+        (lambda: table(["a"] * 10), {}, "single batch"),
+        (lambda: table(["a"] * 10 + ["b"]), {}, "batch 'b' has 1 centroid"),
+        (lambda: table(["a"] * 5 + ["b"] * 5, [1.0] * 9 + [0.0]), {}, "holds 0.0 at row 9"),
+        (lambda: table(["a"] * 5 + ["b"] * 5, [1.0] * 3 + [-2.0] + [1.0] * 6), {}, "holds -2.0 at row 3"),
+        (lambda: table(["a"] * 5 + ["b"] * 5, [1.0] * 4 + [float("nan")] + [1.0] * 5), {}, "holds nan at row 4"),
+        (lambda: table(["a"] * 5 + ["b"] * 5), {"reference": "zz"}, "one of the batches"),
+        (lambda: table(["a"] * 5 + ["b"] * 5), {"epsilon": 0}, "epsilon must be a positive number"),
+        (lambda: table(["a"] * 5 + ["b"] * 5), {"n_rounds": 0}, "n_rounds must be a positive integer"),
+        (lambda: table(["a"] * 5 + ["b"] * 5).drop("mass"), {}, "no column 'mass'"),
+        (
+            lambda: table(["a"] * 5 + ["b"] * 5).with_columns(pl.col("centroid").cast(pl.List(pl.Float32))),
+            {},
+            "expected Array",
+        ),
+    ],
+)
+def test_bad_input(make, kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        psc.fit_integration(make(), **kwargs)

@@ -5,7 +5,7 @@ PY      := .venv/bin/python
 export VIRTUAL_ENV := $(CURDIR)/.venv
 export PATH := $(CURDIR)/.venv/bin:$(PATH)
 
-.PHONY: demo test build bench bench-kmeans bench-knn bench-metrics
+.PHONY: demo test build bench bench-kmeans bench-knn bench-metrics bench-integration
 
 .venv/.base:
 	python3 -m venv .venv
@@ -39,3 +39,6 @@ bench-knn: .venv/.test build
 
 bench-metrics: .venv/.test build
 	$(PY) benches/bench_metrics.py
+
+bench-integration: .venv/.test build
+	$(PY) benches/bench_integration.py

@@ -10,8 +10,10 @@ that :func:`knn_interpolate` carries to every cell.
 Algorithm (``reference="barycenter"``):
 
 1. Masses are normalised to sum 1 per batch. The reference starts as all
-   centroids pooled, each batch weighing 1/B (reduced to ``n_reference``
-   points by weighted k-means when larger).
+   centroids pooled, each batch weighing 1/B (a batch with more than
+   ``n_reference / B`` centroids is reduced by weighted k-means). In the first
+   round each batch is matched to the *other* batches' points only: its own
+   copy in the reference would cost nothing and pin it in place.
 2. Costs are squared Euclidean distances divided by ``scale``: the median
    squared distance from a centroid to its nearest centroid of another batch
    (the typical price of matching across batches), so ``epsilon`` and
@@ -43,7 +45,7 @@ computed independently of the thread count.
 >>> model = psc.fit_integration(table)
 >>> shift = model.table.group_by("batch", maintain_order=True).agg(pl.col("displacement").arr.get(0).mean())
 >>> [round(v, 1) for v in shift["displacement"]]   # most of the way to the middle (2.5)
-[1.9, -1.9]
+[1.8, -1.8]
 >>> model.metrics["after"]["mix"] > model.metrics["before"]["mix"]
 True
 """
@@ -192,10 +194,17 @@ def fit_integration(
 
     if reference == "barycenter":
         ref_batch = None
-        y, nu = _reduce(x, np.concatenate([ai / n_b for ai in a])[np.argsort(np.concatenate(groups))], n_reference, random_state)
+        # Every batch's centroids, each batch weighing 1/B; a batch with more
+        # than its share of n_reference points is reduced by weighted k-means.
+        # `origin` remembers which batch each reference point came from.
+        parts = [_reduce(x[rows], a[g], max(n_reference // n_b, 1), random_state) for g, rows in enumerate(groups)]
+        y = np.vstack([p[0] for p in parts])
+        nu = np.concatenate([p[1] / n_b for p in parts])
+        origin = np.concatenate([np.full(len(p[0]), g) for g, p in enumerate(parts)])
     elif reference in names:
         ref_batch = names.index(reference)
         y, nu = x[groups[ref_batch]], a[ref_batch]
+        origin = np.full(len(y), ref_batch)
     else:
         raise ValueError(f"reference must be 'barycenter' or one of the batches {names}, got {reference!r}")
     y = y.astype(np.float64)
@@ -221,15 +230,20 @@ def fit_integration(
             if g == ref_batch:
                 continue
             xb = x[rows].astype(np.float64)
-            plan, iters, conv, delta = _solve(a[g], nu, _sqdist(xb, y) / scale, epsilon, reg_m, max_iter, tol)
+            # First round of a barycentre: the reference still holds this
+            # batch's own centroids, which it would match at zero cost and so
+            # never move; it sees only the other batches' points.
+            cols = np.flatnonzero(origin != g) if (ref_batch is None and r == 0) else np.arange(len(y))
+            target = nu[cols] / nu[cols].sum()
+            plan, iters, conv, delta = _solve(a[g], target, _sqdist(xb, y[cols]) / scale, epsilon, reg_m, max_iter, tol)
             row = plan.sum(1)
-            images[g] = (plan @ y) / np.maximum(row, 1e-300)[:, None]
+            images[g] = (plan @ y[cols]) / np.maximum(row, 1e-300)[:, None]
             kept[g] = np.minimum(1.0, row / a[g])
-            num += plan.T @ xb
-            den += plan.sum(0)
+            num[cols] += plan.T @ xb
+            den[cols] += plan.sum(0)
             convergence.append({
                 "round": r, "batch": names[g], "iterations": iters, "converged": conv, "delta": delta,
-                "marginal_error": float(np.abs(row - a[g]).sum() + np.abs(plan.sum(0) - nu).sum()),
+                "marginal_error": float(np.abs(row - a[g]).sum() + np.abs(plan.sum(0) - target).sum()),
             })
         if ref_batch is None and r < n_rounds - 1:
             moved = den > 1e-12 * den.max()
@@ -242,17 +256,25 @@ def fit_integration(
         raw, keep = images[g] - x[rows], kept[g]
         k = min(n_neighbors, len(rows)) - 1
         nb = np.arange(len(rows))[:, None]
+        kern = np.ones((len(rows), 1))
         if smooth_steps and k >= 1:
-            nb = np.concatenate([nb, _m.neighbors(x[rows], k)[0]], axis=1)
-        # A centroid takes the mass-kept-weighted mean displacement of its
-        # neighbourhood (its edge, where the plan dropped mass, borrows from
-        # its matched core), scaled by how much mass the neighbourhood kept
-        # (full move from KEEP_FULL on; a population with no counterpart stays).
+            idx, dist = _m.neighbors(x[rows], k)
+            nb = np.concatenate([nb, idx], axis=1)
+            # Gaussian weights with a bandwidth of the distance to the 3rd
+            # nearest centroid: the neighbourhood is a few centroids wide, so
+            # populations next to each other keep their own displacements.
+            h = np.maximum(dist[:, min(2, k - 1)].astype(np.float64), 1e-12)
+            d_all = np.concatenate([np.zeros((len(rows), 1)), dist.astype(np.float64)], axis=1)
+            kern = np.exp(-0.5 * (d_all / h[:, None]) ** 2)
+        # A centroid takes the kept-mass- and kernel-weighted mean displacement
+        # of its neighbourhood (its edge, where the plan dropped mass, borrows
+        # from its matched core), scaled by how much mass the neighbourhood
+        # kept (a population with no counterpart stays).
         d = raw
         for step in range(max(smooth_steps, 1)):
-            wsum = keep[nb].sum(axis=1)
-            d = (keep[nb][:, :, None] * d[nb]).sum(axis=1) / np.maximum(wsum, 1e-300)[:, None]
-        d *= np.minimum(1.0, keep[nb].mean(axis=1) / KEEP_FULL)[:, None]
+            w = kern * keep[nb]
+            d = (w[:, :, None] * d[nb]).sum(axis=1) / np.maximum(w.sum(axis=1), 1e-300)[:, None]
+        d *= np.minimum(1.0, (kern * keep[nb]).sum(axis=1) / kern.sum(axis=1) / KEEP_FULL)[:, None]
         disp[rows] = d
     disp = disp.astype(np.float32)
 

@@ -1,0 +1,124 @@
+"""Integration quality, side by side, judged on cells with psc.metrics:
+no correction, per-batch centring, Harmony (harmonypy) and ours
+(fit_integration on k-means centroids → knn_interpolate), on the real labelled
+sets in ../shared/data and on generated data with a known batch effect.
+
+scbiot (the reference method) installs only on Python 3.12 with ~8 GB of
+torch wheels and is not run here.
+
+    make bench-integration    # or: .venv/bin/python benches/bench_integration.py
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+METRICS = ["batch_entropy_norm", "ilisi", "label_purity", "clisi", "label_transfer", "graph_connectivity"]
+
+
+def datasets():
+    import polars_singlecell as psc
+
+    harmony = pl.read_parquet(DATA / "harmony_cell_lines" / "embedding.parquet").select(
+        "batch", "label", pl.col("embedding").alias("X_pca")
+    )
+    cb = pl.read_parquet(DATA / "cellbench_mixology" / "cells.parquet").filter(pl.col("demuxlet_cls") == "SNG")
+    n_genes = pl.read_parquet(DATA / "cellbench_mixology" / "genes.parquet").height
+    cb = cb.with_columns(psc.normalize(target_sum=1e4))
+    var = psc.highly_variable_genes(cb, n_genes=n_genes, n_top_genes=2000)
+    genes = var.filter("highly_variable")["gene_idx"]
+    cb = cb.with_columns(psc.select_genes(genes=genes).struct.unnest())
+    cb = cb.with_columns(psc.pca_project(model=psc.fit_pca(cb, n_genes=genes.len(), n_comps=30))).select("batch", "label", "X_pca")
+    gen, truth = generated()
+    return [("harmony_cell_lines (3 batches, 2 lines)", harmony, 64, None),
+            ("cellbench_mixology SNG (5 batches, 5 lines)", cb, 24, None),
+            ("generated: 14 plates, 20 lines, 3 missing per plate", gen, 64, truth)]
+
+
+def generated(seed: int = 0, d: int = 20, cells_per_plate: int = 1500):
+    """Lines as Gaussian blobs; each plate drops 3 lines and applies its own
+    shift, per-axis scaling and small rotation (the known batch effect)."""
+    rng = np.random.default_rng(seed)
+    lines = rng.normal(size=(20, d)) * 3
+    rows, truth, plates, labels = [], [], [], []
+    for p in range(14):
+        present = np.setdiff1d(np.arange(20), rng.choice(20, 3, replace=False))
+        lab = rng.choice(present, cells_per_plate)
+        t = lines[lab] + rng.normal(size=(cells_per_plate, d)) * 0.7
+        q, _ = np.linalg.qr(np.eye(d) + rng.normal(size=(d, d)) * 0.05)
+        x = (t * rng.uniform(0.85, 1.15, d)) @ q + rng.normal(size=d) * 1.5
+        rows.append(x); truth.append(t); plates += [f"plate{p}"] * cells_per_plate; labels += [f"line{i}" for i in lab]
+    x = np.vstack(rows).astype(np.float32)
+    df = pl.DataFrame({"batch": plates, "label": labels, "X_pca": pl.Series(x, dtype=pl.Array(pl.Float32, d))})
+    return df, np.vstack(truth)
+
+
+def centring(df: pl.DataFrame) -> np.ndarray:
+    x = df["X_pca"].to_numpy().astype(np.float64)
+    b = df["batch"].to_numpy()
+    out = x.copy()
+    for g in np.unique(b):
+        out[b == g] -= x[b == g].mean(0) - x.mean(0)
+    return out.astype(np.float32)
+
+
+def harmony(df: pl.DataFrame) -> np.ndarray:
+    import harmonypy
+
+    ho = harmonypy.run_harmony(df["X_pca"].to_numpy().astype(np.float64), df.select("batch").to_pandas(), ["batch"], verbose=False, random_state=0)
+    return np.asarray(ho.Z_corr, dtype=np.float32)
+
+
+def ours(df: pl.DataFrame, n_centroids: int) -> np.ndarray:
+    import polars_singlecell as psc
+
+    cents = df.group_by("batch", maintain_order=True).agg(psc.kmeans_centroids("X_pca", n_centroids=n_centroids)).unnest("centroids").explode("centroid", "mass")
+    model = psc.fit_integration(cents)
+    return df.select(psc.knn_interpolate("X_pca", "batch", model=model, k=8))["X_ot"].to_numpy()
+
+
+def truth_error(emb: np.ndarray, truth: np.ndarray, batch: np.ndarray) -> float:
+    """RMS distance to the true embedding after the best global affine fit
+    (an integration may return any common frame, not the truth's)."""
+    a = np.hstack([emb, np.ones((len(emb), 1))])
+    coef, *_ = np.linalg.lstsq(a, truth, rcond=None)
+    return float(np.sqrt(((a @ coef - truth) ** 2).sum(1).mean()))
+
+
+def main() -> None:
+    import polars_singlecell as psc
+
+    for name, df, n_centroids, truth in datasets():
+        print(f"\n**{name}**, {df.height:,} cells, d = {df.schema['X_pca'].size}\n")
+        cols = METRICS + (["truth RMSE"] if truth is not None else []) + ["seconds"]
+        print("| method | " + " | ".join(cols) + " |")
+        print("|---" * (len(cols) + 1) + "|")
+        for method in ("none", "per-batch centring", "Harmony (harmonypy 2.1.0)", "ours (fit_integration + knn_interpolate)"):
+            t = time.perf_counter()
+            if method == "none":
+                emb = df["X_pca"].to_numpy()
+            elif method.startswith("per-batch"):
+                emb = centring(df)
+            elif method.startswith("Harmony"):
+                emb = harmony(df)
+            else:
+                emb = ours(df, n_centroids)
+            secs = time.perf_counter() - t
+            cells = df.with_columns(E=pl.Series(emb, dtype=pl.Array(pl.Float32, emb.shape[1])))
+            m = {k: v for _, k, v in psc.metrics.evaluate(cells, ["E"], batch_key="batch", label_key="label").iter_rows()}
+            vals = [f"{m[k]:.3f}" for k in METRICS]
+            if truth is not None:
+                vals.append(f"{truth_error(emb.astype(np.float64), truth, df['batch'].to_numpy()):.3f}")
+            print(f"| {method} | " + " | ".join(vals) + f" | {secs:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -74,7 +74,10 @@ def centring(df: pl.DataFrame) -> np.ndarray:
 def harmony(df: pl.DataFrame) -> np.ndarray:
     import harmonypy
 
-    ho = harmonypy.run_harmony(df["X_pca"].to_numpy().astype(np.float64), df.select("batch").to_pandas(), ["batch"], verbose=False, random_state=0)
+    import pandas as pd
+
+    meta = pd.DataFrame({"batch": df["batch"].to_numpy()})  # no pyarrow needed
+    ho = harmonypy.run_harmony(df["X_pca"].to_numpy().astype(np.float64), meta, ["batch"], verbose=False, random_state=0)
     return np.asarray(ho.Z_corr, dtype=np.float32)
 
 

@@ -491,9 +491,12 @@ impl CentroidSampler {
 
 // ------------------------------------------------------------------ metrics
 
-/// A flat `UInt32` Series without nulls as one slice.
-fn u32_values(s: &Series) -> PyResult<Vec<u32>> {
-    let ca = s.u32().map_err(|_| value_error(format!("column '{}' has dtype {}, expected UInt32", s.name(), s.dtype())))?;
+/// A flat numeric Series without nulls as a Vec (`expected` names its dtype
+/// in the error).
+fn flat_values<T: PolarsNumericType>(s: &Series, expected: &str) -> PyResult<Vec<T::Native>> {
+    let ca = s
+        .unpack::<T>()
+        .map_err(|_| value_error(format!("column '{}' has dtype {}, expected {expected}", s.name(), s.dtype())))?;
     if ca.null_count() > 0 {
         return Err(value_error(format!("column '{}' holds nulls", s.name())));
     }
@@ -532,15 +535,6 @@ fn knn_search(py: Python<'_>, queries: PySeries, index: PySeries, k: usize) -> P
     Ok((PySeries(idx), PySeries(dist)))
 }
 
-/// A flat `Float64` Series without nulls as a Vec.
-fn f64_values(s: &Series) -> PyResult<Vec<f64>> {
-    let ca = s.f64().map_err(|_| value_error(format!("column '{}' has dtype {}, expected Float64", s.name(), s.dtype())))?;
-    if ca.null_count() > 0 {
-        return Err(value_error(format!("column '{}' holds nulls", s.name())));
-    }
-    Ok(ca.into_no_null_iter().collect())
-}
-
 /// Entropic OT plan (log domain) between masses `a` and `b` for a row-major
 /// cost matrix; `reg_m = inf` is balanced. Returns (plan as a flat Float64
 /// Series, iterations, converged, last potential change).
@@ -556,7 +550,8 @@ fn sinkhorn(
     max_iter: usize,
     tol: f64,
 ) -> PyResult<(PySeries, usize, bool, f64)> {
-    let (a, b, c) = (f64_values(&a.0)?, f64_values(&b.0)?, f64_values(&cost.0)?);
+    let f64s = |s: &PySeries| flat_values::<Float64Type>(&s.0, "Float64");
+    let (a, b, c) = (f64s(&a)?, f64s(&b)?, f64s(&cost)?);
     let params = kernels::ot::SinkhornParams { epsilon, reg_m, max_iter, tol };
     let (plan, fit) = py
         .detach(|| {
@@ -575,7 +570,7 @@ fn sinkhorn(
 #[pyfunction]
 fn lisi(py: Python<'_>, distances: PySeries, labels: PySeries, n_categories: usize, perplexity: f64) -> PyResult<PySeries> {
     let (d, k) = convert::embedding_rows(&distances.0).map_err(value_error)?;
-    let l = u32_values(&labels.0)?;
+    let l = flat_values::<UInt32Type>(&labels.0, "UInt32")?;
     let out = py
         .detach(|| polars_core::runtime::THREAD_POOL.install(|| kernels::metrics::lisi(&d, &l, k, n_categories, perplexity)))
         .map_err(value_error)?;
@@ -586,7 +581,7 @@ fn lisi(py: Python<'_>, distances: PySeries, labels: PySeries, n_categories: usi
 /// (src, dst); each node's component is named by its smallest member.
 #[pyfunction]
 fn connected_components(py: Python<'_>, n: usize, src: PySeries, dst: PySeries) -> PyResult<PySeries> {
-    let (a, b) = (u32_values(&src.0)?, u32_values(&dst.0)?);
+    let (a, b) = (flat_values::<UInt32Type>(&src.0, "UInt32")?, flat_values::<UInt32Type>(&dst.0, "UInt32")?);
     let out = py.detach(|| kernels::metrics::components(n, &a, &b)).map_err(value_error)?;
     Ok(PySeries(Series::new("component".into(), out)))
 }

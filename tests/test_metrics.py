@@ -6,7 +6,13 @@ graph connectivity), and NumPy for the reference method's definitions."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import numpy as np
+import pandas as pd
 import polars as pl
 import pytest
 from sklearn.neighbors import KNeighborsClassifier, NearestNeighbors
@@ -51,10 +57,30 @@ def test_neighbors_equal_scikit_learn(real):
 
 
 def test_neighbors_exclude_self_even_with_duplicates():
-    x = np.array([[0.0, 0], [0, 0], [0, 0], [5, 5]], dtype=np.float32)
+    # Five copies, k = 2: the k + 1 = 3 nearest of copy 4 are copies 0, 1, 2
+    # (ties to the lower row), so itself is not among them and the last goes.
+    x = np.array([[0.0, 0]] * 5 + [[5, 5]], dtype=np.float32)
     idx, dist = M.neighbors(x, 2)
     assert all(i not in row for i, row in enumerate(idx))
-    assert dist[:3].max() == 0.0 and idx.shape == (4, 2)
+    assert idx[4].tolist() == [0, 1] and dist[:5].max() == 0.0 and idx.shape == (6, 2)
+
+
+def test_neighbors_same_bits_at_one_and_two_threads(tmp_path):
+    """Large enough (6000 × 6000) that the search splits into small tasks."""
+    script = textwrap.dedent(
+        """
+        import sys, numpy as np, polars_singlecell as psc
+        x = np.random.default_rng(4).normal(size=(6000, 10)).astype(np.float32)
+        idx, dist = psc.metrics.neighbors(x, 30)
+        np.save(sys.argv[1], np.concatenate([idx.astype(np.float64), dist.astype(np.float64)], axis=1))
+        """
+    )
+    outs = []
+    for threads in ("1", "2"):
+        path = tmp_path / f"n{threads}.npy"
+        subprocess.run([sys.executable, "-c", script, str(path)], check=True, env=dict(os.environ, POLARS_MAX_THREADS=threads))
+        outs.append(np.load(path))
+    assert np.array_equal(outs[0], outs[1])
 
 
 def test_lisi_equals_harmonypy(real):
@@ -64,7 +90,7 @@ def test_lisi_equals_harmonypy(real):
     from harmonypy import compute_lisi
 
     for name, x, batch, label in real:
-        meta = pl.DataFrame({"batch": batch, "label": label}).to_pandas()
+        meta = pd.DataFrame({"batch": batch.to_numpy(), "label": label.to_numpy()})  # no pyarrow needed
         ref = compute_lisi(x, meta, ["batch", "label"], perplexity=30)
         idx, dist = M.neighbors(x, 90)
         for j, lab in enumerate([batch, label]):

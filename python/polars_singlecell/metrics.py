@@ -105,7 +105,8 @@ def _codes(values: object, name: str) -> tuple[np.ndarray, int]:
     s = pl.Series(name, values) if not isinstance(values, pl.Series) else values
     if s.null_count():
         raise ValueError(f"column '{name}' is null at row {s.is_null().arg_true()[0]}; fill or drop those cells")
-    s = s.cast(pl.String)
+    if not s.dtype.is_numeric():  # numbers sort as numbers (scikit-learn's class order), the rest as text
+        s = s.cast(pl.String)
     cats = s.unique().sort()
     codes = s.replace_strict(cats, pl.int_range(cats.len(), eager=True), return_dtype=pl.UInt32)
     return codes.to_numpy(), cats.len()
@@ -176,6 +177,8 @@ def lisi(indices: np.ndarray, distances: np.ndarray, labels: object, perplexity:
     ``3 · perplexity`` nearest others (see :func:`neighbors`)."""
     codes, n_c = _codes(labels, "labels")
     k = indices.shape[1]
+    if k < 3 * perplexity:
+        raise ValueError(f"LISI with perplexity {perplexity} reads {int(3 * perplexity)} neighbours, the table has {k}: pass neighbors(x, {int(3 * perplexity)})")
     out = _internal.lisi(
         pl.Series(np.ascontiguousarray(distances, dtype=np.float32), dtype=pl.Array(pl.Float32, k)),
         pl.Series(codes[indices].ravel().astype(np.uint32)),
@@ -354,14 +357,17 @@ def evaluate(
     _, n_b = _codes(batch, batch_key)
     labels = df[label_key] if label_key else None
     n_c = _codes(labels, label_key)[1] if label_key else 0
+    if not (isinstance(perplexity, (int, float)) and perplexity >= 1):
+        raise ValueError(f"perplexity must be a number ≥ 1, got {perplexity!r}")
     k_lisi = int(3 * perplexity)
+    k_all = max(n_neighbors, k_lisi, 14)
     rows = []
     start = None
     for name in embeddings:
         x = _matrix(df[name])
         start = x if start is None else start
-        _check_k(max(n_neighbors, k_lisi), x.shape[0])
-        idx, dist = neighbors(x, max(n_neighbors, k_lisi))
+        _check_k(k_all, x.shape[0])
+        idx, dist = neighbors(x, k_all)
         knn = idx[:, :n_neighbors]
         ent, ent_norm = batch_entropy(knn, batch)
         out = {

@@ -361,7 +361,9 @@ fn knn_task_rows(n_rows: usize, n_centres: usize) -> usize {
     if threads == 1 || n_rows.saturating_mul(n_centres) < PAR_ROWS * 2048 {
         return TASK_ROWS;
     }
-    n_rows.div_ceil(4 * threads).clamp(GEMM_ROWS, TASK_ROWS)
+    // A multiple of GEMM_ROWS: the GEMM blocks (and so every bit) stay the
+    // same whatever the thread count.
+    n_rows.div_ceil(4 * threads).next_multiple_of(GEMM_ROWS).clamp(GEMM_ROWS, TASK_ROWS)
 }
 
 /// For each row of `x` (row-major, `index.d()` wide): its `k` nearest centres

@@ -7,8 +7,9 @@ use rayon::prelude::*;
 
 use crate::error::KernelError;
 
-/// harmonypy's search budget: 50 halvings/doublings of the precision, stopped
-/// when the entropy is within `TOL` nats of ln(perplexity).
+/// harmonypy's search budget: the weights are evaluated at most 50 times
+/// (harmonypy 2.1's C++ `lisi.hpp`), stopping when the entropy is within
+/// `TOL` nats of ln(perplexity).
 const TRIES: usize = 50;
 const TOL: f64 = 1e-5;
 
@@ -18,8 +19,8 @@ const TOL: f64 = 1e-5;
 /// Σ_c (Σ_{j: label_j = c} p_j)². `mass` is scratch of length ≥ the number of
 /// categories, left zeroed.
 ///
-/// The quirk that a neighbourhood whose weights all underflow (entropy exactly
-/// 0) scores −1 + Σ… is kept, so the values compare one to one.
+/// A neighbourhood whose weights all underflow gets Simpson index ∞, i.e.
+/// LISI 0, as harmonypy 2.1 returns.
 pub fn simpson(dist: &[f32], labels: &[u32], perplexity: f64, mass: &mut [f64]) -> f64 {
     let log_u = perplexity.ln();
     // One pass: normalised weights and their entropy at precision beta.
@@ -37,7 +38,7 @@ pub fn simpson(dist: &[f32], labels: &[u32], perplexity: f64, mass: &mut [f64]) 
     let mut p = Vec::with_capacity(dist.len());
     let (mut beta, mut lo, mut hi) = (1.0f64, f64::NEG_INFINITY, f64::INFINITY);
     let mut h = weights(beta, &mut p);
-    for _ in 0..TRIES {
+    for _ in 1..TRIES {
         let diff = h - log_u;
         if diff.abs() < TOL {
             break;
@@ -54,9 +55,10 @@ pub fn simpson(dist: &[f32], labels: &[u32], perplexity: f64, mass: &mut [f64]) 
     for (&l, &w) in labels.iter().zip(&p) {
         mass[l as usize] += w;
     }
-    // harmonypy starts the sum at −1 when the entropy is exactly 0 (weights
-    // that underflowed, which are then all zero).
-    let mut s = if h == 0.0 { -1.0 } else { 0.0 };
+    if p.iter().all(|&w| w == 0.0) {
+        return f64::INFINITY;
+    }
+    let mut s = 0.0;
     for &l in labels {
         let m = std::mem::take(&mut mass[l as usize]);
         s += m * m;

@@ -65,6 +65,14 @@ fn check_inputs(a: &[f64], b: &[f64], cost: &[f64], p: &SinkhornParams) -> Resul
     if let Some(&bad) = cost.iter().find(|c| !c.is_finite()) {
         return Err(KernelError::Invalid(format!("cost {bad} is not finite")));
     }
+    if p.reg_m.is_infinite() {
+        let (sa, sb) = (a.iter().sum::<f64>(), b.iter().sum::<f64>());
+        if (sa - sb).abs() > 1e-9 * sa.max(sb) {
+            return Err(KernelError::Invalid(format!(
+                "balanced transport needs equal total masses, got {sa} and {sb}: normalise them or pass a finite reg_m"
+            )));
+        }
+    }
     if !(p.epsilon > 0.0 && p.epsilon.is_finite()) {
         return Err(KernelError::Invalid(format!("epsilon must be a positive number, got {}", p.epsilon)));
     }
@@ -192,5 +200,6 @@ mod tests {
         assert!(sinkhorn_log(&[1.0], &[1.0], &[f64::NAN], &p).is_err());
         assert!(sinkhorn_log(&[1.0], &[1.0], &[1.0, 2.0], &p).is_err());
         assert!(sinkhorn_log(&[1.0], &[1.0], &[1.0], &SinkhornParams { epsilon: 0.0, ..p }).is_err());
+        assert!(sinkhorn_log(&[1.0], &[2.0], &[1.0], &SinkhornParams { reg_m: f64::INFINITY, ..p }).is_err());
     }
 }

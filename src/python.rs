@@ -518,7 +518,7 @@ fn knn_search(py: Python<'_>, queries: PySeries, index: PySeries, k: usize) -> P
             index.0.name()
         )));
     }
-    let (q, c) = (q.into_owned(), c.into_owned());
+    let c = c.into_owned(); // the index keeps its centres; the queries are only read
     let n = q.len() / d;
     let (idx, dist) = py
         .detach(|| {

@@ -101,7 +101,13 @@ def _matrix(x: object, name: str = "embedding") -> np.ndarray:
 
 
 def _codes(values: object, name: str) -> tuple[np.ndarray, int]:
-    """Category codes 0..C-1 (categories in sorted text order) and C."""
+    """Category codes 0..C-1 and C (see :func:`_categories`)."""
+    codes, n, _ = _categories(values, name)
+    return codes, n
+
+
+def _categories(values: object, name: str) -> tuple[np.ndarray, int, list[str]]:
+    """Category codes 0..C-1, C, and the categories as text, in sorted order."""
     s = pl.Series(name, values) if not isinstance(values, pl.Series) else values
     if s.null_count():
         raise ValueError(f"column '{name}' is null at row {s.is_null().arg_true()[0]}; fill or drop those cells")
@@ -109,7 +115,7 @@ def _codes(values: object, name: str) -> tuple[np.ndarray, int]:
         s = s.cast(pl.String)
     cats = s.unique().sort()
     codes = s.replace_strict(cats, pl.int_range(cats.len(), eager=True), return_dtype=pl.UInt32)
-    return codes.to_numpy(), cats.len()
+    return codes.to_numpy(), cats.len(), cats.cast(pl.String).to_list()
 
 
 def _series(a: np.ndarray) -> pl.Series:

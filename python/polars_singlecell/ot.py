@@ -142,13 +142,13 @@ def fit_integration(
     matching cost defined in the module docstring):
 
     - ``epsilon`` (0.05): entropic blur. Smaller follows the data more sharply
-      but needs more Sinkhorn iterations (0.01: ~700 on CellBench); larger
+      but needs more Sinkhorn iterations; larger
       averages over more targets and contracts clusters.
     - ``reg_m`` (3.0): price of creating or destroying mass. Smaller lets a
       batch's populations without counterpart stay put (cell lines missing
       from some plates) but leaves more of the batch effect; larger mixes more
       and, past ~10, pulls lines without a counterpart into other lines
-      (Harmony's cell lines: label transfer 0.999 → 0.63 at 10); ``inf`` is
+      (seen on Harmony's cell lines); ``inf`` is
       balanced OT, which forces every population to be matched.
     - ``n_rounds`` (3): barycentre updates of the reference.
     - ``max_iter`` (2000), ``tol`` (1e-6): Sinkhorn stops when no potential
@@ -185,8 +185,7 @@ def fit_integration(
             raise ValueError(f"{name} must be a positive integer, got {v!r}")
     if not isinstance(smooth_steps, int) or smooth_steps < 0:
         raise ValueError(f"smooth_steps must be a non-negative integer, got {smooth_steps!r}")
-    codes, n_b = _m._codes(centroids[batch_key], batch_key)
-    names = centroids[batch_key].cast(pl.String).unique().sort().to_list()
+    codes, n_b, names = _m._categories(centroids[batch_key], batch_key)
     if n_b < 2:
         raise ValueError(f"column '{batch_key}' has a single batch ({names[0]!r}); integration needs at least 2")
     groups = [np.flatnonzero(codes == g) for g in range(n_b)]

@@ -42,7 +42,108 @@ pub struct SinkhornFit {
     pub delta: f64,
 }
 
-fn lse(vals: impl Iterator<Item = f64> + Clone) -> f64 {
+/// e^x for x ≤ 0, to about 1 ulp; 0 below −708 (where e^x < 1e−307 adds
+/// nothing next to the log-sum-exp's largest term, which is 1). Written so
+/// LLVM vectorises it (no table, no branch, the 2^k scale built from the bits
+/// of a rounded float): `f64::exp` is a scalar libm call and was 80% of a
+/// Sinkhorn iteration.
+#[inline(always)]
+fn exp_nonpos(x: f64) -> f64 {
+    const LOG2E: f64 = std::f64::consts::LOG2_E;
+    // ln 2 split in two so k·LN2_HI is exact for |k| < 2^11.
+    const LN2_HI: f64 = 6.931_471_803_691_238_164_90e-1;
+    const LN2_LO: f64 = 1.908_214_929_270_587_700_02e-10;
+    // Adding 1.5·2^52 rounds to an integer and leaves it in the low mantissa bits.
+    const ROUND: f64 = 6_755_399_441_055_744.0;
+    let xc = if x < -708.0 { -708.0 } else { x };
+    let kr = xc * LOG2E + ROUND;
+    let k = kr - ROUND;
+    let r = (xc - k * LN2_HI) - k * LN2_LO; // |r| ≤ ln2/2
+    // Taylor to degree 12: the remainder r^13/13! < 2e−16 on |r| ≤ 0.347.
+    let mut p = 1.0 / 479_001_600.0;
+    for c in [
+        1.0 / 39_916_800.0,
+        1.0 / 3_628_800.0,
+        1.0 / 362_880.0,
+        1.0 / 40_320.0,
+        1.0 / 5_040.0,
+        1.0 / 720.0,
+        1.0 / 120.0,
+        1.0 / 24.0,
+        1.0 / 6.0,
+        0.5,
+        1.0,
+        1.0,
+    ] {
+        p = p * r + c;
+    }
+    // 2^k for k in [−1022, 0]: (k + 1023) in the exponent field; the shift
+    // drops the rounding constant's bits above them.
+    let two_k = f64::from_bits(kr.to_bits().wrapping_add(1023) << 52);
+    if x < -708.0 {
+        0.0
+    } else {
+        p * two_k
+    }
+}
+
+/// ln Σ_j exp(w_j − c_j), four lanes at a time in a fixed order (the same
+/// bits with or without AVX2, at any thread count).
+#[inline(always)]
+fn lse_generic(w: &[f64], c: &[f64]) -> f64 {
+    let mut mx = [f64::NEG_INFINITY; 4];
+    let (mut iw, mut ic) = (w.chunks_exact(4), c.chunks_exact(4));
+    for (a, b) in (&mut iw).zip(&mut ic) {
+        for l in 0..4 {
+            let t = a[l] - b[l];
+            mx[l] = if t > mx[l] { t } else { mx[l] };
+        }
+    }
+    let mut m = mx[0].max(mx[1]).max(mx[2].max(mx[3]));
+    for (a, b) in iw.remainder().iter().zip(ic.remainder()) {
+        m = m.max(a - b);
+    }
+    if m == f64::NEG_INFINITY {
+        return m;
+    }
+    // The exponentials of a block first, then their sum: independent
+    // iterations let the CPU overlap the polynomials' latency (2.5× faster
+    // than summing as they come, measured on this machine's EPYC).
+    let mut acc = [0f64; 4];
+    let mut buf = [0f64; 64];
+    let (mut iw, mut ic) = (w.chunks_exact(64), c.chunks_exact(64));
+    for (a, b) in (&mut iw).zip(&mut ic) {
+        for i in 0..64 {
+            buf[i] = exp_nonpos(a[i] - b[i] - m);
+        }
+        for k in 0..16 {
+            for l in 0..4 {
+                acc[l] += buf[4 * k + l];
+            }
+        }
+    }
+    let tail: f64 = iw.remainder().iter().zip(ic.remainder()).map(|(a, b)| exp_nonpos(a - b - m)).sum();
+    m + ((acc[0] + acc[1]) + (acc[2] + acc[3]) + tail).ln()
+}
+
+fn lse(w: &[f64], c: &[f64]) -> f64 {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2 (checked just above).
+        return unsafe { lse_avx2(w, c) };
+    }
+    lse_generic(w, c)
+}
+
+/// The same loop with 4-wide vectors (no FMA: the same bits as the generic build).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn lse_avx2(w: &[f64], c: &[f64]) -> f64 {
+    lse_generic(w, c)
+}
+
+/// ln Σ_i exp(v_i), for the short vectors of the translation step.
+fn lse_iter(vals: impl Iterator<Item = f64> + Clone) -> f64 {
     let m = vals.clone().fold(f64::NEG_INFINITY, f64::max);
     if m == f64::NEG_INFINITY {
         return m;
@@ -106,14 +207,23 @@ pub fn sinkhorn_log(a: &[f64], b: &[f64], cost: &[f64], p: &SinkhornParams) -> R
     let (mut phi, mut psi) = (vec![0.0; n], vec![0.0; m]);
     let (mut iterations, mut converged, mut delta) = (0, false, f64::INFINITY);
     for it in 0..p.max_iter {
-        let new_phi: Vec<f64> = scaled
-            .par_chunks(m)
-            .map(|row| -lam * lse(row.iter().zip(psi.iter().zip(&lb)).map(|(c, (s, l))| s + l - c)))
-            .collect();
-        let new_psi: Vec<f64> = scaled_t
-            .par_chunks(n)
-            .map(|col| -lam * lse(col.iter().zip(new_phi.iter().zip(&la)).map(|(c, (f, l))| f + l - c)))
-            .collect();
+        let w: Vec<f64> = psi.iter().zip(&lb).map(|(s, l)| s + l).collect();
+        let mut new_phi: Vec<f64> = scaled.par_chunks(m).map(|row| -lam * lse(&w, row)).collect();
+        let w: Vec<f64> = new_phi.iter().zip(&la).map(|(f, l)| f + l).collect();
+        let mut new_psi: Vec<f64> = scaled_t.par_chunks(n).map(|col| -lam * lse(&w, col)).collect();
+        if p.reg_m.is_finite() {
+            // Translation-invariant step (Séjourné, Vialard & Peyré 2022):
+            // the dual is exactly maximised along φ + t, ψ − t. Plain
+            // unbalanced Sinkhorn moves that mode by a factor ρ/(ρ+ε) per
+            // iteration (0.98 at ρ = 3, ε = 0.05): hundreds of iterations
+            // that this closed form does in one. The fixed point is the same.
+            let r = eps / p.reg_m;
+            let sa = lse_iter(new_phi.iter().zip(&la).map(|(f, l)| l - r * f));
+            let sb = lse_iter(new_psi.iter().zip(&lb).map(|(g, l)| l - r * g));
+            let t = 0.5 * (sa - sb) / r;
+            new_phi.iter_mut().for_each(|f| *f += t);
+            new_psi.iter_mut().for_each(|g| *g -= t);
+        }
         // Relative to the largest potential (at least 1): far-apart clouds
         // have potentials of ~cost/ε, where float64 resolves no finer.
         let size = new_phi.iter().chain(&new_psi).fold(1.0f64, |m, v| m.max(v.abs()));
@@ -159,6 +269,27 @@ mod tests {
 
     fn costs(x: &[f64], y: &[f64]) -> Vec<f64> {
         x.iter().flat_map(|a| y.iter().map(move |b| (a - b) * (a - b))).collect()
+    }
+
+    #[test]
+    fn exp_nonpos_matches_libm() {
+        let mut worst = 0f64;
+        for i in 0..=200_000 {
+            let x = -710.0 * (i as f64 / 200_000.0).powi(3);
+            let (got, want) = (exp_nonpos(x), x.exp());
+            if x >= -708.0 {
+                worst = worst.max(((got - want) / want).abs());
+            } else {
+                assert_eq!(got, 0.0);
+            }
+        }
+        assert!(worst < 1e-15, "relative error {worst}");
+        assert_eq!(exp_nonpos(0.0), 1.0);
+        // 71 = one 64-block and a scalar tail; the result equals a plain sum.
+        let w: Vec<f64> = (0..71).map(|i| (i % 13) as f64 * 0.3).collect();
+        let c: Vec<f64> = (0..71).map(|i| (i * i % 17) as f64 * 0.1).collect();
+        let want = w.iter().zip(&c).map(|(a, b)| (a - b).exp()).sum::<f64>().ln();
+        assert!((lse(&w, &c) - want).abs() < 1e-13 * want.abs().max(1.0));
     }
 
     #[test]

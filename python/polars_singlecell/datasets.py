@@ -11,7 +11,7 @@ import polars as pl
 
 from polars_singlecell.io import write_parquet
 
-__all__ = ["synthetic_counts", "write_synthetic_counts"]
+__all__ = ["synthetic_counts", "write_synthetic_counts", "tahoe_design", "tahoe_like_embedding"]
 
 
 def _gene_rates(rng: np.random.Generator, n_genes: int, n_types: int, n_batches: int):
@@ -97,3 +97,97 @@ def write_synthetic_counts(
         df = synthetic_counts(n, seed=seed, first_cell=start, **kwargs)
         write_parquet(df, out / f"part-{k:05d}.parquet", row_group_size=min(n, 50_000))
     return out
+
+
+def tahoe_design() -> pl.DataFrame:
+    """Tahoe-100M's design: cells per (plate, cell line), with the line's organ.
+    700 rows (14 plates × 50 lines, 100,648,790 cells), summed from the
+    dataset's ``obs`` grid (``../shared/data/tahoe100m_metadata``) and shipped
+    with the package.
+
+    >>> import polars_singlecell as psc
+    >>> d = psc.datasets.tahoe_design()
+    >>> d.height, d["plate"].n_unique(), d["cell_line"].n_unique(), d["n_cells"].sum()
+    (700, 14, 50, 100648790)
+    """
+    return pl.read_csv(
+        Path(__file__).parent / "data" / "tahoe_design.csv",
+        schema={"plate": pl.String, "cell_line": pl.String, "organ": pl.String, "n_cells": pl.Int64},
+    )
+
+
+def _plate_effect(rng: np.random.Generator, d: int, shift: float, scaling: float, rotation: float):
+    """A plate's affine effect x ↦ (x · s) Q + t: per-axis scaling s in
+    1 ± ``scaling``, a rotation Q near the identity, a shift t ~ N(0, shift²)."""
+    q, _ = np.linalg.qr(np.eye(d) + rng.normal(size=(d, d)) * rotation)
+    q = q * np.sign(np.diag(q))  # a rotation near the identity, not a reflection
+    return rng.uniform(1 - scaling, 1 + scaling, d), q, rng.normal(size=d) * shift
+
+
+def tahoe_like_embedding(
+    n_cells: int,
+    *,
+    n_dims: int = 30,
+    missing_lines_per_plate: int = 5,
+    shift: float = 1.5,
+    scaling: float = 0.15,
+    rotation: float = 0.05,
+    seed: int = 0,
+) -> pl.DataFrame:
+    """A PCA-like embedding shaped like Tahoe-100M, with a known plate effect.
+
+    Plate sizes and each plate's cell-line mix follow :func:`tahoe_design`;
+    each plate then loses ``missing_lines_per_plate`` lines at random (their
+    cells go to the plate's other lines). The true embedding ``X_true``: lines
+    of one organ near each other (organ centres spread 4, lines 2 around them),
+    each line a blob (sd 0.7) stretched along its own drug-response axis.
+    The observed ``X_pca`` is each plate's affine distortion of it
+    (:func:`_plate_effect`: shift sd ``shift`` per axis, per-axis scaling
+    1 ± ``scaling``, rotation of size ``rotation``).
+
+    Returns ``plate``, ``cell_line``, ``organ``, ``X_pca`` and ``X_true``
+    (``Array(Float32, n_dims)``), plates in design order.
+
+    >>> import polars_singlecell as psc
+    >>> df = psc.datasets.tahoe_like_embedding(5000, n_dims=10)
+    >>> df.height, df["plate"].n_unique(), df.schema["X_pca"]
+    (5000, 14, Array(Float32, shape=(10,)))
+    >>> # every plate lacks 5 of the 50 lines
+    >>> set(df.group_by("plate").agg(pl.col("cell_line").n_unique())["cell_line"]) <= set(range(46))
+    True
+    """
+    if not isinstance(n_cells, int) or n_cells < 1:
+        raise ValueError(f"n_cells must be a positive integer, got {n_cells!r}")
+    if not isinstance(missing_lines_per_plate, int) or not 0 <= missing_lines_per_plate < 50:
+        raise ValueError(f"missing_lines_per_plate must be an integer in [0, 49], got {missing_lines_per_plate!r}")
+    design = tahoe_design()
+    rng = np.random.default_rng(seed)
+    lines = design["cell_line"].unique(maintain_order=True).to_list()
+    organ_of = dict(zip(design["cell_line"], design["organ"]))
+    organs = sorted(set(organ_of.values()))
+    organ_centre = {o: rng.normal(size=n_dims) * 4 for o in organs}
+    centre = np.array([organ_centre[organ_of[line]] + rng.normal(size=n_dims) * 2 for line in lines])
+    axis = rng.normal(size=(len(lines), n_dims))
+    axis /= np.linalg.norm(axis, axis=1, keepdims=True)
+
+    plates = design["plate"].unique(maintain_order=True).to_list()
+    share = design.pivot(on="cell_line", index="plate", values="n_cells").select(lines).to_numpy().astype(np.float64)
+    for p in range(len(plates)):
+        share[p, rng.choice(len(lines), missing_lines_per_plate, replace=False)] = 0.0
+    counts = rng.multinomial(n_cells, (share / share.sum()).ravel()).reshape(share.shape)
+
+    parts = []
+    for p, plate in enumerate(plates):
+        s, q, t = _plate_effect(rng, n_dims, shift, scaling, rotation)
+        lab = np.repeat(np.arange(len(lines)), counts[p])
+        if lab.size == 0:
+            continue
+        true = centre[lab] + rng.normal(size=(lab.size, n_dims)) * 0.7 + axis[lab] * rng.uniform(0, 3, (lab.size, 1))
+        parts.append(pl.DataFrame({
+            "plate": np.full(lab.size, plate),
+            "cell_line": np.asarray(lines)[lab],
+            "organ": np.asarray([organ_of[line] for line in lines])[lab],
+            "X_pca": pl.Series(((true * s) @ q + t).astype(np.float32), dtype=pl.Array(pl.Float32, n_dims)),
+            "X_true": pl.Series(true.astype(np.float32), dtype=pl.Array(pl.Float32, n_dims)),
+        }))
+    return pl.concat(parts)

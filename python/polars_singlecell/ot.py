@@ -31,6 +31,11 @@ Algorithm (``reference="barycenter"``):
    neighbour), ``smooth_steps`` times, and is scaled by the neighbourhood's
    kernel-weighted mean s: a population with no counterpart (a cell line
    missing from the other batches) loses its mass and barely moves.
+5. Steps 1-4 run ``n_iter`` times, each on the centroids as the previous pass
+   moved them, with the cost unit re-measured: once batches overlap, the
+   unit shrinks and the next pass matches finer structure (per-line scaling
+   and rotation that one pass, seeing the whole batch shift, leaves).
+   The displacement is the sum of the passes'.
 
 With ``reference=<batch>`` that batch's centroids are the fixed reference and
 do not move. Everything is deterministic: no random numbers are drawn (the
@@ -115,85 +120,9 @@ def _centroid_metrics(x: np.ndarray, y: np.ndarray, batch: np.ndarray, seed: int
     return out
 
 
-def fit_integration(
-    centroids: pl.DataFrame,
-    *,
-    batch_key: str = "batch",
-    centroid: str = "centroid",
-    mass: str | None = "mass",
-    reference: str = "barycenter",
-    epsilon: float = 0.05,
-    reg_m: float = 3.0,
-    n_rounds: int = 3,
-    max_iter: int = 2000,
-    tol: float = 1e-6,
-    n_neighbors: int = 15,
-    smooth_steps: int = 1,
-    n_reference: int = 4096,
-    random_state: int = 0,
-) -> IntegrationModel:
-    """Displacements for every centroid of a centroid table (one row per
-    centroid, e.g. from :func:`fit_centroids`): an :class:`IntegrationModel`
-    whose ``metrics`` hold the reference method's ``mix``, ``overlap0``,
-    ``strain``, ``tw``, ``it`` and ``n_centroids`` before/after, and the
-    Sinkhorn convergence per batch and round.
-
-    Parameters (costs are in units of ``scale``, the typical cross-batch
-    matching cost defined in the module docstring):
-
-    - ``epsilon`` (0.05): entropic blur. Smaller follows the data more sharply
-      but needs more Sinkhorn iterations; larger
-      averages over more targets and contracts clusters.
-    - ``reg_m`` (3.0): price of creating or destroying mass. Smaller lets a
-      batch's populations without counterpart stay put (cell lines missing
-      from some plates) but leaves more of the batch effect; larger mixes more
-      and, past ~10, pulls lines without a counterpart into other lines
-      (seen on Harmony's cell lines); ``inf`` is
-      balanced OT, which forces every population to be matched.
-    - ``n_rounds`` (3): barycentre updates of the reference.
-    - ``max_iter`` (2000), ``tol`` (1e-6): Sinkhorn stops when no potential
-      moves by more than ``tol`` times the largest potential (potentials in
-      units of ε, at least 1); the metrics report whether it converged.
-    - ``n_neighbors`` (15), ``smooth_steps`` (1): smoothing of the
-      displacement over each batch's centroid kNN graph (self included).
-      0 steps gives s_i × the raw displacement, unsmoothed.
-    - ``n_reference`` (4096): cap on the barycentre's support size.
-    """
-    t0 = time.perf_counter()
-    if not isinstance(centroids, pl.DataFrame):
-        raise TypeError(f"centroids must be a polars DataFrame, got {type(centroids).__name__}")
-    for c in [batch_key, centroid] + ([mass] if mass else []):
-        if c not in centroids.columns:
-            raise ValueError(f"the centroid table has no column '{c}' (columns: {centroids.columns})")
-    x = _m._matrix(centroids[centroid])
-    if mass:
-        w = centroids[mass]
-        if w.null_count():
-            raise ValueError(f"column '{mass}' is null at row {w.is_null().arg_true()[0]}; every centroid needs a mass")
-        w = w.cast(pl.Float64).to_numpy()
-        bad = ~(np.isfinite(w) & (w > 0))
-        if bad.any():
-            i = int(np.argmax(bad))
-            raise ValueError(f"column '{mass}' holds {w[i]} at row {i}; masses must be positive and finite (drop empty centroids)")
-    else:
-        w = np.ones(len(x))
-    for name, v, lo in (("epsilon", epsilon, 0), ("reg_m", reg_m, 0), ("tol", tol, 0)):
-        if not (isinstance(v, (int, float)) and v > lo):
-            raise ValueError(f"{name} must be a positive number, got {v!r}")
-    for name, v in (("n_rounds", n_rounds), ("max_iter", max_iter), ("n_neighbors", n_neighbors), ("n_reference", n_reference)):
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise ValueError(f"{name} must be a positive integer, got {v!r}")
-    if not isinstance(smooth_steps, int) or smooth_steps < 0:
-        raise ValueError(f"smooth_steps must be a non-negative integer, got {smooth_steps!r}")
-    codes, n_b, names = _m._categories(centroids[batch_key], batch_key)
-    if n_b < 2:
-        raise ValueError(f"column '{batch_key}' has a single batch ({names[0]!r}); integration needs at least 2")
-    groups = [np.flatnonzero(codes == g) for g in range(n_b)]
-    for g, rows in enumerate(groups):
-        if len(rows) < 2:
-            raise ValueError(f"batch {names[g]!r} has {len(rows)} centroid; each batch needs at least 2 (fit more centroids or drop it)")
-    a = [w[rows] / w[rows].sum() for rows in groups]
-
+def _displace(x, a, groups, codes, names, reference, epsilon, reg_m, n_rounds, max_iter, tol, n_neighbors, smooth_steps, n_reference, random_state, convergence):
+    """One pass of the algorithm: every centroid's displacement (float64) and the cost scale."""
+    n_b = len(groups)
     if reference == "barycenter":
         ref_batch = None
         # Every batch's centroids, each batch weighing 1/B; a batch with more
@@ -224,7 +153,6 @@ def fit_integration(
     if not scale > 0:
         raise ValueError("the batches' centroids coincide; there is nothing to integrate")
 
-    convergence = []
     images = [None] * n_b
     kept = [None] * n_b
     for r in range(n_rounds):
@@ -287,7 +215,107 @@ def fit_integration(
             d = (w[:, :, None] * d[nb]).sum(axis=1) / np.maximum(w.sum(axis=1), 1e-300)[:, None]
         d *= np.minimum(1.0, (kern * keep[nb]).sum(axis=1) / kern.sum(axis=1) / KEEP_FULL)[:, None]
         disp[rows] = d
-    disp = disp.astype(np.float32)
+
+    return disp, scale
+
+
+def fit_integration(
+    centroids: pl.DataFrame,
+    *,
+    batch_key: str = "batch",
+    centroid: str = "centroid",
+    mass: str | None = "mass",
+    reference: str = "barycenter",
+    epsilon: float = 0.05,
+    reg_m: float = 3.0,
+    n_rounds: int = 3,
+    n_iter: int = 2,
+    max_iter: int = 2000,
+    tol: float = 1e-6,
+    n_neighbors: int = 15,
+    smooth_steps: int = 2,
+    n_reference: int = 4096,
+    random_state: int = 0,
+) -> IntegrationModel:
+    """Displacements for every centroid of a centroid table (one row per
+    centroid, e.g. from :func:`fit_centroids`): an :class:`IntegrationModel`
+    whose ``metrics`` hold the reference method's ``mix``, ``overlap0``,
+    ``strain``, ``tw``, ``it`` and ``n_centroids`` before/after, and the
+    Sinkhorn convergence per batch and round.
+
+    Parameters (costs are in units of ``scale``, the typical cross-batch
+    matching cost defined in the module docstring):
+
+    - ``epsilon`` (0.05): entropic blur. Smaller follows the data more sharply
+      but needs more Sinkhorn iterations; larger
+      averages over more targets and contracts clusters.
+    - ``reg_m`` (3.0): price of creating or destroying mass. Smaller lets a
+      batch's populations without counterpart stay put (cell lines missing
+      from some plates) but leaves more of the batch effect; larger mixes more
+      and, past ~10, pulls lines without a counterpart into other lines
+      (seen on Harmony's cell lines); ``inf`` is
+      balanced OT, which forces every population to be matched.
+    - ``n_rounds`` (3): barycentre updates of the reference.
+    - ``n_iter`` (2): passes, each on the centroids the last one moved.
+      More mixes more and costs as much again per pass, but pulls harder on
+      populations without a counterpart: on Harmony's cell lines (64
+      centroids per batch) a third pass lowered label purity from 0.990 to
+      0.979 for batch entropy 0.557 → 0.580.
+    - ``max_iter`` (2000), ``tol`` (1e-6): Sinkhorn stops when no potential
+      moves by more than ``tol`` times the largest potential (potentials in
+      units of ε, at least 1); the metrics report whether it converged.
+    - ``n_neighbors`` (15), ``smooth_steps`` (2): smoothing of the
+      displacement over each batch's centroid kNN graph (self included).
+      0 steps gives s_i × the raw displacement, unsmoothed.
+    - ``n_reference`` (4096): cap on the barycentre's support size.
+    """
+    t0 = time.perf_counter()
+    if not isinstance(centroids, pl.DataFrame):
+        raise TypeError(f"centroids must be a polars DataFrame, got {type(centroids).__name__}")
+    for c in [batch_key, centroid] + ([mass] if mass else []):
+        if c not in centroids.columns:
+            raise ValueError(f"the centroid table has no column '{c}' (columns: {centroids.columns})")
+    x = _m._matrix(centroids[centroid])
+    if mass:
+        w = centroids[mass]
+        if w.null_count():
+            raise ValueError(f"column '{mass}' is null at row {w.is_null().arg_true()[0]}; every centroid needs a mass")
+        w = w.cast(pl.Float64).to_numpy()
+        bad = ~(np.isfinite(w) & (w > 0))
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise ValueError(f"column '{mass}' holds {w[i]} at row {i}; masses must be positive and finite (drop empty centroids)")
+    else:
+        w = np.ones(len(x))
+    for name, v, lo in (("epsilon", epsilon, 0), ("reg_m", reg_m, 0), ("tol", tol, 0)):
+        if not (isinstance(v, (int, float)) and v > lo):
+            raise ValueError(f"{name} must be a positive number, got {v!r}")
+    for name, v in (("n_rounds", n_rounds), ("n_iter", n_iter), ("max_iter", max_iter), ("n_neighbors", n_neighbors), ("n_reference", n_reference)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    if not isinstance(smooth_steps, int) or smooth_steps < 0:
+        raise ValueError(f"smooth_steps must be a non-negative integer, got {smooth_steps!r}")
+    codes, n_b, names = _m._categories(centroids[batch_key], batch_key)
+    if n_b < 2:
+        raise ValueError(f"column '{batch_key}' has a single batch ({names[0]!r}); integration needs at least 2")
+    groups = [np.flatnonzero(codes == g) for g in range(n_b)]
+    for g, rows in enumerate(groups):
+        if len(rows) < 2:
+            raise ValueError(f"batch {names[g]!r} has {len(rows)} centroid; each batch needs at least 2 (fit more centroids or drop it)")
+    a = [w[rows] / w[rows].sum() for rows in groups]
+
+    convergence: list[dict] = []
+    pos = x.astype(np.float64)
+    scales = []
+    for it in range(n_iter):
+        first = len(convergence)
+        step, scale = _displace(pos.astype(np.float32), a, groups, codes, names, reference, epsilon, reg_m, n_rounds, max_iter, tol,
+                                n_neighbors, smooth_steps, n_reference, random_state, convergence)
+        for c in convergence[first:]:
+            c["iteration"] = it
+        pos += step
+        scales.append(scale)
+    disp = (pos - x).astype(np.float32)
 
     metrics: dict[str, Any] = _centroid_metrics(x, x + disp, codes, random_state)
     metrics["it"] = n_rounds
@@ -297,7 +325,7 @@ def fit_integration(
     metrics["params"] = {
         "reference": reference, "epsilon": epsilon, "reg_m": reg_m, "n_rounds": n_rounds, "max_iter": max_iter,
         "tol": tol, "n_neighbors": n_neighbors, "smooth_steps": smooth_steps, "n_reference": n_reference,
-        "random_state": random_state, "scale": scale,
+        "random_state": random_state, "n_iter": n_iter, "scale": scales[0], "scales": scales,
     }
     metrics["seconds"] = time.perf_counter() - t0
     table = centroids.with_columns(

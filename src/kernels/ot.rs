@@ -206,11 +206,26 @@ pub fn sinkhorn_log(a: &[f64], b: &[f64], cost: &[f64], p: &SinkhornParams) -> R
     }
     let (mut phi, mut psi) = (vec![0.0; n], vec![0.0; m]);
     let (mut iterations, mut converged, mut delta) = (0, false, f64::INFINITY);
+    // Over-relaxation (Thibault et al. 2017): near the fixed point plain
+    // Sinkhorn contracts by a steady factor κ per iteration (0.97 on
+    // integration problems: 70 iterations per decade of `tol`); stepping ω =
+    // 2/(1+√(1−κ)) past each update cuts that to a few. κ is measured on
+    // plain iterations first; any rise of delta falls back to ω = 1. The
+    // fixed point, and so the plan, is the same.
+    let mut omega = 1.0f64;
+    let mut prev_delta = f64::INFINITY;
+    let mut ratios: Vec<f64> = Vec::new();
     for it in 0..p.max_iter {
         let w: Vec<f64> = psi.iter().zip(&lb).map(|(s, l)| s + l).collect();
         let mut new_phi: Vec<f64> = scaled.par_chunks(m).map(|row| -lam * lse(&w, row)).collect();
+        if omega != 1.0 {
+            new_phi.iter_mut().zip(&phi).for_each(|(v, old)| *v = old + omega * (*v - old));
+        }
         let w: Vec<f64> = new_phi.iter().zip(&la).map(|(f, l)| f + l).collect();
         let mut new_psi: Vec<f64> = scaled_t.par_chunks(n).map(|col| -lam * lse(&w, col)).collect();
+        if omega != 1.0 {
+            new_psi.iter_mut().zip(&psi).for_each(|(v, old)| *v = old + omega * (*v - old));
+        }
         if p.reg_m.is_finite() {
             // Translation-invariant step (Séjourné, Vialard & Peyré 2022):
             // the dual is exactly maximised along φ + t, ψ − t. Plain
@@ -247,6 +262,23 @@ pub fn sinkhorn_log(a: &[f64], b: &[f64], cost: &[f64], p: &SinkhornParams) -> R
             converged = true;
             break;
         }
+        if omega == 1.0 {
+            if delta < 1e-2 && prev_delta.is_finite() && prev_delta > 0.0 {
+                ratios.push(delta / prev_delta);
+                // A steady rate: the last 5 ratios agree to 1%.
+                if ratios.len() >= 5 {
+                    let r = &ratios[ratios.len() - 5..];
+                    let (lo, hi) = r.iter().fold((f64::INFINITY, 0.0f64), |(a, b), &v| (a.min(v), b.max(v)));
+                    if hi < 1.0 && hi - lo < 0.01 * hi {
+                        omega = 2.0 / (1.0 + (1.0 - hi).sqrt());
+                    }
+                }
+            }
+        } else if delta > prev_delta {
+            omega = 1.0;
+            ratios.clear();
+        }
+        prev_delta = delta;
     }
     Ok(SinkhornFit { phi, psi, iterations, converged, delta })
 }

@@ -4,7 +4,8 @@ no correction, per-batch centring, Harmony (harmonypy) and ours
 sets in ../shared/data and on generated data with a known batch effect.
 
 scbiot (the reference method) installs only on Python 3.12 with ~8 GB of
-torch wheels and is not run here.
+torch wheels and is not run here; ../shared/ALGORITHM.md records its
+measured behaviour.
 
     make bench-integration    # or: .venv/bin/python benches/bench_integration.py
 """
@@ -40,26 +41,18 @@ def datasets():
     gen, truth = generated()
     return [("harmony_cell_lines (3 batches, 2 lines)", harmony, 64, None),
             ("cellbench_mixology SNG (5 batches, 5 lines)", cb, 24, None),
-            ("generated: 14 plates, 20 lines, 3 missing per plate", gen, 64, truth)]
+            ("generated, Tahoe-100M design: 14 plates, 50 lines, 5 missing per plate", gen, 128, truth)]
 
 
-def generated(seed: int = 0, d: int = 20, cells_per_plate: int = 1500, missing: int = 3, rotation: float = 0.05, scaling: float = 0.15):
-    """Lines as Gaussian blobs; each plate drops 3 lines and applies its own
-    shift, per-axis scaling and small rotation (the known batch effect)."""
-    rng = np.random.default_rng(seed)
-    lines = rng.normal(size=(20, d)) * 3
-    rows, truth, plates, labels = [], [], [], []
-    for p in range(14):
-        present = np.setdiff1d(np.arange(20), rng.choice(20, missing, replace=False))
-        lab = rng.choice(present, cells_per_plate)
-        t = lines[lab] + rng.normal(size=(cells_per_plate, d)) * 0.7
-        q, _ = np.linalg.qr(np.eye(d) + rng.normal(size=(d, d)) * rotation)
-        q = q * np.sign(np.diag(q))  # a small rotation, not a reflection
-        x = (t * rng.uniform(1 - scaling, 1 + scaling, d)) @ q + rng.normal(size=d) * 1.5
-        rows.append(x); truth.append(t); plates += [f"plate{p}"] * cells_per_plate; labels += [f"line{i}" for i in lab]
-    x = np.vstack(rows).astype(np.float32)
-    df = pl.DataFrame({"batch": plates, "label": labels, "X_pca": pl.Series(x, dtype=pl.Array(pl.Float32, d))})
-    return df, np.vstack(truth)
+def generated(n_cells: int = 50_000, **effect):
+    """Tahoe-100M's design (psc.datasets.tahoe_like_embedding: 14 plates, 50
+    lines in the real proportions, 5 lines missing per plate) with a known
+    affine plate effect; the truth is returned beside it."""
+    import polars_singlecell as psc
+
+    df = psc.datasets.tahoe_like_embedding(n_cells, seed=0, **effect)
+    truth = df["X_true"].to_numpy().astype(np.float64)
+    return df.select(pl.col("plate").alias("batch"), pl.col("cell_line").alias("label"), "X_pca"), truth
 
 
 def centring(df: pl.DataFrame) -> np.ndarray:
@@ -129,17 +122,17 @@ def ablation() -> None:
     """Which part of the generated batch effect limits ours."""
     import polars_singlecell as psc
 
-    print("\n**generated, one part of the batch effect at a time** (ours; batch_entropy_norm, label_purity)\n")
-    print("| plate effect | none | ours: batch_entropy_norm | ours: label_purity |")
+    print("\n**generated (Tahoe-100M design), one part of the plate effect at a time** (ours)\n")
+    print("| plate effect | none: batch_entropy_norm | ours: batch_entropy_norm | ours: label_purity |")
     print("|---|---|---|---|")
     for label, kw in [
-        ("shift only", dict(missing=0, rotation=0, scaling=0)),
-        ("shift, 3 lines missing per plate", dict(missing=3, rotation=0, scaling=0)),
-        ("shift, per-axis scaling ±15%, small rotation", dict(missing=0)),
+        ("shift only", dict(missing_lines_per_plate=0, rotation=0, scaling=0)),
+        ("shift, 5 lines missing per plate", dict(rotation=0, scaling=0)),
+        ("shift, per-axis scaling ±15%, small rotation", dict(missing_lines_per_plate=0)),
         ("all of the above", {}),
     ]:
         df, _ = generated(**kw)
-        out = df.with_columns(E=pl.Series(ours(df, 64), dtype=pl.Array(pl.Float32, 20)))
+        out = df.with_columns(E=pl.Series(ours(df, 128), dtype=pl.Array(pl.Float32, df.schema["X_pca"].size)))
         m = {(e, k): v for e, k, v in psc.metrics.evaluate(out, ["X_pca", "E"], batch_key="batch", label_key="label").iter_rows()}
         print(f"| {label} | {m['X_pca', 'batch_entropy_norm']:.3f} | {m['E', 'batch_entropy_norm']:.3f} | {m['E', 'label_purity']:.3f} |", flush=True)
 

@@ -6,6 +6,9 @@
 //! criterion's "elem/s" reads as FLOP/s against this machine's SGEMM peak.
 //! `knn_interpolate/*` is the same for the fused kNN + gather of
 //! `knn_interpolate`, on all cores and on one.
+//! `sinkhorn/*` is 20 iterations of the log-domain unbalanced Sinkhorn of
+//! `fit_integration` at Tahoe size (2048 centroids × 4096 reference points);
+//! "elem/s" counts log-sum-exp terms (2·n·m per iteration).
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use faer::linalg::matmul::matmul;
 use faer::{Accum, Mat, Par};
@@ -13,6 +16,7 @@ use polars_singlecell::kernels::normalize::normalize;
 use polars_singlecell::kernels::pca::{pca_project, CovAccumulator};
 use polars_singlecell::kernels::distance::{nearest, Centres};
 use polars_singlecell::kernels::knn::{interpolate, CentroidIndex};
+use polars_singlecell::kernels::ot::{sinkhorn_log, SinkhornParams};
 use polars_singlecell::kernels::rng::Rng;
 use polars_singlecell::kernels::SparseRow;
 
@@ -124,5 +128,25 @@ fn bench_knn(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench, bench_assign, bench_knn);
+/// Fixed 20 iterations (tol 0 never stops early) of a 2048 × 4096 problem.
+fn bench_sinkhorn(c: &mut Criterion) {
+    let (n, m, d, iters) = (2048usize, 4096usize, 50usize, 20usize);
+    let mut r = Rng::new(7);
+    let (x, y) = (uniform(&mut r, n * d), uniform(&mut r, m * d));
+    let cost: Vec<f64> = (0..n * m)
+        .map(|ij| {
+            let (i, j) = (ij / m, ij % m);
+            (0..d).map(|k| ((x[i * d + k] - y[j * d + k]) as f64).powi(2)).sum::<f64>() / d as f64
+        })
+        .collect();
+    let (a, b) = (vec![1.0 / n as f64; n], vec![1.0 / m as f64; m]);
+    let p = SinkhornParams { epsilon: 0.05, reg_m: 3.0, max_iter: iters, tol: 0.0 };
+    let mut g = c.benchmark_group("sinkhorn");
+    g.sample_size(10);
+    g.throughput(Throughput::Elements((2 * n * m * iters) as u64));
+    g.bench_function("2048x4096_unbalanced_20iter_lse_terms", |bch| bch.iter(|| sinkhorn_log(&a, &b, &cost, &p).unwrap()));
+    g.finish();
+}
+
+criterion_group!(benches, bench, bench_assign, bench_knn, bench_sinkhorn);
 criterion_main!(benches);

@@ -18,11 +18,12 @@ from polars_singlecell._plugin import check_polars_version as _check_polars_vers
 
 _check_polars_version(_pl.__version__, _internal.POLARS_CRATE_VERSION)
 
-from polars_singlecell import datasets, metrics  # noqa: E402
+from polars_singlecell import datasets, metrics, pipeline  # noqa: E402
 from polars_singlecell.centroids import fit_centroids, kmeans_centroids  # noqa: E402
 from polars_singlecell.integration import IntegrationModel, clear_models, knn, knn_interpolate  # noqa: E402
 from polars_singlecell.io import sink_parquet  # noqa: E402
 from polars_singlecell.ot import fit_integration, ot_integrate  # noqa: E402
+from polars_singlecell.pipeline import integrate  # noqa: E402
 from polars_singlecell.preprocessing import (  # noqa: E402
     PcaModel,
     consensus_genes,
@@ -47,6 +48,7 @@ __all__ = [
     "fit_integration",
     "fit_pca",
     "highly_variable_genes",
+    "integrate",
     "kmeans_centroids",
     "knn",
     "knn_interpolate",
@@ -55,6 +57,7 @@ __all__ = [
     "normalize",
     "ot_integrate",
     "pca_project",
+    "pipeline",
     "select_genes",
     "sink_parquet",
     "total_counts",

@@ -1,0 +1,220 @@
+"""The whole integration in one call: raw counts in Parquet → normalize →
+highly variable genes per batch → PCA → per-batch centroids → OT
+integration → every cell moved, streaming, with a JSON report.
+
+Each stage writes its outputs atomically and then records itself in
+``report.json`` with a fingerprint of the source files and of every parameter
+it depends on. Running again with the same ``out`` skips the leading stages whose
+fingerprint and outputs are still there and redoes the rest, so an
+interrupted run resumes, and a changed parameter recomputes its stage and
+those after it. A file is never half-written (temporary name, then rename), and a
+stage counts as done only once all its files are in place.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import polars as pl
+
+__all__ = ["integrate"]
+
+STAGES = ("genes", "pca", "project", "centroids", "integration", "interpolate")
+COUNTS = ("gene_idx", "values")
+
+
+def _source_files(source: str | os.PathLike) -> list[Path]:
+    p = Path(source)
+    if p.is_dir():
+        files = sorted(p.glob("*.parquet"))
+    elif any(ch in str(p) for ch in "*?["):
+        files = sorted(Path(f) for f in glob.glob(str(p)))
+    else:
+        files = [p]
+    files = [f for f in files if f.name != "genes.parquet"]
+    if not files or not all(f.is_file() for f in files):
+        raise FileNotFoundError(f"no Parquet files at {source!s}: give a file, a folder of *.parquet or a glob")
+    return files
+
+
+def _fingerprint(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def integrate(
+    source: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    batch_key: str = "batch",
+    label_key: str | None = None,
+    n_genes: int | None = None,
+    target_sum: float = 1e4,
+    n_top_genes: int = 2000,
+    n_comps: int = 50,
+    n_centroids: int = 2048,
+    max_samples_per_batch: int = 500_000,
+    k: int = 8,
+    mode: str = "own_batch",
+    device: str = "cpu",
+    random_state: int = 0,
+    integration: dict[str, Any] | None = None,
+    evaluate_cells: int = 100_000,
+    log: Callable[[str], None] | None = print,
+) -> dict[str, Any]:
+    """Integrate raw counts in Parquet (the project's layout: one row per
+    cell, ``gene_idx``/``values``, a ``batch_key`` column) into ``out``:
+
+    - ``genes.parquet``: per-gene HVG statistics, ``highly_variable`` (scanpy's
+      ``batch_key`` ranking: genes variable in the most batches first);
+    - ``pca.parquet``: the PCA model (:class:`PcaModel`);
+    - ``cells_pca.parquet``: every cell's columns except the counts, plus ``X_pca``;
+    - ``centroids.parquet``: per-batch k-means centroids with their mass;
+    - ``integration.parquet``: the :class:`IntegrationModel` (displacements, metrics);
+    - ``cells.parquet``: every cell with ``X_pca`` and ``X_ot``;
+    - ``report.json``: parameters, versions, seconds per stage, the
+      integration's metrics and, with ``label_key``, :func:`metrics.evaluate`
+      of ``X_pca`` and ``X_ot`` on ``evaluate_cells`` sampled cells.
+
+    ``source`` is a Parquet file, a folder of them, or a glob. ``n_genes``
+    defaults to the row count of a ``genes.parquet`` beside the cells (in the
+    folder, or next to the file), else to the largest gene index + 1.
+    ``integration`` passes options to :func:`fit_integration`. ``log`` gets
+    one line per stage (``None``: silent). Returns the report.
+
+    >>> import tempfile, polars_singlecell as psc
+    >>> d = tempfile.mkdtemp()
+    >>> raw = psc.datasets.write_synthetic_counts(d + "/raw", 3000, n_genes=300, umis_per_cell=60)
+    >>> report = psc.integrate(raw, d + "/out", n_top_genes=100, n_comps=10, n_centroids=16, log=None)
+    >>> sorted(report["stages"]) == sorted(psc.pipeline.STAGES)
+    True
+    >>> pl.read_parquet(d + "/out/cells.parquet").columns
+    ['cell_id', 'batch', 'label', 'X_pca', 'X_ot']
+    """
+    import polars_singlecell as psc
+    from polars_singlecell.integration import _check_device
+    from polars_singlecell.io import sink_parquet, write_parquet
+
+    _check_device(device)
+    files = _source_files(source)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    scan = pl.scan_parquet(files)
+    schema = scan.collect_schema()
+    for c in (batch_key, *COUNTS) + ((label_key,) if label_key else ()):
+        if c not in schema:
+            raise ValueError(f"the cells have no column '{c}' (columns: {schema.names()})")
+    if n_genes is None:
+        genes_file = next((g for g in (Path(source) / "genes.parquet", files[0].parent / "genes.parquet",
+                                       files[0].parent.parent / f"{files[0].parent.name}_genes.parquet") if g.is_file()), None)
+        if genes_file is not None:
+            n_genes = pl.scan_parquet(genes_file).select(pl.len()).collect().item()
+        else:
+            n_genes = int(scan.select(pl.col("gene_idx").list.max().max()).collect(engine="streaming").item()) + 1
+
+    report_path = out / "report.json"
+    old = json.loads(report_path.read_text()) if report_path.is_file() else {}
+    source_fp = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    params = {
+        "genes": dict(batch_key=batch_key, n_genes=n_genes, target_sum=target_sum, n_top_genes=n_top_genes),
+        "pca": dict(n_comps=n_comps),
+        "project": {},
+        "centroids": dict(n_centroids=n_centroids, max_samples_per_batch=max_samples_per_batch, random_state=random_state),
+        "integration": dict(integration or {}),
+        "interpolate": dict(k=k, mode=mode, device=device),
+    }
+    report: dict[str, Any] = {
+        "source": [str(f) for f in files],
+        "out": str(out),
+        "parameters": params,
+        "versions": {"polars_singlecell": psc.__version__, "polars": pl.__version__, "python": platform.python_version()},
+        "stages": {},
+    }
+    say = log or (lambda _msg: None)
+    keep = [c for c in schema.names() if c not in COUNTS]
+    norm = scan.with_columns(psc.normalize(*COUNTS, target_sum=target_sum))
+    fp = _fingerprint(source_fp)
+
+    redo = False  # once a stage runs, every later one runs too: its inputs are new
+
+    def stage(name: str, outputs: list[str], run: Callable[[], dict[str, Any] | None]) -> None:
+        nonlocal fp, redo
+        fp = _fingerprint(fp, params[name])
+        done = old.get("stages", {}).get(name)
+        if not redo and done and done.get("fingerprint") == fp and all((out / f).is_file() for f in outputs):
+            report["stages"][name] = done | {"resumed": True}
+            say(f"{name}: done before, kept ({', '.join(outputs)})")
+            return
+        redo = True
+        t = time.perf_counter()
+        extra = run() or {}
+        secs = time.perf_counter() - t
+        report["stages"][name] = {"fingerprint": fp, "seconds": round(secs, 3), "outputs": outputs, **extra}
+        _write_json(report_path, report)  # the stage counts as done only now
+        say(f"{name}: {secs:.1f}s ({', '.join(outputs)})")
+
+    def genes() -> dict:
+        var = psc.highly_variable_genes(norm, n_genes=n_genes, n_top_genes=n_top_genes, batch_key=batch_key)
+        write_parquet(var, out / "genes.parquet")
+        return {"n_genes": n_genes, "highly_variable": int(var["highly_variable"].sum())}
+
+    def selected() -> tuple[pl.LazyFrame, int]:
+        hv = pl.read_parquet(out / "genes.parquet").filter("highly_variable")["gene_idx"]
+        return norm.with_columns(psc.select_genes(*COUNTS, genes=hv).struct.unnest()), hv.len()
+
+    def pca() -> dict:
+        lf, n_hv = selected()
+        model = psc.fit_pca(lf, n_genes=n_hv, n_comps=n_comps)
+        model.save(out / "pca.parquet")
+        return {"explained_variance_ratio": [round(float(v), 5) for v in model.explained_variance_ratio]}
+
+    def project() -> dict:
+        lf, _ = selected()
+        model = psc.PcaModel.load(out / "pca.parquet")
+        sink_parquet(lf.select(*keep, psc.pca_project(*COUNTS, model=model)), out / "cells_pca.parquet")
+        return {"n_cells": pl.scan_parquet(out / "cells_pca.parquet").select(pl.len()).collect().item()}
+
+    def centroids() -> dict:
+        cents, summary = psc.fit_centroids(out / "cells_pca.parquet", batch_key=batch_key, n_centroids=n_centroids,
+                                           max_samples_per_batch=max_samples_per_batch, random_state=random_state, summary=True)
+        write_parquet(cents, out / "centroids.parquet")
+        return {"n_batches": summary.height, "n_centroids": cents.height}
+
+    def fit() -> dict:
+        model = psc.fit_integration(pl.read_parquet(out / "centroids.parquet"), batch_key=batch_key,
+                                    random_state=random_state, **(integration or {}))
+        model.write_parquet(out / "integration.parquet")
+        return {"metrics": {k: v for k, v in model.metrics.items() if k != "convergence"}}
+
+    def interpolate() -> dict:
+        model = psc.IntegrationModel.read_parquet(out / "integration.parquet")
+        cells = pl.scan_parquet(out / "cells_pca.parquet").with_columns(
+            psc.knn_interpolate("X_pca", batch_key, model=model, k=k, mode=mode, device=device)
+        )
+        sink_parquet(cells, out / "cells.parquet")
+        if not label_key:
+            return {}
+        table = psc.metrics.evaluate(pl.scan_parquet(out / "cells.parquet"), ["X_pca", "X_ot"], batch_key=batch_key,
+                                     label_key=label_key, max_cells=evaluate_cells, seed=random_state)
+        return {"evaluate": [dict(zip(table.columns, row)) for row in table.iter_rows()]}
+
+    stage("genes", ["genes.parquet"], genes)
+    stage("pca", ["pca.parquet"], pca)
+    stage("project", ["cells_pca.parquet"], project)
+    stage("centroids", ["centroids.parquet"], centroids)
+    stage("integration", ["integration.parquet"], fit)
+    stage("interpolate", ["cells.parquet"], interpolate)
+    _write_json(report_path, report)
+    return report

@@ -1,0 +1,103 @@
+"""psc.integrate: the whole pipeline on generated counts, resume after an
+interruption or a changed parameter, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import polars as pl
+import pytest
+
+import polars_singlecell as psc
+
+SMALL = dict(n_top_genes=200, n_comps=15, n_centroids=32, log=None)
+
+
+@pytest.fixture(scope="module")
+def raw(tmp_path_factory):
+    d = tmp_path_factory.mktemp("pipe")
+    return psc.datasets.write_synthetic_counts(d / "raw", 6000, n_genes=500, umis_per_cell=200, seed=4, rows_per_file=2500)
+
+
+def test_integrates_and_reports(raw, tmp_path):
+    report = psc.integrate(raw, tmp_path / "out", label_key="label", **SMALL)
+    cells = pl.read_parquet(tmp_path / "out" / "cells.parquet")
+    source = pl.read_parquet(raw / "*.parquet")
+    assert cells.columns == ["cell_id", "batch", "label", "X_pca", "X_ot"]
+    assert cells["cell_id"].equals(source["cell_id"])  # every cell, in order
+    assert cells.schema["X_ot"] == pl.Array(pl.Float32, 15)
+    assert cells["X_ot"].null_count() == 0
+    m = {(r["embedding"], r["metric"]): r["value"] for r in report["stages"]["interpolate"]["evaluate"]}
+    assert m["X_ot", "batch_entropy_norm"] > m["X_pca", "batch_entropy_norm"] + 0.1
+    assert m["X_ot", "label_purity"] >= 0.98 * m["X_pca", "label_purity"]
+    on_disk = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert list(on_disk["stages"]) == list(psc.pipeline.STAGES)
+    assert on_disk["stages"]["genes"]["n_genes"] == 500  # from raw_genes.parquet beside the folder
+    assert on_disk["stages"]["centroids"]["n_centroids"] == 3 * 32
+    assert on_disk["parameters"]["pca"]["n_comps"] == 15 and on_disk["versions"]["polars"] == pl.__version__
+    assert all(s["seconds"] >= 0 for s in on_disk["stages"].values())
+    assert not list((tmp_path / "out").glob(".*"))  # no temporary files left
+
+
+def test_rerun_resumes_and_a_changed_parameter_redoes_only_what_it_touches(raw, tmp_path):
+    out = tmp_path / "out"
+    psc.integrate(raw, out, **SMALL)
+    stamp = {f.name: f.stat().st_mtime_ns for f in out.glob("*.parquet")}
+    again = psc.integrate(raw, out, **SMALL)
+    assert all(s.get("resumed") for s in again["stages"].values())
+    assert {f.name: f.stat().st_mtime_ns for f in out.glob("*.parquet")} == stamp
+    changed = psc.integrate(raw, out, **(SMALL | {"n_centroids": 24}))
+    resumed = [name for name, s in changed["stages"].items() if s.get("resumed")]
+    assert resumed == ["genes", "pca", "project"]
+    assert pl.read_parquet(out / "centroids.parquet").height == 3 * 24
+
+
+def test_an_interrupted_run_leaves_no_stage_that_looks_done_and_resumes(raw, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+
+    def boom(*args, **kwargs):
+        raise KeyboardInterrupt  # as a Ctrl-C in the middle of the integration stage
+
+    monkeypatch.setattr(psc, "fit_integration", boom)
+    with pytest.raises(KeyboardInterrupt):
+        psc.integrate(raw, out, **SMALL)
+    report = json.loads((out / "report.json").read_text())
+    assert list(report["stages"]) == ["genes", "pca", "project", "centroids"]
+    assert not (out / "integration.parquet").exists() and not (out / "cells.parquet").exists()
+    monkeypatch.undo()
+    done = psc.integrate(raw, out, **SMALL)
+    assert [n for n, s in done["stages"].items() if s.get("resumed")] == ["genes", "pca", "project", "centroids"]
+    assert pl.read_parquet(out / "cells.parquet").height == 6000
+
+
+def test_a_deleted_output_is_recomputed(raw, tmp_path):
+    out = tmp_path / "out"
+    psc.integrate(raw, out, **SMALL)
+    (out / "pca.parquet").unlink()
+    again = psc.integrate(raw, out, **SMALL)
+    assert [n for n, s in again["stages"].items() if s.get("resumed")] == ["genes"]
+
+
+@pytest.mark.parametrize(
+    "source, kwargs, error, match",
+    [
+        ("missing", {}, FileNotFoundError, "no Parquet files"),
+        (None, {"batch_key": "plate"}, ValueError, "no column 'plate'"),
+        (None, {"label_key": "celltype"}, ValueError, "no column 'celltype'"),
+        (None, {"device": "cuda"}, ValueError, "no CUDA backend"),
+    ],
+)
+def test_bad_input(raw, tmp_path, source, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        psc.integrate(tmp_path / source if source else raw, tmp_path / "out", **(SMALL | kwargs))
+
+
+def test_command_line(raw, tmp_path, capsys):
+    from polars_singlecell.__main__ import main
+
+    assert main(["integrate", str(raw), str(tmp_path / "out"), "--n-top-genes", "200", "--n-comps", "15",
+                 "--n-centroids", "32"]) == 0
+    assert pl.read_parquet(tmp_path / "out" / "cells.parquet").height == 6000
+    assert "done in" in capsys.readouterr().out
+    assert main(["integrate", str(raw), str(tmp_path / "out2"), "--batch-key", "plate"]) == 2
+    assert "no column 'plate'" in capsys.readouterr().err

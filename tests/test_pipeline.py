@@ -101,3 +101,35 @@ def test_command_line(raw, tmp_path, capsys):
     assert "done in" in capsys.readouterr().out
     assert main(["integrate", str(raw), str(tmp_path / "out2"), "--batch-key", "plate"]) == 2
     assert "no column 'plate'" in capsys.readouterr().err
+
+
+def test_tahoe_like_counts_follow_the_design(tmp_path):
+    out = psc.datasets.tahoe_like(20_000, tmp_path / "t", n_genes=300, rows_per_file=7000, seed=5)
+    df = pl.read_parquet(out / "part-*.parquet")
+    assert df.height == 20_000 and df["cell_id"].n_unique() == 20_000
+    assert len(list(out.glob("part-*.parquet"))) == 3
+    design = psc.datasets.tahoe_design()
+    # plate sizes follow the design (multinomial: within 5 standard errors)
+    want = design.group_by("plate").agg(pl.col("n_cells").sum() / design["n_cells"].sum() * 20_000)
+    got = df.group_by("plate").len().join(want, on="plate")
+    assert ((got["len"] - got["n_cells"]).abs() <= 5 * got["n_cells"].sqrt() + 1).all()
+    # every plate lacks exactly 5 lines (some rare lines may also draw no cell)
+    assert df.group_by("plate").agg(pl.col("cell_line").n_unique())["cell_line"].max() <= 45
+    # sparse layout: sorted unique gene indices, positive counts
+    assert df["gene_idx"].list.eval(pl.element().diff().drop_nulls().min() > 0).explode().fill_null(True).all()
+    assert df["values"].list.min().min() >= 1 and df["gene_idx"].list.max().max() < 300
+    effects = pl.read_parquet(out / "plate_effects.parquet")
+    assert effects.height == 14 * 300 and (effects["factor"] > 0).all()
+    again = psc.datasets.tahoe_like(20_000, tmp_path / "u", n_genes=300, rows_per_file=7000, seed=5)
+    assert pl.read_parquet(again / "part-*.parquet").equals(df)
+
+
+def test_integrate_tahoe_like_counts(tmp_path):
+    """The pipeline on Tahoe-shaped counts: plates mix, lines stay apart."""
+    raw = psc.datasets.tahoe_like(30_000, tmp_path / "raw", n_genes=500, seed=1)
+    report = psc.integrate(raw, tmp_path / "out", batch_key="plate", label_key="cell_line", n_top_genes=300,
+                           n_comps=20, n_centroids=64, log=None)
+    m = {(r["embedding"], r["metric"]): r["value"] for r in report["stages"]["interpolate"]["evaluate"]}
+    assert report["stages"]["genes"]["n_genes"] == 500  # from genes.parquet in the folder
+    assert m["X_ot", "batch_entropy_norm"] > m["X_pca", "batch_entropy_norm"] + 0.1
+    assert m["X_ot", "label_purity"] >= 0.98 * m["X_pca", "label_purity"]

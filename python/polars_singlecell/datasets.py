@@ -11,7 +11,7 @@ import polars as pl
 
 from polars_singlecell.io import write_parquet
 
-__all__ = ["synthetic_counts", "write_synthetic_counts", "tahoe_design", "tahoe_like_embedding"]
+__all__ = ["synthetic_counts", "write_synthetic_counts", "tahoe_design", "tahoe_like", "tahoe_like_embedding"]
 
 
 def _gene_rates(rng: np.random.Generator, n_genes: int, n_types: int, n_batches: int):
@@ -23,6 +23,26 @@ def _gene_rates(rng: np.random.Generator, n_genes: int, n_types: int, n_batches:
     # Each batch scales every gene by a log-normal factor (a plate effect).
     batches = rng.lognormal(0.0, 0.3, (n_batches, n_genes))
     return base, types, batches
+
+
+def _draw_rows(rng: np.random.Generator, n_umi: np.ndarray, group: np.ndarray, rates: dict, n_genes: int) -> pl.DataFrame:
+    """Sparse rows (``gene_idx``, ``values``): cell i draws ``n_umi[i]`` UMIs
+    from the gene distribution ``rates[group[i]]`` (unnormalised)."""
+    # One group at a time (its cells in row order, so the random stream is
+    # consumed as a plain per-UMI loop would): small sorts, bounded temporaries.
+    order = np.argsort(group, kind="stable")
+    cuts = np.flatnonzero(np.diff(group[order])) + 1
+    parts = []
+    for cells in np.split(order, cuts):
+        p = rates[int(group[cells[0]])]
+        cdf = np.cumsum(p / p.sum())
+        nu = n_umi[cells]
+        gene = np.minimum(np.searchsorted(cdf, rng.random(int(nu.sum()))), n_genes - 1)
+        key, count = np.unique(np.repeat(cells.astype(np.int64), nu) * n_genes + gene, return_counts=True)
+        cell, gene = np.divmod(key, n_genes)
+        parts.append(pl.DataFrame({"cell": cell, "gene_idx": gene.astype(np.uint32), "values": count.astype(np.float32)}))
+    entries = pl.concat(parts)
+    return entries.group_by("cell", maintain_order=True).agg("gene_idx", "values").sort("cell")
 
 
 def synthetic_counts(
@@ -49,22 +69,9 @@ def synthetic_counts(
     label = crng.integers(0, n_types, n_cells)
     batch = crng.integers(0, n_batches, n_cells)
     n_umi = np.maximum(crng.poisson(umis_per_cell, n_cells), 1)
-    cell_of_umi = np.repeat(np.arange(n_cells), n_umi)
-    gene_of_umi = np.empty(cell_of_umi.size, dtype=np.int64)
     group = label * n_batches + batch
-    group_of_umi = np.repeat(group, n_umi)
-    for g in np.unique(group):
-        t, b = divmod(int(g), n_batches)
-        p = base * types[t] * batches[b]
-        cdf = np.cumsum(p / p.sum())
-        sel = group_of_umi == g
-        gene_of_umi[sel] = np.minimum(np.searchsorted(cdf, crng.random(int(sel.sum()))), n_genes - 1)
-    key, count = np.unique(cell_of_umi * n_genes + gene_of_umi, return_counts=True)
-    cell, gene = np.divmod(key, n_genes)
-    entries = pl.DataFrame(
-        {"cell": cell.astype(np.int64), "gene_idx": gene.astype(np.uint32), "values": count.astype(np.float32)}
-    )
-    rows = entries.group_by("cell", maintain_order=True).agg("gene_idx", "values")
+    rates = {int(g): base * types[g // n_batches] * batches[g % n_batches] for g in np.unique(group)}
+    rows = _draw_rows(crng, n_umi, group, rates, n_genes)
     return pl.DataFrame(
         {
             "cell_id": [f"cell{first_cell + i}" for i in range(n_cells)],
@@ -191,3 +198,85 @@ def tahoe_like_embedding(
             "X_true": pl.Series(true.astype(np.float32), dtype=pl.Array(pl.Float32, n_dims)),
         }))
     return pl.concat(parts)
+
+
+def tahoe_like(
+    n_cells: int,
+    out: str | os.PathLike,
+    *,
+    n_genes: int = 2000,
+    umis_per_cell: int = 300,
+    missing_lines_per_plate: int = 5,
+    plate_effect: float = 0.3,
+    rows_per_file: int = 50_000,
+    seed: int = 0,
+) -> Path:
+    """Raw counts shaped like Tahoe-100M, streamed to ``out/part-*.parquet``
+    (``cell_id``, ``plate``, ``cell_line``, ``organ``, ``gene_idx``,
+    ``values``), one file of ``rows_per_file`` cells at a time (memory is
+    bounded by that, never by ``n_cells``), plus ``out/genes.parquet``
+    (``gene_idx``, ``gene``) and the injected truth in
+    ``out/plate_effects.parquet`` (``plate``, ``gene_idx``, ``factor``).
+
+    Cells per (plate, line) follow :func:`tahoe_design`, after dropping
+    ``missing_lines_per_plate`` lines per plate. Expression: a log-normal
+    base rate per gene; each organ raises its own 5% of genes 3-fold and each
+    line its own 3% 4-fold (the ground truth: ``cell_line``, ``organ``); each
+    plate multiplies every gene by a log-normal factor of sd ``plate_effect``
+    (the batch effect). Each cell draws ~``umis_per_cell`` UMIs (Poisson).
+    Rows are in plate order, lines shuffled within each file. Returns ``out``.
+    About 57 s and 780 MB peak for 1M cells with the defaults on 2 cores
+    (740 MB at 200k: the peak is one file's worth).
+
+    >>> import tempfile, polars as pl, polars_singlecell as psc
+    >>> d = psc.datasets.tahoe_like(3000, tempfile.mkdtemp(), n_genes=200, rows_per_file=1000)
+    >>> df = pl.read_parquet(d / "part-*.parquet")
+    >>> df.height, df["plate"].n_unique(), df.columns
+    (3000, 14, ['cell_id', 'plate', 'cell_line', 'organ', 'gene_idx', 'values'])
+    """
+    for name, v in (("n_cells", n_cells), ("n_genes", n_genes), ("umis_per_cell", umis_per_cell), ("rows_per_file", rows_per_file)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    if not isinstance(missing_lines_per_plate, int) or not 0 <= missing_lines_per_plate < 50:
+        raise ValueError(f"missing_lines_per_plate must be an integer in [0, 49], got {missing_lines_per_plate!r}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    design = tahoe_design()
+    rng = np.random.default_rng(seed)
+    plates = design["plate"].unique(maintain_order=True).to_list()
+    lines = design["cell_line"].unique(maintain_order=True).to_list()
+    organ_of = dict(zip(design["cell_line"], design["organ"]))
+    organs = sorted(set(organ_of.values()))
+    share = design.pivot(on="cell_line", index="plate", values="n_cells").select(lines).to_numpy().astype(np.float64)
+    for p in range(len(plates)):
+        share[p, rng.choice(len(lines), missing_lines_per_plate, replace=False)] = 0.0
+    counts = rng.multinomial(n_cells, (share / share.sum()).ravel())  # plate-major (plate, line) groups
+
+    base = rng.lognormal(0.0, 1.0, n_genes)
+    organ_prog = {o: np.where(rng.random(n_genes) < 0.05, 3.0, 1.0) for o in organs}
+    line_prog = np.where(rng.random((len(lines), n_genes)) < 0.03, 4.0, 1.0)
+    plate_fac = rng.lognormal(0.0, plate_effect, (len(plates), n_genes))
+    line_rate = np.array([base * organ_prog[organ_of[line]] * line_prog[i] for i, line in enumerate(lines)])
+
+    write_parquet(pl.DataFrame({"gene_idx": np.arange(n_genes, dtype=np.uint32), "gene": [f"G{i}" for i in range(n_genes)]}),
+                  out / "genes.parquet")
+    write_parquet(pl.DataFrame({
+        "plate": np.repeat(plates, n_genes), "gene_idx": np.tile(np.arange(n_genes, dtype=np.uint32), len(plates)),
+        "factor": plate_fac.ravel(),
+    }), out / "plate_effects.parquet")
+    ends = np.cumsum(counts)
+    line_names, organ_names = np.asarray(lines), np.asarray([organ_of[line] for line in lines])
+    for k, start in enumerate(range(0, n_cells, rows_per_file)):
+        stop = min(start + rows_per_file, n_cells)
+        crng = np.random.default_rng([seed, k])
+        group = np.searchsorted(ends, np.arange(start, stop), side="right")
+        group = group[np.lexsort((crng.random(group.size), group // len(lines)))]  # shuffle lines within a plate
+        plate, line = np.divmod(group, len(lines))
+        rates = {int(g): line_rate[g % len(lines)] * plate_fac[g // len(lines)] for g in np.unique(group)}
+        rows = _draw_rows(crng, np.maximum(crng.poisson(umis_per_cell, group.size), 1), group, rates, n_genes)
+        df = pl.DataFrame({
+            "cell_id": [f"cell{i}" for i in range(start, stop)],
+            "plate": np.asarray(plates)[plate], "cell_line": line_names[line], "organ": organ_names[line],
+        }).with_columns(rows["gene_idx"], rows["values"])
+        write_parquet(df, out / f"part-{k:05d}.parquet", row_group_size=min(stop - start, 50_000))
+    return out

@@ -33,12 +33,12 @@ COUNTS = ("gene_idx", "values")
 def _source_files(source: str | os.PathLike) -> list[Path]:
     p = Path(source)
     if p.is_dir():
-        files = sorted(p.glob("*.parquet"))
+        # The cells' files: a folder may also hold genes.parquet and the like.
+        files = [f for f in sorted(p.glob("*.parquet")) if isinstance(pl.read_parquet_schema(f).get("gene_idx"), pl.List)]
     elif any(ch in str(p) for ch in "*?["):
         files = sorted(Path(f) for f in glob.glob(str(p)))
     else:
         files = [p]
-    files = [f for f in files if f.name != "genes.parquet"]
     if not files or not all(f.is_file() for f in files):
         raise FileNotFoundError(f"no Parquet files at {source!s}: give a file, a folder of *.parquet or a glob")
     return files

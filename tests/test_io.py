@@ -1,0 +1,107 @@
+"""h5ad import (against files written by the anndata package) and AnnData export."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pytest
+
+import polars_singlecell as psc
+
+anndata = pytest.importorskip("anndata")
+sp = pytest.importorskip("scipy.sparse")
+pd = pytest.importorskip("pandas")
+
+
+def make_adata(n=2500, g=300, seed=0):
+    rng = np.random.default_rng(seed)
+    x = sp.random(n, g, density=0.08, format="csr", random_state=seed, dtype=np.float32)
+    x.data = np.ceil(x.data * 10).astype(np.float32)
+    keep = np.ones(n, dtype=np.float32)
+    keep[5] = 0  # an all-zero cell
+    x = (sp.diags(keep) @ x).tocsr()
+    x.eliminate_zeros()
+    obs = pd.DataFrame(
+        {
+            "batch": pd.Categorical(rng.choice(["p1", "p2", "p3"], n)),
+            "n_counts": np.asarray(x.sum(1)).ravel(),
+            "donor": rng.choice(["d1", "d2"], n).astype(object),
+        },
+        index=[f"c{i}" for i in range(n)],
+    )
+    var = pd.DataFrame(index=[f"G{j}" for j in range(g)])
+    return anndata.AnnData(x, obs=obs, var=var)
+
+
+def test_h5ad_matches_anndata(tmp_path):
+    a = make_adata()
+    a.write_h5ad(tmp_path / "a.h5ad")
+    out = psc.io.h5ad_to_parquet(tmp_path / "a.h5ad", tmp_path / "cells", rows_per_file=700)
+    assert len(list(out.glob("part-*.parquet"))) == 4
+    df = pl.read_parquet(out / "part-*.parquet")
+    assert df.columns == ["cell_id", "batch", "n_counts", "donor", "gene_idx", "values"]
+    assert df.schema["gene_idx"] == pl.List(pl.UInt32) and df.schema["values"] == pl.List(pl.Float32)
+    assert df["cell_id"].to_list() == list(a.obs_names)
+    assert df["batch"].to_list() == list(a.obs["batch"].astype(str))
+    np.testing.assert_array_equal(df["n_counts"].to_numpy(), a.obs["n_counts"].to_numpy())
+    x = a.X.tocsr()
+    x.sort_indices()
+    for i in (0, 5, 699, 700, 2499):
+        row = x[i]
+        assert df["gene_idx"][i].to_list() == row.indices.tolist()
+        np.testing.assert_array_equal(df["values"][i].to_numpy(), row.data)
+    assert df["gene_idx"][5].to_list() == []  # an empty cell is an empty list, not null
+    genes = pl.read_parquet(out / "genes.parquet")
+    assert genes["gene"].to_list() == list(a.var_names)
+    # the imported counts go straight into the pipeline's first step
+    totals = df.select(psc.total_counts()).to_series()
+    np.testing.assert_allclose(totals.to_numpy(), np.asarray(x.sum(1)).ravel())
+
+
+def test_h5ad_unsorted_and_duplicate_entries_are_sorted_and_summed(tmp_path):
+    x = sp.csr_matrix((np.array([1.0, 2.0, 5.0, 3.0], dtype=np.float32), np.array([4, 1, 4, 0]), np.array([0, 3, 4])), shape=(2, 6))
+    assert not x.has_sorted_indices
+    anndata.AnnData(x).write_h5ad(tmp_path / "u.h5ad")
+    df = pl.read_parquet(psc.io.h5ad_to_parquet(tmp_path / "u.h5ad", tmp_path / "o") / "part-*.parquet")
+    assert df["gene_idx"].to_list() == [[1, 4], [0]]
+    assert df["values"].to_list() == [[2.0, 6.0], [3.0]]
+
+
+def test_h5ad_bad_input(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no file"):
+        psc.io.h5ad_to_parquet(tmp_path / "none.h5ad", tmp_path / "o")
+    anndata.AnnData(np.ones((3, 2), dtype=np.float32)).write_h5ad(tmp_path / "dense.h5ad")
+    with pytest.raises(ValueError, match="CSR"):
+        psc.io.h5ad_to_parquet(tmp_path / "dense.h5ad", tmp_path / "o")
+    assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o.*"))  # nothing left behind
+    make_adata(50).write_h5ad(tmp_path / "a.h5ad")
+    with pytest.raises(ValueError, match="no column 'cell_type'"):
+        psc.io.h5ad_to_parquet(tmp_path / "a.h5ad", tmp_path / "o", obs_columns=["cell_type"])
+    psc.io.h5ad_to_parquet(tmp_path / "a.h5ad", tmp_path / "o")
+    with pytest.raises(FileExistsError):
+        psc.io.h5ad_to_parquet(tmp_path / "a.h5ad", tmp_path / "o")
+
+
+def test_to_anndata_for_scanpy(tmp_path):
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(5000, 8)).astype(np.float32)
+    cells = pl.DataFrame({
+        "cell_id": [f"c{i}" for i in range(5000)], "batch": rng.choice(["a", "b"], 5000),
+        "X_pca": pl.Series(emb, dtype=pl.Array(pl.Float32, 8)),
+        "X_ot": pl.Series(emb + 1, dtype=pl.Array(pl.Float32, 8)),
+    })
+    cells.write_parquet(tmp_path / "cells.parquet")
+    a = psc.io.to_anndata(tmp_path / "cells.parquet", max_cells=1000)
+    assert a.n_obs == 1000 and list(a.obs.columns) == ["cell_id", "batch"]
+    rows = np.array([int(c[1:]) for c in a.obs_names])
+    assert (np.diff(rows) > 0).all()  # file order kept
+    np.testing.assert_array_equal(a.obsm["X_ot"], emb[rows] + 1)
+    # the same seeded sample as psc.metrics.evaluate, from a LazyFrame too
+    b = psc.io.to_anndata(cells.lazy(), max_cells=1000)
+    assert list(b.obs_names) == list(a.obs_names)
+    import scanpy as sc
+
+    sc.pp.neighbors(a, use_rep="X_ot", n_neighbors=10)
+    assert a.obsp["connectivities"].shape == (1000, 1000)
+    with pytest.raises(ValueError, match="no column 'X_umap'"):
+        psc.io.to_anndata(cells, obsm=("X_umap",))

@@ -52,18 +52,21 @@ def write_parquet(df: pl.DataFrame, path: str | os.PathLike, **kwargs: Any) -> N
         df.write_parquet(tmp, **kwargs)
 
 
-def _h5_strings(ds) -> list[str]:
-    return [v.decode() if isinstance(v, bytes) else str(v) for v in ds.asstr()[...]] if ds.dtype.kind in "OSU" else [str(v) for v in ds[...]]
+def _h5_strings(ds, sl: slice = slice(None)) -> list[str]:
+    if ds.dtype.kind in "OSU":
+        return [v.decode() if isinstance(v, bytes) else str(v) for v in ds.asstr()[sl]]
+    return [str(v) for v in ds[sl]]
 
 
-def _obs_columns(obs, columns: list[str] | None) -> dict[str, Any]:
-    """AnnData's ``obs`` group (anndata ≥ 0.7 encoding) as plain arrays."""
+def _obs_readers(obs, columns: list[str] | None) -> dict[str, Any]:
+    """AnnData's ``obs`` group (anndata ≥ 0.7 encoding): for each column a
+    function of a row slice, so a chunk reads only its rows."""
     import numpy as np
 
     index = obs.attrs.get("_index", "_index")
     order = list(obs.attrs.get("column-order", []))
     wanted = order if columns is None else columns
-    out: dict[str, Any] = {"cell_id": _h5_strings(obs[index])}
+    out: dict[str, Any] = {"cell_id": lambda sl, ds=obs[index]: _h5_strings(ds, sl)}
     for name in wanted:
         if name not in obs:
             raise ValueError(f"obs has no column '{name}' (columns: {order})")
@@ -71,14 +74,14 @@ def _obs_columns(obs, columns: list[str] | None) -> dict[str, Any]:
         kind = node.attrs.get("encoding-type", "array")
         if kind == "categorical":
             cats = _h5_strings(node["categories"])
-            codes = node["codes"][...]
-            out[name] = [cats[c] if c >= 0 else None for c in codes]
+            out[name] = lambda sl, node=node, cats=cats: [cats[c] if c >= 0 else None for c in node["codes"][sl]]
         elif kind in ("nullable-integer", "nullable-boolean", "nullable-string-array"):
-            vals, mask = node["values"], node["mask"][...]
-            v = _h5_strings(vals) if kind == "nullable-string-array" else list(vals[...])
-            out[name] = [None if m else x for x, m in zip(v, mask)]
+            def read(sl, node=node, strings=kind == "nullable-string-array"):
+                v = _h5_strings(node["values"], sl) if strings else list(node["values"][sl])
+                return [None if m else x for x, m in zip(v, node["mask"][sl])]
+            out[name] = read
         elif kind in ("array", "string-array"):
-            out[name] = _h5_strings(node) if node.dtype.kind in "OSU" else np.asarray(node[...])
+            out[name] = (lambda sl, ds=node: _h5_strings(ds, sl)) if node.dtype.kind in "OSU" else (lambda sl, ds=node: np.asarray(ds[sl]))
         else:
             raise ValueError(f"obs column '{name}' has encoding '{kind}', which is not supported; drop it with obs_columns=[...]")
     return out
@@ -98,9 +101,8 @@ def h5ad_to_parquet(
     (sorted, ``List(UInt32)``) and ``values`` (``List(Float32)``), plus
     ``out/genes.parquet`` (``gene_idx``, ``gene`` from the var index).
 
-    Reads ``rows_per_file`` rows at a time through h5py (memory: one chunk of
-    the matrix plus the ``obs`` columns and ``indptr``, never the whole
-    matrix). Writes into a temporary folder renamed to ``out`` at the end, so
+    Reads ``rows_per_file`` rows at a time through h5py, the matrix and the
+    ``obs`` columns alike (memory: one chunk plus ``indptr``, 8 bytes a cell). Writes into a temporary folder renamed to ``out`` at the end, so
     an interrupted import leaves no folder that looks complete. Duplicate
     entries of a row are summed, as scipy does. Returns ``out``.
 
@@ -136,7 +138,7 @@ def h5ad_to_parquet(
                                  "(in anndata: adata.X = scipy.sparse.csr_matrix(adata.X) before writing)")
             n_cells, n_genes = (int(v) for v in x.attrs["shape"])
             indptr = x["indptr"][...].astype(np.int64)
-            obs = _obs_columns(f["obs"], obs_columns)
+            obs = _obs_readers(f["obs"], obs_columns)
             var = f["var"]
             genes = _h5_strings(var[var.attrs.get("_index", "_index")])
             write_parquet(pl.DataFrame({"gene_idx": np.arange(n_genes, dtype=np.uint32), "gene": genes}), tmp / "genes.parquet")
@@ -156,7 +158,7 @@ def h5ad_to_parquet(
                 offsets = np.concatenate([[0], np.cumsum(lens)])
                 gene_idx = _split(g.astype(np.uint32), offsets, pl.UInt32, "gene_idx")
                 values = _split(summed.astype(np.float32), offsets, pl.Float32, "values")
-                chunk = {c: (v[start:stop]) for c, v in obs.items()}
+                chunk = {c: read(slice(start, stop)) for c, read in obs.items()}
                 df = pl.DataFrame(chunk).with_columns(gene_idx, values)
                 write_parquet(df, tmp / f"part-{k:05d}.parquet", row_group_size=min(stop - start, 50_000))
         os.replace(tmp, out)

@@ -123,6 +123,16 @@ def tahoe_design() -> pl.DataFrame:
     )
 
 
+def _design_counts(rng: np.random.Generator, design: pl.DataFrame, n_cells: int, missing: int) -> np.ndarray:
+    """Cells per (plate, line), plates × lines in design order: the design's
+    proportions with ``missing`` random lines per plate dropped, multinomial."""
+    lines = design["cell_line"].unique(maintain_order=True).to_list()
+    share = design.pivot(on="cell_line", index="plate", values="n_cells").select(lines).to_numpy().astype(np.float64)
+    for p in range(share.shape[0]):
+        share[p, rng.choice(len(lines), missing, replace=False)] = 0.0
+    return rng.multinomial(n_cells, (share / share.sum()).ravel()).reshape(share.shape)
+
+
 def _plate_effect(rng: np.random.Generator, d: int, shift: float, scaling: float, rotation: float):
     """A plate's affine effect x ↦ (x · s) Q + t: per-axis scaling s in
     1 ± ``scaling``, a rotation Q near the identity, a shift t ~ N(0, shift²)."""
@@ -178,10 +188,7 @@ def tahoe_like_embedding(
     axis /= np.linalg.norm(axis, axis=1, keepdims=True)
 
     plates = design["plate"].unique(maintain_order=True).to_list()
-    share = design.pivot(on="cell_line", index="plate", values="n_cells").select(lines).to_numpy().astype(np.float64)
-    for p in range(len(plates)):
-        share[p, rng.choice(len(lines), missing_lines_per_plate, replace=False)] = 0.0
-    counts = rng.multinomial(n_cells, (share / share.sum()).ravel()).reshape(share.shape)
+    counts = _design_counts(rng, design, n_cells, missing_lines_per_plate)
 
     parts = []
     for p, plate in enumerate(plates):
@@ -247,10 +254,7 @@ def tahoe_like(
     lines = design["cell_line"].unique(maintain_order=True).to_list()
     organ_of = dict(zip(design["cell_line"], design["organ"]))
     organs = sorted(set(organ_of.values()))
-    share = design.pivot(on="cell_line", index="plate", values="n_cells").select(lines).to_numpy().astype(np.float64)
-    for p in range(len(plates)):
-        share[p, rng.choice(len(lines), missing_lines_per_plate, replace=False)] = 0.0
-    counts = rng.multinomial(n_cells, (share / share.sum()).ravel())  # plate-major (plate, line) groups
+    counts = _design_counts(rng, design, n_cells, missing_lines_per_plate).ravel()  # plate-major (plate, line) groups
 
     base = rng.lognormal(0.0, 1.0, n_genes)
     organ_prog = {o: np.where(rng.random(n_genes) < 0.05, 3.0, 1.0) for o in organs}

@@ -5,7 +5,7 @@ PY      := .venv/bin/python
 export VIRTUAL_ENV := $(CURDIR)/.venv
 export PATH := $(CURDIR)/.venv/bin:$(PATH)
 
-.PHONY: demo test build bench bench-kmeans bench-knn bench-metrics bench-integration
+.PHONY: demo test build bench bench-kmeans bench-knn bench-metrics bench-integration bench-io
 
 .venv/.base:
 	python3 -m venv .venv
@@ -42,3 +42,6 @@ bench-metrics: .venv/.test build
 
 bench-integration: .venv/.test build
 	$(PY) benches/bench_integration.py
+
+bench-io: .venv/.test build
+	$(PY) benches/bench_io.py

@@ -232,8 +232,8 @@ def tahoe_like(
     plate multiplies every gene by a log-normal factor of sd ``plate_effect``
     (the batch effect). Each cell draws ~``umis_per_cell`` UMIs (Poisson).
     Rows are in plate order, lines shuffled within each file. Returns ``out``.
-    About 57 s and 780 MB peak for 1M cells with the defaults on 2 cores
-    (740 MB at 200k: the peak is one file's worth).
+    On 2 cores: 41 s and 785 MB peak for 800k cells, 743 MB for 200k (the
+    peak is one file's worth; ``make bench-io``).
 
     >>> import tempfile, polars as pl, polars_singlecell as psc
     >>> d = psc.datasets.tahoe_like(3000, tempfile.mkdtemp(), n_genes=200, rows_per_file=1000)

@@ -211,7 +211,7 @@ def _displace(x, a, groups, codes, names, reference, scale, epsilon, reg_m, n_ro
     for g, rows in enumerate(groups):
         if g == ref_batch:
             continue
-        raw, keep = images[g] - x[rows], kept[g]
+        keep = kept[g]
         # The entropic map contracts: at a blur wide next to the batch's
         # structure every centroid's image is near the target's mean. The
         # batch's map onto itself contracts alike, so the difference of the

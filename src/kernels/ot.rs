@@ -45,8 +45,8 @@ pub struct SinkhornFit {
 /// e^x for x ≤ 0, to about 1 ulp; 0 below −708 (where e^x < 1e−307 adds
 /// nothing next to the log-sum-exp's largest term, which is 1). Written so
 /// LLVM vectorises it (no table, no branch, the 2^k scale built from the bits
-/// of a rounded float): `f64::exp` is a scalar libm call and was 80% of a
-/// Sinkhorn iteration.
+/// of a rounded float): `f64::exp` is a scalar libm call; this doubled the
+/// Sinkhorn's throughput (criterion bench `sinkhorn`: 184 → 365 M terms/s).
 #[inline(always)]
 fn exp_nonpos(x: f64) -> f64 {
     const LOG2E: f64 = std::f64::consts::LOG2_E;
@@ -209,8 +209,10 @@ pub fn sinkhorn_log(a: &[f64], b: &[f64], cost: &[f64], p: &SinkhornParams) -> R
     // Over-relaxation (Thibault et al. 2017): near the fixed point plain
     // Sinkhorn contracts by a steady factor κ per iteration (0.97 on
     // integration problems: 70 iterations per decade of `tol`); stepping ω =
-    // 2/(1+√(1−κ)) past each update cuts that to a few. κ is measured on
-    // plain iterations first; any rise of delta falls back to ω = 1. The
+    // 2/(1+√(1−κ)) past each update speeds that up. Measured on the
+    // Tahoe-design centroids: 252 → 211 iterations on average at tol 1e-6,
+    // as the rate there keeps changing and ω often falls back. κ is measured
+    // on plain iterations first; any rise of delta falls back to ω = 1. The
     // fixed point, and so the plan, is the same.
     let mut omega = 1.0f64;
     let mut prev_delta = f64::INFINITY;

@@ -3,6 +3,7 @@
 use polars::prelude::*;
 use polars_singlecell::expressions::{fit_pca_update, kmeans_centroids, normalize, pca_project};
 use polars_singlecell::kernels::kmeans::KMeansParams;
+use polars_singlecell::kernels::Device;
 use polars_singlecell::kernels::pca::{CovAccumulator, PcaProjector};
 
 fn main() -> PolarsResult<()> {
@@ -25,7 +26,7 @@ fn main() -> PolarsResult<()> {
     let fit = acc.fit(2)?;
     let model = PcaProjector::from_fit(&fit)?;
 
-    let x_pca = pca_project(&gene_idx, &lognorm, &model)?;
+    let x_pca = pca_project(&gene_idx, &lognorm, &model, Device::Cpu)?;
     let df = DataFrame::new_infer_height(vec![x_pca.clone().into()])?;
     println!("{df}");
     assert_eq!(df.column("X_pca")?.dtype(), &DataType::Array(Box::new(DataType::Float32), 2));

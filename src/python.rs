@@ -19,6 +19,7 @@ use crate::kernels::hvg::GeneStats;
 use crate::kernels::kmeans::KMeansParams;
 use crate::kernels::sample::BottomK;
 use crate::kernels::pca::{CovAccumulator, PcaProjector};
+use crate::kernels::Device;
 
 #[global_allocator]
 static ALLOC: PolarsAllocator = PolarsAllocator::new();
@@ -84,6 +85,18 @@ fn select_genes(inputs: &[Series], kwargs: SelectGenesKwargs) -> PolarsResult<Se
     Ok(StructChunked::from_series(inputs[0].name().clone(), len, [idx, val].iter())?.into_series())
 }
 
+/// The `device` option of an expression or fit ("cpu" or "cuda"), checked
+/// to be usable now.
+fn device(name: &str) -> Result<Device, crate::error::KernelError> {
+    let d: Device = name.parse()?;
+    d.check()?;
+    Ok(d)
+}
+
+fn cpu() -> String {
+    "cpu".into()
+}
+
 // -------------------------------------------------------------- pca_project
 
 #[derive(Deserialize)]
@@ -96,6 +109,8 @@ struct PcaProjectKwargs {
     /// float64 little-endian, (n_comps, n_genes) row-major
     #[serde(with = "serde_bytes")]
     components: Vec<u8>,
+    #[serde(default = "cpu")]
+    device: String,
 }
 
 fn f64_le(b: &[u8], what: &str) -> PolarsResult<Vec<f64>> {
@@ -115,7 +130,7 @@ fn pca_project(inputs: &[Series], kwargs: PcaProjectKwargs) -> PolarsResult<Seri
     let mean = f64_le(&kwargs.mean, "mean")?;
     let components = f64_le(&kwargs.components, "components")?;
     let model = PcaProjector::new(&mean, &components, kwargs.n_comps)?;
-    expressions::pca_project(&inputs[0], &inputs[1], &model)
+    expressions::pca_project(&inputs[0], &inputs[1], &model, device(&kwargs.device)?)
 }
 
 // -------------------------------------------------------- kmeans_centroids
@@ -128,16 +143,19 @@ struct KMeansKwargs {
     tol: f64,
     random_state: u64,
     init_size: Option<usize>,
+    #[serde(default = "cpu")]
+    device: String,
 }
 
 impl KMeansKwargs {
-    fn params(&self) -> KMeansParams {
+    fn params(&self) -> Result<KMeansParams, crate::error::KernelError> {
         let mut p = KMeansParams::new(self.n_centroids);
         p.max_iter = self.max_iter;
         p.tol = self.tol;
         p.seed = self.random_state;
         p.init_size = self.init_size;
-        p
+        p.device = device(&self.device)?;
+        Ok(p)
     }
 }
 
@@ -156,7 +174,7 @@ fn kmeans_centroids_output(fields: &[Field]) -> PolarsResult<Field> {
 
 #[polars_expr(output_type_func = kmeans_centroids_output)]
 fn kmeans_centroids(inputs: &[Series], kwargs: KMeansKwargs) -> PolarsResult<Series> {
-    expressions::kmeans_centroids(&inputs[0], inputs.get(1), &kwargs.params())
+    expressions::kmeans_centroids(&inputs[0], inputs.get(1), &kwargs.params()?)
 }
 
 // ------------------------------------------------------ knn, knn_interpolate
@@ -228,6 +246,8 @@ struct KnnInterpolateKwargs {
     d: usize,
     k: usize,
     unknown_pooled: bool,
+    #[serde(default = "cpu")]
+    device: String,
 }
 
 /// Schema-time check: the embedding is `Array(Float32, d)` of the model's `d`.
@@ -252,7 +272,7 @@ fn knn_interpolate_output(fields: &[Field], kwargs: KnnInterpolateKwargs) -> Pol
 #[polars_expr(output_type_func_with_kwargs = knn_interpolate_output)]
 fn knn_interpolate(inputs: &[Series], kwargs: KnnInterpolateKwargs) -> PolarsResult<Series> {
     let model = lookup_model(&kwargs.model)?;
-    expressions::knn_interpolate(&inputs[0], inputs.get(1), &model, kwargs.k, kwargs.unknown_pooled)
+    expressions::knn_interpolate(&inputs[0], inputs.get(1), &model, kwargs.k, kwargs.unknown_pooled, device(&kwargs.device)?)
 }
 
 #[derive(Deserialize)]
@@ -261,6 +281,8 @@ struct KnnKwargs {
     index: String,
     d: usize,
     k: usize,
+    #[serde(default = "cpu")]
+    device: String,
 }
 
 fn knn_output(fields: &[Field], kwargs: KnnKwargs) -> PolarsResult<Field> {
@@ -274,7 +296,7 @@ fn knn_output(fields: &[Field], kwargs: KnnKwargs) -> PolarsResult<Field> {
 #[polars_expr(output_type_func_with_kwargs = knn_output)]
 fn knn(inputs: &[Series], kwargs: KnnKwargs) -> PolarsResult<Series> {
     let model = lookup_model(&kwargs.index)?;
-    expressions::knn(&inputs[0], &model, kwargs.k)
+    expressions::knn(&inputs[0], &model, kwargs.k, device(&kwargs.device)?)
 }
 
 // ------------------------------------------------------------ streaming fits
@@ -351,8 +373,10 @@ struct PcaAccumulator {
 #[pymethods]
 impl PcaAccumulator {
     #[new]
-    fn new(n_genes: usize, n_threads: usize) -> PyResult<Self> {
-        Ok(PcaAccumulator { acc: CovAccumulator::new(n_genes).map_err(value_error)?, pool: fit_pool(n_threads)? })
+    #[pyo3(signature = (n_genes, n_threads, device = "cpu"))]
+    fn new(n_genes: usize, n_threads: usize, device: &str) -> PyResult<Self> {
+        let dev = self::device(device).map_err(value_error)?;
+        Ok(PcaAccumulator { acc: CovAccumulator::with_device(n_genes, dev).map_err(value_error)?, pool: fit_pool(n_threads)? })
     }
 
     fn update(&mut self, py: Python<'_>, gene_idx: PySeries, values: PySeries) -> PyResult<()> {
@@ -429,6 +453,7 @@ impl CentroidSampler {
 
     /// k-means per batch (batches in sorted label order). Returns the long
     /// table (batch, centroid_id, centroid, mass) and one summary row per batch.
+    #[pyo3(signature = (n_centroids, max_iter, tol, init_size, device = "cpu"))]
     fn fit(
         &self,
         py: Python<'_>,
@@ -436,9 +461,10 @@ impl CentroidSampler {
         max_iter: usize,
         tol: f64,
         init_size: Option<usize>,
+        device: &str,
     ) -> PyResult<(PyDataFrame, PyDataFrame)> {
-        let kw = KMeansKwargs { n_centroids, max_iter, tol, random_state: self.seed, init_size };
-        let params = kw.params();
+        let kw = KMeansKwargs { n_centroids, max_iter, tol, random_state: self.seed, init_size, device: device.into() };
+        let params = kw.params().map_err(value_error)?;
         let (samplers, pool) = (&self.samplers, &self.pool);
         let fits = py
             .detach(|| {
@@ -508,7 +534,9 @@ fn flat_values<T: PolarsNumericType>(s: &Series, expected: &str) -> PyResult<Vec
 /// sample once and drop it. Returns (indices `Array(UInt32, k)`, distances
 /// `Array(Float32, k)`), ascending, Euclidean, ties to the lower row.
 #[pyfunction]
-fn knn_search(py: Python<'_>, queries: PySeries, index: PySeries, k: usize) -> PyResult<(PySeries, PySeries)> {
+#[pyo3(signature = (queries, index, k, device = "cpu"))]
+fn knn_search(py: Python<'_>, queries: PySeries, index: PySeries, k: usize, device: &str) -> PyResult<(PySeries, PySeries)> {
+    let dev = self::device(device).map_err(value_error)?;
     let (q, d) = convert::embedding_rows(&queries.0).map_err(value_error)?;
     let (c, dc) = convert::embedding_rows(&index.0).map_err(value_error)?;
     if d != dc {
@@ -525,7 +553,7 @@ fn knn_search(py: Python<'_>, queries: PySeries, index: PySeries, k: usize) -> P
             polars_core::runtime::THREAD_POOL.install(|| {
                 let ix = kernels::knn::CentroidIndex::new(c, None, d)?;
                 let (mut idx, mut dist) = (vec![0u32; n * k], vec![0f32; n * k]);
-                kernels::knn::knn(&q, &ix, k, &mut idx, &mut dist)?;
+                kernels::knn::knn(&q, &ix, k, &mut idx, &mut dist, dev)?;
                 Ok::<_, crate::error::KernelError>((idx, dist))
             })
         })
@@ -586,6 +614,20 @@ fn connected_components(py: Python<'_>, n: usize, src: PySeries, dst: PySeries) 
     Ok(PySeries(Series::new("component".into(), out)))
 }
 
+/// Whether device="cuda" works in this process (built with the `cuda`
+/// feature, a driver and a GPU present, cuBLAS and NVRTC loaded).
+#[pyfunction]
+fn cuda_available(py: Python<'_>) -> bool {
+    py.detach(kernels::cuda_available)
+}
+
+/// The GPU device="cuda" uses, described; a ValueError saying what is
+/// missing when there is none.
+#[pyfunction]
+fn cuda_device(py: Python<'_>) -> PyResult<String> {
+    py.detach(kernels::cuda_status).map_err(value_error)
+}
+
 #[pymodule]
 fn _internal(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
@@ -601,5 +643,8 @@ fn _internal(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(sinkhorn, m)?)?;
     m.add_function(wrap_pyfunction!(knn_search, m)?)?;
     m.add_function(wrap_pyfunction!(connected_components, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_available, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_device, m)?)?;
+    m.add("CUDA_BUILD", cfg!(feature = "cuda"))?;
     Ok(())
 }

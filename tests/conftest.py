@@ -32,6 +32,18 @@ def sparse_frame(rows: list[tuple[list[int], list[float]]], **extra) -> pl.DataF
     )
 
 
+@pytest.fixture(params=["cpu", "cuda"])
+def device(request) -> str:
+    """Each test that takes it runs once per device; the CUDA run is skipped
+    (with the reason) where ``device="cuda"`` cannot run."""
+    if request.param == "cuda" and not psc.cuda_available():
+        try:
+            psc._internal.cuda_device()
+        except ValueError as e:
+            pytest.skip(str(e))
+    return request.param
+
+
 @pytest.fixture(scope="session")
 def cellbench() -> tuple[pl.DataFrame, int]:
     """CellBench mixology (Tian et al. 2019, MIT): 1,408 cells of raw UMI counts, 5 batches."""

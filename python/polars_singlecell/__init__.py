@@ -19,6 +19,7 @@ from polars_singlecell._plugin import check_polars_version as _check_polars_vers
 _check_polars_version(_pl.__version__, _internal.POLARS_CRATE_VERSION)
 
 from polars_singlecell import datasets, io, metrics, pipeline  # noqa: E402
+from polars_singlecell._device import cuda_available  # noqa: E402
 from polars_singlecell.centroids import fit_centroids, kmeans_centroids  # noqa: E402
 from polars_singlecell.integration import IntegrationModel, clear_models, knn, knn_interpolate  # noqa: E402
 from polars_singlecell.io import sink_parquet  # noqa: E402
@@ -43,6 +44,7 @@ __all__ = [
     "PcaModel",
     "clear_models",
     "consensus_genes",
+    "cuda_available",
     "datasets",
     "fit_centroids",
     "fit_integration",

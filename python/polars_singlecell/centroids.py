@@ -26,6 +26,7 @@ from typing import Union
 import polars as pl
 
 from polars_singlecell import _internal
+from polars_singlecell._device import check_device
 from polars_singlecell._plugin import call
 from polars_singlecell.preprocessing import Frame, IntoExpr, _col, _lazy, _n_threads, _positive_int, _record_batches
 
@@ -55,6 +56,7 @@ def kmeans_centroids(
     random_state: int = 0,
     weights: IntoExpr | None = None,
     init_size: int | None = None,
+    device: str = "cpu",
 ) -> pl.Expr:
     """k-means centroids of an ``Array(Float32, d)`` column and the mass of each.
 
@@ -74,6 +76,11 @@ def kmeans_centroids(
     ``weights``) assigned to each centroid; with fewer distinct rows than
     ``n_centroids`` every distinct row becomes a centroid. Same input and
     ``random_state`` give the same bits at any thread count.
+
+    ``device="cuda"`` runs each assignment step's GEMM and arg-min on the GPU
+    (the exact float64 checks stay on the CPU). Its float32 GEMM rounds
+    differently, so a row within rounding of two centres may take the other,
+    and the fit can differ slightly from the CPU's.
     """
     kwargs = {
         "n_centroids": _positive_int("n_centroids", n_centroids),
@@ -81,6 +88,7 @@ def kmeans_centroids(
         "tol": _tol(tol),
         "random_state": _seed(random_state),
         "init_size": None if init_size is None else _positive_int("init_size", init_size),
+        "device": check_device(device),
     }
     # Weights of any numeric dtype are read as float64 by the plugin; other
     # dtypes (strings, booleans) are refused when the query is planned.
@@ -101,6 +109,7 @@ def fit_centroids(
     init_size: int | None = None,
     n_threads: int | None = None,
     summary: bool = False,
+    device: str = "cpu",
 ) -> pl.DataFrame | tuple[pl.DataFrame, pl.DataFrame]:
     """Per-batch centroids of a cell embedding of any size, streaming.
 
@@ -117,6 +126,8 @@ def fit_centroids(
     0 per batch), ``centroid`` (``Array(Float32, d)``), ``mass`` (Float64);
     with ``summary=True`` also one row per batch: ``n_cells``, ``n_sampled``,
     ``n_centroids``, ``inertia`` (on the sample), ``n_iter``, ``converged``.
+    ``device="cuda"``: the k-means assignment steps on the GPU, as in
+    :func:`kmeans_centroids`.
     A batch with fewer distinct cells than ``n_centroids`` gets one centroid
     per distinct cell. An ``Enum`` batch column's categories with no cells are
     skipped with a warning and listed in the summary with ``n_cells == 0``.
@@ -141,6 +152,7 @@ def fit_centroids(
         _tol(tol),
         None if init_size is None else _positive_int("init_size", init_size),
     )
+    device = check_device(device)
     sampler = _internal.CentroidSampler(
         dtype.size,
         _positive_int("max_samples_per_batch", max_samples_per_batch),
@@ -149,7 +161,7 @@ def fit_centroids(
     )
     for batch in _record_batches(lf, [embedding, batch_key]):
         sampler.update(batch[embedding], batch[batch_key])
-    long, summ = sampler.fit(*params)
+    long, summ = sampler.fit(*params, device)
     key_dtype = schema[batch_key]
     # Back to the key's own dtype and order (the sampler keys batches by their text).
     long = long.rename({"batch": batch_key}).with_columns(pl.col(batch_key).cast(key_dtype))

@@ -33,6 +33,7 @@ import numpy as np
 import polars as pl
 
 from polars_singlecell import _internal
+from polars_singlecell._device import check_device
 from polars_singlecell._plugin import call
 from polars_singlecell.io import write_parquet
 from polars_singlecell.preprocessing import IntoExpr, _col, _positive_int
@@ -186,14 +187,6 @@ def _as_model(model: object) -> IntegrationModel:
     raise TypeError(f"model must be an IntegrationModel or the path of one saved as Parquet, got {type(model).__name__}")
 
 
-def _check_device(device: str) -> None:
-    if device == "cpu":
-        return
-    if device == "cuda":
-        raise ValueError("device='cuda': this build of polars-singlecell has no CUDA backend; use device='cpu'")
-    raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
-
-
 def knn_interpolate(
     embedding: IntoExpr = "X_pca",
     batch: IntoExpr | None = "batch",
@@ -233,7 +226,10 @@ def knn_interpolate(
         A cell whose batch is not in the model: ``"error"`` (default) or
         ``"pooled"`` (search all centroids for that cell).
     device
-        ``"cpu"``; ``"cuda"`` needs a CUDA build.
+        ``"cpu"`` (default) or ``"cuda"``: the distance GEMM and top-k run on
+        the GPU, the exact re-rank and the gather on the CPU, so both give the
+        same result (see :func:`polars_singlecell.cuda_available`). k ≤ 60 on
+        the GPU.
 
     Examples
     --------
@@ -251,13 +247,13 @@ def knn_interpolate(
         raise ValueError(f"mode must be 'own_batch' or 'pooled', got {mode!r}")
     if unknown_batch not in ("error", "pooled"):
         raise ValueError(f"unknown_batch must be 'error' or 'pooled', got {unknown_batch!r}")
-    _check_device(device)
+    device = check_device(device)
     args = [_col(embedding)]
     if mode == "own_batch":
         if batch is None:
             raise ValueError("mode='own_batch' needs the cells' batch column (batch=...); or use mode='pooled'")
         args.append(_col(batch))
-    kwargs = {"model": m._register(), "d": m.d, "k": k, "unknown_pooled": unknown_batch == "pooled"}
+    kwargs = {"model": m._register(), "d": m.d, "k": k, "unknown_pooled": unknown_batch == "pooled", "device": device}
     return call("knn_interpolate", args, kwargs).alias("X_ot")
 
 
@@ -277,13 +273,13 @@ def _as_index(index: object) -> IntegrationModel:
     raise TypeError(f"index must be an IntegrationModel, a model path, a 2-D numpy array or an Array(Float32, d) Series, got {type(index).__name__}")
 
 
-def knn(embedding: IntoExpr = "X_pca", *, index: object, k: int = 8) -> pl.Expr:
+def knn(embedding: IntoExpr = "X_pca", *, index: object, k: int = 8, device: Literal["cpu", "cuda"] = "cpu") -> pl.Expr:
     """Exact k nearest neighbours of each cell among the points of ``index``.
 
     Returns ``Struct{indices: Array(UInt32, k), distances: Array(Float32, k)}``
     named ``knn``: row numbers of the index and Euclidean (not squared)
     distances, ascending; equal distances go to the lower row. Elementwise and
-    streaming, like :func:`knn_interpolate`.
+    streaming, like :func:`knn_interpolate`, and like it on ``device="cuda"``.
 
     ``index`` is an :class:`IntegrationModel` (or its Parquet path: its
     centroids, in table order), a 2-D numpy array, or an
@@ -300,7 +296,7 @@ def knn(embedding: IntoExpr = "X_pca", *, index: object, k: int = 8) -> pl.Expr:
     """
     m = _as_index(index)
     k = _positive_int("k", k, upper=m.n_centroids)
-    kwargs = {"index": m._register(), "d": m.d, "k": k}
+    kwargs = {"index": m._register(), "d": m.d, "k": k, "device": check_device(device)}
     return call("knn", [_col(embedding)], kwargs).alias("knn")
 
 

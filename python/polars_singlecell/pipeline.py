@@ -104,10 +104,10 @@ def integrate(
     ['cell_id', 'batch', 'label', 'X_pca', 'X_ot']
     """
     import polars_singlecell as psc
-    from polars_singlecell.integration import _check_device
+    from polars_singlecell._device import check_device
     from polars_singlecell.io import sink_parquet, write_parquet
 
-    _check_device(device)
+    device = check_device(device)
     files = _source_files(source)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -129,9 +129,12 @@ def integrate(
     source_fp = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
     params = {
         "genes": dict(batch_key=batch_key, n_genes=n_genes, target_sum=target_sum, n_top_genes=n_top_genes),
-        "pca": dict(n_comps=n_comps),
+        # The GPU sums the covariance and k-means distances in another order
+        # (results equal to rounding, not bit for bit): part of the fingerprint.
+        "pca": dict(n_comps=n_comps, device=device),
         "project": {},
-        "centroids": dict(n_centroids=n_centroids, max_samples_per_batch=max_samples_per_batch, random_state=random_state),
+        "centroids": dict(n_centroids=n_centroids, max_samples_per_batch=max_samples_per_batch, random_state=random_state,
+                          device=device),
         "integration": dict(integration or {}),
         "interpolate": dict(k=k, mode=mode, device=device),
     }
@@ -176,19 +179,20 @@ def integrate(
 
     def pca() -> dict:
         lf, n_hv = selected()
-        model = psc.fit_pca(lf, n_genes=n_hv, n_comps=n_comps)
+        model = psc.fit_pca(lf, n_genes=n_hv, n_comps=n_comps, device=device)
         model.save(out / "pca.parquet")
         return {"explained_variance_ratio": [round(float(v), 5) for v in model.explained_variance_ratio]}
 
     def project() -> dict:
         lf, _ = selected()
         model = psc.PcaModel.load(out / "pca.parquet")
-        sink_parquet(lf.select(*keep, psc.pca_project(*COUNTS, model=model)), out / "cells_pca.parquet")
+        sink_parquet(lf.select(*keep, psc.pca_project(*COUNTS, model=model, device=device)), out / "cells_pca.parquet")
         return {"n_cells": pl.scan_parquet(out / "cells_pca.parquet").select(pl.len()).collect().item()}
 
     def centroids() -> dict:
         cents, summary = psc.fit_centroids(out / "cells_pca.parquet", batch_key=batch_key, n_centroids=n_centroids,
-                                           max_samples_per_batch=max_samples_per_batch, random_state=random_state, summary=True)
+                                           max_samples_per_batch=max_samples_per_batch, random_state=random_state, summary=True,
+                                           device=device)
         write_parquet(cents, out / "centroids.parquet")
         return {"n_batches": summary.height, "n_centroids": cents.height}
 

@@ -18,6 +18,7 @@ import numpy as np
 import polars as pl
 
 from polars_singlecell import _internal
+from polars_singlecell._device import check_device
 from polars_singlecell._plugin import call
 from polars_singlecell.io import write_parquet
 
@@ -466,6 +467,7 @@ def fit_pca(
     gene_idx: str = "gene_idx",
     values: str = "values",
     n_threads: int | None = None,
+    device: str = "cpu",
 ) -> PcaModel:
     """Fit PCA out of core: one streaming pass accumulates the exact float64
     covariance (O(n_genes²) memory, never O(cells)), then its eigendecomposition.
@@ -474,6 +476,10 @@ def fit_pca(
     the dense float64 matrix, with each axis signed so that its largest loading
     is positive. ``n_threads`` defaults to ``POLARS_MAX_THREADS`` (or Polars'
     pool size); the result is bit-identical for any thread count.
+
+    ``device="cuda"`` accumulates XᵀX on the GPU (float64 GEMM of each record
+    batch, densified there): the same products summed in another order, so the
+    axes agree with the CPU's to float64 rounding, not bit for bit.
     """
     n_genes = _positive_int("n_genes", n_genes)
     n_comps = _positive_int("n_comps", n_comps, upper=n_genes)
@@ -482,7 +488,7 @@ def fit_pca(
             f"n_genes={n_genes} needs a {n_genes * n_genes * 8 / 2**30:.0f} GiB covariance; "
             "select highly variable genes first (psc.select_genes)"
         )
-    acc = _internal.PcaAccumulator(n_genes, _n_threads(n_threads))
+    acc = _internal.PcaAccumulator(n_genes, _n_threads(n_threads), check_device(device))
     for df in _record_batches(_lazy(data), [gene_idx, values]):
         acc.update(df[gene_idx], df[values])
     n_cells, mean, comps, ev, evr = acc.finish(n_comps)
@@ -500,12 +506,15 @@ def pca_project(
     values: IntoExpr = "values",
     *,
     model: PcaModel | str | os.PathLike,
+    device: str = "cpu",
 ) -> pl.Expr:
     """Project each cell onto the fitted axes: ``(x - mean) @ components.T``.
 
     Elementwise and streaming. Returns ``Array(Float32, n_comps)`` named
     ``X_pca``, null where the input row is null. A gene index outside the
     model's genes is an error (select the model's genes first).
+    ``device="cuda"`` runs the sparse product on the GPU with the CPU's order
+    of sums and rounding: the same bits.
 
     Examples
     --------
@@ -525,5 +534,6 @@ def pca_project(
             "n_comps": model.n_comps,
             "mean": np.ascontiguousarray(model.mean, dtype="<f8").tobytes(),
             "components": np.ascontiguousarray(model.components, dtype="<f8").tobytes(),
+            "device": check_device(device),
         },
     ).alias("X_pca")

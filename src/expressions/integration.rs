@@ -9,6 +9,7 @@ use polars_core::runtime::THREAD_POOL;
 use super::convert;
 use crate::error::KernelError;
 use crate::kernels::knn::{self, CentroidIndex};
+use crate::kernels::Device;
 
 /// A fitted integration ready to search: one index per batch (own-batch
 /// mode) and one over all centroids in model row order (pooled mode, and the
@@ -109,6 +110,7 @@ pub fn knn_interpolate(
     model: &InterpolationModel,
     k: usize,
     unknown_pooled: bool,
+    device: Device,
 ) -> PolarsResult<Series> {
     const OP: &str = "knn_interpolate";
     let x = rows_for(OP, embedding, model)?;
@@ -149,7 +151,7 @@ pub fn knn_interpolate(
     }
     let mut out = vec![0f32; x.len()];
     THREAD_POOL
-        .install(|| knn::interpolate_grouped(&x, d, &group, &indexes, k, &mut out))
+        .install(|| knn::interpolate_grouped(&x, d, &group, &indexes, k, &mut out, device))
         .map_err(|e| kernel_err(OP, embedding, e))?;
     convert::array_f32(embedding.name(), d, out, None)
 }
@@ -164,7 +166,7 @@ pub fn knn_dtype(k: usize) -> DataType {
 
 /// Each cell's `k` nearest rows of the model (pooled, model row numbers) and
 /// their Euclidean distances, ascending; ties go to the lower row.
-pub fn knn(embedding: &Series, model: &InterpolationModel, k: usize) -> PolarsResult<Series> {
+pub fn knn(embedding: &Series, model: &InterpolationModel, k: usize, device: Device) -> PolarsResult<Series> {
     const OP: &str = "knn";
     let x = rows_for(OP, embedding, model)?;
     if k == 0 || k > model.n_centroids() {
@@ -173,7 +175,7 @@ pub fn knn(embedding: &Series, model: &InterpolationModel, k: usize) -> PolarsRe
     let n = x.len() / model.d;
     let (mut idx, mut dist) = (vec![0u32; n * k], vec![0f32; n * k]);
     THREAD_POOL
-        .install(|| knn::knn(&x, &model.pooled, k, &mut idx, &mut dist))
+        .install(|| knn::knn(&x, &model.pooled, k, &mut idx, &mut dist, device))
         .map_err(|e| kernel_err(OP, embedding, e))?;
     let fields = [convert::array_of("indices", k, idx, None)?, convert::array_of("distances", k, dist, None)?];
     Ok(StructChunked::from_series(embedding.name().clone(), n, fields.iter())?.into_series())

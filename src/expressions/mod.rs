@@ -15,7 +15,7 @@ use crate::kernels::hvg::GeneStats;
 use crate::kernels::kmeans::{KMeansFit, KMeansParams};
 use crate::kernels::sample::BottomK;
 use crate::kernels::pca::{CovAccumulator, PcaProjector};
-use crate::kernels::{self, select_genes::GeneMap};
+use crate::kernels::{self, select_genes::GeneMap, Device};
 
 /// `normalize_total` + `log1p` of each cell; `List(Float32)` aligned with `gene_idx`.
 /// `target_sum = None`: the median of the non-zero cell totals of this Series.
@@ -56,10 +56,10 @@ pub fn select_genes(gene_idx: &Series, values: &Series, genes: &[u32]) -> Polars
 }
 
 /// Project each cell onto fitted axes; `Array(Float32, n_comps)`, null where the row is null.
-pub fn pca_project(gene_idx: &Series, values: &Series, model: &PcaProjector) -> PolarsResult<Series> {
+pub fn pca_project(gene_idx: &Series, values: &Series, model: &PcaProjector, device: Device) -> PolarsResult<Series> {
     let (out, validity) = THREAD_POOL.install(|| {
         convert::with_sparse_rows(gene_idx, values, Some(model.n_genes), |rows, validity| {
-            Ok((kernels::pca::pca_project(rows, model), validity.cloned()))
+            Ok((kernels::pca::pca_project(rows, model, device)?, validity.cloned()))
         })
     })?;
     convert::array_f32("X_pca", model.n_comps, out, validity.as_ref())
@@ -70,8 +70,7 @@ pub fn pca_project(gene_idx: &Series, values: &Series, model: &PcaProjector) -> 
 pub fn fit_pca_update(acc: &mut CovAccumulator, gene_idx: &Series, values: &Series) -> PolarsResult<()> {
     convert::with_sparse_rows(gene_idx, values, Some(acc.n_genes()), |rows, validity| {
         convert::reject_null_rows(validity, "fit_pca")?;
-        acc.add(rows);
-        Ok(())
+        Ok(acc.add(rows)?)
     })
 }
 

@@ -16,6 +16,7 @@ use rayon::prelude::*;
 
 use super::distance::{nearest, sq_dist, sq_dist_f64, sq_dists_to, sq_norm, Centres, TASK_ROWS};
 use super::rng::Rng;
+use super::Device;
 use crate::error::KernelError;
 
 #[derive(Debug, Clone)]
@@ -32,11 +33,13 @@ pub struct KMeansParams {
     pub init_size: Option<usize>,
     /// Lloyd iterations on each intermediate subsample (0: go straight to all rows).
     pub warm_iter: usize,
+    /// Where the assignment step's GEMM and arg-min run.
+    pub device: Device,
 }
 
 impl KMeansParams {
     pub fn new(n_centroids: usize) -> Self {
-        KMeansParams { n_centroids, max_iter: 300, tol: 1e-4, seed: 0, init_size: None, warm_iter: 3 }
+        KMeansParams { n_centroids, max_iter: 300, tol: 1e-4, seed: 0, init_size: None, warm_iter: 3, device: Device::Cpu }
     }
 }
 
@@ -69,6 +72,7 @@ impl KMeansFit {
 /// each row weighted by `weights` (default 1).
 pub fn kmeans(x: &[f32], d: usize, weights: Option<&[f64]>, params: &KMeansParams) -> Result<KMeansFit, KernelError> {
     let n = check_input(x, d, weights, params)?;
+    params.device.check()?;
     let w: Vec<f64> = match weights {
         Some(w) => w.to_vec(),
         None => vec![1.0; n],
@@ -111,10 +115,10 @@ pub fn kmeans(x: &[f32], d: usize, weights: Option<&[f64]>, params: &KMeansParam
         if m > init_size {
             (xs, ws) = gather(m);
         }
-        centres = lloyd(&xs, d, &ws, centres, params.warm_iter, tol).centroids;
+        centres = lloyd(&xs, d, &ws, centres, params.warm_iter, tol, params.device)?.centroids;
         m = m.saturating_mul(4);
     }
-    Ok(drop_unused(lloyd(x, d, &w, centres, params.max_iter, tol)))
+    Ok(drop_unused(lloyd(x, d, &w, centres, params.max_iter, tol, params.device)?))
 }
 
 /// Remove centres no row is assigned to (left when the data have fewer
@@ -342,11 +346,19 @@ fn kmeans_plusplus(x: &[f32], d: usize, w: &[f64], k: usize, rng: &mut Rng) -> V
 
 /// Lloyd iterations from `centres` on all rows of `x`; ends with an assignment
 /// to the final centres.
-fn lloyd(x: &[f32], d: usize, w: &[f64], mut centres: Vec<f32>, max_iter: usize, tol: f64) -> KMeansFit {
+fn lloyd(
+    x: &[f32],
+    d: usize,
+    w: &[f64],
+    mut centres: Vec<f32>,
+    max_iter: usize,
+    tol: f64,
+    device: Device,
+) -> Result<KMeansFit, KernelError> {
     let n = w.len();
     let mut labels = vec![u32::MAX; n];
     let mut dist = vec![0f64; n];
-    let mut history = vec![assign(x, d, &centres, &mut labels, &mut dist, w)];
+    let mut history = vec![assign(x, d, &centres, &mut labels, &mut dist, w, device)?];
     let (mut n_iter, mut converged) = (0, false);
     while n_iter < max_iter {
         let new = update(x, d, w, &labels, &dist, &centres);
@@ -354,7 +366,7 @@ fn lloyd(x: &[f32], d: usize, w: &[f64], mut centres: Vec<f32>, max_iter: usize,
         centres = new;
         n_iter += 1;
         let before = labels.clone();
-        history.push(assign(x, d, &centres, &mut labels, &mut dist, w));
+        history.push(assign(x, d, &centres, &mut labels, &mut dist, w, device)?);
         if labels == before || shift <= tol {
             converged = true;
             break;
@@ -366,16 +378,27 @@ fn lloyd(x: &[f32], d: usize, w: &[f64], mut centres: Vec<f32>, max_iter: usize,
         mass[l as usize] += wi;
     }
     let inertia = *history.last().expect("one assignment at least");
-    KMeansFit { d, centroids: centres, mass, labels, inertia, inertia_history: history, n_iter, converged }
+    Ok(KMeansFit { d, centroids: centres, mass, labels, inertia, inertia_history: history, n_iter, converged })
 }
 
 /// Assign every row to its nearest centre and return the inertia. A row keeps
 /// its previous centre unless the new one is strictly nearer in exact
 /// (float64) distance, so rounding in the GEMM never raises the inertia.
-fn assign(x: &[f32], d: usize, centres: &[f32], labels: &mut [u32], dist: &mut [f64], w: &[f64]) -> f64 {
+fn assign(
+    x: &[f32],
+    d: usize,
+    centres: &[f32],
+    labels: &mut [u32],
+    dist: &mut [f64],
+    w: &[f64],
+    device: Device,
+) -> Result<f64, KernelError> {
     let c = Centres::new(centres, d);
     let mut fresh = vec![0u32; labels.len()];
-    nearest(x, &c, &mut fresh);
+    match device {
+        Device::Cpu => nearest(x, &c, &mut fresh),
+        Device::Cuda => fresh = super::knn::gpu_candidates(x, &c, 1)?,
+    }
     labels.par_chunks_mut(TASK_ROWS).zip(dist.par_chunks_mut(TASK_ROWS)).zip(fresh.par_chunks(TASK_ROWS)).enumerate().for_each(
         |(b, ((lb, db), fb))| {
             for (ii, ((l, dd), &f)) in lb.iter_mut().zip(db.iter_mut()).zip(fb).enumerate() {
@@ -394,7 +417,7 @@ fn assign(x: &[f32], d: usize, centres: &[f32], labels: &mut [u32], dist: &mut [
             }
         },
     );
-    block_sum(labels.len(), |r| r.map(|i| w[i] * dist[i]).sum())
+    Ok(block_sum(labels.len(), |r| r.map(|i| w[i] * dist[i]).sum()))
 }
 
 /// Weighted means of each centre's rows (summed in row order, float64). A
@@ -498,6 +521,28 @@ mod tests {
             let best = (0..64).map(|j| sq_dist_f64(row, c.row(j))).fold(f64::INFINITY, f64::min);
             assert!(mine <= best * (1.0 + 1e-5) + 1e-9);
         }
+    }
+
+    #[test]
+    fn devices_agree() {
+        // 40k rows in 30 blobs, 256 centres: warm-up stages and full Lloyd.
+        // The GPU's float32 GEMM rounds differently, which can flip a label
+        // whose two centres are within rounding of each other, so labels are
+        // compared by agreement, inertia relatively.
+        let (n, d) = (40_000, 20);
+        let x = blobs(n, d, 30, 41);
+        let mut p = KMeansParams::new(256);
+        p.seed = 7;
+        let cpu = kmeans(&x, d, None, &p).unwrap();
+        crate::kernels::device::for_each_device(|dev| {
+            p.device = dev;
+            let got = kmeans(&x, d, None, &p).unwrap();
+            let same = got.labels.iter().zip(&cpu.labels).filter(|(a, b)| a == b).count();
+            assert!(same as f64 >= 0.999 * n as f64, "{dev:?}: {same} of {n} labels agree");
+            assert!((got.inertia - cpu.inertia).abs() <= 1e-4 * cpu.inertia, "{dev:?}: {} vs {}", got.inertia, cpu.inertia);
+            let hist = &got.inertia_history;
+            assert!(hist.windows(2).all(|w| w[1] <= w[0]), "{dev:?}: inertia rose");
+        });
     }
 
     #[test]

@@ -10,6 +10,7 @@
 use rayon::prelude::*;
 
 use super::distance::{dot_block, sq_dist_f64, Centres, GEMM_CENTRES, GEMM_ROWS, TASK_ROWS};
+use super::Device;
 use crate::error::KernelError;
 
 /// Candidates kept beyond `k` from the float32 ranking before the exact
@@ -31,6 +32,10 @@ pub struct CentroidIndex {
     centres: Vec<f32>,
     norms: Vec<f32>,
     displacement: Option<Vec<f32>>,
+    /// The centres on the GPU, uploaded on the first device='cuda' search and
+    /// shared by clones (the same centres).
+    #[cfg(feature = "cuda")]
+    on_gpu: std::sync::Arc<std::sync::Mutex<Option<std::sync::Arc<super::cuda::DeviceCentres>>>>,
 }
 
 impl CentroidIndex {
@@ -55,7 +60,14 @@ impl CentroidIndex {
             return Err(KernelError::Invalid(format!("{} centres is more than u32 indices can address", centres.len() / d)));
         }
         let norms = Centres::new(&centres, d).norms;
-        Ok(CentroidIndex { d, centres, norms, displacement })
+        Ok(CentroidIndex {
+            d,
+            centres,
+            norms,
+            displacement,
+            #[cfg(feature = "cuda")]
+            on_gpu: Default::default(),
+        })
     }
 
     pub fn d(&self) -> usize {
@@ -303,6 +315,67 @@ fn search_serial(x: &[f32], c: &Centres<'_>, k: usize, sink: &mut impl Sink) {
     }
 }
 
+/// The exact half of a GPU search: each task's rows, with `cap` candidate
+/// centres per row from the GPU, re-ranked by exact float64 distance (ties to
+/// the lower index) exactly as `search_serial` re-ranks its own candidates.
+fn rerank_tasks<S: Sink>(tasks: Vec<(&[f32], &Centres<'_>, S, &[u32])>, k: usize, cap: usize) {
+    let run = |(x, c, mut sink, cands): (&[f32], &Centres<'_>, S, &[u32])| {
+        let mut cand: Vec<(f64, u32)> = Vec::with_capacity(cap);
+        for (i, (xi, ci)) in x.chunks_exact(c.d).zip(cands.chunks_exact(cap)).enumerate() {
+            cand.clear();
+            cand.extend(ci.iter().map(|&j| (sq_dist_f64(xi, c.row(j as usize)), j)));
+            cand.sort_unstable_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+            sink.row(i, xi, &cand[..k]);
+        }
+    };
+    if tasks.len() > 1 {
+        tasks.into_par_iter().for_each(run);
+    } else {
+        tasks.into_iter().for_each(run);
+    }
+}
+
+/// The GPU half of a search against an index: `cap` candidates per row, the
+/// centres uploaded once per index.
+fn index_candidates(x: &[f32], index: &CentroidIndex, cap: usize) -> Result<Vec<u32>, KernelError> {
+    #[cfg(feature = "cuda")]
+    {
+        let gpu = super::cuda::gpu()?;
+        let on_gpu = {
+            let mut slot = index.on_gpu.lock().map_err(|_| KernelError::Invalid("a GPU index is poisoned by an earlier panic".into()))?;
+            match &*slot {
+                Some(c) => c.clone(),
+                None => {
+                    let c = std::sync::Arc::new(gpu.upload_centres(&index.centres, &index.norms, index.d)?);
+                    *slot = Some(c.clone());
+                    c
+                },
+            }
+        };
+        gpu.candidates(x, &on_gpu, cap)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (x, index, cap);
+        Err(super::cuda_status().expect_err("no cuda feature"))
+    }
+}
+
+/// The GPU half of a search against centres used once (a k-means step).
+pub(crate) fn gpu_candidates(x: &[f32], c: &Centres<'_>, cap: usize) -> Result<Vec<u32>, KernelError> {
+    #[cfg(feature = "cuda")]
+    {
+        let gpu = super::cuda::gpu()?;
+        let on_gpu = gpu.upload_centres(c.data, &c.norms, c.d)?;
+        gpu.candidates(x, &on_gpu, cap)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (x, c, cap);
+        Err(super::cuda_status().expect_err("no cuda feature"))
+    }
+}
+
 fn check(x: &[f32], index: &CentroidIndex, k: usize) -> Result<(), KernelError> {
     let d = index.d;
     if x.len() % d != 0 {
@@ -369,11 +442,30 @@ fn knn_task_rows(n_rows: usize, n_centres: usize) -> usize {
 /// For each row of `x` (row-major, `index.d()` wide): its `k` nearest centres
 /// by exact Euclidean distance, ascending, ties to the lower index.
 /// Writes `idx[i·k + t]` and the distance (not squared) `dist[i·k + t]`.
-pub fn knn(x: &[f32], index: &CentroidIndex, k: usize, idx: &mut [u32], dist: &mut [f32]) -> Result<(), KernelError> {
+pub fn knn(
+    x: &[f32],
+    index: &CentroidIndex,
+    k: usize,
+    idx: &mut [u32],
+    dist: &mut [f32],
+    device: Device,
+) -> Result<(), KernelError> {
     check(x, index, k)?;
     let (d, n) = (index.d, x.len() / index.d);
     assert!(idx.len() == n * k && dist.len() == n * k, "output buffers sized n·k");
     let c = index.centres();
+    if device == Device::Cuda {
+        let cap = (k + RERANK_EXTRA).min(index.len());
+        let cands = index_candidates(x, index, cap)?;
+        let tasks = x
+            .chunks(TASK_ROWS * d)
+            .zip(idx.chunks_mut(TASK_ROWS * k).zip(dist.chunks_mut(TASK_ROWS * k)))
+            .zip(cands.chunks(TASK_ROWS * cap))
+            .map(|((xb, (idx, dist)), cb)| (xb, &c, Neighbours { k, idx, dist }, cb))
+            .collect();
+        rerank_tasks(tasks, k, cap);
+        return Ok(());
+    }
     let rows = knn_task_rows(n, index.len());
     let tasks = x
         .chunks(rows * d)
@@ -387,18 +479,38 @@ pub fn knn(x: &[f32], index: &CentroidIndex, k: usize, idx: &mut [u32], dist: &m
 /// `out` row i = x_i + Σ_j w_j·D_j over the `k` nearest centres j of x_i,
 /// with w_j = (1 / max(dist_j, 1e-3)) / Σ (1 / max(dist, 1e-3)) and dist the
 /// Euclidean distance. Weights in float64, the sum in float32.
-pub fn interpolate(x: &[f32], index: &CentroidIndex, k: usize, out: &mut [f32]) -> Result<(), KernelError> {
+pub fn interpolate(x: &[f32], index: &CentroidIndex, k: usize, out: &mut [f32], device: Device) -> Result<(), KernelError> {
     check_interpolable(x, index, k)?;
     assert_eq!(out.len(), x.len(), "output buffer sized like the input");
-    run_interpolation(vec![(x, index, out)], k);
-    Ok(())
+    run_interpolation(vec![(x, index, out)], k, device)
 }
 
 /// Interpolate several (rows, index, out) parts as one pool of fixed
 /// `TASK_ROWS`-row tasks, so many small batches still fill every core.
 /// Parts are checked by the caller.
-fn run_interpolation(parts: Vec<(&[f32], &CentroidIndex, &mut [f32])>, k: usize) {
+fn run_interpolation(parts: Vec<(&[f32], &CentroidIndex, &mut [f32])>, k: usize, device: Device) -> Result<(), KernelError> {
     let centres: Vec<Centres<'_>> = parts.iter().map(|p| p.1.centres()).collect();
+    if device == Device::Cuda {
+        // One GPU search per part (its own centres), then every part's exact
+        // re-rank and gather as one pool of tasks.
+        let caps: Vec<usize> = parts.iter().map(|p| (k + RERANK_EXTRA).min(p.1.len())).collect();
+        let cands = parts
+            .iter()
+            .zip(&caps)
+            .map(|((x, index, _), &cap)| index_candidates(x, index, cap))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut tasks = Vec::new();
+        for (((x, index, out), c), (cand, &cap)) in parts.into_iter().zip(&centres).zip(cands.iter().zip(&caps)) {
+            let d = index.d;
+            let displacement = index.displacement.as_deref().expect("checked: the index has displacements");
+            let chunks = x.chunks(TASK_ROWS * d).zip(out.chunks_mut(TASK_ROWS * d)).zip(cand.chunks(TASK_ROWS * cap));
+            for ((xb, out), cb) in chunks {
+                tasks.push(((xb, c, Interpolated { d, displacement, out, w: Vec::with_capacity(k) }, cb), cap));
+            }
+        }
+        tasks.into_par_iter().for_each(|(task, cap)| rerank_tasks(vec![task], k, cap));
+        return Ok(());
+    }
     let mut tasks = Vec::new();
     for ((x, index, out), c) in parts.into_iter().zip(&centres) {
         let d = index.d;
@@ -408,6 +520,7 @@ fn run_interpolation(parts: Vec<(&[f32], &CentroidIndex, &mut [f32])>, k: usize)
         }
     }
     run_tasks(tasks, k, false);
+    Ok(())
 }
 
 /// `interpolate` where row i searches `indexes[group[i]]` only (a cell's own
@@ -420,6 +533,7 @@ pub fn interpolate_grouped(
     indexes: &[&CentroidIndex],
     k: usize,
     out: &mut [f32],
+    device: Device,
 ) -> Result<(), KernelError> {
     if x.len() != group.len() * d || out.len() != x.len() {
         return Err(KernelError::Shape { what: "rows × width", expected: group.len() * d, got: x.len() });
@@ -435,7 +549,7 @@ pub fn interpolate_grouped(
     // The common case in a stream of one batch per file: nothing to gather.
     if let Some(&g0) = group.first() {
         if group.iter().all(|&g| g == g0) {
-            return interpolate(x, indexes[g0 as usize], k, out);
+            return interpolate(x, indexes[g0 as usize], k, out, device);
         }
     }
     let mut rows_of: Vec<Vec<usize>> = vec![Vec::new(); indexes.len()];
@@ -462,7 +576,7 @@ pub fn interpolate_grouped(
         parts.push((xh, indexes[g], yh));
         (xr, yr) = (xt, yt);
     }
-    run_interpolation(parts, k);
+    run_interpolation(parts, k, device)?;
     let mut t = 0;
     for &g in &used {
         for &i in &rows_of[g] {
@@ -476,6 +590,7 @@ pub fn interpolate_grouped(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::device::for_each_device;
     use crate::kernels::rng::Rng;
 
     fn random(n: usize, d: usize, seed: u64) -> Vec<f32> {
@@ -498,20 +613,39 @@ mod tests {
 
     #[test]
     fn knn_matches_brute_force() {
-        for &(n, kc, d, k) in &[(1, 1, 1, 1), (300, 5000, 7, 8), (2000, 33, 50, 33), (700, 2049, 16, 5), (130, 40, 300, 1)] {
-            let (x, c) = (random(n, d, 1), random(kc, d, 2));
-            let index = CentroidIndex::new(c.clone(), None, d).unwrap();
-            let (mut idx, mut dist) = (vec![0u32; n * k], vec![0f32; n * k]);
-            knn(&x, &index, k, &mut idx, &mut dist).unwrap();
-            for (i, want) in brute(&x, &c, d, k).iter().enumerate() {
-                let got = &idx[i * k..(i + 1) * k];
-                let want_idx: Vec<u32> = want.iter().map(|p| p.1).collect();
-                assert_eq!(got, &want_idx[..], "n={n} kc={kc} d={d} k={k} row {i}");
-                for t in 0..k {
-                    assert_eq!(dist[i * k + t], want[t].0.sqrt() as f32);
+        for_each_device(|dev| {
+            for &(n, kc, d, k) in &[(1, 1, 1, 1), (300, 5000, 7, 8), (2000, 33, 50, 33), (700, 2049, 16, 5), (130, 40, 300, 1)] {
+                let (x, c) = (random(n, d, 1), random(kc, d, 2));
+                let index = CentroidIndex::new(c.clone(), None, d).unwrap();
+                let (mut idx, mut dist) = (vec![0u32; n * k], vec![0f32; n * k]);
+                knn(&x, &index, k, &mut idx, &mut dist, dev).unwrap();
+                for (i, want) in brute(&x, &c, d, k).iter().enumerate() {
+                    let got = &idx[i * k..(i + 1) * k];
+                    let want_idx: Vec<u32> = want.iter().map(|p| p.1).collect();
+                    assert_eq!(got, &want_idx[..], "{dev:?} n={n} kc={kc} d={d} k={k} row {i}");
+                    for t in 0..k {
+                        assert_eq!(dist[i * k + t], want[t].0.sqrt() as f32);
+                    }
                 }
             }
-        }
+        });
+    }
+
+    #[test]
+    fn devices_agree_on_a_large_search() {
+        // More rows than one GPU block of dots at this size, 2048 centres,
+        // d = 50: the GPU's candidates re-ranked give the CPU's bits.
+        let (n, kc, d, k) = (70_000, 2048, 50, 8);
+        let (x, c, disp) = (random(n, d, 31), random(kc, d, 32), random(kc, d, 33));
+        let index = CentroidIndex::new(c, Some(disp), d).unwrap();
+        let mut want = vec![0f32; n * d];
+        interpolate(&x, &index, k, &mut want, Device::Cpu).unwrap();
+        for_each_device(|dev| {
+            let mut got = vec![0f32; n * d];
+            interpolate(&x, &index, k, &mut got, dev).unwrap();
+            let differ = got.chunks(d).zip(want.chunks(d)).filter(|(a, b)| a != b).count();
+            assert_eq!(differ, 0, "{dev:?}: {differ} of {n} rows differ");
+        });
     }
 
     #[test]
@@ -519,9 +653,11 @@ mod tests {
         // Centres 0 and 2 are the same point; 1 and 3 too.
         let c = vec![1.0, 0.0, 0.0, 3.0, 1.0, 0.0, 0.0, 3.0, 9.0, 9.0];
         let index = CentroidIndex::new(c, None, 2).unwrap();
-        let (mut idx, mut dist) = (vec![0u32; 3], vec![0f32; 3]);
-        knn(&[0.9, 0.1], &index, 3, &mut idx, &mut dist).unwrap();
-        assert_eq!(idx, vec![0, 2, 1]);
+        for_each_device(|dev| {
+            let (mut idx, mut dist) = (vec![0u32; 3], vec![0f32; 3]);
+            knn(&[0.9, 0.1], &index, 3, &mut idx, &mut dist, dev).unwrap();
+            assert_eq!(idx, vec![0, 2, 1], "{dev:?}");
+        });
     }
 
     #[test]
@@ -529,19 +665,21 @@ mod tests {
         let (n, kc, d, k) = (500, 300, 12, 8);
         let (x, c, disp) = (random(n, d, 5), random(kc, d, 6), random(kc, d, 7));
         let index = CentroidIndex::new(c.clone(), Some(disp.clone()), d).unwrap();
-        let mut out = vec![0f32; n * d];
-        interpolate(&x, &index, k, &mut out).unwrap();
-        for (i, nb) in brute(&x, &c, d, k).iter().enumerate() {
-            let w: Vec<f64> = nb.iter().map(|p| 1.0 / p.0.sqrt().max(MIN_DIST)).collect();
-            let tot: f64 = w.iter().sum();
-            for t in 0..d {
-                let want = x[i * d + t] as f64 + nb.iter().zip(&w).map(|(p, w)| w / tot * disp[p.1 as usize * d + t] as f64).sum::<f64>();
-                assert!((out[i * d + t] as f64 - want).abs() <= 1e-6 * (1.0 + want.abs()), "row {i} dim {t}");
+        for_each_device(|dev| {
+            let mut out = vec![0f32; n * d];
+            interpolate(&x, &index, k, &mut out, dev).unwrap();
+            for (i, nb) in brute(&x, &c, d, k).iter().enumerate() {
+                let w: Vec<f64> = nb.iter().map(|p| 1.0 / p.0.sqrt().max(MIN_DIST)).collect();
+                let tot: f64 = w.iter().sum();
+                for t in 0..d {
+                    let want = x[i * d + t] as f64 + nb.iter().zip(&w).map(|(p, w)| w / tot * disp[p.1 as usize * d + t] as f64).sum::<f64>();
+                    assert!((out[i * d + t] as f64 - want).abs() <= 1e-6 * (1.0 + want.abs()), "{dev:?} row {i} dim {t}");
+                }
             }
-        }
+        });
         // A cell on a centroid takes (almost) only that centroid's displacement.
         let mut on = vec![0f32; d];
-        interpolate(&c[..d], &index, k, &mut on).unwrap();
+        interpolate(&c[..d], &index, k, &mut on, Device::Cpu).unwrap();
         let moved: Vec<f32> = on.iter().zip(&c[..d]).map(|(a, b)| a - b).collect();
         for (m, want) in moved.iter().zip(&disp[..d]) {
             assert!((m - want).abs() < 0.05, "{m} vs {want}");
@@ -555,13 +693,15 @@ mod tests {
         let a = CentroidIndex::new(random(50, d, 9), Some(random(50, d, 10)), d).unwrap();
         let b = CentroidIndex::new(random(70, d, 11), Some(random(70, d, 12)), d).unwrap();
         let group: Vec<u32> = (0..n).map(|i| ((i * 7919) % 3 == 0) as u32).collect();
-        let mut out = vec![0f32; n * d];
-        interpolate_grouped(&x, d, &group, &[&a, &b], k, &mut out).unwrap();
-        for (i, &g) in group.iter().enumerate() {
-            let mut one = vec![0f32; d];
-            interpolate(&x[i * d..(i + 1) * d], if g == 0 { &a } else { &b }, k, &mut one).unwrap();
-            assert_eq!(&out[i * d..(i + 1) * d], &one[..], "row {i}");
-        }
+        for_each_device(|dev| {
+            let mut out = vec![0f32; n * d];
+            interpolate_grouped(&x, d, &group, &[&a, &b], k, &mut out, dev).unwrap();
+            for (i, &g) in group.iter().enumerate() {
+                let mut one = vec![0f32; d];
+                interpolate(&x[i * d..(i + 1) * d], if g == 0 { &a } else { &b }, k, &mut one, Device::Cpu).unwrap();
+                assert_eq!(&out[i * d..(i + 1) * d], &one[..], "{dev:?} row {i}");
+            }
+        });
     }
 
     #[test]
@@ -573,7 +713,7 @@ mod tests {
         let run = |threads: usize| {
             let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
             let mut out = vec![0f32; n * d];
-            pool.install(|| interpolate(&x, &index, k, &mut out)).unwrap();
+            pool.install(|| interpolate(&x, &index, k, &mut out, Device::Cpu)).unwrap();
             out
         };
         let one = run(1);
@@ -581,7 +721,7 @@ mod tests {
         // And equal to calls on small pieces (a stream of morsels).
         let mut pieces = vec![0f32; n * d];
         for (xb, ob) in x.chunks(1000 * d).zip(pieces.chunks_mut(1000 * d)) {
-            interpolate(xb, &index, k, ob).unwrap();
+            interpolate(xb, &index, k, ob, Device::Cpu).unwrap();
         }
         assert!(one == pieces);
     }
@@ -591,18 +731,18 @@ mod tests {
         let index = CentroidIndex::new(random(10, 3, 1), Some(random(10, 3, 2)), 3).unwrap();
         let mut out = vec![0f32; 6];
         let msg = |e: KernelError| e.to_string();
-        assert!(msg(interpolate(&[0.0, 1.0, 2.0, 0.0, f32::NAN, 0.0], &index, 2, &mut out).unwrap_err()).contains("row 1"));
-        assert!(msg(interpolate(&[0.0; 6], &index, 11, &mut out).unwrap_err()).contains("k = 11"));
-        assert!(msg(interpolate(&[0.0; 6], &index, 0, &mut out).unwrap_err()).contains("k = 0"));
+        assert!(msg(interpolate(&[0.0, 1.0, 2.0, 0.0, f32::NAN, 0.0], &index, 2, &mut out, Device::Cpu).unwrap_err()).contains("row 1"));
+        assert!(msg(interpolate(&[0.0; 6], &index, 11, &mut out, Device::Cpu).unwrap_err()).contains("k = 11"));
+        assert!(msg(interpolate(&[0.0; 6], &index, 0, &mut out, Device::Cpu).unwrap_err()).contains("k = 0"));
         assert!(CentroidIndex::new(vec![0.0, f32::INFINITY], None, 2).is_err());
         assert!(CentroidIndex::new(vec![0.0; 4], Some(vec![0.0; 2]), 2).is_err());
         let plain = CentroidIndex::new(vec![0.0; 4], None, 2).unwrap();
-        assert!(interpolate(&[0.0; 2], &plain, 1, &mut [0.0; 2]).is_err());
+        assert!(interpolate(&[0.0; 2], &plain, 1, &mut [0.0; 2], Device::Cpu).is_err());
         // A non-finite value in a gathered group names the caller's row.
         let other = CentroidIndex::new(random(10, 3, 3), Some(random(10, 3, 4)), 3).unwrap();
         let x = [0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 2.0, f32::NAN, 0.0];
         let mut out = vec![0f32; 9];
-        let e = interpolate_grouped(&x, 3, &[0, 1, 1], &[&index, &other], 2, &mut out).unwrap_err();
+        let e = interpolate_grouped(&x, 3, &[0, 1, 1], &[&index, &other], 2, &mut out, Device::Cpu).unwrap_err();
         assert!(msg(e).starts_with("row 2 holds"));
     }
 }

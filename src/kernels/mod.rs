@@ -1,6 +1,9 @@
 //! Numerical kernels. They take slices and matrices, never a Series: the
 //! expression glue (`crate::expressions`) converts and validates.
 
+#[cfg(feature = "cuda")]
+pub mod cuda;
+pub mod device;
 pub mod distance;
 pub mod hvg;
 pub mod kmeans;
@@ -16,6 +19,8 @@ pub mod select_genes;
 use rayon::prelude::*;
 
 use crate::error::{KernelError, Part};
+
+pub use device::{cuda_available, cuda_status, Device};
 
 /// Rows per parallel task. A call with fewer than `4 * PAR_BLOCK` rows stays
 /// serial: streaming morsels (≤100k rows) arrive in parallel already, so only

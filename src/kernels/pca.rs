@@ -17,7 +17,7 @@ use faer::diag::Diag;
 use faer::{Mat, Par};
 use rayon::prelude::*;
 
-use super::SparseRow;
+use super::{Device, SparseRow};
 use crate::error::KernelError;
 
 /// Output rows of the Gram matrix per tile: 32 rows × 2000 genes × 8 B = 0.5 MB.
@@ -28,7 +28,10 @@ pub struct CovAccumulator {
     n_genes: usize,
     n_cells: u64,
     sum: Vec<f64>,  // (n_genes,)
-    gram: Vec<f64>, // (n_genes, n_genes) row-major; lower triangle used
+    gram: Vec<f64>, // (n_genes, n_genes) row-major; lower triangle used (empty on the GPU)
+    /// device='cuda': XᵀX accumulates on the GPU instead of in `gram`.
+    #[cfg(feature = "cuda")]
+    on_gpu: Option<super::cuda::DeviceGram>,
 }
 
 /// A fitted PCA, in scikit-learn's conventions.
@@ -43,15 +46,35 @@ pub struct PcaFit {
 
 impl CovAccumulator {
     pub fn new(n_genes: usize) -> Result<Self, KernelError> {
+        Self::with_device(n_genes, Device::Cpu)
+    }
+
+    /// `device = Cuda` accumulates XᵀX on the GPU: the same products, summed
+    /// in a different order, so the covariance agrees with the CPU's to
+    /// float64 rounding rather than bit for bit.
+    pub fn with_device(n_genes: usize, device: Device) -> Result<Self, KernelError> {
         if n_genes == 0 {
             return Err(KernelError::Invalid("n_genes must be at least 1".into()));
         }
         let too_large = || KernelError::Invalid(format!("n_genes={n_genes} is too large for a dense covariance; select genes first"));
         let cells = n_genes.checked_mul(n_genes).filter(|c| c.checked_mul(8).is_some()).ok_or_else(too_large)?;
+        device.check()?;
         let mut gram = Vec::new();
-        gram.try_reserve_exact(cells).map_err(|_| too_large())?;
-        gram.resize(cells, 0.0);
-        Ok(CovAccumulator { n_genes, n_cells: 0, sum: vec![0.0; n_genes], gram })
+        if device == Device::Cpu {
+            gram.try_reserve_exact(cells).map_err(|_| too_large())?;
+            gram.resize(cells, 0.0);
+        }
+        Ok(CovAccumulator {
+            n_genes,
+            n_cells: 0,
+            sum: vec![0.0; n_genes],
+            gram,
+            #[cfg(feature = "cuda")]
+            on_gpu: match device {
+                Device::Cpu => None,
+                Device::Cuda => Some(super::cuda::gpu()?.new_gram(n_genes)?),
+            },
+        })
     }
 
     pub fn n_cells(&self) -> u64 {
@@ -62,14 +85,22 @@ impl CovAccumulator {
         self.n_genes
     }
 
-    /// Add validated rows (indices sorted and `< n_genes`).
-    pub fn add(&mut self, rows: &[SparseRow<'_>]) {
+    /// Add validated rows (indices sorted and `< n_genes`). Fails only on
+    /// the GPU (a CUDA error).
+    pub fn add(&mut self, rows: &[SparseRow<'_>]) -> Result<(), KernelError> {
         let g = self.n_genes;
+        #[cfg(feature = "cuda")]
+        if let Some(acc) = &mut self.on_gpu {
+            super::cuda::gpu()?.add_gram(acc, rows)?;
+        }
         self.n_cells += rows.len() as u64;
         for r in rows {
             for (&i, &v) in r.gene_idx.iter().zip(r.values) {
                 self.sum[i as usize] += v as f64;
             }
+        }
+        if self.gram.is_empty() {
+            return Ok(());
         }
         self.gram.par_chunks_mut(TILE_ROWS * g).enumerate().for_each(|(t, tile)| {
             let lo = (t * TILE_ROWS) as u32;
@@ -87,6 +118,7 @@ impl CovAccumulator {
                 }
             }
         });
+        Ok(())
     }
 
     /// The unbiased (n−1) covariance matrix, full and symmetric.
@@ -100,9 +132,17 @@ impl CovAccumulator {
         let g = self.n_genes;
         let n = self.n_cells as f64;
         let mean: Vec<f64> = self.sum.iter().map(|s| s / n).collect();
+        #[cfg(feature = "cuda")]
+        let from_gpu = match &self.on_gpu {
+            Some(acc) => Some(super::cuda::gpu()?.read_gram(acc)?),
+            None => None,
+        };
+        #[cfg(not(feature = "cuda"))]
+        let from_gpu: Option<Vec<f64>> = None;
+        let gram = from_gpu.as_deref().unwrap_or(&self.gram);
         Ok(Mat::from_fn(g, g, |i, j| {
             let (i, j) = if i >= j { (i, j) } else { (j, i) };
-            (self.gram[i * g + j] - n * mean[i] * mean[j]) / (n - 1.0)
+            (gram[i * g + j] - n * mean[i] * mean[j]) / (n - 1.0)
         }))
     }
 
@@ -213,9 +253,17 @@ impl PcaProjector {
 }
 
 /// Project cells onto fitted axes: (x − mean) · componentsᵀ, with x sparse.
-/// Rows must be validated against `p.n_genes`. Returns (n_rows, n_comps) row-major.
-pub fn pca_project(rows: &[SparseRow<'_>], p: &PcaProjector) -> Vec<f32> {
+/// Rows must be validated against `p.n_genes`. Returns (n_rows, n_comps)
+/// row-major. Both devices sum each output in entry order with the same
+/// rounding, so they give the same bits.
+pub fn pca_project(rows: &[SparseRow<'_>], p: &PcaProjector, device: Device) -> Result<Vec<f32>, KernelError> {
     let k = p.n_comps;
+    if device == Device::Cuda {
+        #[cfg(feature = "cuda")]
+        return super::cuda::gpu()?.project(rows, &p.loadings, &p.offset, k);
+        #[cfg(not(feature = "cuda"))]
+        return Err(super::cuda_status().expect_err("no cuda feature"));
+    }
     let mut out = vec![0f32; rows.len() * k];
     super::for_row_blocks(rows, &mut out, |_| k, |block, dst| {
         for (r, y) in block.iter().zip(dst.chunks_exact_mut(k)) {
@@ -230,12 +278,13 @@ pub fn pca_project(rows: &[SparseRow<'_>], p: &PcaProjector) -> Vec<f32> {
             }
         }
     });
-    out
+    Ok(out)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::device::for_each_device;
     use crate::kernels::testing::Rows;
 
     fn dense_cov(d: &[f64], n: usize, g: usize) -> Vec<f64> {
@@ -253,16 +302,44 @@ mod tests {
     fn covariance_matches_two_pass_dense() {
         let (n, g) = (80, 70); // 70 genes: three tiles, the last one partial
         let rows = Rows::random(n, g, 0.2, 3);
-        let mut acc = CovAccumulator::new(g).unwrap();
-        acc.add(&rows.view()[..33]);
-        acc.add(&rows.view()[33..]);
-        let cov = acc.covariance().unwrap();
         let want = dense_cov(&rows.dense(g), n, g);
-        for a in 0..g {
-            for b in 0..g {
-                assert!((cov[(a, b)] - want[a * g + b]).abs() < 1e-9, "({a},{b})");
+        for_each_device(|dev| {
+            let mut acc = CovAccumulator::with_device(g, dev).unwrap();
+            acc.add(&rows.view()[..33]).unwrap();
+            acc.add(&rows.view()[33..]).unwrap();
+            let cov = acc.covariance().unwrap();
+            for a in 0..g {
+                for b in 0..g {
+                    assert!((cov[(a, b)] - want[a * g + b]).abs() < 1e-9, "{dev:?} ({a},{b})");
+                }
             }
-        }
+        });
+    }
+
+    #[test]
+    fn both_devices_fit_the_same_axes() {
+        // 3000 cells in uneven batches: several GPU calls into one Gram matrix.
+        let (n, g, k) = (3000, 600, 10);
+        let rows = Rows::random(n, g, 0.05, 21);
+        let v = rows.view();
+        let fit = |dev| {
+            let mut acc = CovAccumulator::with_device(g, dev).unwrap();
+            for c in v.chunks(777) {
+                acc.add(c).unwrap();
+            }
+            acc.fit(k).unwrap()
+        };
+        let cpu = fit(Device::Cpu);
+        for_each_device(|dev| {
+            let got = fit(dev);
+            for c in 0..k {
+                let rel = (got.explained_variance[c] - cpu.explained_variance[c]).abs() / cpu.explained_variance[c];
+                assert!(rel < 1e-10, "{dev:?} variance {c}: {rel}");
+                for j in 0..g {
+                    assert!((got.components[(c, j)] - cpu.components[(c, j)]).abs() < 1e-8, "{dev:?} axis {c} gene {j}");
+                }
+            }
+        });
     }
 
     #[test]
@@ -270,14 +347,14 @@ mod tests {
         let rows = Rows::random(120, 90, 0.15, 5);
         let v = rows.view();
         let mut one = CovAccumulator::new(90).unwrap();
-        one.add(&v);
+        one.add(&v).unwrap();
         let mut split = CovAccumulator::new(90).unwrap();
         for c in v.chunks(7) {
-            split.add(c);
+            split.add(c).unwrap();
         }
         let single = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
         let mut seq = CovAccumulator::new(90).unwrap();
-        single.install(|| seq.add(&v));
+        single.install(|| seq.add(&v)).unwrap();
         assert_eq!(one.gram, split.gram);
         assert_eq!(one.gram, seq.gram);
     }
@@ -287,7 +364,7 @@ mod tests {
         let (n, g) = (200, 20);
         let rows = Rows::random(n, g, 0.5, 9);
         let mut acc = CovAccumulator::new(g).unwrap();
-        acc.add(&rows.view());
+        acc.add(&rows.view()).unwrap();
         let fit = acc.fit(5).unwrap();
         let cov = acc.covariance().unwrap();
         for k in 0..5 {
@@ -313,18 +390,28 @@ mod tests {
         let (n, g, k) = (30, 25, 4);
         let rows = Rows::random(n, g, 0.3, 11);
         let mut acc = CovAccumulator::new(g).unwrap();
-        acc.add(&rows.view());
+        acc.add(&rows.view()).unwrap();
         let fit = acc.fit(k).unwrap();
         let comps = fit.components_row_major();
         let p = PcaProjector::from_fit(&fit).unwrap();
-        let got = pca_project(&rows.view(), &p);
+        let cpu = pca_project(&rows.view(), &p, Device::Cpu).unwrap();
         let d = rows.dense(g);
         for i in 0..n {
             for c in 0..k {
                 let want: f64 = (0..g).map(|j| (d[i * g + j] - fit.mean[j]) * comps[c * g + j]).sum();
-                assert!((got[i * k + c] as f64 - want).abs() < 1e-4 * want.abs().max(1.0));
+                assert!((cpu[i * k + c] as f64 - want).abs() < 1e-4 * want.abs().max(1.0));
             }
         }
+        // The GPU sums in the same order with the same rounding: same bits,
+        // also with more than 32 components (lanes loop) and empty rows.
+        let big = Rows::random(5000, 300, 0.05, 12);
+        let mut acc = CovAccumulator::new(300).unwrap();
+        acc.add(&big.view()).unwrap();
+        let p = PcaProjector::from_fit(&acc.fit(50).unwrap()).unwrap();
+        let mut rows = big.view();
+        rows.push(SparseRow::default());
+        let want = pca_project(&rows, &p, Device::Cpu).unwrap();
+        for_each_device(|dev| assert_eq!(pca_project(&rows, &p, dev).unwrap(), want, "{dev:?}"));
     }
 
     #[test]
@@ -334,11 +421,11 @@ mod tests {
             .map(|i| SparseRow { gene_idx: if i % 3 == 0 { &[0, 2] } else { &[1] }, values: if i % 3 == 0 { &[1.0, 3.0] } else { &[2.5] } })
             .collect();
         let mut acc = CovAccumulator::new(3).unwrap();
-        acc.add(&rows[..1000]);
+        acc.add(&rows[..1000]).unwrap();
         let p = PcaProjector::from_fit(&acc.fit(2).unwrap()).unwrap();
         let pool = |t| rayon::ThreadPoolBuilder::new().num_threads(t).build().unwrap();
-        let one = pool(1).install(|| pca_project(&rows, &p));
-        let two = pool(2).install(|| pca_project(&rows, &p));
+        let one = pool(1).install(|| pca_project(&rows, &p, Device::Cpu)).unwrap();
+        let two = pool(2).install(|| pca_project(&rows, &p, Device::Cpu)).unwrap();
         assert_eq!(one, two);
         assert_eq!(&two[two.len() - 2..], &one[2..4]); // row n-1 is like row 1
     }
@@ -349,7 +436,7 @@ mod tests {
         let mut acc = CovAccumulator::new(3).unwrap();
         assert!(acc.fit(1).unwrap_err().to_string().contains("at least 2 cells"));
         let rows = Rows::random(5, 3, 0.9, 1);
-        acc.add(&rows.view());
+        acc.add(&rows.view()).unwrap();
         assert!(acc.fit(4).is_err());
         assert!(PcaProjector::new(&[0.0; 3], &[0.0; 5], 2).is_err());
     }

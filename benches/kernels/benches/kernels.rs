@@ -18,7 +18,7 @@ use polars_singlecell::kernels::distance::{nearest, Centres};
 use polars_singlecell::kernels::knn::{interpolate, CentroidIndex};
 use polars_singlecell::kernels::ot::{sinkhorn_log, SinkhornParams};
 use polars_singlecell::kernels::rng::Rng;
-use polars_singlecell::kernels::SparseRow;
+use polars_singlecell::kernels::{Device, SparseRow};
 
 const GENES: usize = 2000;
 
@@ -57,7 +57,7 @@ fn bench(c: &mut Criterion) {
     g.throughput(Throughput::Elements(v.len() as u64));
     g.bench_function("sparse_tiled", |b| {
         let mut acc = CovAccumulator::new(GENES).unwrap();
-        b.iter(|| acc.add(&v))
+        b.iter(|| acc.add(&v).unwrap())
     });
     g.bench_function("dense_faer_gemm", |b| {
         let mut gram = Mat::<f64>::zeros(GENES, GENES);
@@ -74,12 +74,12 @@ fn bench(c: &mut Criterion) {
     g.finish();
 
     let mut acc = CovAccumulator::new(GENES).unwrap();
-    acc.add(&v);
+    acc.add(&v).unwrap();
     let fit = acc.fit(50).unwrap();
     let p = polars_singlecell::kernels::pca::PcaProjector::from_fit(&fit).unwrap();
     let mut g = c.benchmark_group("pca_project");
     g.throughput(Throughput::Elements(v.len() as u64));
-    g.bench_function("4096_cells_50_comps", |b| b.iter(|| pca_project(&v, &p)));
+    g.bench_function("4096_cells_50_comps", |b| b.iter(|| pca_project(&v, &p, Device::Cpu).unwrap()));
     g.finish();
 }
 
@@ -118,11 +118,11 @@ fn bench_knn(c: &mut Criterion) {
         let mut out = vec![0f32; n * d];
         g.throughput(Throughput::Elements((2 * n * k * d) as u64));
         g.bench_function(format!("65536x{d}_k2048_top8_flops"), |b| {
-            b.iter(|| interpolate(&x, &index, 8, &mut out).unwrap())
+            b.iter(|| interpolate(&x, &index, 8, &mut out, Device::Cpu).unwrap())
         });
         let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
         g.bench_function(format!("65536x{d}_k2048_top8_1core_flops"), |b| {
-            b.iter(|| pool.install(|| interpolate(&x, &index, 8, &mut out)).unwrap())
+            b.iter(|| pool.install(|| interpolate(&x, &index, 8, &mut out, Device::Cpu)).unwrap())
         });
     }
     g.finish();

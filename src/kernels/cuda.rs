@@ -1,0 +1,387 @@
+//! The CUDA backend (`--features cuda`): the heavy, regular part of each
+//! kernel runs on the GPU, the cheap exact part stays on the CPU, so the two
+//! devices give the same answers.
+//!
+//! - knn / knn_interpolate / k-means assignment: a float32 cuBLAS GEMM of a
+//!   block of rows against all centres, then one warp per row keeps the
+//!   `cap` smallest ‖c‖² − 2x·c (the CPU's ranking key). The CPU re-ranks
+//!   those candidates by exact float64 distance and gathers, exactly as its
+//!   own search does, so results differ from the CPU path only where the two
+//!   GEMMs' rounding puts a different set of candidates in front (more than
+//!   `RERANK_EXTRA` centres inside the rounding band).
+//! - pca_project: one warp per row, the same float32 sum in the same order
+//!   with contraction disabled (`__fmul_rn`/`__fadd_rn`): bit-identical.
+//! - fit_pca's Gram matrix: rows scattered into a dense float64 block, then
+//!   a float64 GEMM accumulates XᵀX on the device. Products of float32 values
+//!   are exact in float64; only the order of the sums differs from the CPU.
+//!
+//! cudarc loads libcuda, libcublas and libnvrtc at run time, so this builds
+//! without a CUDA toolkit. `gpu()` probes for the driver before touching it
+//! (cudarc panics without one) and turns any failure, panics included, into
+//! an error that says what is missing. One process-wide context and stream;
+//! callers take turns (a mutex), as Polars may call from many threads.
+
+use std::sync::{Arc, Mutex, OnceLock};
+
+use cudarc::cublas::{sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig};
+use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
+use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
+
+use super::SparseRow;
+use crate::error::KernelError;
+
+/// Candidates per row the top-k kernel can keep (registers/local memory per
+/// lane); `knn` asks for k + RERANK_EXTRA.
+pub const MAX_CAP: usize = 64;
+
+/// Bytes of GEMM output (rows × centres float32) per block of rows.
+const DOTS_BYTES: usize = 256 << 20;
+/// Bytes of the dense float64 block the Gram accumulation scatters into.
+const DENSE_BYTES: usize = 256 << 20;
+
+const SOURCE: &str = r#"
+#define MAX_CAP 64
+// One warp per row of `dots` (row-major, n_rows x m): the `cap` smallest
+// norms[j] - 2*dots[j], ascending, ties to the lower j. Each lane keeps a
+// sorted list of its strided share; the warp then merges the 32 lists.
+extern "C" __global__ void topk_rows(const float* dots, const float* norms, int n_rows, int m, int cap,
+                                     unsigned int* out) {
+    int row = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    int lane = threadIdx.x & 31;
+    if (row >= n_rows) return;  // whole warps exit together
+    float vals[MAX_CAP];
+    unsigned int idx[MAX_CAP];
+    int len = 0;
+    const float* d = dots + (size_t)row * m;
+    for (int j = lane; j < m; j += 32) {
+        float v = __fsub_rn(norms[j], __fmul_rn(2.0f, d[j]));
+        if (len < cap || v < vals[cap - 1]) {
+            int p = len < cap ? len++ : cap - 1;
+            while (p > 0 && vals[p - 1] > v) { vals[p] = vals[p - 1]; idx[p] = idx[p - 1]; p--; }
+            vals[p] = v; idx[p] = (unsigned int)j;
+        }
+    }
+    int ptr = 0;
+    for (int t = 0; t < cap; t++) {
+        float v = ptr < len ? vals[ptr] : __int_as_float(0x7f800000);
+        unsigned int j = ptr < len ? idx[ptr] : 0xffffffffu;
+        float bv = v; unsigned int bj = j;
+        for (int off = 16; off > 0; off >>= 1) {
+            float ov = __shfl_xor_sync(0xffffffffu, bv, off);
+            unsigned int oj = __shfl_xor_sync(0xffffffffu, bj, off);
+            if (ov < bv || (ov == bv && oj < bj)) { bv = ov; bj = oj; }
+        }
+        if (ptr < len && j == bj) ptr++;
+        if (lane == 0) out[(size_t)row * cap + t] = bj;
+    }
+}
+
+// One warp per sparse row: y = sum_p v_p * W[g_p, :] - offset, in the CPU's
+// order and rounding (no FMA contraction).
+extern "C" __global__ void project_rows(const unsigned long long* indptr, const unsigned int* gidx,
+                                        const float* vals, const float* w, const float* offset,
+                                        int n_rows, int k, float* out) {
+    int row = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    int lane = threadIdx.x & 31;
+    if (row >= n_rows) return;
+    unsigned long long a = indptr[row], b = indptr[row + 1];
+    for (int c = lane; c < k; c += 32) {
+        float y = 0.0f;
+        for (unsigned long long p = a; p < b; p++) y = __fadd_rn(y, __fmul_rn(vals[p], w[(size_t)gidx[p] * k + c]));
+        out[(size_t)row * k + c] = __fsub_rn(y, offset[c]);
+    }
+}
+
+// One warp per sparse row: scatter it into a zeroed dense float64 row.
+extern "C" __global__ void densify_rows(const unsigned long long* indptr, const unsigned int* gidx,
+                                        const float* vals, int n_rows, int g, double* dense) {
+    int row = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    int lane = threadIdx.x & 31;
+    if (row >= n_rows) return;
+    for (unsigned long long p = indptr[row] + lane; p < indptr[row + 1]; p += 32)
+        dense[(size_t)row * g + gidx[p]] = (double)vals[p];
+}
+"#;
+
+pub struct Gpu {
+    description: String,
+    inner: Mutex<Inner>,
+}
+
+struct Inner {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    blas: CudaBlas,
+    topk: CudaFunction,
+    project: CudaFunction,
+    densify: CudaFunction,
+}
+
+static GPU: OnceLock<Result<Gpu, String>> = OnceLock::new();
+
+/// The process's GPU, started on first use; the same error every time when
+/// it cannot start.
+pub fn gpu() -> Result<&'static Gpu, KernelError> {
+    GPU.get_or_init(start).as_ref().map_err(|e| KernelError::Invalid(format!("device='cuda' is not available: {e}")))
+}
+
+fn start() -> Result<Gpu, String> {
+    // SAFETY: only tries to dlopen the driver library.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return Err("no NVIDIA driver (libcuda.so) could be loaded; use device='cpu'".into());
+    }
+    match std::panic::catch_unwind(start_unchecked) {
+        Ok(r) => r,
+        Err(p) => {
+            let msg = p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()));
+            Err(format!("the CUDA runtime failed to start: {}", msg.unwrap_or_else(|| "unknown panic".into())))
+        },
+    }
+}
+
+fn start_unchecked() -> Result<Gpu, String> {
+    let e = |what: &str| {
+        let what = what.to_string();
+        move |err: &dyn std::fmt::Debug| format!("{what}: {err:?}")
+    };
+    let n = CudaContext::device_count().map_err(|x| e("the driver loaded but cuInit failed")(&x))?;
+    if n < 1 {
+        return Err("the driver loaded but sees no GPU".into());
+    }
+    // SAFETY: only try to dlopen the libraries, so a missing one is an error
+    // here rather than a panic inside cudarc later.
+    if !unsafe { cudarc::cublas::sys::is_culib_present() } {
+        return Err("libcublas (CUDA 12 or 13) is not on the library path; install the CUDA runtime libraries \
+                    or add their folder to LD_LIBRARY_PATH"
+            .into());
+    }
+    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+        return Err("libnvrtc (CUDA 12 or 13) is not on the library path; install the CUDA runtime libraries \
+                    or add their folder to LD_LIBRARY_PATH"
+            .into());
+    }
+    let ctx = CudaContext::new(0).map_err(|x| e("could not create a context on GPU 0")(&x))?;
+    let stream = ctx.new_stream().map_err(|x| e("could not create a stream")(&x))?;
+    let blas = CudaBlas::new(stream.clone()).map_err(|x| e("cuBLAS failed to start")(&x))?;
+    // fmad off: the kernels' arithmetic must round like the CPU's.
+    let opts = CompileOptions { fmad: Some(false), ..Default::default() };
+    let ptx = compile_ptx_with_opts(SOURCE, opts).map_err(|x| e("NVRTC could not compile the kernels")(&x))?;
+    let module = ctx.load_module(ptx).map_err(|x| e("could not load the kernels")(&x))?;
+    let f = |name: &str| module.load_function(name).map_err(|x| e(name)(&x));
+    let (topk, project, densify) = (f("topk_rows")?, f("project_rows")?, f("densify_rows")?);
+    let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
+    let mem = ctx.total_mem().unwrap_or(0) >> 20;
+    let (major, minor) = ctx.compute_capability().unwrap_or((0, 0));
+    Ok(Gpu {
+        description: format!("{name} (compute capability {major}.{minor}, {mem} MiB)"),
+        inner: Mutex::new(Inner { ctx, stream, blas, topk, project, densify }),
+    })
+}
+
+fn driver_err(what: &'static str) -> impl Fn(cudarc::driver::DriverError) -> KernelError {
+    move |e| KernelError::Invalid(format!("CUDA {what} failed: {e:?}"))
+}
+
+fn blas_err(e: cudarc::cublas::result::CublasError) -> KernelError {
+    KernelError::Invalid(format!("cuBLAS GEMM failed: {e:?}"))
+}
+
+/// One warp per row, 8 warps per block.
+fn warps(n_rows: usize) -> LaunchConfig {
+    LaunchConfig { grid_dim: ((n_rows as u32).div_ceil(8), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
+}
+
+fn int(n: usize, what: &str) -> Result<i32, KernelError> {
+    i32::try_from(n).map_err(|_| KernelError::Invalid(format!("{what} = {n} is too large for one GPU call")))
+}
+
+/// Centres on the device, uploaded once per index and kept with it.
+pub struct DeviceCentres {
+    m: usize,
+    d: usize,
+    centres: CudaSlice<f32>,
+    norms: CudaSlice<f32>,
+}
+
+impl std::fmt::Debug for DeviceCentres {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "DeviceCentres({} × {})", self.m, self.d)
+    }
+}
+
+impl Gpu {
+    pub fn describe(&self) -> String {
+        self.description.clone()
+    }
+
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, Inner>, KernelError> {
+        let g = self.inner.lock().map_err(|_| KernelError::Invalid("the GPU state is poisoned by an earlier panic".into()))?;
+        g.ctx.bind_to_thread().map_err(driver_err("binding the context"))?;
+        Ok(g)
+    }
+
+    pub fn upload_centres(&self, centres: &[f32], norms: &[f32], d: usize) -> Result<DeviceCentres, KernelError> {
+        let g = self.lock()?;
+        Ok(DeviceCentres {
+            m: norms.len(),
+            d,
+            centres: g.stream.clone_htod(centres).map_err(driver_err("upload"))?,
+            norms: g.stream.clone_htod(norms).map_err(driver_err("upload"))?,
+        })
+    }
+
+    /// For each row of `x` (row-major, `c.d` wide): the `cap` centres with the
+    /// smallest float32 ‖c‖² − 2x·c, ascending (ties to the lower index).
+    /// Returns n × cap indices.
+    pub fn candidates(&self, x: &[f32], c: &DeviceCentres, cap: usize) -> Result<Vec<u32>, KernelError> {
+        let (d, m) = (c.d, c.m);
+        if cap == 0 || cap > MAX_CAP || cap > m {
+            return Err(KernelError::Invalid(format!(
+                "device='cuda' keeps at most {MAX_CAP} candidates per row (and no more than the {m} centres); \
+                 asked for {cap}: lower k or use device='cpu'"
+            )));
+        }
+        let n = x.len() / d;
+        let mut out = vec![0u32; n * cap];
+        if n == 0 {
+            return Ok(out);
+        }
+        let block = (DOTS_BYTES / (4 * m)).clamp(1, 65_536).min(n);
+        let (m_i, d_i, cap_i) = (int(m, "centres")?, int(d, "width")?, cap as i32);
+        let g = self.lock()?;
+        let s = &g.stream;
+        // SAFETY: sized here; every element is written by the GEMM before use.
+        let mut dots = unsafe { s.alloc::<f32>(block * m) }.map_err(driver_err("allocation"))?;
+        let mut xb = unsafe { s.alloc::<f32>(block * d) }.map_err(driver_err("allocation"))?;
+        let mut ob = unsafe { s.alloc::<u32>(block * cap) }.map_err(driver_err("allocation"))?;
+        for (xs, os) in x.chunks(block * d).zip(out.chunks_mut(block * cap)) {
+            let b = xs.len() / d;
+            s.memcpy_htod(xs, &mut xb.slice_mut(..xs.len())).map_err(driver_err("upload"))?;
+            // Column-major view: dots(m × b) = C(d × m)ᵀ · X(d × b), i.e.
+            // row-major dots[i·m + j] = x_i · c_j.
+            let cfg = GemmConfig {
+                transa: cublasOperation_t::CUBLAS_OP_T,
+                transb: cublasOperation_t::CUBLAS_OP_N,
+                m: m_i,
+                n: b as i32,
+                k: d_i,
+                alpha: 1.0f32,
+                lda: d_i,
+                ldb: d_i,
+                beta: 0.0f32,
+                ldc: m_i,
+            };
+            // SAFETY: the buffers hold m·d, b·d and b·m elements.
+            unsafe { g.blas.gemm(cfg, &c.centres, &xb, &mut dots) }.map_err(blas_err)?;
+            let mut launch = s.launch_builder(&g.topk);
+            let b_i = b as i32;
+            launch.arg(&dots).arg(&c.norms).arg(&b_i).arg(&m_i).arg(&cap_i).arg(&mut ob);
+            // SAFETY: the kernel's arguments match its signature; it reads
+            // b·m dots and m norms and writes b·cap indices.
+            unsafe { launch.launch(warps(b)) }.map_err(driver_err("top-k kernel"))?;
+            s.memcpy_dtoh(&ob.slice(..b * cap), os).map_err(driver_err("download"))?;
+        }
+        Ok(out)
+    }
+
+    /// `pca_project` on the GPU: rows validated against `n_genes`,
+    /// `loadings` (n_genes × k) and `offset` (k) as the CPU projector holds them.
+    pub fn project(&self, rows: &[SparseRow<'_>], loadings: &[f32], offset: &[f32], k: usize) -> Result<Vec<f32>, KernelError> {
+        let n = rows.len();
+        let mut out = vec![0f32; n * k];
+        if n == 0 {
+            return Ok(out);
+        }
+        let (indptr, gidx, vals) = csr(rows);
+        let g = self.lock()?;
+        let s = &g.stream;
+        let up = |e| driver_err("upload")(e);
+        let (ip, gi, va) = (s.clone_htod(&indptr).map_err(up)?, s.clone_htod(&gidx).map_err(up)?, s.clone_htod(&vals).map_err(up)?);
+        let (w, off) = (s.clone_htod(loadings).map_err(up)?, s.clone_htod(offset).map_err(up)?);
+        let mut y = unsafe { s.alloc::<f32>(n * k) }.map_err(driver_err("allocation"))?;
+        let (n_i, k_i) = (int(n, "rows")?, int(k, "n_comps")?);
+        let mut launch = s.launch_builder(&g.project);
+        launch.arg(&ip).arg(&gi).arg(&va).arg(&w).arg(&off).arg(&n_i).arg(&k_i).arg(&mut y);
+        // SAFETY: arguments match the kernel; indptr has n + 1 entries bounding gidx/vals.
+        unsafe { launch.launch(warps(n)) }.map_err(driver_err("projection kernel"))?;
+        s.memcpy_dtoh(&y, &mut out[..]).map_err(driver_err("download"))?;
+        Ok(out)
+    }
+
+    pub fn new_gram(&self, n_genes: usize) -> Result<DeviceGram, KernelError> {
+        let g = self.lock()?;
+        let gram = g.stream.alloc_zeros::<f64>(n_genes * n_genes).map_err(driver_err("allocation"))?;
+        Ok(DeviceGram { n_genes, gram })
+    }
+
+    /// gram += XᵀX for validated rows (indices < n_genes).
+    pub fn add_gram(&self, acc: &mut DeviceGram, rows: &[SparseRow<'_>]) -> Result<(), KernelError> {
+        let ng = acc.n_genes;
+        let block = (DENSE_BYTES / (8 * ng)).clamp(1, 65_536).min(rows.len().max(1));
+        let g_i = int(ng, "n_genes")?;
+        let g = self.lock()?;
+        let s = &g.stream;
+        let mut dense = unsafe { s.alloc::<f64>(block * ng) }.map_err(driver_err("allocation"))?;
+        for chunk in rows.chunks(block) {
+            let b = chunk.len();
+            let (indptr, gidx, vals) = csr(chunk);
+            let up = |e| driver_err("upload")(e);
+            let (ip, gi, va) = (s.clone_htod(&indptr).map_err(up)?, s.clone_htod(&gidx).map_err(up)?, s.clone_htod(&vals).map_err(up)?);
+            s.memset_zeros(&mut dense).map_err(driver_err("memset"))?;
+            let b_i = b as i32;
+            let mut launch = s.launch_builder(&g.densify);
+            launch.arg(&ip).arg(&gi).arg(&va).arg(&b_i).arg(&g_i).arg(&mut dense);
+            // SAFETY: arguments match the kernel; rows are validated, so every
+            // index is < n_genes and the writes stay inside b × n_genes.
+            unsafe { launch.launch(warps(b)) }.map_err(driver_err("densify kernel"))?;
+            // Column-major: dense is A (n_genes × b); gram += A·Aᵀ.
+            let cfg = GemmConfig {
+                transa: cublasOperation_t::CUBLAS_OP_N,
+                transb: cublasOperation_t::CUBLAS_OP_T,
+                m: g_i,
+                n: g_i,
+                k: b_i,
+                alpha: 1.0f64,
+                lda: g_i,
+                ldb: g_i,
+                beta: 1.0f64,
+                ldc: g_i,
+            };
+            // SAFETY: dense holds ≥ b·n_genes elements, gram n_genes².
+            unsafe { g.blas.gemm(cfg, &dense, &dense, &mut acc.gram) }.map_err(blas_err)?;
+        }
+        s.synchronize().map_err(driver_err("synchronize"))?;
+        Ok(())
+    }
+
+    /// The accumulated XᵀX, row-major (symmetric).
+    pub fn read_gram(&self, acc: &DeviceGram) -> Result<Vec<f64>, KernelError> {
+        let g = self.lock()?;
+        g.stream.clone_dtoh(&acc.gram).map_err(driver_err("download"))
+    }
+}
+
+/// XᵀX accumulated on the device.
+pub struct DeviceGram {
+    n_genes: usize,
+    gram: CudaSlice<f64>,
+}
+
+/// Rows as CSR arrays (u64 offsets: a block may hold more than 4G entries).
+fn csr(rows: &[SparseRow<'_>]) -> (Vec<u64>, Vec<u32>, Vec<f32>) {
+    let nnz: usize = rows.iter().map(|r| r.gene_idx.len()).sum();
+    let mut indptr = Vec::with_capacity(rows.len() + 1);
+    let (mut gidx, mut vals) = (Vec::with_capacity(nnz), Vec::with_capacity(nnz));
+    indptr.push(0u64);
+    for r in rows {
+        gidx.extend_from_slice(r.gene_idx);
+        vals.extend_from_slice(r.values);
+        indptr.push(gidx.len() as u64);
+    }
+    // cudarc cannot upload an empty slice; one padding entry is never read.
+    if gidx.is_empty() {
+        gidx.push(0);
+        vals.push(0.0);
+    }
+    (indptr, gidx, vals)
+}

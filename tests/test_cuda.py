@@ -116,4 +116,4 @@ def test_cuda_unavailable_is_a_clear_error():
         with pytest.raises(ValueError, match="device='cuda'.*(no CUDA backend|not available)"):
             make()
     with pytest.raises(ValueError, match="device must be 'cpu' or 'cuda', got 'gpu'"):
-        psc.knn(index=np.zeros((2, 2)), device="gpu")
+        psc.knn(index=np.zeros((2, 2)), k=1, device="gpu")

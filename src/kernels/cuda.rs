@@ -24,7 +24,8 @@
 use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::cublas::{sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig};
-use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PinnedHostSlice, PushKernelArg};
+use rayon::prelude::*;
 use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
 
 use super::SparseRow;
@@ -34,8 +35,11 @@ use crate::error::KernelError;
 /// lane); `knn` asks for k + RERANK_EXTRA.
 pub const MAX_CAP: usize = 64;
 
-/// Bytes of GEMM output (rows × centres float32) per block of rows.
-const DOTS_BYTES: usize = 256 << 20;
+/// Bytes of GEMM output (rows × centres float32) per block of rows: large
+/// blocks keep the GEMM efficient against tens of thousands of centres.
+const DOTS_BYTES: usize = 1 << 30;
+/// Rows per block at most (pinned staging: 65536 × d × 4 bytes, twice).
+const MAX_BLOCK: usize = 65_536;
 /// Bytes of the dense float64 block the Gram accumulation scatters into.
 const DENSE_BYTES: usize = 256 << 20;
 
@@ -115,6 +119,22 @@ struct Inner {
     topk: CudaFunction,
     project: CudaFunction,
     densify: CudaFunction,
+    /// Buffers of the search, kept between calls (pinned allocations are slow).
+    search: Option<SearchBuffers>,
+}
+
+/// Double-buffered staging for `candidates_each`: rows go host → pinned →
+/// device, candidates device → pinned → host, two blocks in flight.
+struct SearchBuffers {
+    rows: usize,
+    d: usize,
+    m: usize,
+    cap: usize,
+    pin_x: [PinnedHostSlice<f32>; 2],
+    pin_o: [PinnedHostSlice<u32>; 2],
+    xb: [CudaSlice<f32>; 2],
+    ob: [CudaSlice<u32>; 2],
+    dots: CudaSlice<f32>,
 }
 
 static GPU: OnceLock<Result<Gpu, String>> = OnceLock::new();
@@ -174,7 +194,7 @@ fn start_unchecked() -> Result<Gpu, String> {
     let (major, minor) = ctx.compute_capability().unwrap_or((0, 0));
     Ok(Gpu {
         description: format!("{name} (compute capability {major}.{minor}, {mem} MiB)"),
-        inner: Mutex::new(Inner { ctx, stream, blas, topk, project, densify }),
+        inner: Mutex::new(Inner { ctx, stream, blas, topk, project, densify, search: None }),
     })
 }
 
@@ -234,6 +254,24 @@ impl Gpu {
     /// smallest float32 ‖c‖² − 2x·c, ascending (ties to the lower index).
     /// Returns n × cap indices.
     pub fn candidates(&self, x: &[f32], c: &DeviceCentres, cap: usize) -> Result<Vec<u32>, KernelError> {
+        let mut out = vec![0u32; (x.len() / c.d) * cap];
+        self.candidates_each(x, c, cap, |row0, cand| {
+            out[row0 * cap..row0 * cap + cand.len()].copy_from_slice(cand);
+        })?;
+        Ok(out)
+    }
+
+    /// `candidates` block by block: `each(first_row, candidates of the
+    /// block's rows)` runs on the CPU while the GPU searches the next block,
+    /// and the next block's rows are staged into pinned memory while the GPU
+    /// searches this one. Blocks come in row order.
+    pub fn candidates_each(
+        &self,
+        x: &[f32],
+        c: &DeviceCentres,
+        cap: usize,
+        mut each: impl FnMut(usize, &[u32]),
+    ) -> Result<(), KernelError> {
         let (d, m) = (c.d, c.m);
         if cap == 0 || cap > MAX_CAP || cap > m {
             return Err(KernelError::Invalid(format!(
@@ -242,21 +280,35 @@ impl Gpu {
             )));
         }
         let n = x.len() / d;
-        let mut out = vec![0u32; n * cap];
         if n == 0 {
-            return Ok(out);
+            return Ok(());
         }
-        let block = (DOTS_BYTES / (4 * m)).clamp(1, 65_536).min(n);
+        let block = (DOTS_BYTES / (4 * m)).clamp(1, MAX_BLOCK).min(n);
         let (m_i, d_i, cap_i) = (int(m, "centres")?, int(d, "width")?, cap as i32);
-        let g = self.lock()?;
-        let s = &g.stream;
-        // SAFETY: sized here; every element is written by the GEMM before use.
-        let mut dots = unsafe { s.alloc::<f32>(block * m) }.map_err(driver_err("allocation"))?;
-        let mut xb = unsafe { s.alloc::<f32>(block * d) }.map_err(driver_err("allocation"))?;
-        let mut ob = unsafe { s.alloc::<u32>(block * cap) }.map_err(driver_err("allocation"))?;
-        for (xs, os) in x.chunks(block * d).zip(out.chunks_mut(block * cap)) {
-            let b = xs.len() / d;
-            s.memcpy_htod(xs, &mut xb.slice_mut(..xs.len())).map_err(driver_err("upload"))?;
+        let mut guard = self.lock()?;
+        let g = &mut *guard;
+        let fits = |b: &SearchBuffers| b.rows >= block && b.d == d && b.m >= m && b.cap >= cap;
+        if !g.search.as_ref().is_some_and(fits) {
+            g.search = None; // free the old buffers first
+            g.search = Some(SearchBuffers::new(&g.ctx, &g.stream, block, d, m, cap)?);
+        }
+        let buf = g.search.as_mut().expect("just made");
+        let (s, blas, topk) = (&g.stream, &g.blas, &g.topk);
+        let blocks: Vec<&[f32]> = x.chunks(block * d).collect();
+        // Stage block i's rows into pinned buffer i % 2 (waits until that
+        // buffer's previous copy to the device has finished).
+        let stage = |buf: &mut SearchBuffers, i: usize| -> Result<(), KernelError> {
+            let dst = buf.pin_x[i % 2].as_mut_slice().map_err(driver_err("pinned staging"))?;
+            dst[..blocks[i].len()]
+                .par_chunks_mut(1 << 16)
+                .zip(blocks[i].par_chunks(1 << 16))
+                .for_each(|(a, b)| a.copy_from_slice(b));
+            Ok(())
+        };
+        let enqueue = |buf: &mut SearchBuffers, i: usize| -> Result<(), KernelError> {
+            let j = i % 2;
+            let b = blocks[i].len() / d;
+            s.memcpy_htod(&buf.pin_x[j], &mut buf.xb[j]).map_err(driver_err("upload"))?;
             // Column-major view: dots(m × b) = C(d × m)ᵀ · X(d × b), i.e.
             // row-major dots[i·m + j] = x_i · c_j.
             let cfg = GemmConfig {
@@ -271,17 +323,30 @@ impl Gpu {
                 beta: 0.0f32,
                 ldc: m_i,
             };
-            // SAFETY: the buffers hold m·d, b·d and b·m elements.
-            unsafe { g.blas.gemm(cfg, &c.centres, &xb, &mut dots) }.map_err(blas_err)?;
-            let mut launch = s.launch_builder(&g.topk);
+            // SAFETY: the buffers hold m·d, block·d and block·m elements, b ≤ block.
+            unsafe { blas.gemm(cfg, &c.centres, &buf.xb[j], &mut buf.dots) }.map_err(blas_err)?;
+            let mut launch = s.launch_builder(topk);
             let b_i = b as i32;
-            launch.arg(&dots).arg(&c.norms).arg(&b_i).arg(&m_i).arg(&cap_i).arg(&mut ob);
+            launch.arg(&buf.dots).arg(&c.norms).arg(&b_i).arg(&m_i).arg(&cap_i).arg(&mut buf.ob[j]);
             // SAFETY: the kernel's arguments match its signature; it reads
             // b·m dots and m norms and writes b·cap indices.
             unsafe { launch.launch(warps(b)) }.map_err(driver_err("top-k kernel"))?;
-            s.memcpy_dtoh(&ob.slice(..b * cap), os).map_err(driver_err("download"))?;
+            s.memcpy_dtoh(&buf.ob[j], &mut buf.pin_o[j]).map_err(driver_err("download"))?;
+            Ok(())
+        };
+        stage(buf, 0)?;
+        enqueue(buf, 0)?;
+        for i in 0..blocks.len() {
+            if i + 1 < blocks.len() {
+                stage(buf, i + 1)?;
+                enqueue(buf, i + 1)?;
+            }
+            let b = blocks[i].len() / d;
+            // Waits for block i's download only; block i + 1 runs meanwhile.
+            let cand = buf.pin_o[i % 2].as_slice().map_err(driver_err("download"))?;
+            each(i * block, &cand[..b * cap]);
         }
-        Ok(out)
+        Ok(())
     }
 
     /// `pca_project` on the GPU: rows validated against `n_genes`,
@@ -358,6 +423,33 @@ impl Gpu {
     pub fn read_gram(&self, acc: &DeviceGram) -> Result<Vec<f64>, KernelError> {
         let g = self.lock()?;
         g.stream.clone_dtoh(&acc.gram).map_err(driver_err("download"))
+    }
+}
+
+impl SearchBuffers {
+    fn new(ctx: &Arc<CudaContext>, s: &Arc<CudaStream>, rows: usize, d: usize, m: usize, cap: usize) -> Result<Self, KernelError> {
+        let err = driver_err("allocation");
+        // SAFETY: every buffer is written before it is read (staging, GEMM,
+        // kernel, download), and only the written prefix is used.
+        unsafe {
+            // Write-combined for the rows (the host only writes them); plain
+            // pinned for the candidates (the host reads them).
+            let px = |_| ctx.alloc_pinned::<f32>(rows * d).map_err(&err);
+            let po = |_| ctx.alloc_pinned_with_flags::<u32>(rows * cap, 0).map_err(&err);
+            let xb = |_| s.alloc::<f32>(rows * d).map_err(&err);
+            let ob = |_| s.alloc::<u32>(rows * cap).map_err(&err);
+            Ok(SearchBuffers {
+                rows,
+                d,
+                m,
+                cap,
+                pin_x: [px(0)?, px(1)?],
+                pin_o: [po(0)?, po(1)?],
+                xb: [xb(0)?, xb(1)?],
+                ob: [ob(0)?, ob(1)?],
+                dots: s.alloc::<f32>(rows * m).map_err(&err)?,
+            })
+        }
     }
 }
 

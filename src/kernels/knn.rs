@@ -335,9 +335,21 @@ fn rerank_tasks<S: Sink>(tasks: Vec<(&[f32], &Centres<'_>, S, &[u32])>, k: usize
     }
 }
 
-/// The GPU half of a search against an index: `cap` candidates per row, the
-/// centres uploaded once per index.
-fn index_candidates(x: &[f32], index: &CentroidIndex, cap: usize) -> Result<Vec<u32>, KernelError> {
+/// Rows per re-rank task within one GPU block: enough tasks for every core
+/// (each row's result depends on that row alone, so any split gives the same bits).
+fn rerank_rows(block_rows: usize) -> usize {
+    block_rows.div_ceil(4 * rayon::current_num_threads()).max(256)
+}
+
+/// The GPU half of a search against an index: `cap` candidates per row,
+/// handed to `each(first_row, block candidates)` block by block; the
+/// centres are uploaded once per index.
+fn index_candidates_each(
+    x: &[f32],
+    index: &CentroidIndex,
+    cap: usize,
+    each: impl FnMut(usize, &[u32]),
+) -> Result<(), KernelError> {
     #[cfg(feature = "cuda")]
     {
         let gpu = super::cuda::gpu()?;
@@ -352,11 +364,11 @@ fn index_candidates(x: &[f32], index: &CentroidIndex, cap: usize) -> Result<Vec<
                 },
             }
         };
-        gpu.candidates(x, &on_gpu, cap)
+        gpu.candidates_each(x, &on_gpu, cap, each)
     }
     #[cfg(not(feature = "cuda"))]
     {
-        let _ = (x, index, cap);
+        let _ = (x, index, cap, each);
         Err(super::cuda_status().expect_err("no cuda feature"))
     }
 }
@@ -455,16 +467,21 @@ pub fn knn(
     assert!(idx.len() == n * k && dist.len() == n * k, "output buffers sized n·k");
     let c = index.centres();
     if device == Device::Cuda {
+        // Each GPU block's candidates re-ranked on the CPU while the GPU
+        // searches the next block.
         let cap = (k + RERANK_EXTRA).min(index.len());
-        let cands = index_candidates(x, index, cap)?;
-        let tasks = x
-            .chunks(TASK_ROWS * d)
-            .zip(idx.chunks_mut(TASK_ROWS * k).zip(dist.chunks_mut(TASK_ROWS * k)))
-            .zip(cands.chunks(TASK_ROWS * cap))
-            .map(|((xb, (idx, dist)), cb)| (xb, &c, Neighbours { k, idx, dist }, cb))
-            .collect();
-        rerank_tasks(tasks, k, cap);
-        return Ok(());
+        return index_candidates_each(x, index, cap, |row0, cands| {
+            let b = cands.len() / cap;
+            let rows = rerank_rows(b);
+            let tasks = x[row0 * d..(row0 + b) * d]
+                .chunks(rows * d)
+                .zip(idx[row0 * k..(row0 + b) * k].chunks_mut(rows * k))
+                .zip(dist[row0 * k..(row0 + b) * k].chunks_mut(rows * k))
+                .zip(cands.chunks(rows * cap))
+                .map(|(((xb, idx), dist), cb)| (xb, &c, Neighbours { k, idx, dist }, cb))
+                .collect();
+            rerank_tasks(tasks, k, cap);
+        });
     }
     let rows = knn_task_rows(n, index.len());
     let tasks = x
@@ -491,24 +508,24 @@ pub fn interpolate(x: &[f32], index: &CentroidIndex, k: usize, out: &mut [f32], 
 fn run_interpolation(parts: Vec<(&[f32], &CentroidIndex, &mut [f32])>, k: usize, device: Device) -> Result<(), KernelError> {
     let centres: Vec<Centres<'_>> = parts.iter().map(|p| p.1.centres()).collect();
     if device == Device::Cuda {
-        // One GPU search per part (its own centres), then every part's exact
-        // re-rank and gather as one pool of tasks.
-        let caps: Vec<usize> = parts.iter().map(|p| (k + RERANK_EXTRA).min(p.1.len())).collect();
-        let cands = parts
-            .iter()
-            .zip(&caps)
-            .map(|((x, index, _), &cap)| index_candidates(x, index, cap))
-            .collect::<Result<Vec<_>, _>>()?;
-        let mut tasks = Vec::new();
-        for (((x, index, out), c), (cand, &cap)) in parts.into_iter().zip(&centres).zip(cands.iter().zip(&caps)) {
+        // One GPU search per part (its own centres); each GPU block's exact
+        // re-rank and gather run on the CPU while the GPU searches the next.
+        for ((x, index, out), c) in parts.into_iter().zip(&centres) {
             let d = index.d;
+            let cap = (k + RERANK_EXTRA).min(index.len());
             let displacement = index.displacement.as_deref().expect("checked: the index has displacements");
-            let chunks = x.chunks(TASK_ROWS * d).zip(out.chunks_mut(TASK_ROWS * d)).zip(cand.chunks(TASK_ROWS * cap));
-            for ((xb, out), cb) in chunks {
-                tasks.push(((xb, c, Interpolated { d, displacement, out, w: Vec::with_capacity(k) }, cb), cap));
-            }
+            index_candidates_each(x, index, cap, |row0, cands| {
+                let b = cands.len() / cap;
+                let rows = rerank_rows(b);
+                let tasks = x[row0 * d..(row0 + b) * d]
+                    .chunks(rows * d)
+                    .zip(out[row0 * d..(row0 + b) * d].chunks_mut(rows * d))
+                    .zip(cands.chunks(rows * cap))
+                    .map(|((xb, out), cb)| (xb, c, Interpolated { d, displacement, out, w: Vec::with_capacity(k) }, cb))
+                    .collect();
+                rerank_tasks(tasks, k, cap);
+            })?;
         }
-        tasks.into_par_iter().for_each(|(task, cap)| rerank_tasks(vec![task], k, cap));
         return Ok(());
     }
     let mut tasks = Vec::new();

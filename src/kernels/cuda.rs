@@ -25,7 +25,6 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::cublas::{sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig};
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PinnedHostSlice, PushKernelArg};
-use rayon::prelude::*;
 use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
 
 use super::SparseRow;
@@ -299,10 +298,9 @@ impl Gpu {
         // buffer's previous copy to the device has finished).
         let stage = |buf: &mut SearchBuffers, i: usize| -> Result<(), KernelError> {
             let dst = buf.pin_x[i % 2].as_mut_slice().map_err(driver_err("pinned staging"))?;
-            dst[..blocks[i].len()]
-                .par_chunks_mut(1 << 16)
-                .zip(blocks[i].par_chunks(1 << 16))
-                .for_each(|(a, b)| a.copy_from_slice(b));
+            // Scoped threads, not rayon: see `kernels::scoped_for_each`.
+            let pieces: Vec<_> = dst[..blocks[i].len()].chunks_mut(1 << 18).zip(blocks[i].chunks(1 << 18)).collect();
+            super::scoped_for_each(pieces, |(a, b)| a.copy_from_slice(b));
             Ok(())
         };
         let enqueue = |buf: &mut SearchBuffers, i: usize| -> Result<(), KernelError> {

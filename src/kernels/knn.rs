@@ -328,11 +328,11 @@ fn rerank_tasks<S: Sink>(tasks: Vec<(&[f32], &Centres<'_>, S, &[u32])>, k: usize
             sink.row(i, xi, &cand[..k]);
         }
     };
-    if tasks.len() > 1 {
-        tasks.into_par_iter().for_each(run);
-    } else {
-        tasks.into_iter().for_each(run);
-    }
+    // Plain scoped threads, not rayon: this runs while the GPU lock is held,
+    // and a rayon worker waiting on a parallel loop may pick up another
+    // plugin call that wants the same lock (a deadlock seen under Polars'
+    // streaming engine).
+    super::scoped_for_each(tasks, run);
 }
 
 /// Rows per re-rank task within one GPU block: enough tasks for every core

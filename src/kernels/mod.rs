@@ -55,6 +55,27 @@ pub fn for_row_blocks<T: Send>(
     tasks.into_par_iter().for_each(|(block, dst)| f(block, dst));
 }
 
+/// Run `f` on every item over plain scoped threads (as many as the current
+/// rayon pool has), items dealt round-robin. For CPU work done while a lock
+/// is held: rayon's work stealing could re-enter the locking code on the
+/// same thread. `f`'s result per item must not depend on the split.
+pub fn scoped_for_each<T: Send>(items: Vec<T>, f: impl Fn(T) + Sync) {
+    let threads = rayon::current_num_threads().clamp(1, items.len().max(1));
+    if threads == 1 {
+        return items.into_iter().for_each(f);
+    }
+    let mut groups: Vec<Vec<T>> = (0..threads).map(|_| Vec::new()).collect();
+    for (i, t) in items.into_iter().enumerate() {
+        groups[i % threads].push(t);
+    }
+    let f = &f;
+    std::thread::scope(|s| {
+        for g in groups {
+            s.spawn(move || g.into_iter().for_each(f));
+        }
+    });
+}
+
 /// One cell's sparse counts: sorted 0-based gene indices and matching values.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct SparseRow<'a> {

@@ -2,6 +2,7 @@
 #   make demo   set up .venv, build the extension, run the demo
 #   make test   add the reference stack (scanpy, scikit-learn), run Rust and Python tests
 PY      := .venv/bin/python
+comma   := ,
 export VIRTUAL_ENV := $(CURDIR)/.venv
 export PATH := $(CURDIR)/.venv/bin:$(PATH)
 
@@ -17,14 +18,18 @@ export PATH := $(CURDIR)/.venv/bin:$(PATH)
 	$(PY) -m pip install -q -r requirements-test.txt
 	touch $@
 
+# make build CUDA=1: the extension with the CUDA backend (device="cuda"; needs
+# no CUDA toolkit to build, a driver and CUDA 12.6+/13 libraries to run).
 build: .venv/.base
-	maturin develop --release --quiet
+	maturin develop --release --quiet $(if $(CUDA),--features python$(comma)cuda)
 
 demo: build
 	$(PY) -m polars_singlecell demo
 
+# --features cuda: the CUDA code compiles in CI (no GPU there: the GPU half of
+# each kernel test is skipped, with the reason printed).
 test: .venv/.test build
-	cargo test --quiet
+	cargo test --quiet --features cuda
 	cargo run --quiet --example rust_pipeline
 	$(PY) -m pytest -q
 

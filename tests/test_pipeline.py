@@ -84,7 +84,7 @@ def test_a_deleted_output_is_recomputed(raw, tmp_path):
         ("missing", {}, FileNotFoundError, "no Parquet files"),
         (None, {"batch_key": "plate"}, ValueError, "no column 'plate'"),
         (None, {"label_key": "celltype"}, ValueError, "no column 'celltype'"),
-        (None, {"device": "cuda"}, ValueError, "no CUDA backend"),
+        (None, {"device": "gpu"}, ValueError, "device must be 'cpu' or 'cuda'"),
     ],
 )
 def test_bad_input(raw, tmp_path, source, kwargs, error, match):

@@ -70,6 +70,50 @@ def test_an_interrupted_run_leaves_no_stage_that_looks_done_and_resumes(raw, tmp
     assert pl.read_parquet(out / "cells.parquet").height == 6000
 
 
+def test_a_killed_run_leaves_only_complete_files_and_resumes(tmp_path):
+    """SIGKILL (no cleanup runs) in the middle of the pipeline: report.json
+    still parses, every stage it lists has readable outputs, no file under a
+    final name is truncated, and a re-run resumes to the same cells as a run
+    that was never interrupted."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    raw = psc.datasets.write_synthetic_counts(tmp_path / "raw", 40_000, n_genes=500, umis_per_cell=200, seed=5,
+                                              rows_per_file=10_000)
+    out = tmp_path / "out"
+    args = ["--n-top-genes", "200", "--n-comps", "15", "--n-centroids", "64"]
+    cmd = [sys.executable, "-m", "polars_singlecell", "integrate", str(raw), str(out), *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=os.environ | {"PYTHONUNBUFFERED": "1"})
+    report = out / "report.json"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if report.is_file() and "pca" in json.loads(report.read_text())["stages"]:
+            break  # the projection stage is writing cells_pca.parquet now
+        time.sleep(0.01)
+    assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read().decode()}"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = json.loads(report.read_text())["stages"]
+    assert list(done) == list(psc.pipeline.STAGES)[: len(done)] and len(done) < len(psc.pipeline.STAGES)
+    for name, stage in done.items():
+        for f in stage["outputs"]:
+            pl.read_parquet(out / f)  # complete and readable
+    for f in out.glob("*.parquet"):
+        pl.read_parquet(f)  # nothing truncated under a final name
+
+    # Where the kill lands inside a sink, its temporary file stays; make sure one does.
+    (out / ".cells_pca.parquet.0badf00d.tmp").write_bytes(b"PAR1 half a file")
+    again = psc.integrate(raw, out, n_top_genes=200, n_comps=15, n_centroids=64, log=None)
+    assert [n for n, s in again["stages"].items() if s.get("resumed")] == list(done)
+    assert not list(out.glob(".*.tmp"))  # the killed run's temporary files are gone
+    clean = psc.integrate(raw, tmp_path / "clean", n_top_genes=200, n_comps=15, n_centroids=64, log=None)
+    assert clean["stages"]["interpolate"]["outputs"] == ["cells.parquet"]
+    assert pl.read_parquet(out / "cells.parquet").equals(pl.read_parquet(tmp_path / "clean" / "cells.parquet"))
+
+
 def test_a_deleted_output_is_recomputed(raw, tmp_path):
     out = tmp_path / "out"
     psc.integrate(raw, out, **SMALL)

@@ -111,6 +111,11 @@ def integrate(
     files = _source_files(source)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    # Temporary files a killed run left behind (hidden, never under a final
+    # name); ours are ".<name>.<hex>.tmp" and ".report.json.tmp".
+    for stale in out.glob(".*.tmp"):
+        if stale.is_file():
+            stale.unlink()
     scan = pl.scan_parquet(files)
     schema = scan.collect_schema()
     for c in (batch_key, *COUNTS) + ((label_key,) if label_key else ()):

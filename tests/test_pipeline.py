@@ -177,3 +177,31 @@ def test_integrate_tahoe_like_counts(tmp_path):
     assert report["stages"]["genes"]["n_genes"] == 500  # from genes.parquet in the folder
     assert m["X_ot", "batch_entropy_norm"] > m["X_pca", "batch_entropy_norm"] + 0.1
     assert m["X_ot", "label_purity"] >= 0.98 * m["X_pca", "label_purity"]
+
+
+def test_every_stage_same_bits_at_one_and_two_threads(raw, tmp_path):
+    """The whole pipeline in fresh processes at POLARS_MAX_THREADS=1 and 2:
+    every output table and every metric in report.json identical."""
+    import os
+    import subprocess
+    import sys
+
+    outs = {}
+    for threads in ("1", "2"):
+        out = tmp_path / f"t{threads}"
+        env = os.environ | {"POLARS_MAX_THREADS": threads, "RAYON_NUM_THREADS": threads,
+                            "OPENBLAS_NUM_THREADS": threads, "OMP_NUM_THREADS": threads}
+        subprocess.run([sys.executable, "-m", "polars_singlecell", "integrate", str(raw), str(out), "--label-key", "label",
+                        "--n-top-genes", "200", "--n-comps", "15", "--n-centroids", "32"], check=True, env=env,
+                       capture_output=True)
+        outs[threads] = out
+    files = sorted(f.name for f in outs["1"].glob("*.parquet"))
+    assert files == sorted(f.name for f in outs["2"].glob("*.parquet")) and "cells.parquet" in files
+    for f in files:
+        assert pl.read_parquet(outs["1"] / f).equals(pl.read_parquet(outs["2"] / f)), f
+    r1, r2 = (json.loads((o / "report.json").read_text())["stages"] for o in outs.values())
+    for r in (r1, r2):
+        r["integration"]["metrics"].pop("seconds")  # wall time, the only thing allowed to differ
+    for name in psc.pipeline.STAGES:
+        for key in ("fingerprint", "metrics", "evaluate", "explained_variance_ratio", "n_centroids"):
+            assert r1[name].get(key) == r2[name].get(key), (name, key)

@@ -21,6 +21,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (d, k) = (300usize, 8usize);
     println!("GPU: {}", cuda_status()?);
     println!("CPU threads: {}", rayon::current_num_threads());
+    println!("exact re-rank and gather on the {}", if cuda::gpu()?.gathers() { "GPU" } else { "CPU" });
     let mut r = Rng::new(1);
     let x: Vec<f32> = (0..n * d).map(|_| (r.uniform() * 2.0 - 1.0) as f32).collect();
     println!("| centroids | rows | GPU search only (rows/s) | device=cuda (rows/s) | device=cpu (rows/s) | 86.8M cells, cuda (s) | same bits |");
@@ -35,7 +36,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
         let gpu = cuda::gpu()?;
         let norms: Vec<f32> = cen.chunks(d).map(|c| c.iter().map(|v| v * v).sum()).collect();
-        let on_gpu = gpu.upload_centres(&cen, &norms, d)?;
+        let on_gpu = gpu.upload_centres(&cen, &norms, None, d)?;
         let t = Instant::now();
         let cand = gpu.candidates(&x, &on_gpu, k + 4)?;
         let search = t.elapsed().as_secs_f64();

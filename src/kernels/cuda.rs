@@ -106,6 +106,90 @@ extern "C" __global__ void densify_rows(const unsigned long long* indptr, const 
 }
 "#;
 
+/// The exact half of `knn_interpolate` on the GPU, written to give the CPU's
+/// bits: `sq_dist_f64`'s four float64 partial sums in the same order, the
+/// candidates ranked by (distance, index), the weights with float64 sqrt and
+/// divisions (IEEE on the GPU), the gather as float32 multiply-then-add per
+/// neighbour in rank order. Compiled apart from `SOURCE`: if it fails, the
+/// CPU does this part and nothing else changes.
+const GATHER_SOURCE: &str = r#"
+#define MAX_CAP 64
+#define WARPS 8
+extern "C" __global__ void rerank_gather(const float* x, const float* cen, const float* disp, const unsigned int* cand,
+                                         int n_rows, int d, int cap, int k, double min_dist, float* y) {
+    __shared__ double part[WARPS][MAX_CAP * 4];
+    __shared__ double dist[WARPS][MAX_CAP];
+    __shared__ unsigned int idx[WARPS][MAX_CAP];
+    __shared__ double sd[WARPS][MAX_CAP];
+    __shared__ unsigned int si[WARPS][MAX_CAP];
+    __shared__ float w[WARPS][MAX_CAP];
+    int wid = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    int row = blockIdx.x * WARPS + wid;
+    if (row >= n_rows) return;  // whole warps exit together
+    const float* xr = x + (size_t)row * d;
+    const unsigned int* cr = cand + (size_t)row * cap;
+    int d4 = d & ~3;
+    // Partial sum l of candidate t: dimensions l, l+4, l+8, ... in order.
+    for (int p = lane; p < cap * 4; p += 32) {
+        int t = p >> 2, l = p & 3;
+        const float* c = cen + (size_t)cr[t] * d;
+        double acc = 0.0;
+        for (int q = l; q < d4; q += 4) {
+            double u = __dsub_rn((double)xr[q], (double)c[q]);
+            acc = __dadd_rn(acc, __dmul_rn(u, u));
+        }
+        part[wid][p] = acc;
+    }
+    __syncwarp();
+    for (int t = lane; t < cap; t += 32) {
+        const double* pp = &part[wid][t * 4];
+        double s = __dadd_rn(__dadd_rn(__dadd_rn(pp[0], pp[1]), pp[2]), pp[3]);
+        const float* c = cen + (size_t)cr[t] * d;
+        double tail = 0.0;
+        for (int q = d4; q < d; q++) {
+            double u = __dsub_rn((double)xr[q], (double)c[q]);
+            double uu = __dmul_rn(u, u);
+            tail = q == d4 ? uu : __dadd_rn(tail, uu);
+        }
+        if (d4 < d) s = __dadd_rn(s, tail);
+        dist[wid][t] = s;
+        idx[wid][t] = cr[t];
+    }
+    __syncwarp();
+    // Rank of each candidate by (distance, index): indices are distinct, so
+    // the ranks are a permutation.
+    for (int t = lane; t < cap; t += 32) {
+        double dt = dist[wid][t];
+        unsigned int it = idx[wid][t];
+        int r = 0;
+        for (int u = 0; u < cap; u++) {
+            double du = dist[wid][u];
+            unsigned int iu = idx[wid][u];
+            r += (du < dt) || (du == dt && iu < it);
+        }
+        sd[wid][r] = dt;
+        si[wid][r] = it;
+    }
+    __syncwarp();
+    if (lane == 0) {
+        double inv = 0.0;
+        for (int t = 0; t < k; t++) {
+            double a = __ddiv_rn(1.0, fmax(__dsqrt_rn(sd[wid][t]), min_dist));
+            inv = t == 0 ? a : __dadd_rn(inv, a);
+        }
+        for (int t = 0; t < k; t++)
+            w[wid][t] = __double2float_rn(__ddiv_rn(__ddiv_rn(1.0, fmax(__dsqrt_rn(sd[wid][t]), min_dist)), inv));
+    }
+    __syncwarp();
+    float* yr = y + (size_t)row * d;
+    for (int q = lane; q < d; q += 32) {
+        float v = xr[q];
+        for (int t = 0; t < k; t++) v = __fadd_rn(v, __fmul_rn(w[wid][t], disp[(size_t)si[wid][t] * d + q]));
+        yr[q] = v;
+    }
+}
+"#;
+
 pub struct Gpu {
     description: String,
     inner: Mutex<Inner>,
@@ -118,6 +202,8 @@ struct Inner {
     topk: CudaFunction,
     project: CudaFunction,
     densify: CudaFunction,
+    /// `rerank_gather`, or why it did not compile (then the CPU gathers).
+    gather: Result<CudaFunction, String>,
     /// Buffers of the search, kept between calls (pinned allocations are slow).
     search: Option<SearchBuffers>,
 }
@@ -134,6 +220,8 @@ struct SearchBuffers {
     xb: [CudaSlice<f32>; 2],
     ob: [CudaSlice<u32>; 2],
     dots: CudaSlice<f32>,
+    /// For the gather on the GPU: moved rows, device and pinned (made on first use).
+    moved: Option<([CudaSlice<f32>; 2], [PinnedHostSlice<f32>; 2])>,
 }
 
 static GPU: OnceLock<Result<Gpu, String>> = OnceLock::new();
@@ -188,12 +276,22 @@ fn start_unchecked() -> Result<Gpu, String> {
     let module = ctx.load_module(ptx).map_err(|x| e("could not load the kernels")(&x))?;
     let f = |name: &str| module.load_function(name).map_err(|x| e(name)(&x));
     let (topk, project, densify) = (f("topk_rows")?, f("project_rows")?, f("densify_rows")?);
+    let gather = compile_ptx_with_opts(GATHER_SOURCE, CompileOptions { fmad: Some(false), ..Default::default() })
+        .map_err(|x| format!("NVRTC: {x:?}"))
+        .and_then(|ptx| ctx.load_module(ptx).map_err(|x| format!("{x:?}")))
+        .and_then(|m| m.load_function("rerank_gather").map_err(|x| format!("{x:?}")));
     let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
     let mem = ctx.total_mem().unwrap_or(0) >> 20;
     let (major, minor) = ctx.compute_capability().unwrap_or((0, 0));
     Ok(Gpu {
-        description: format!("{name} (compute capability {major}.{minor}, {mem} MiB)"),
-        inner: Mutex::new(Inner { ctx, stream, blas, topk, project, densify, search: None }),
+        description: format!(
+            "{name} (compute capability {major}.{minor}, {mem} MiB){}",
+            match &gather {
+                Ok(_) => String::new(),
+                Err(e) => format!("; exact re-rank and gather on the CPU (the GPU kernel failed: {e})"),
+            }
+        ),
+        inner: Mutex::new(Inner { ctx, stream, blas, topk, project, densify, gather, search: None }),
     })
 }
 
@@ -220,6 +318,7 @@ pub struct DeviceCentres {
     d: usize,
     centres: CudaSlice<f32>,
     norms: CudaSlice<f32>,
+    displacement: Option<CudaSlice<f32>>,
 }
 
 impl std::fmt::Debug for DeviceCentres {
@@ -239,14 +338,27 @@ impl Gpu {
         Ok(g)
     }
 
-    pub fn upload_centres(&self, centres: &[f32], norms: &[f32], d: usize) -> Result<DeviceCentres, KernelError> {
+    pub fn upload_centres(
+        &self,
+        centres: &[f32],
+        norms: &[f32],
+        displacement: Option<&[f32]>,
+        d: usize,
+    ) -> Result<DeviceCentres, KernelError> {
         let g = self.lock()?;
+        let up = |v: &[f32]| g.stream.clone_htod(v).map_err(driver_err("upload"));
         Ok(DeviceCentres {
             m: norms.len(),
             d,
-            centres: g.stream.clone_htod(centres).map_err(driver_err("upload"))?,
-            norms: g.stream.clone_htod(norms).map_err(driver_err("upload"))?,
+            centres: up(centres)?,
+            norms: up(norms)?,
+            displacement: displacement.map(up).transpose()?,
         })
+    }
+
+    /// Whether `search_each` can gather on the GPU (its kernel compiled).
+    pub fn gathers(&self) -> bool {
+        self.inner.lock().is_ok_and(|g| g.gather.is_ok())
     }
 
     /// For each row of `x` (row-major, `c.d` wide): the `cap` centres with the
@@ -254,22 +366,28 @@ impl Gpu {
     /// Returns n × cap indices.
     pub fn candidates(&self, x: &[f32], c: &DeviceCentres, cap: usize) -> Result<Vec<u32>, KernelError> {
         let mut out = vec![0u32; (x.len() / c.d) * cap];
-        self.candidates_each(x, c, cap, |row0, cand| {
-            out[row0 * cap..row0 * cap + cand.len()].copy_from_slice(cand);
+        self.search_each(x, c, cap, None, |row0, block| {
+            if let Block::Candidates(cand) = block {
+                out[row0 * cap..row0 * cap + cand.len()].copy_from_slice(cand);
+            }
         })?;
         Ok(out)
     }
 
-    /// `candidates` block by block: `each(first_row, candidates of the
-    /// block's rows)` runs on the CPU while the GPU searches the next block,
-    /// and the next block's rows are staged into pinned memory while the GPU
-    /// searches this one. Blocks come in row order.
-    pub fn candidates_each(
+    /// `candidates` block by block: `each(first_row, block)` runs on the CPU
+    /// while the GPU searches the next block, and the next block's rows are
+    /// staged into pinned memory while the GPU searches this one. Blocks come
+    /// in row order. With `gather = Some(k)` (centres uploaded with their
+    /// displacements, `gathers()` true) the GPU also re-ranks and gathers, and
+    /// each block is the moved rows (`Block::Moved`), as `knn::interpolate`
+    /// would write them.
+    pub fn search_each(
         &self,
         x: &[f32],
         c: &DeviceCentres,
         cap: usize,
-        mut each: impl FnMut(usize, &[u32]),
+        gather: Option<usize>,
+        mut each: impl FnMut(usize, Block<'_>),
     ) -> Result<(), KernelError> {
         let (d, m) = (c.d, c.m);
         if cap == 0 || cap > MAX_CAP || cap > m {
@@ -293,6 +411,24 @@ impl Gpu {
         }
         let buf = g.search.as_mut().expect("just made");
         let (s, blas, topk) = (&g.stream, &g.blas, &g.topk);
+        let gather = match gather {
+            None => None,
+            Some(k) => {
+                let f = g.gather.as_ref().map_err(|e| KernelError::Invalid(format!("the GPU gather is unavailable: {e}")))?;
+                let disp = c.displacement.as_ref().ok_or_else(|| KernelError::Invalid("these centres have no displacements".into()))?;
+                if k == 0 || k > cap {
+                    return Err(KernelError::Invalid(format!("k = {k} must be between 1 and the {cap} candidates")));
+                }
+                if buf.moved.is_none() {
+                    let err = driver_err("allocation");
+                    // SAFETY: written by the kernel / the download before any read.
+                    let dev = |_| unsafe { s.alloc::<f32>(block * d) }.map_err(&err);
+                    let pin = |_| unsafe { g.ctx.alloc_pinned_with_flags::<f32>(block * d, 0) }.map_err(&err);
+                    buf.moved = Some(([dev(0)?, dev(1)?], [pin(0)?, pin(1)?]));
+                }
+                Some((f, disp, k as i32))
+            },
+        };
         let blocks: Vec<&[f32]> = x.chunks(block * d).collect();
         // Stage block i's rows into pinned buffer i % 2 (waits until that
         // buffer's previous copy to the device has finished).
@@ -329,7 +465,27 @@ impl Gpu {
             // SAFETY: the kernel's arguments match its signature; it reads
             // b·m dots and m norms and writes b·cap indices.
             unsafe { launch.launch(warps(b)) }.map_err(driver_err("top-k kernel"))?;
-            s.memcpy_dtoh(&buf.ob[j], &mut buf.pin_o[j]).map_err(driver_err("download"))?;
+            match (&gather, &mut buf.moved) {
+                (Some((f, disp, k)), Some((yb, pin_y))) => {
+                    let mut launch = s.launch_builder(f);
+                    launch
+                        .arg(&buf.xb[j])
+                        .arg(&c.centres)
+                        .arg(*disp)
+                        .arg(&buf.ob[j])
+                        .arg(&b_i)
+                        .arg(&d_i)
+                        .arg(&cap_i)
+                        .arg(k)
+                        .arg(&super::knn::MIN_DIST)
+                        .arg(&mut yb[j]);
+                    // SAFETY: arguments match the kernel; candidates are < m,
+                    // so every centre/displacement read is inside m × d.
+                    unsafe { launch.launch(warps(b)) }.map_err(driver_err("gather kernel"))?;
+                    s.memcpy_dtoh(&yb[j], &mut pin_y[j]).map_err(driver_err("download"))?;
+                },
+                _ => s.memcpy_dtoh(&buf.ob[j], &mut buf.pin_o[j]).map_err(driver_err("download"))?,
+            }
             Ok(())
         };
         stage(buf, 0)?;
@@ -341,8 +497,16 @@ impl Gpu {
             }
             let b = blocks[i].len() / d;
             // Waits for block i's download only; block i + 1 runs meanwhile.
-            let cand = buf.pin_o[i % 2].as_slice().map_err(driver_err("download"))?;
-            each(i * block, &cand[..b * cap]);
+            match (&gather, &buf.moved) {
+                (Some(_), Some((_, pin_y))) => {
+                    let y = pin_y[i % 2].as_slice().map_err(driver_err("download"))?;
+                    each(i * block, Block::Moved(&y[..b * d]));
+                },
+                _ => {
+                    let cand = buf.pin_o[i % 2].as_slice().map_err(driver_err("download"))?;
+                    each(i * block, Block::Candidates(&cand[..b * cap]));
+                },
+            }
         }
         Ok(())
     }
@@ -424,6 +588,13 @@ impl Gpu {
     }
 }
 
+/// One block of a `search_each`: candidate indices (rows × cap) or the moved
+/// rows (rows × d).
+pub enum Block<'a> {
+    Candidates(&'a [u32]),
+    Moved(&'a [f32]),
+}
+
 impl SearchBuffers {
     fn new(ctx: &Arc<CudaContext>, s: &Arc<CudaStream>, rows: usize, d: usize, m: usize, cap: usize) -> Result<Self, KernelError> {
         let err = driver_err("allocation");
@@ -446,6 +617,7 @@ impl SearchBuffers {
                 xb: [xb(0)?, xb(1)?],
                 ob: [ob(0)?, ob(1)?],
                 dots: s.alloc::<f32>(rows * m).map_err(&err)?,
+                moved: None,
             })
         }
     }

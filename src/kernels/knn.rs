@@ -341,14 +341,24 @@ fn rerank_rows(block_rows: usize) -> usize {
     block_rows.div_ceil(4 * rayon::current_num_threads()).max(256)
 }
 
-/// The GPU half of a search against an index: `cap` candidates per row,
-/// handed to `each(first_row, block candidates)` block by block; the
-/// centres are uploaded once per index.
-fn index_candidates_each(
+/// One block of rows back from the GPU: `cap` candidates per row, or (when
+/// the GPU also re-ranked and gathered) the moved rows.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+enum GpuBlock<'a> {
+    Candidates(&'a [u32]),
+    Moved(&'a [f32]),
+}
+
+/// The GPU half of a search against an index, handed to `each(first_row,
+/// block)` block by block; the centres (and displacements) are uploaded once
+/// per index. `gather = Some(k)` asks the GPU to re-rank and gather too; it
+/// answers with candidates instead where its gather kernel is unavailable.
+fn index_search_each(
     x: &[f32],
     index: &CentroidIndex,
     cap: usize,
-    each: impl FnMut(usize, &[u32]),
+    gather: Option<usize>,
+    mut each: impl FnMut(usize, GpuBlock<'_>),
 ) -> Result<(), KernelError> {
     #[cfg(feature = "cuda")]
     {
@@ -358,17 +368,22 @@ fn index_candidates_each(
             match &*slot {
                 Some(c) => c.clone(),
                 None => {
-                    let c = std::sync::Arc::new(gpu.upload_centres(&index.centres, &index.norms, index.d)?);
+                    let disp = index.displacement.as_deref();
+                    let c = std::sync::Arc::new(gpu.upload_centres(&index.centres, &index.norms, disp, index.d)?);
                     *slot = Some(c.clone());
                     c
                 },
             }
         };
-        gpu.candidates_each(x, &on_gpu, cap, each)
+        let gather = gather.filter(|_| gpu.gathers());
+        gpu.search_each(x, &on_gpu, cap, gather, |row0, block| match block {
+            super::cuda::Block::Candidates(c) => each(row0, GpuBlock::Candidates(c)),
+            super::cuda::Block::Moved(y) => each(row0, GpuBlock::Moved(y)),
+        })
     }
     #[cfg(not(feature = "cuda"))]
     {
-        let _ = (x, index, cap, each);
+        let _ = (x, index, cap, gather, &mut each);
         Err(super::cuda_status().expect_err("no cuda feature"))
     }
 }
@@ -378,7 +393,7 @@ pub(crate) fn gpu_candidates(x: &[f32], c: &Centres<'_>, cap: usize) -> Result<V
     #[cfg(feature = "cuda")]
     {
         let gpu = super::cuda::gpu()?;
-        let on_gpu = gpu.upload_centres(c.data, &c.norms, c.d)?;
+        let on_gpu = gpu.upload_centres(c.data, &c.norms, None, c.d)?;
         gpu.candidates(x, &on_gpu, cap)
     }
     #[cfg(not(feature = "cuda"))]
@@ -470,7 +485,8 @@ pub fn knn(
         // Each GPU block's candidates re-ranked on the CPU while the GPU
         // searches the next block.
         let cap = (k + RERANK_EXTRA).min(index.len());
-        return index_candidates_each(x, index, cap, |row0, cands| {
+        return index_search_each(x, index, cap, None, |row0, block| {
+            let GpuBlock::Candidates(cands) = block else { unreachable!("no gather asked for") };
             let b = cands.len() / cap;
             let rows = rerank_rows(b);
             let tasks = x[row0 * d..(row0 + b) * d]
@@ -514,16 +530,23 @@ fn run_interpolation(parts: Vec<(&[f32], &CentroidIndex, &mut [f32])>, k: usize,
             let d = index.d;
             let cap = (k + RERANK_EXTRA).min(index.len());
             let displacement = index.displacement.as_deref().expect("checked: the index has displacements");
-            index_candidates_each(x, index, cap, |row0, cands| {
-                let b = cands.len() / cap;
-                let rows = rerank_rows(b);
-                let tasks = x[row0 * d..(row0 + b) * d]
-                    .chunks(rows * d)
-                    .zip(out[row0 * d..(row0 + b) * d].chunks_mut(rows * d))
-                    .zip(cands.chunks(rows * cap))
-                    .map(|((xb, out), cb)| (xb, c, Interpolated { d, displacement, out, w: Vec::with_capacity(k) }, cb))
-                    .collect();
-                rerank_tasks(tasks, k, cap);
+            index_search_each(x, index, cap, Some(k), |row0, block| match block {
+                // The GPU re-ranked and gathered (the same bits): copy out.
+                GpuBlock::Moved(y) => {
+                    let pieces: Vec<_> = out[row0 * d..row0 * d + y.len()].chunks_mut(1 << 18).zip(y.chunks(1 << 18)).collect();
+                    super::scoped_for_each(pieces, |(o, y)| o.copy_from_slice(y));
+                },
+                GpuBlock::Candidates(cands) => {
+                    let b = cands.len() / cap;
+                    let rows = rerank_rows(b);
+                    let tasks = x[row0 * d..(row0 + b) * d]
+                        .chunks(rows * d)
+                        .zip(out[row0 * d..(row0 + b) * d].chunks_mut(rows * d))
+                        .zip(cands.chunks(rows * cap))
+                        .map(|((xb, out), cb)| (xb, c, Interpolated { d, displacement, out, w: Vec::with_capacity(k) }, cb))
+                        .collect();
+                    rerank_tasks(tasks, k, cap);
+                },
             })?;
         }
         return Ok(());

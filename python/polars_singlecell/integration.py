@@ -226,9 +226,9 @@ def knn_interpolate(
         A cell whose batch is not in the model: ``"error"`` (default) or
         ``"pooled"`` (search all centroids for that cell).
     device
-        ``"cpu"`` (default) or ``"cuda"``: the distance GEMM and top-k run on
-        the GPU, the exact re-rank and the gather on the CPU, so both give the
-        same result (see :func:`polars_singlecell.cuda_available`). k ≤ 60 on
+        ``"cpu"`` (default) or ``"cuda"``: the distance GEMM, top-k, exact
+        re-rank and gather run on the GPU, rounding as the CPU does, so both
+        give the same bits (see :func:`polars_singlecell.cuda_available`). k ≤ 60 on
         the GPU.
 
     Examples

@@ -1,12 +1,12 @@
-//! The CUDA backend (`--features cuda`): the heavy, regular part of each
-//! kernel runs on the GPU, the cheap exact part stays on the CPU, so the two
-//! devices give the same answers.
+//! The CUDA backend (`--features cuda`), written so the two devices give the
+//! same answers.
 //!
 //! - knn / knn_interpolate / k-means assignment: a float32 cuBLAS GEMM of a
 //!   block of rows against all centres, then one warp per row keeps the
-//!   `cap` smallest ‖c‖² − 2x·c (the CPU's ranking key). The CPU re-ranks
-//!   those candidates by exact float64 distance and gathers, exactly as its
-//!   own search does, so results differ from the CPU path only where the two
+//!   `cap` smallest ‖c‖² − 2x·c (the CPU's ranking key). Those candidates are
+//!   re-ranked by exact float64 distance as the CPU's own search does: on
+//!   the GPU for knn_interpolate (`GATHER_SOURCE`, which also gathers), on
+//!   the CPU for knn. Results differ from the CPU path only where the two
 //!   GEMMs' rounding puts a different set of candidates in front (more than
 //!   `RERANK_EXTRA` centres inside the rounding band).
 //! - pca_project: one warp per row, the same float32 sum in the same order

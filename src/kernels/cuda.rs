@@ -421,9 +421,12 @@ impl Gpu {
                 }
                 if buf.moved.is_none() {
                     let err = driver_err("allocation");
+                    // Sized for the buffers' rows, not this call's block: a
+                    // later call may use larger blocks of the same buffers.
+                    let len = buf.rows * buf.d;
                     // SAFETY: written by the kernel / the download before any read.
-                    let dev = |_| unsafe { s.alloc::<f32>(block * d) }.map_err(&err);
-                    let pin = |_| unsafe { g.ctx.alloc_pinned_with_flags::<f32>(block * d, 0) }.map_err(&err);
+                    let dev = |_| unsafe { s.alloc::<f32>(len) }.map_err(&err);
+                    let pin = |_| unsafe { g.ctx.alloc_pinned_with_flags::<f32>(len, 0) }.map_err(&err);
                     buf.moved = Some(([dev(0)?, dev(1)?], [pin(0)?, pin(1)?]));
                 }
                 Some((f, disp, k as i32))

@@ -228,7 +228,9 @@ def knn_interpolate(
     device
         ``"cpu"`` (default) or ``"cuda"``: the distance GEMM, top-k, exact
         re-rank and gather run on the GPU, rounding as the CPU does, so both
-        give the same bits (see :func:`polars_singlecell.cuda_available`). k ≤ 60 on
+        give the same bits unless more than four centroids tie within
+        float32 rounding of a cell's k-th nearest (see
+        :func:`polars_singlecell.cuda_available`). k ≤ 60 on
         the GPU.
 
     Examples

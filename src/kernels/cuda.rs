@@ -49,7 +49,7 @@ const SOURCE: &str = r#"
 // sorted list of its strided share; the warp then merges the 32 lists.
 extern "C" __global__ void topk_rows(const float* dots, const float* norms, int n_rows, int m, int cap,
                                      unsigned int* out) {
-    int row = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    long long row = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     int lane = threadIdx.x & 31;
     if (row >= n_rows) return;  // whole warps exit together
     float vals[MAX_CAP];
@@ -58,6 +58,7 @@ extern "C" __global__ void topk_rows(const float* dots, const float* norms, int 
     const float* d = dots + (size_t)row * m;
     for (int j = lane; j < m; j += 32) {
         float v = __fsub_rn(norms[j], __fmul_rn(2.0f, d[j]));
+        if (v != v) v = __int_as_float(0x7f800000);  // NaN (inf - inf) ranks last, never breaks the merge
         if (len < cap || v < vals[cap - 1]) {
             int p = len < cap ? len++ : cap - 1;
             while (p > 0 && vals[p - 1] > v) { vals[p] = vals[p - 1]; idx[p] = idx[p - 1]; p--; }
@@ -84,7 +85,7 @@ extern "C" __global__ void topk_rows(const float* dots, const float* norms, int 
 extern "C" __global__ void project_rows(const unsigned long long* indptr, const unsigned int* gidx,
                                         const float* vals, const float* w, const float* offset,
                                         int n_rows, int k, float* out) {
-    int row = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    long long row = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     int lane = threadIdx.x & 31;
     if (row >= n_rows) return;
     unsigned long long a = indptr[row], b = indptr[row + 1];
@@ -98,7 +99,7 @@ extern "C" __global__ void project_rows(const unsigned long long* indptr, const 
 // One warp per sparse row: scatter it into a zeroed dense float64 row.
 extern "C" __global__ void densify_rows(const unsigned long long* indptr, const unsigned int* gidx,
                                         const float* vals, int n_rows, int g, double* dense) {
-    int row = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    long long row = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     int lane = threadIdx.x & 31;
     if (row >= n_rows) return;
     for (unsigned long long p = indptr[row] + lane; p < indptr[row + 1]; p += 32)
@@ -124,7 +125,7 @@ extern "C" __global__ void rerank_gather(const float* x, const float* cen, const
     __shared__ unsigned int si[WARPS][MAX_CAP];
     __shared__ float w[WARPS][MAX_CAP];
     int wid = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    int row = blockIdx.x * WARPS + wid;
+    long long row = (long long)blockIdx.x * WARPS + wid;
     if (row >= n_rows) return;  // whole warps exit together
     const float* xr = x + (size_t)row * d;
     const unsigned int* cr = cand + (size_t)row * cap;
@@ -333,7 +334,13 @@ impl Gpu {
     }
 
     fn lock(&self) -> Result<std::sync::MutexGuard<'_, Inner>, KernelError> {
-        let g = self.inner.lock().map_err(|_| KernelError::Invalid("the GPU state is poisoned by an earlier panic".into()))?;
+        // A panic under the lock (a bug) must not disable the GPU for the rest
+        // of the process: drop the buffers it may have left half-used.
+        let g = self.inner.lock().unwrap_or_else(|poisoned| {
+            let mut g = poisoned.into_inner();
+            g.search = None;
+            g
+        });
         g.ctx.bind_to_thread().map_err(driver_err("binding the context"))?;
         Ok(g)
     }

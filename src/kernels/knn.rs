@@ -60,6 +60,12 @@ impl CentroidIndex {
             return Err(KernelError::Invalid(format!("{} centres is more than u32 indices can address", centres.len() / d)));
         }
         let norms = Centres::new(&centres, d).norms;
+        // The float32 ranking key ‖c‖² − 2x·c needs finite squared norms.
+        if let Some(j) = norms.iter().position(|v| !v.is_finite()) {
+            return Err(KernelError::Invalid(format!(
+                "centroid {j} has a squared norm beyond float32 (values near ±1.8e19); rescale the embedding"
+            )));
+        }
         Ok(CentroidIndex {
             d,
             centres,
@@ -775,6 +781,8 @@ mod tests {
         assert!(msg(interpolate(&[0.0; 6], &index, 11, &mut out, Device::Cpu).unwrap_err()).contains("k = 11"));
         assert!(msg(interpolate(&[0.0; 6], &index, 0, &mut out, Device::Cpu).unwrap_err()).contains("k = 0"));
         assert!(CentroidIndex::new(vec![0.0, f32::INFINITY], None, 2).is_err());
+        let e = CentroidIndex::new(vec![2e19, 0.0], None, 2).unwrap_err().to_string();
+        assert!(e.contains("centroid 0 has a squared norm beyond float32"), "{e}");
         assert!(CentroidIndex::new(vec![0.0; 4], Some(vec![0.0; 2]), 2).is_err());
         let plain = CentroidIndex::new(vec![0.0; 4], None, 2).unwrap();
         assert!(interpolate(&[0.0; 2], &plain, 1, &mut [0.0; 2], Device::Cpu).is_err());

@@ -313,12 +313,19 @@ fn search_serial(x: &[f32], c: &Centres<'_>, k: usize, sink: &mut impl Sink) {
             }
         }
         for (i, (xi, top)) in xb.chunks_exact(d).zip(&tops).enumerate() {
-            cand.clear();
-            cand.extend(top.idx[..top.len].iter().map(|&j| (sq_dist_f64(xi, c.row(j as usize)), j)));
-            cand.sort_unstable_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+            rerank(xi, c, &top.idx[..top.len], &mut cand);
             sink.row(blk * GEMM_ROWS + i, xi, &cand[..k]);
         }
     }
+}
+
+/// `cand` = the candidate centres `idx` of row `xi` with their exact float64
+/// squared distances, ascending, ties to the lower index. Both devices' CPU
+/// re-rank; the GPU's `rerank_gather` kernel mirrors it.
+fn rerank(xi: &[f32], c: &Centres<'_>, idx: &[u32], cand: &mut Vec<(f64, u32)>) {
+    cand.clear();
+    cand.extend(idx.iter().map(|&j| (sq_dist_f64(xi, c.row(j as usize)), j)));
+    cand.sort_unstable_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
 }
 
 /// The exact half of a GPU search: each task's rows, with `cap` candidate
@@ -328,9 +335,7 @@ fn rerank_tasks<S: Sink>(tasks: Vec<(&[f32], &Centres<'_>, S, &[u32])>, k: usize
     let run = |(x, c, mut sink, cands): (&[f32], &Centres<'_>, S, &[u32])| {
         let mut cand: Vec<(f64, u32)> = Vec::with_capacity(cap);
         for (i, (xi, ci)) in x.chunks_exact(c.d).zip(cands.chunks_exact(cap)).enumerate() {
-            cand.clear();
-            cand.extend(ci.iter().map(|&j| (sq_dist_f64(xi, c.row(j as usize)), j)));
-            cand.sort_unstable_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+            rerank(xi, c, ci, &mut cand);
             sink.row(i, xi, &cand[..k]);
         }
     };

@@ -235,3 +235,239 @@ pub fn embedding_view(s: &Series) -> PolarsResult<(Vec<&[f32]>, usize, Option<Bi
         any_null.then(|| ca.downcast_iter().flat_map(|arr| (0..arr.len()).map(move |i| arr.is_valid(i))).collect());
     Ok((chunks, d, validity))
 }
+
+/// Fuzzing of the conversion above (issue 8): arbitrary Series — several
+/// chunks, sliced, nulls outside and inside the lists, ragged, unsorted,
+/// out-of-range, non-finite — must give either exactly the rows that went in,
+/// or an error naming a column and a row that really is bad. Never a panic.
+/// Bounded: 512 generated cases per property (a few seconds in CI).
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// One cell as it is generated: each side null, or a list that may hold
+    /// an inner null at some position.
+    #[derive(Debug, Clone)]
+    struct Cell {
+        idx: Option<Vec<Option<u32>>>,
+        vals: Option<Vec<Option<f32>>>,
+    }
+
+    fn value() -> impl Strategy<Value = f32> {
+        prop_oneof![
+            8 => (0u32..50).prop_map(|v| v as f32 * 0.5),
+            1 => Just(f32::NAN),
+            1 => Just(f32::INFINITY),
+            1 => Just(f32::NEG_INFINITY),
+            1 => Just(-1.0f32),
+        ]
+    }
+
+    fn side<T: std::fmt::Debug + Clone + 'static>(
+        item: impl Strategy<Value = T> + 'static,
+    ) -> impl Strategy<Value = Option<Vec<Option<T>>>> {
+        let entry = prop_oneof![20 => item.prop_map(Some), 1 => Just(None)];
+        prop_oneof![12 => proptest::collection::vec(entry, 0..6).prop_map(Some), 1 => Just(None)]
+    }
+
+    fn cell() -> impl Strategy<Value = Cell> {
+        prop_oneof![
+            // Mostly well-formed: sorted unique indices with matching finite values.
+            6 => proptest::collection::btree_set(0u32..24, 0..6).prop_flat_map(|set| {
+                let n = set.len();
+                (Just(set), proptest::collection::vec(0u32..50, n))
+            }).prop_map(|(set, v)| Cell {
+                idx: Some(set.into_iter().map(Some).collect()),
+                vals: Some(v.into_iter().map(|v| Some(v as f32)).collect()),
+            }),
+            1 => Just(Cell { idx: None, vals: None }),
+            3 => (side(0u32..24), side(value())).prop_map(|(idx, vals)| Cell { idx, vals }),
+        ]
+    }
+
+    fn list_chunk<T: polars_arrow::types::NativeType>(
+        name: &str,
+        cells: &[Option<Vec<Option<T>>>],
+    ) -> Series {
+        let lens = cells.iter().map(|c| c.as_ref().map_or(0, |v| v.len()));
+        let flat: Vec<Option<T>> = cells
+            .iter()
+            .flat_map(|c| c.clone().unwrap_or_default())
+            .collect();
+        let values = PrimitiveArray::<T>::from(flat);
+        let validity: Bitmap = cells.iter().map(|c| c.is_some()).collect();
+        let arr = ListArray::<i64>::new(
+            ListArray::<i64>::default_datatype(ArrowDataType::from(T::PRIMITIVE)),
+            offsets(lens).unwrap(),
+            values.boxed(),
+            Some(validity),
+        );
+        Series::from_arrow(name.into(), arr.boxed()).unwrap()
+    }
+
+    /// The column split into chunks at `cuts`, then sliced to `[start, start + len)`.
+    fn column<T: polars_arrow::types::NativeType>(
+        name: &str,
+        cells: &[Option<Vec<Option<T>>>],
+        cuts: &[usize],
+        start: usize,
+        len: usize,
+    ) -> Series {
+        let mut bounds: Vec<usize> = cuts.iter().map(|&c| c % (cells.len() + 1)).collect();
+        bounds.extend([0, cells.len()]);
+        bounds.sort_unstable();
+        bounds.dedup();
+        let mut s = list_chunk::<T>(name, &cells[..0]);
+        for w in bounds.windows(2) {
+            s.append(&list_chunk::<T>(name, &cells[w[0]..w[1]]))
+                .unwrap();
+        }
+        s.slice(start as i64, len)
+    }
+
+    /// Whether one cell breaks the layout contract (the reference the
+    /// conversion is checked against, written independently of it).
+    fn is_bad(c: &Cell, n_genes: Option<usize>) -> bool {
+        let inner_null = c.idx.iter().flatten().any(|x| x.is_none())
+            || c.vals.iter().flatten().any(|x| x.is_none());
+        inner_null
+            || match (&c.idx, &c.vals) {
+                (None, None) => false,
+                (Some(_), None) | (None, Some(_)) => true,
+                (Some(i), Some(v)) => {
+                    i.len() != v.len()
+                        || i.windows(2).any(|w| w[1] <= w[0])
+                        || n_genes.is_some_and(|n| i.iter().flatten().any(|&g| g as usize >= n))
+                        || v.iter().flatten().any(|x| !x.is_finite())
+                }
+            }
+    }
+
+    /// Every "row N" the message names.
+    fn named_rows(msg: &str) -> Vec<usize> {
+        msg.match_indices("row ")
+            .filter_map(|(at, _)| {
+                let digits: String = msg[at + 4..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_digit())
+                    .collect();
+                digits.parse().ok()
+            })
+            .collect()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 512, failure_persistence: None, ..ProptestConfig::default() })]
+
+        #[test]
+        fn sparse_rows_are_exact_or_a_named_error(
+            cells in proptest::collection::vec(cell(), 0..40),
+            cuts in proptest::collection::vec(0usize..64, 0..4),
+            trim in (0usize..4, 0usize..4),
+            n_genes in prop_oneof![Just(None), (1usize..30).prop_map(Some)],
+        ) {
+            let start = trim.0.min(cells.len());
+            let len = cells.len() - start - trim.1.min(cells.len() - start);
+            let gi = column::<u32>("gene_idx", &cells.iter().map(|c| c.idx.clone()).collect::<Vec<_>>(), &cuts, start, len);
+            let mut vcuts = cuts.clone();
+            vcuts.reverse();
+            vcuts.push(3); // the two columns chunked differently
+            let vals = column::<f32>("values", &cells.iter().map(|c| c.vals.clone()).collect::<Vec<_>>(), &vcuts, start, len);
+            let cells = &cells[start..start + len];
+            let got = with_sparse_rows(&gi, &vals, n_genes, |rows, validity| {
+                let owned: Vec<(Vec<u32>, Vec<f32>)> = rows.iter().map(|r| (r.gene_idx.to_vec(), r.values.to_vec())).collect();
+                let valid: Option<Vec<bool>> = validity.map(|v| v.iter().collect());
+                Ok((owned, valid))
+            });
+            let bad: Vec<usize> = (0..cells.len()).filter(|&i| is_bad(&cells[i], n_genes)).collect();
+            match got {
+                Ok((rows, valid)) => {
+                    prop_assert!(bad.is_empty(), "accepted bad rows {:?}", bad);
+                    prop_assert_eq!(rows.len(), cells.len());
+                    for (i, (c, (ri, rv))) in cells.iter().zip(&rows).enumerate() {
+                        let want_i: Vec<u32> = c.idx.clone().unwrap_or_default().into_iter().flatten().collect();
+                        let want_v: Vec<f32> = c.vals.clone().unwrap_or_default().into_iter().flatten().collect();
+                        prop_assert_eq!(ri, &want_i, "row {}", i);
+                        prop_assert_eq!(rv, &want_v, "row {}", i);
+                    }
+                    let nulls: Vec<bool> = cells.iter().map(|c| c.idx.is_some()).collect();
+                    match valid {
+                        Some(v) => prop_assert_eq!(v, nulls),
+                        None => prop_assert!(nulls.iter().all(|&x| x)),
+                    }
+                },
+                Err(e) => {
+                    let msg = e.to_string();
+                    prop_assert!(!bad.is_empty(), "refused good rows: {}", msg);
+                    prop_assert!(msg.contains("'gene_idx'") || msg.contains("'values'"), "{}", msg);
+                    let named = named_rows(&msg);
+                    prop_assert!(!named.is_empty() && named.iter().all(|r| bad.contains(r)), "{} (bad rows {:?})", msg, bad);
+                },
+            }
+        }
+
+        #[test]
+        fn embeddings_are_exact_or_a_named_error(
+            d in 1usize..5,
+            rows in proptest::collection::vec(prop_oneof![
+                8 => proptest::collection::vec(prop_oneof![30 => (-9i32..9).prop_map(|v| Some(v as f32)), 1 => Just(None)], 4).prop_map(Some),
+                1 => Just(None),
+            ], 0..30),
+            cut in 0usize..31,
+            start in 0usize..3,
+        ) {
+            let chunk = |rows: &[Option<Vec<Option<f32>>>]| {
+                let flat: Vec<Option<f32>> = rows.iter().flat_map(|r| r.clone().unwrap_or(vec![Some(0.0); 4])[..d].to_vec()).collect();
+                let validity: Bitmap = rows.iter().map(|r| r.is_some()).collect();
+                let arr = FixedSizeListArray::new(
+                    FixedSizeListArray::default_datatype(ArrowDataType::Float32, d),
+                    rows.len(),
+                    PrimitiveArray::<f32>::from(flat).boxed(),
+                    Some(validity),
+                );
+                Series::from_arrow("X_pca".into(), arr.boxed()).unwrap()
+            };
+            let cut = cut.min(rows.len());
+            let mut s = chunk(&rows[..cut]);
+            s.append(&chunk(&rows[cut..])).unwrap();
+            let start = start.min(rows.len());
+            let s = s.slice(start as i64, rows.len() - start);
+            let rows = &rows[start..];
+            let bad: Vec<usize> = (0..rows.len()).filter(|&i| rows[i].as_ref().is_some_and(|r| r[..d].iter().any(|x| x.is_none()))).collect();
+            match embedding_view(&s) {
+                Ok((chunks, width, validity)) => {
+                    prop_assert!(bad.is_empty());
+                    prop_assert_eq!(width, d);
+                    let flat: Vec<f32> = chunks.concat();
+                    prop_assert_eq!(flat.len(), rows.len() * d);
+                    for (i, r) in rows.iter().enumerate() {
+                        if let Some(r) = r {
+                            let want: Vec<f32> = r[..d].iter().map(|x| x.unwrap()).collect();
+                            prop_assert_eq!(&flat[i * d..(i + 1) * d], &want[..]);
+                        }
+                    }
+                    let want_valid: Vec<bool> = rows.iter().map(|r| r.is_some()).collect();
+                    match &validity {
+                        Some(v) => prop_assert_eq!(v.iter().collect::<Vec<_>>(), want_valid.clone()),
+                        None => prop_assert!(want_valid.iter().all(|&x| x)),
+                    }
+                    // embedding_rows: the same values, or an error naming the first null row.
+                    match embedding_rows(&s) {
+                        Ok((buf, w)) => { prop_assert_eq!(w, d); prop_assert_eq!(&buf[..], &flat[..]); prop_assert!(want_valid.iter().all(|&x| x)); },
+                        Err(e) => {
+                            let first = want_valid.iter().position(|&x| !x);
+                            prop_assert_eq!(named_rows(&e.to_string()).first().copied(), first, "{}", e);
+                        },
+                    }
+                },
+                Err(e) => {
+                    let msg = e.to_string();
+                    prop_assert!(msg.contains("'X_pca'"), "{}", msg);
+                    let named = named_rows(&msg);
+                    prop_assert!(!named.is_empty() && named.iter().all(|r| bad.contains(r)), "{} (bad rows {:?})", msg, bad);
+                },
+            }
+        }
+    }
+}

@@ -145,6 +145,11 @@ struct KMeansKwargs {
     init_size: Option<usize>,
     #[serde(default = "cpu")]
     device: String,
+    /// The input columns' names as Python planned them: inside
+    /// `group_by(...).agg` Polars hands the plugin each group's Series
+    /// unnamed, and an error message should still name the column.
+    #[serde(default)]
+    names: Vec<String>,
 }
 
 impl KMeansKwargs {
@@ -174,7 +179,15 @@ fn kmeans_centroids_output(fields: &[Field]) -> PolarsResult<Field> {
 
 #[polars_expr(output_type_func = kmeans_centroids_output)]
 fn kmeans_centroids(inputs: &[Series], kwargs: KMeansKwargs) -> PolarsResult<Series> {
-    expressions::kmeans_centroids(&inputs[0], inputs.get(1), &kwargs.params()?)
+    let named: Vec<Series> = inputs
+        .iter()
+        .zip(kwargs.names.iter().map(Some).chain(std::iter::repeat(None)))
+        .map(|(s, name)| match name {
+            Some(n) if s.name().is_empty() => s.clone().with_name(n.as_str().into()),
+            _ => s.clone(),
+        })
+        .collect();
+    expressions::kmeans_centroids(&named[0], named.get(1), &kwargs.params()?)
 }
 
 // ------------------------------------------------------ knn, knn_interpolate
@@ -463,7 +476,7 @@ impl CentroidSampler {
         init_size: Option<usize>,
         device: &str,
     ) -> PyResult<(PyDataFrame, PyDataFrame)> {
-        let kw = KMeansKwargs { n_centroids, max_iter, tol, random_state: self.seed, init_size, device: device.into() };
+        let kw = KMeansKwargs { n_centroids, max_iter, tol, random_state: self.seed, init_size, device: device.into(), names: Vec::new() };
         let params = kw.params().map_err(value_error)?;
         let (samplers, pool) = (&self.samplers, &self.pool);
         let fits = py

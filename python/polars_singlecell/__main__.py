@@ -56,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         demo(args.out, args.n_cells)
     elif args.command == "integrate":
+        import polars as pl
+
         import polars_singlecell as psc
 
         t0 = time.perf_counter()
@@ -64,7 +66,9 @@ def main(argv: list[str] | None = None) -> int:
                           target_sum=args.target_sum, n_top_genes=args.n_top_genes, n_comps=args.n_comps,
                           n_centroids=args.n_centroids, max_samples_per_batch=args.max_samples_per_batch, k=args.k,
                           mode=args.mode, device=args.device, random_state=args.random_state)
-        except (ValueError, FileNotFoundError) as e:
+        except (ValueError, OSError, pl.exceptions.PolarsError) as e:
+            # Bad input, an unreadable source or a full disk: the message says
+            # which and the fix; finished stages are kept for the next run.
             print(f"polars-singlecell integrate: {e}", file=sys.stderr)
             return 2
         print(f"done in {time.perf_counter() - t0:.1f}s: {args.out / 'cells.parquet'}, report {args.out / 'report.json'}")

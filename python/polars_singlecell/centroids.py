@@ -74,7 +74,8 @@ def kmeans_centroids(
     3 Lloyd passes on nested random subsets growing ×4 (up to half the rows)
     before the passes over all rows. ``mass`` is the number of rows (or summed
     ``weights``) assigned to each centroid; with fewer distinct rows than
-    ``n_centroids`` every distinct row becomes a centroid. Same input and
+    ``n_centroids`` every distinct row becomes a centroid (no rows: no
+    centroids, as for an empty frame's groups). Same input and
     ``random_state`` give the same bits at any thread count.
 
     ``device="cuda"`` runs each assignment step's GEMM and arg-min on the GPU
@@ -93,6 +94,8 @@ def kmeans_centroids(
     # Weights of any numeric dtype are read as float64 by the plugin; other
     # dtypes (strings, booleans) are refused when the query is planned.
     args = [_col(embedding)] if weights is None else [_col(embedding), _col(weights)]
+    # Inside group_by(...).agg the plugin sees unnamed Series: pass the names for its messages.
+    kwargs["names"] = [a.meta.output_name(raise_if_undetermined=False) or "" for a in args]
     return call("kmeans_centroids", args, kwargs, is_elementwise=False, returns_scalar=True).alias("centroids")
 
 
@@ -159,8 +162,12 @@ def fit_centroids(
         _seed(random_state),
         _n_threads(n_threads),
     )
+    n_cells = 0
     for batch in _record_batches(lf, [embedding, batch_key]):
         sampler.update(batch[embedding], batch[batch_key])
+        n_cells += batch.height
+    if n_cells == 0:
+        raise ValueError(f"no cells: column {embedding!r} has no rows, so there is nothing to fit centroids to")
     long, summ = sampler.fit(*params, device)
     key_dtype = schema[batch_key]
     # Back to the key's own dtype and order (the sampler keys batches by their text).

@@ -4,7 +4,11 @@ removed and nothing appears at the destination."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import glob
 import os
+import re
 import shutil
 import uuid
 from contextlib import contextmanager
@@ -13,7 +17,35 @@ from typing import Any, Iterator
 
 import polars as pl
 
-__all__ = ["sink_parquet", "write_parquet", "h5ad_to_parquet", "to_anndata"]
+__all__ = ["sink_parquet", "write_parquet", "h5ad_to_parquet", "to_anndata", "parquet_files"]
+
+
+# Errors that only a write gives: Polars reports them as a ComputeError that
+# names neither the file nor the cause ("File out of specification: underlying
+# IO error: No space left on device (os error 28)").
+_WRITE_ERRNOS = {errno.ENOSPC: "free space", errno.EDQUOT: "your disk quota", errno.EFBIG: "the file-size limit (ulimit -f)",
+                 errno.EROFS: "that the file system is writable"}
+_PERMISSION_ERRNOS = {errno.EACCES, errno.EPERM}
+_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
+def _write_failed(final: Path, e: BaseException) -> OSError | None:
+    """A failed write of ``final`` (disk full, quota, file-size limit, read-only
+    or forbidden folder) as an ``OSError`` naming the file, the cause and the
+    fix; ``None`` for anything else (bad input is raised as it is)."""
+    if isinstance(e, OSError) and e.errno is not None:
+        code = e.errno
+        if code not in _WRITE_ERRNOS and code not in _PERMISSION_ERRNOS:
+            return None
+    else:
+        m = _OS_ERROR.search(str(e))
+        # A Polars error may come from reading the source too: only the errnos a read never gives.
+        if m is None or int(m.group(1)) not in _WRITE_ERRNOS:
+            return None
+        code = int(m.group(1))
+    check = _WRITE_ERRNOS.get(code, "the permissions")
+    return OSError(code, f"cannot write {final}: {os.strerror(code)}. Nothing was left under that name; "
+                         f"check {check} of {final.parent} and run again")
 
 
 @contextmanager
@@ -21,13 +53,61 @@ def _atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     final = Path(path)
     if final.is_dir():
         raise IsADirectoryError(f"{final} is a folder; give a file path")
-    final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
+        final.parent.mkdir(parents=True, exist_ok=True)
         yield tmp
         os.replace(tmp, final)
+    except (OSError, pl.exceptions.PolarsError) as e:
+        failed = _write_failed(final, e)
+        if failed is None:
+            raise
+        raise failed from e
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+
+
+def check_writable(folder: Path) -> None:
+    """Create ``folder`` and a file in it, before hours of work go into
+    outputs that could not be written: an ``OSError`` naming it if not."""
+    with _atomic_path(folder / "write-check") as tmp:
+        tmp.write_bytes(b"")
+    (folder / "write-check").unlink()
+
+
+def parquet_files(source: str | os.PathLike, *, what: str = "Parquet files") -> list[Path]:
+    """The Parquet files at ``source`` (a file, a folder of ``*.parquet`` or a
+    glob), each checked to be readable Parquet by its footer.
+
+    A missing path is a ``FileNotFoundError``; a file that is not Parquet, or
+    was cut short (an interrupted copy), a ``ValueError`` naming that file.
+    Polars' own error for a bad footer names no file, which in a folder of
+    hundreds of plates leaves the user guessing.
+    """
+    p = Path(source)
+    if any(ch in str(p) for ch in "*?[") and not p.exists():
+        files = sorted(Path(f) for f in glob.glob(str(p)))
+    elif p.is_dir():
+        files = sorted(p.glob("*.parquet"))
+    else:
+        files = [p]
+    if not files or not all(f.is_file() for f in files):
+        raise FileNotFoundError(f"no {what} at {source!s}: give a file, a folder of *.parquet or a glob")
+    for f in files:
+        parquet_schema(f)
+    return files
+
+
+def parquet_schema(path: Path) -> pl.Schema:
+    """``pl.read_parquet_schema``, with a corrupt or truncated file named."""
+    try:
+        return pl.read_parquet_schema(path)
+    except (pl.exceptions.PolarsError, OSError) as e:
+        raise ValueError(
+            f"cannot read {path}: it is not a valid Parquet file (cut short or corrupt?): {e}. "
+            "Re-write or re-copy it, or move it out of the folder"
+        ) from e
 
 
 def sink_parquet(lf: pl.LazyFrame, path: str | os.PathLike, **kwargs: Any) -> None:
@@ -129,7 +209,11 @@ def h5ad_to_parquet(
     tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.tmp")
     tmp.mkdir(parents=True)
     try:
-        with h5py.File(path, "r") as f:
+        try:
+            f = h5py.File(path, "r")
+        except OSError as e:
+            raise ValueError(f"cannot read {path}: not an HDF5 (.h5ad) file, or cut short: {e}") from e
+        with f:
             where = f"layers/{layer}" if layer else "X"
             if where not in f:
                 raise ValueError(f"{path} has no {where}")
@@ -205,7 +289,7 @@ def to_anndata(
     import numpy as np
     import pandas as pd
 
-    lf = pl.scan_parquet(cells) if isinstance(cells, (str, os.PathLike)) else cells.lazy()
+    lf = pl.scan_parquet(parquet_files(cells)) if isinstance(cells, (str, os.PathLike)) else cells.lazy()
     schema = lf.collect_schema()
     for c in obsm:
         if c not in schema:

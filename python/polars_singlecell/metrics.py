@@ -345,6 +345,7 @@ def evaluate(
         raise ValueError("embeddings is empty: name at least one Array(Float32, d) column")
     if not isinstance(max_cells, (int, np.integer)) or max_cells < 2:
         raise ValueError(f"max_cells must be an integer ≥ 2, got {max_cells!r}")
+    _check_k(n_neighbors, max_cells)  # the type and sign now; the count once the cells are read
     lf = cells.lazy()
     names = lf.collect_schema().names()
     wanted = [batch_key, *([label_key] if label_key else []), *embeddings]

@@ -13,7 +13,6 @@ stage counts as done only once all its files are in place.
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import os
@@ -24,6 +23,8 @@ from typing import Any, Callable
 
 import polars as pl
 
+from polars_singlecell.io import _atomic_path, check_writable, parquet_files, parquet_schema
+
 __all__ = ["integrate"]
 
 STAGES = ("genes", "pca", "project", "centroids", "integration", "interpolate")
@@ -31,16 +32,12 @@ COUNTS = ("gene_idx", "values")
 
 
 def _source_files(source: str | os.PathLike) -> list[Path]:
-    p = Path(source)
-    if p.is_dir():
+    files = parquet_files(source)
+    if Path(source).is_dir():
         # The cells' files: a folder may also hold genes.parquet and the like.
-        files = [f for f in sorted(p.glob("*.parquet")) if isinstance(pl.read_parquet_schema(f).get("gene_idx"), pl.List)]
-    elif any(ch in str(p) for ch in "*?["):
-        files = sorted(Path(f) for f in glob.glob(str(p)))
-    else:
-        files = [p]
-    if not files or not all(f.is_file() for f in files):
-        raise FileNotFoundError(f"no Parquet files at {source!s}: give a file, a folder of *.parquet or a glob")
+        files = [f for f in files if isinstance(parquet_schema(f).get("gene_idx"), pl.List)]
+        if not files:
+            raise FileNotFoundError(f"no Parquet files of cells (with a gene_idx column) in {source!s}")
     return files
 
 
@@ -49,9 +46,8 @@ def _fingerprint(*parts: Any) -> str:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
+    with _atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, default=str))
 
 
 def integrate(
@@ -110,9 +106,9 @@ def integrate(
     device = check_device(device)
     files = _source_files(source)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_writable(out)
     # Temporary files a killed run left behind (hidden, never under a final
-    # name); ours are ".<name>.<hex>.tmp" and ".report.json.tmp".
+    # name); ours are ".<name>.<hex>.tmp".
     for stale in out.glob(".*.tmp"):
         if stale.is_file():
             stale.unlink()

@@ -20,7 +20,7 @@ import polars as pl
 from polars_singlecell import _internal
 from polars_singlecell._device import check_device
 from polars_singlecell._plugin import call
-from polars_singlecell.io import write_parquet
+from polars_singlecell.io import parquet_files, parquet_schema, write_parquet
 
 IntoExpr = Union[str, pl.Expr]
 Frame = Union[pl.LazyFrame, pl.DataFrame, str, os.PathLike]
@@ -48,10 +48,7 @@ def _lazy(data: Frame) -> pl.LazyFrame:
     if isinstance(data, pl.DataFrame):
         return data.lazy()
     if isinstance(data, (str, os.PathLike)):
-        path = Path(data)
-        if not path.exists():
-            raise FileNotFoundError(f"no such file or folder: {path}")
-        return pl.scan_parquet(path / "*.parquet" if path.is_dir() else path)
+        return pl.scan_parquet(parquet_files(data))
     raise TypeError(f"expected a LazyFrame, DataFrame or Parquet path, got {type(data).__name__}")
 
 
@@ -446,6 +443,7 @@ class PcaModel:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"PCA model file not found: {path}")
+        parquet_schema(path)  # a corrupt or cut-short file is named
         meta = json.loads(pl.read_parquet_metadata(path).get("polars_singlecell", "{}"))
         if meta.get("kind") != _PCA_KIND:
             raise ValueError(f"{path} is not a polars-singlecell PCA model (written by PcaModel.save)")

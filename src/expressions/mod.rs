@@ -128,11 +128,22 @@ fn weights_f64(s: &Series) -> PolarsResult<Vec<f64>> {
 pub fn kmeans_centroids(embedding: &Series, weights: Option<&Series>, params: &KMeansParams) -> PolarsResult<Series> {
     let (x, d) = convert::embedding_rows(embedding)?;
     let w = weights.map(weights_f64).transpose()?;
+    if x.is_empty() {
+        // No cells, no centroids (the rule "every distinct row becomes a
+        // centroid" at zero rows). Polars also calls an aggregation on an
+        // empty group when a group_by meets an empty frame.
+        return centroids_row(d, Vec::new(), Vec::new());
+    }
     let fit = THREAD_POOL
         .install(|| kernels::kmeans::kmeans(&x, d, w.as_deref(), params))
         .map_err(|e| polars_err!(ComputeError: "kmeans_centroids of '{}': {e}", embedding.name()))?;
-    let centroid = convert::array_f32("centroid", d, fit.centroids, None)?.implode()?.into_series();
-    let mass = Series::new("mass".into(), fit.mass).implode()?.into_series();
+    centroids_row(d, fit.centroids, fit.mass)
+}
+
+/// One `centroids_dtype(d)` row from row-major centroids and their masses.
+fn centroids_row(d: usize, centroids: Vec<f32>, mass: Vec<f64>) -> PolarsResult<Series> {
+    let centroid = convert::array_f32("centroid", d, centroids, None)?.implode()?.into_series();
+    let mass = Series::new("mass".into(), mass).implode()?.into_series();
     Ok(StructChunked::from_series("centroids".into(), 1, [centroid, mass].iter())?.into_series())
 }
 

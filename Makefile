@@ -11,7 +11,7 @@ export PATH := $(CURDIR)/.venv/bin:$(PATH)
 .venv/.base:
 	python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q $$(grep -E '^(maturin|polars|numpy)==' requirements-test.txt)
+	$(PY) -m pip install -q $$(grep -E '^(maturin|polars|numpy|matplotlib)==' requirements-test.txt)
 	touch $@
 
 .venv/.test: .venv/.base requirements-test.txt

@@ -4,7 +4,9 @@ interruption or a changed parameter, bad input."""
 from __future__ import annotations
 
 import json
+import re
 
+import numpy as np
 import polars as pl
 import pytest
 
@@ -205,3 +207,43 @@ def test_every_stage_same_bits_at_one_and_two_threads(raw, tmp_path):
     for name in psc.pipeline.STAGES:
         for key in ("fingerprint", "metrics", "evaluate", "explained_variance_ratio", "n_centroids"):
             assert r1[name].get(key) == r2[name].get(key), (name, key)
+
+
+def test_plot_embedding_draws_the_seeded_sample_and_writes_a_png(tmp_path):
+    rng = np.random.default_rng(0)
+    n = 3000
+    cells = pl.DataFrame({
+        "batch": rng.choice(["p1", "p2", "p3"], n), "label": rng.choice(["A", "B"], n),
+        "X_pca": rng.normal(size=(n, 5)).astype(np.float32), "X_ot": rng.normal(size=(n, 5)).astype(np.float32),
+    }).with_columns(pl.col("X_pca", "X_ot").cast(pl.Array(pl.Float32, 5)))
+    cells.write_parquet(tmp_path / "cells.parquet")
+    png = tmp_path / "plots" / "before_after.png"
+    fig = psc.plot.embedding(tmp_path / "cells.parquet", components=(1, 3), max_cells=1000, path=png)
+    assert [ax.get_title() for ax in fig.axes] == ["X_pca by batch", "X_pca by label", "X_ot by batch", "X_ot by label"]
+    drawn = fig.axes[0].collections[0].get_offsets()
+    assert drawn.shape == (1000, 2)
+    # The sample is metrics.evaluate's: rows whose seeded hash is smallest, here components 1 and 3.
+    want = (cells.with_row_index("_row").with_columns(pl.col("_row").hash(0).alias("_h"))
+            .bottom_k(1000, by=["_h", "_row"]).sort("_h")["X_pca"].to_numpy()[:, [1, 3]])
+    np.testing.assert_array_equal(np.asarray(drawn), want)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and [p.name for p in png.parent.iterdir()] == [png.name]
+    with pytest.raises(ValueError, match="no column 'X_umap'"):
+        psc.plot.embedding(cells, basis=["X_umap"])
+    with pytest.raises(ValueError, match=r"components \(0, 5\)"):
+        psc.plot.embedding(cells, components=(0, 5))
+
+
+def test_progress_bars_count_every_cell_and_change_no_output(raw, tmp_path, capsys):
+    psc.integrate(raw, tmp_path / "quiet", **SMALL)
+    capsys.readouterr()
+    psc.integrate(raw, tmp_path / "bars", **SMALL | {"progress": True})
+    lines = capsys.readouterr().err.strip().splitlines()  # not a terminal: one final line per stage
+    stages = [ln.split()[0] for ln in lines]
+    assert stages == ["genes", "pca", "project", "centroids", "interpolate"], lines
+    for ln in lines:
+        assert re.search(r" 6,000/6,000 cells 100\.0%  [\d,]+ cells/s  [\d.]+s$", ln), ln
+    for f in ["genes.parquet", "pca.parquet", "cells_pca.parquet", "centroids.parquet", "integration.parquet", "cells.parquet"]:
+        assert pl.read_parquet(tmp_path / "bars" / f).equals(pl.read_parquet(tmp_path / "quiet" / f)), f
+    # A resumed run reads no cells: no bars.
+    psc.integrate(raw, tmp_path / "bars", **SMALL | {"progress": True})
+    assert capsys.readouterr().err == ""

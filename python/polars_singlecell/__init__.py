@@ -18,7 +18,7 @@ from polars_singlecell._plugin import check_polars_version as _check_polars_vers
 
 _check_polars_version(_pl.__version__, _internal.POLARS_CRATE_VERSION)
 
-from polars_singlecell import datasets, io, metrics, pipeline  # noqa: E402
+from polars_singlecell import datasets, io, metrics, pipeline, plot  # noqa: E402
 from polars_singlecell._device import cuda_available  # noqa: E402
 from polars_singlecell.centroids import fit_centroids, kmeans_centroids  # noqa: E402
 from polars_singlecell.integration import IntegrationModel, clear_models, knn, knn_interpolate  # noqa: E402
@@ -61,6 +61,7 @@ __all__ = [
     "ot_integrate",
     "pca_project",
     "pipeline",
+    "plot",
     "select_genes",
     "sink_parquet",
     "total_counts",

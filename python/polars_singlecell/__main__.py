@@ -22,12 +22,17 @@ def demo(out: Path, n_cells: int) -> None:
     t = time.perf_counter()
     print("psc.integrate: normalize -> HVG per plate -> PCA -> 256 centroids per plate -> OT -> every cell, streaming")
     report = psc.integrate(raw, out, batch_key="batch", label_key="label", n_top_genes=500,
-                           n_comps=20, n_centroids=256, evaluate_cells=20_000, log=lambda m: print(f"  {m}"))
+                           n_comps=20, n_centroids=256, evaluate_cells=20_000, log=lambda m: print(f"  {m}"),
+                           progress=True)
     ev = {(r["embedding"], r["metric"]): r["value"] for r in report["stages"]["interpolate"]["evaluate"]}
     print(f"wrote {out / 'cells.parquet'} (X_pca, X_ot), models and report.json in {out}")
     print(f"on 20,000 sampled cells: batch entropy (0-1) {ev['X_pca', 'batch_entropy_norm']:.3f} -> "
           f"{ev['X_ot', 'batch_entropy_norm']:.3f}, label purity {ev['X_pca', 'label_purity']:.3f} -> "
           f"{ev['X_ot', 'label_purity']:.3f}  [{time.perf_counter() - t:.1f}s]")
+    t = time.perf_counter()
+    png = out / "before_after.png"
+    psc.plot.embedding(out / "cells.parquet", basis=("X_pca", "X_ot"), color=("batch", "label"), path=png)
+    print(f"wrote {png}: PCA (before) and OT (after), coloured by plate and by cell type  [{time.perf_counter() - t:.1f}s]")
     print(f"done in {time.perf_counter() - t0:.1f}s")
 
 
@@ -52,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     i.add_argument("--mode", choices=["own_batch", "pooled"], default="own_batch")
     i.add_argument("--device", default="cpu")
     i.add_argument("--random-state", type=int, default=0)
+    i.add_argument("--no-progress", action="store_true", help="no progress bars (stderr)")
     args = parser.parse_args(argv)
     if args.command == "demo":
         demo(args.out, args.n_cells)
@@ -65,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
             psc.integrate(args.source, args.out, batch_key=args.batch_key, label_key=args.label_key, n_genes=args.n_genes,
                           target_sum=args.target_sum, n_top_genes=args.n_top_genes, n_comps=args.n_comps,
                           n_centroids=args.n_centroids, max_samples_per_batch=args.max_samples_per_batch, k=args.k,
-                          mode=args.mode, device=args.device, random_state=args.random_state)
+                          mode=args.mode, device=args.device, random_state=args.random_state,
+                          progress=not args.no_progress)
         except (ValueError, OSError, pl.exceptions.PolarsError) as e:
             # Bad input, an unreadable source or a full disk: the message says
             # which and the fix; finished stages are kept for the next run.

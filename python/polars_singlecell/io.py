@@ -122,6 +122,14 @@ def sink_parquet(lf: pl.LazyFrame, path: str | os.PathLike, **kwargs: Any) -> No
     >>> pl.read_parquet(os.path.join(d, "a.parquet")).height
     2
     """
+    from polars_singlecell import _progress
+
+    count = _progress.counter()
+    if count is not None:
+        # Inside psc.integrate(progress=True): count rows as they pass, on the
+        # last column (there, the one the stage computes), so rows count once done.
+        last, dtype = list(lf.collect_schema().items())[-1]
+        lf = lf.with_columns(pl.col(last).map_batches(lambda s: (count(s.len()), s)[1], return_dtype=dtype, is_elementwise=True))
     with _atomic_path(path) as tmp:
         lf.sink_parquet(tmp, **kwargs)
 

@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 import polars as pl
 
+from polars_singlecell import _progress
 from polars_singlecell.io import _atomic_path, check_writable, parquet_files, parquet_schema
 
 __all__ = ["integrate"]
@@ -69,6 +70,7 @@ def integrate(
     integration: dict[str, Any] | None = None,
     evaluate_cells: int = 100_000,
     log: Callable[[str], None] | None = print,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Integrate raw counts in Parquet (the project's layout: one row per
     cell, ``gene_idx``/``values``, a ``batch_key`` column) into ``out``:
@@ -88,7 +90,9 @@ def integrate(
     defaults to the row count of a ``genes.parquet`` beside the cells (in the
     folder, or next to the file), else to the largest gene index + 1.
     ``integration`` passes options to :func:`fit_integration`. ``log`` gets
-    one line per stage (``None``: silent). Returns the report.
+    one line per stage (``None``: silent). ``progress=True`` draws a bar per
+    stage that reads the cells on stderr (cells processed / total, rate; on a
+    terminal redrawn in place, elsewhere its final line only). Returns the report.
 
     >>> import tempfile, polars_singlecell as psc
     >>> d = tempfile.mkdtemp()
@@ -147,6 +151,7 @@ def integrate(
         "stages": {},
     }
     say = log or (lambda _msg: None)
+    n_cells = scan.select(pl.len()).collect().item() if progress else None  # from the Parquet footers
     keep = [c for c in schema.names() if c not in COUNTS]
     norm = scan.with_columns(psc.normalize(*COUNTS, target_sum=target_sum))
     fp = _fingerprint(source_fp)
@@ -163,7 +168,8 @@ def integrate(
             return
         redo = True
         t = time.perf_counter()
-        extra = run() or {}
+        with _progress.track(name, n_cells if progress and name != "integration" else None):
+            extra = run() or {}
         secs = time.perf_counter() - t
         report["stages"][name] = {"fingerprint": fp, "seconds": round(secs, 3), "outputs": outputs, **extra}
         _write_json(report_path, report)  # the stage counts as done only now

@@ -17,7 +17,7 @@ from typing import Iterable, Iterator, Union
 import numpy as np
 import polars as pl
 
-from polars_singlecell import _internal
+from polars_singlecell import _internal, _progress
 from polars_singlecell._device import check_device
 from polars_singlecell._plugin import call
 from polars_singlecell.io import parquet_files, parquet_schema, write_parquet
@@ -57,7 +57,11 @@ def _record_batches(lf: pl.LazyFrame, columns: list[str]) -> Iterator[pl.DataFra
     missing = [c for c in columns if c not in lf.collect_schema()]
     if missing:
         raise ValueError(f"column(s) {missing} not found; the frame has {lf.collect_schema().names()}")
-    yield from lf.select(columns).collect_batches(maintain_order=True)
+    count = _progress.counter()
+    for batch in lf.select(columns).collect_batches(maintain_order=True):
+        if count is not None:
+            count(batch.height)
+        yield batch
 
 
 def _positive_int(name: str, value: object, *, upper: int | None = None) -> int:

@@ -105,3 +105,32 @@ def test_to_anndata_for_scanpy(tmp_path):
     assert a.obsp["connectivities"].shape == (1000, 1000)
     with pytest.raises(ValueError, match="no column 'X_umap'"):
         psc.io.to_anndata(cells, obsm=("X_umap",))
+
+
+def test_integrate_reads_h5ad_plates_directly_and_resumes(tmp_path):
+    """One .h5ad per plate (as Tahoe-100M ships) → integrate: the same cells as
+    integrating the Parquet it converts them to; a re-run converts nothing again."""
+    import scipy.sparse as sp
+
+    counts = psc.datasets.synthetic_counts(3000, n_genes=300, umis_per_cell=60, seed=5)
+    genes = pd.DataFrame(index=[f"g{i}" for i in range(300)])
+    folder = tmp_path / "plates"
+    folder.mkdir()
+    for (b,), part in counts.group_by("batch", maintain_order=True):
+        lens = part["gene_idx"].list.len().to_numpy()
+        x = sp.csr_matrix((part["values"].explode().to_numpy(), part["gene_idx"].explode().to_numpy(),
+                           np.concatenate([[0], np.cumsum(lens)])), shape=(part.height, 300))
+        obs = pd.DataFrame({"plate": part["batch"].to_list(), "label": part["label"].to_list()}, index=part["cell_id"].to_list())
+        anndata.AnnData(x, obs=obs, var=genes).write_h5ad(folder / f"{b}.h5ad")
+    small = dict(batch_key="plate", n_top_genes=100, n_comps=10, n_centroids=16, log=None)
+    psc.integrate(folder, tmp_path / "out", **small)
+    cells = pl.read_parquet(tmp_path / "out" / "cells.parquet")
+    assert cells.height == 3000 and sorted(cells["cell_id"].to_list()) == sorted(counts["cell_id"].to_list())
+    parquet = pl.read_parquet(tmp_path / "out" / "source" / "*" / "part-*.parquet")
+    parquet.write_parquet(tmp_path / "same.parquet")
+    psc.integrate(tmp_path / "same.parquet", tmp_path / "ref", **small)
+    assert cells.equals(pl.read_parquet(tmp_path / "ref" / "cells.parquet"))
+    stamp = [(p, p.stat().st_mtime_ns) for p in sorted((tmp_path / "out" / "source").rglob("*.parquet"))]
+    report = psc.integrate(folder, tmp_path / "out", **small)
+    assert all(s.get("resumed") for s in report["stages"].values())
+    assert stamp == [(p, p.stat().st_mtime_ns) for p in sorted((tmp_path / "out" / "source").rglob("*.parquet"))]

@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--out", type=Path, default=Path("psc-demo"))
     d.add_argument("--n-cells", type=int, default=200_000)
     i = sub.add_parser("integrate", help="raw counts (Parquet) -> integrated embedding X_ot, resumable")
-    i.add_argument("source", help="a Parquet file, a folder of them or a glob: gene_idx, values, a batch column")
+    i.add_argument("source", help="Parquet (a file, a folder, a glob: gene_idx, values, a batch column) or .h5ad file(s) (CSR X, batch in obs)")
     i.add_argument("out", type=Path, help="output folder (re-running resumes from finished stages)")
     i.add_argument("--batch-key", default="batch")
     i.add_argument("--label-key", default=None, help="if given, report.json holds psc.metrics.evaluate")

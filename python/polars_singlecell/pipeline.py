@@ -13,10 +13,12 @@ stage counts as done only once all its files are in place.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
 import platform
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -40,6 +42,47 @@ def _source_files(source: str | os.PathLike) -> list[Path]:
         if not files:
             raise FileNotFoundError(f"no Parquet files of cells (with a gene_idx column) in {source!s}")
     return files
+
+
+def _h5ad_sources(source: str | os.PathLike) -> list[Path]:
+    """The ``.h5ad`` files ``source`` names (a file, a folder of them, a glob); [] if none."""
+    p = Path(source)
+    if p.is_dir():
+        return sorted(p.glob("*.h5ad"))
+    if any(ch in str(p) for ch in "*?[") and not p.exists():
+        return sorted(Path(f) for f in glob.glob(str(p)) if f.endswith(".h5ad"))
+    return [p] if p.suffix == ".h5ad" else []
+
+
+def _import_h5ad(files: list[Path], dest: Path, say: Callable[[str], None]) -> list[Path]:
+    """Each AnnData file → ``dest/<stem>/`` in the project's layout, once: a
+    folder is kept while its ``source.json`` matches the file's size and
+    modification time (written last, so a killed import is redone). Returns
+    the cells' Parquet files in source order."""
+    from polars_singlecell.io import h5ad_to_parquet
+
+    if len({f.stem for f in files}) < len(files):
+        raise ValueError(f"the .h5ad files need distinct names: {[str(f) for f in files]}")
+    for stale in dest.glob(".*.tmp"):  # a killed import's temporary folder
+        shutil.rmtree(stale, ignore_errors=True)
+    parts, genes = [], None
+    for f in files:
+        target = dest / f.stem
+        stamp = {"source": str(f.resolve()), "size": f.stat().st_size, "mtime_ns": f.stat().st_mtime_ns}
+        done = target / "source.json"
+        if not (done.is_file() and json.loads(done.read_text()) == stamp):
+            shutil.rmtree(target, ignore_errors=True)
+            t = time.perf_counter()
+            h5ad_to_parquet(f, target, rows_per_file=50_000)
+            _write_json(done, stamp)
+            say(f"import: {f.name} -> {target} in {time.perf_counter() - t:.1f}s")
+        these = pl.read_parquet(target / "genes.parquet")
+        if genes is not None and not these.equals(genes):
+            raise ValueError(f"{f} has other genes than {files[0]} (var index): integrate needs one gene space; "
+                             "subset the AnnData objects to shared genes (adata[:, genes]) and write them again")
+        genes = these
+        parts += sorted(target.glob("part-*.parquet"))
+    return parts
 
 
 def _fingerprint(*parts: Any) -> str:
@@ -86,7 +129,11 @@ def integrate(
       integration's metrics and, with ``label_key``, :func:`metrics.evaluate`
       of ``X_pca`` and ``X_ot`` on ``evaluate_cells`` sampled cells.
 
-    ``source`` is a Parquet file, a folder of them, or a glob. ``n_genes``
+    ``source`` is a Parquet file, a folder of them, or a glob; or AnnData
+    ``.h5ad`` files (one, a folder of them, a glob: e.g. one per plate, with
+    CSR counts in ``X`` and the batch as an ``obs`` column), streamed once into
+    ``out/source/<name>/`` by :func:`io.h5ad_to_parquet` (kept on re-runs
+    while the file is unchanged). ``n_genes``
     defaults to the row count of a ``genes.parquet`` beside the cells (in the
     folder, or next to the file), else to the largest gene index + 1.
     ``integration`` passes options to :func:`fit_integration`. ``log`` gets
@@ -108,14 +155,18 @@ def integrate(
     from polars_singlecell.io import sink_parquet, write_parquet
 
     device = check_device(device)
-    files = _source_files(source)
     out = Path(out)
+    h5ads = _h5ad_sources(source)
+    files = None if h5ads else _source_files(source)
     check_writable(out)
     # Temporary files a killed run left behind (hidden, never under a final
     # name); ours are ".<name>.<hex>.tmp".
     for stale in out.glob(".*.tmp"):
         if stale.is_file():
             stale.unlink()
+    say = log or (lambda _msg: None)
+    if h5ads:
+        files = _import_h5ad(h5ads, out / "source", say)
     scan = pl.scan_parquet(files)
     schema = scan.collect_schema()
     for c in (batch_key, *COUNTS) + ((label_key,) if label_key else ()):
@@ -150,7 +201,6 @@ def integrate(
         "versions": {"polars_singlecell": psc.__version__, "polars": pl.__version__, "python": platform.python_version()},
         "stages": {},
     }
-    say = log or (lambda _msg: None)
     n_cells = scan.select(pl.len()).collect().item() if progress else None  # from the Parquet footers
     keep = [c for c in schema.names() if c not in COUNTS]
     norm = scan.with_columns(psc.normalize(*COUNTS, target_sum=target_sum))

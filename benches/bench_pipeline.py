@@ -1,0 +1,148 @@
+"""The whole pipeline at atlas scale (issue 7): `polars-singlecell integrate` on
+Tahoe-shaped raw counts (psc.datasets.tahoe_like: 14 plates, 50 lines, 2000
+genes, ~300 UMIs a cell) at 1M and 10M cells, with the defaults (2000 HVGs,
+50 PCs, 2048 centroids per plate, k = 8). Each step runs in its own process,
+so its peak RSS is its own: generation, integrate (seconds per stage from
+report.json), and Harmony (harmonypy) on the same PCA input
+(out/cells_pca.parquet) where it fits (≤ --harmony-max-cells). Quality:
+psc.metrics.evaluate on the same seeded 100k cells for every embedding
+(labels: cell line).
+
+scbiot (the reference method) is not run: it installs only on Python 3.12
+(with ~8 GB of torch wheels) and this machine has 3.11 only;
+../shared/ALGORITHM.md records its measured behaviour.
+
+    make bench-pipeline                                   # 1M and 10M cells
+    .venv/bin/python benches/bench_pipeline.py 1000000    # one size
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import polars as pl
+
+ROOT = Path(__file__).resolve().parents[1]
+METRICS = ["batch_entropy_norm", "ilisi", "label_purity", "clisi", "graph_connectivity"]
+
+
+def run(cmd: list[str], env: dict | None = None) -> tuple[float, float]:
+    """Run ``cmd``; its wall seconds and peak RSS in GB (the child's own, from wait4)."""
+    t = time.perf_counter()
+    p = subprocess.Popen(cmd, env={**os.environ, **(env or {})})
+    _, status, usage = os.wait4(p.pid, 0)
+    secs = time.perf_counter() - t
+    if status != 0:
+        raise SystemExit(f"failed ({status}): {' '.join(cmd)}")
+    return secs, usage.ru_maxrss / 1024**2  # KiB → GiB
+
+
+def generate(n: int, where: Path) -> dict:
+    done = where / "generated.json"
+    if done.is_file() and json.loads(done.read_text())["n_cells"] == n:
+        return json.loads(done.read_text()) | {"reused": True}
+    shutil.rmtree(where, ignore_errors=True)
+    code = f"import polars_singlecell as psc; psc.datasets.tahoe_like({n}, {str(where / 'cells')!r}, seed=0)"
+    secs, rss = run([sys.executable, "-c", code])
+    info = {"n_cells": n, "seconds": round(secs, 1), "peak_rss_gb": round(rss, 2),
+            "bytes_on_disk": sum(f.stat().st_size for f in (where / "cells").glob("*.parquet"))}
+    done.write_text(json.dumps(info))
+    return info
+
+
+HARMONY = """
+import sys, time, numpy as np, pandas as pd, polars as pl, harmonypy
+cells = pl.read_parquet(sys.argv[1], columns=["plate", "cell_line", "X_pca"])
+x = cells["X_pca"].to_numpy().astype(np.float64)
+meta = pd.DataFrame({"plate": cells["plate"].to_numpy()})
+t = time.perf_counter()
+ho = harmonypy.run_harmony(x, meta, ["plate"], verbose=False, random_state=0)
+secs = time.perf_counter() - t
+z = np.asarray(ho.Z_corr, dtype=np.float32)
+z = z if z.shape[0] == x.shape[0] else z.T
+cells.select("plate", "cell_line").with_columns(
+    pl.Series("X_harmony", z).cast(pl.Array(pl.Float32, z.shape[1]))).write_parquet(sys.argv[2])
+print(f"harmony itself: {secs:.1f}s")
+"""
+
+
+def evaluate(path: Path, embeddings: list[str]) -> dict:
+    import polars_singlecell as psc
+
+    t = psc.metrics.evaluate(pl.scan_parquet(path), embeddings, batch_key="plate", label_key="cell_line",
+                             max_cells=100_000, seed=0)
+    return {(r["embedding"], r["metric"]): r["value"] for r in t.iter_rows(named=True)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("sizes", nargs="*", type=int, default=[1_000_000, 10_000_000])
+    ap.add_argument("--data", type=Path, default=ROOT / "bench-data" / "pipeline")
+    ap.add_argument("--harmony-max-cells", type=int, default=1_000_000)
+    ap.add_argument("--out", type=Path, default=ROOT / "benches" / "results" / "pipeline.md")
+    args = ap.parse_args()
+    import polars_singlecell as psc
+
+    lines = [f"# benches/bench_pipeline.py {' '.join(map(str, args.sizes))}", "",
+             f"{time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores, polars {pl.__version__}, "
+             f"polars-singlecell {psc.__version__}, commit {_commit()}", ""]
+    rows = []
+    for n in args.sizes:
+        where = args.data / f"{n}"
+        gen = generate(n, where)
+        print(f"{n:,} cells generated: {gen}", flush=True)
+        out = where / "out"
+        shutil.rmtree(out, ignore_errors=True)
+        secs, rss = run([sys.executable, "-m", "polars_singlecell", "integrate", str(where / "cells"), str(out),
+                         "--batch-key", "plate", "--label-key", "cell_line", "--no-progress"])
+        report = json.loads((out / "report.json").read_text())
+        stages = {k: v["seconds"] for k, v in report["stages"].items()}
+        m = {(r["embedding"], r["metric"]): r["value"] for r in report["stages"]["interpolate"]["evaluate"]}
+        rows.append({"n": n, "method": "polars-singlecell integrate", "seconds": secs, "rss": rss, "stages": stages,
+                     "metrics": {("X_pca" if e == "X_pca" else "after", k): v for (e, k), v in m.items()}})
+        print(f"{n:,}: integrate {secs:.0f}s, peak {rss:.2f} GB, stages {stages}", flush=True)
+        if n <= args.harmony_max_cells:
+            hsecs, hrss = run([sys.executable, "-c", HARMONY, str(out / "cells_pca.parquet"), str(where / "harmony.parquet")])
+            hm = evaluate(where / "harmony.parquet", ["X_harmony"])
+            rows.append({"n": n, "method": "Harmony (harmonypy) on our X_pca", "seconds": hsecs, "rss": hrss, "stages": {},
+                         "metrics": {("after", k): v for (e, k), v in hm.items()}})
+            print(f"{n:,}: harmony {hsecs:.0f}s, peak {hrss:.2f} GB", flush=True)
+        lines += [f"- {n:,} cells: generated in {gen['seconds']} s (peak {gen['peak_rss_gb']} GB), "
+                  f"{gen['bytes_on_disk'] / 1e9:.2f} GB of Parquet"]
+    lines += ["", "| cells | method | wall (s) | peak RSS (GB) | genes | pca | project | centroids | integration | interpolate (+ evaluate) "
+              "| batch entropy (norm) before → after | iLISI after | label purity before → after | cLISI after | graph conn. after |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        s, m = r["stages"], r["metrics"]
+        before = next(x for x in rows if x["n"] == r["n"])["metrics"]
+        lines.append(
+            f"| {r['n']:,} | {r['method']} | {r['seconds']:.0f} | {r['rss']:.2f} | "
+            + " | ".join(f"{s[k]:.0f}" if k in s else "—" for k in ["genes", "pca", "project", "centroids", "integration", "interpolate"])
+            + f" | {before[('X_pca', 'batch_entropy_norm')]:.3f} → {m[('after', 'batch_entropy_norm')]:.3f}"
+            + f" | {m[('after', 'ilisi')]:.3f} | {before[('X_pca', 'label_purity')]:.3f} → {m[('after', 'label_purity')]:.3f}"
+            + f" | {m[('after', 'clisi')]:.3f} | {m[('after', 'graph_connectivity')]:.3f} |")
+    ours = [r for r in rows if r["method"].startswith("polars")]
+    if len(ours) > 1:
+        lines += ["", f"Peak RSS at {ours[-1]['n']:,} cells / at {ours[0]['n']:,}: {ours[-1]['rss'] / ours[0]['rss']:.2f}× (target ≤ 1.25×)"]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return "?"
+
+
+if __name__ == "__main__":
+    main()

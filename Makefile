@@ -6,7 +6,7 @@ comma   := ,
 export VIRTUAL_ENV := $(CURDIR)/.venv
 export PATH := $(CURDIR)/.venv/bin:$(PATH)
 
-.PHONY: demo test build bench bench-kmeans bench-knn bench-metrics bench-integration bench-io
+.PHONY: demo test build bench bench-kmeans bench-knn bench-metrics bench-integration bench-io bench-pipeline
 
 .venv/.base:
 	python3 -m venv .venv
@@ -50,3 +50,6 @@ bench-integration: .venv/.test build
 
 bench-io: .venv/.test build
 	$(PY) benches/bench_io.py
+
+bench-pipeline: .venv/.test build
+	$(PY) benches/bench_pipeline.py

@@ -179,6 +179,9 @@ fn kmeans_centroids_output(fields: &[Field]) -> PolarsResult<Field> {
 
 #[polars_expr(output_type_func = kmeans_centroids_output)]
 fn kmeans_centroids(inputs: &[Series], kwargs: KMeansKwargs) -> PolarsResult<Series> {
+    // Unnamed inputs mean a group_by group: name them, and say that row
+    // numbers count within the group.
+    let in_group = inputs.iter().any(|s| s.name().is_empty());
     let named: Vec<Series> = inputs
         .iter()
         .zip(kwargs.names.iter().map(Some).chain(std::iter::repeat(None)))
@@ -187,7 +190,12 @@ fn kmeans_centroids(inputs: &[Series], kwargs: KMeansKwargs) -> PolarsResult<Ser
             _ => s.clone(),
         })
         .collect();
-    expressions::kmeans_centroids(&named[0], named.get(1), &kwargs.params()?)
+    expressions::kmeans_centroids(&named[0], named.get(1), &kwargs.params()?).map_err(|e| match e {
+        PolarsError::ComputeError(m) if in_group => {
+            PolarsError::ComputeError(format!("{m} (in a group_by group: rows count from the group's first)").into())
+        },
+        e => e,
+    })
 }
 
 // ------------------------------------------------------ knn, knn_interpolate

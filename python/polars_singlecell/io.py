@@ -48,6 +48,14 @@ def _write_failed(final: Path, e: BaseException) -> OSError | None:
                          f"check {check} of {final.parent} and run again")
 
 
+def _seeded_sample(lf: pl.LazyFrame, max_cells: int, seed: int) -> pl.LazyFrame:
+    """The ``max_cells`` rows whose seeded hash of their row number is
+    smallest, in row order: one definition for ``metrics.evaluate``,
+    ``to_anndata`` and ``plot.embedding``, so all three see the same cells."""
+    return (lf.with_row_index("_row").with_columns(pl.col("_row").hash(seed).alias("_h"))
+            .bottom_k(max_cells, by=["_h", "_row"]).sort("_row").drop("_h", "_row"))
+
+
 @contextmanager
 def _atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     final = Path(path)
@@ -56,6 +64,9 @@ def _atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
+        # Fail here, with an errno, when the folder is not writable (Polars'
+        # own error for that carries none).
+        tmp.touch()
         yield tmp
         os.replace(tmp, final)
     except (OSError, pl.exceptions.PolarsError) as e:
@@ -69,43 +80,57 @@ def _atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def check_writable(folder: Path) -> None:
-    """Create ``folder`` and a file in it, before hours of work go into
+    """Create ``folder`` and a hidden file in it, before hours of work go into
     outputs that could not be written: an ``OSError`` naming it if not."""
-    with _atomic_path(folder / "write-check") as tmp:
-        tmp.write_bytes(b"")
-    (folder / "write-check").unlink()
+    probe = folder / f".write-check.{uuid.uuid4().hex[:8]}.tmp"  # hidden: a killed run's is cleaned like any .*.tmp
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+    except OSError as e:
+        raise (_write_failed(folder, e) or e) from e
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink(missing_ok=True)
 
 
-def parquet_files(source: str | os.PathLike, *, what: str = "Parquet files") -> list[Path]:
+def _expand(source: str | os.PathLike, suffix: str) -> list[Path]:
+    """The files ``source`` names: itself, a folder's ``*<suffix>`` files, or a glob's matches."""
+    p = Path(source)
+    if any(ch in str(p) for ch in "*?[") and not p.exists():
+        return sorted(Path(f) for f in glob.glob(str(p)) if f.endswith(suffix))
+    if p.is_dir():
+        return sorted(p.glob(f"*{suffix}"))
+    return [p]
+
+
+def parquet_files(source: str | os.PathLike) -> list[Path]:
     """The Parquet files at ``source`` (a file, a folder of ``*.parquet`` or a
     glob), each checked to be readable Parquet by its footer.
 
     A missing path is a ``FileNotFoundError``; a file that is not Parquet, or
     was cut short (an interrupted copy), a ``ValueError`` naming that file.
     Polars' own error for a bad footer names no file, which in a folder of
-    hundreds of plates leaves the user guessing.
+    hundreds of plates leaves the user guessing. (Only the footer is read: a
+    damaged page inside a file fails later, as Polars reports it.)
     """
-    p = Path(source)
-    if any(ch in str(p) for ch in "*?[") and not p.exists():
-        files = sorted(Path(f) for f in glob.glob(str(p)))
-    elif p.is_dir():
-        files = sorted(p.glob("*.parquet"))
-    else:
-        files = [p]
+    files = _expand(source, ".parquet")
     if not files or not all(f.is_file() for f in files):
-        raise FileNotFoundError(f"no {what} at {source!s}: give a file, a folder of *.parquet or a glob")
+        raise FileNotFoundError(f"no Parquet files at {source!s}: give a file, a folder of *.parquet or a glob")
     for f in files:
         parquet_schema(f)
     return files
 
 
 def parquet_schema(path: Path) -> pl.Schema:
-    """``pl.read_parquet_schema``, with a corrupt or truncated file named."""
+    """``pl.read_parquet_schema``, with a file that is not Parquet or was cut
+    short named. Errors of the file system (no permission) pass as they are."""
     try:
         return pl.read_parquet_schema(path)
-    except (pl.exceptions.PolarsError, OSError) as e:
+    except pl.exceptions.PolarsError as e:
+        if _OS_ERROR.search(str(e)):
+            raise OSError(int(_OS_ERROR.search(str(e)).group(1)), f"cannot read {path}: {e}") from e
         raise ValueError(
-            f"cannot read {path}: it is not a valid Parquet file (cut short or corrupt?): {e}. "
+            f"cannot read {path}: it is not a Parquet file, or it was cut short: {e}. "
             "Re-write or re-copy it, or move it out of the folder"
         ) from e
 
@@ -307,8 +332,7 @@ def to_anndata(
     if obs is None:
         obs = [c for c in schema.names() if c not in obsm and not isinstance(schema[c], (pl.List, pl.Array, pl.Struct))]
     if max_cells is not None:
-        lf = (lf.with_row_index("_row").with_columns(pl.col("_row").hash(seed).alias("_h"))
-              .bottom_k(max_cells, by=["_h", "_row"]).sort("_row").drop("_h", "_row"))
+        lf = _seeded_sample(lf, max_cells, seed)
     df = lf.select(*obs, *obsm).collect(engine="streaming")
     frame = pd.DataFrame({c: df[c].to_numpy() for c in obs})
     if "cell_id" in frame:

@@ -345,21 +345,17 @@ def evaluate(
         raise ValueError("embeddings is empty: name at least one Array(Float32, d) column")
     if not isinstance(max_cells, (int, np.integer)) or max_cells < 2:
         raise ValueError(f"max_cells must be an integer ≥ 2, got {max_cells!r}")
-    _check_k(n_neighbors, max_cells)  # the type and sign now; the count once the cells are read
+    if not isinstance(n_neighbors, (int, np.integer)) or isinstance(n_neighbors, bool) or n_neighbors < 1:
+        raise ValueError(f"n_neighbors must be a positive integer, got {n_neighbors!r}")  # the count is checked on the cells
     lf = cells.lazy()
     names = lf.collect_schema().names()
     wanted = [batch_key, *([label_key] if label_key else []), *embeddings]
     for c in wanted:
         if c not in names:
             raise pl.exceptions.ColumnNotFoundError(f"column '{c}' is not in the cells (columns: {names})")
-    df = (
-        lf.select(wanted)
-        .with_row_index("_row")
-        .with_columns(pl.col("_row").hash(seed).alias("_h"))
-        .bottom_k(max_cells, by=["_h", "_row"])
-        .sort("_row")
-        .collect(engine="streaming")
-    )
+    from polars_singlecell.io import _seeded_sample
+
+    df = _seeded_sample(lf.select(wanted), max_cells, seed).collect(engine="streaming")
     batch = df[batch_key]
     _, n_b = _codes(batch, batch_key)
     labels = df[label_key] if label_key else None

@@ -13,7 +13,6 @@ stage counts as done only once all its files are in place.
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import os
@@ -26,7 +25,7 @@ from typing import Any, Callable
 import polars as pl
 
 from polars_singlecell import _progress
-from polars_singlecell.io import _atomic_path, check_writable, parquet_files, parquet_schema
+from polars_singlecell.io import _atomic_path, _expand, check_writable, parquet_files, parquet_schema
 
 __all__ = ["integrate"]
 
@@ -46,12 +45,7 @@ def _source_files(source: str | os.PathLike) -> list[Path]:
 
 def _h5ad_sources(source: str | os.PathLike) -> list[Path]:
     """The ``.h5ad`` files ``source`` names (a file, a folder of them, a glob); [] if none."""
-    p = Path(source)
-    if p.is_dir():
-        return sorted(p.glob("*.h5ad"))
-    if any(ch in str(p) for ch in "*?[") and not p.exists():
-        return sorted(Path(f) for f in glob.glob(str(p)) if f.endswith(".h5ad"))
-    return [p] if p.suffix == ".h5ad" else []
+    return [f for f in _expand(source, ".h5ad") if f.suffix == ".h5ad"]
 
 
 def _import_h5ad(files: list[Path], dest: Path, say: Callable[[str], None]) -> list[Path]:

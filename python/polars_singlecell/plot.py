@@ -43,12 +43,12 @@ def embedding(
     >>> [ax.get_title() for ax in fig.axes]
     ['X_pca by batch']
     """
-    import matplotlib
+    # The object API, not pyplot: no backend is chosen or changed (a notebook's stays as it is).
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
 
-    matplotlib.use("Agg")  # files only: no display needed (a server, CI)
-    import matplotlib.pyplot as plt
-
-    from polars_singlecell.io import _atomic_path, parquet_files
+    from polars_singlecell.io import _atomic_path, _seeded_sample, parquet_files
 
     basis, color = list(basis), list(color)
     if not basis or not color:
@@ -64,19 +64,14 @@ def embedding(
         dt = schema[b]
         if not isinstance(dt, pl.Array) or not max(components) < dt.size or min(components) < 0:
             raise ValueError(f"column '{b}' is {dt}: components {components} need an Array with more than {max(components)} entries")
-    df = (
-        lf.select(basis + color)
-        .with_row_index("_row")
-        .with_columns(pl.col("_row").hash(seed).alias("_h"))
-        .bottom_k(max_cells, by=["_h", "_row"])
-        .sort("_h")  # a seeded shuffle: the drawing order
-        .collect(engine="streaming")
-    )
-    fig, axes = plt.subplots(len(basis), len(color), figsize=(4.2 * len(color), 3.8 * len(basis)), squeeze=False)
+    df = _seeded_sample(lf.select(basis + color), max_cells, seed).collect(engine="streaming")
+    df = df.sample(fraction=1.0, shuffle=True, seed=seed)  # the drawing order: no batch always on top
+    fig = Figure(figsize=(4.2 * len(color), 3.8 * len(basis)))
+    axes = fig.subplots(len(basis), len(color), squeeze=False)
     for j, c in enumerate(color):
         values = df[c].cast(pl.String).fill_null("(null)")
         cats = sorted(values.unique().to_list())
-        cmap = plt.get_cmap("tab10" if len(cats) <= 10 else "tab20")  # tab20 pairs look alike
+        cmap = colormaps["tab10" if len(cats) <= 10 else "tab20"]  # tab20's pairs look alike
         code = values.replace_strict(cats, list(range(len(cats))), return_dtype=pl.Int64).to_numpy()
         for i, b in enumerate(basis):
             x = df[b].to_numpy()[:, list(components)]
@@ -88,12 +83,11 @@ def embedding(
             ax.set_xticks([])
             ax.set_yticks([])
         if len(cats) <= cmap.N:
-            handles = [plt.Line2D([], [], marker="o", ls="", color=cmap(k), label=str(v)) for k, v in enumerate(cats)]
+            handles = [Line2D([], [], marker="o", ls="", color=cmap(k), label=str(v)) for k, v in enumerate(cats)]
             axes[0][j].legend(handles=handles, fontsize=6, markerscale=0.8, loc="best", frameon=False)
     fig.tight_layout()
     if path is not None:
         path = Path(path)
         with _atomic_path(path) as tmp:
             fig.savefig(tmp, dpi=110, format=path.suffix.lstrip(".") or "png")
-    plt.close(fig)
     return fig

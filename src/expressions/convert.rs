@@ -391,10 +391,10 @@ mod fuzz {
                         prop_assert_eq!(ri, &want_i, "row {}", i);
                         prop_assert_eq!(rv, &want_v, "row {}", i);
                     }
-                    let nulls: Vec<bool> = cells.iter().map(|c| c.idx.is_some()).collect();
+                    let want_valid: Vec<bool> = cells.iter().map(|c| c.idx.is_some()).collect();
                     match valid {
-                        Some(v) => prop_assert_eq!(v, nulls),
-                        None => prop_assert!(nulls.iter().all(|&x| x)),
+                        Some(v) => prop_assert_eq!(v, want_valid),
+                        None => prop_assert!(want_valid.iter().all(|&x| x)),
                     }
                 },
                 Err(e) => {
@@ -457,6 +457,7 @@ mod fuzz {
                         Ok((buf, w)) => { prop_assert_eq!(w, d); prop_assert_eq!(&buf[..], &flat[..]); prop_assert!(want_valid.iter().all(|&x| x)); },
                         Err(e) => {
                             let first = want_valid.iter().position(|&x| !x);
+                            prop_assert!(first.is_some(), "refused rows with no null: {}", e);
                             prop_assert_eq!(named_rows(&e.to_string()).first().copied(), first, "{}", e);
                         },
                     }

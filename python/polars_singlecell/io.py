@@ -127,8 +127,8 @@ def parquet_schema(path: Path) -> pl.Schema:
     try:
         return pl.read_parquet_schema(path)
     except pl.exceptions.PolarsError as e:
-        if _OS_ERROR.search(str(e)):
-            raise OSError(int(_OS_ERROR.search(str(e)).group(1)), f"cannot read {path}: {e}") from e
+        if m := _OS_ERROR.search(str(e)):
+            raise OSError(int(m.group(1)), f"cannot read {path}: {e}") from e
         raise ValueError(
             f"cannot read {path}: it is not a Parquet file, or it was cut short: {e}. "
             "Re-write or re-copy it, or move it out of the folder"

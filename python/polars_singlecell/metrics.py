@@ -122,9 +122,13 @@ def _series(a: np.ndarray) -> pl.Series:
     return pl.Series(a, dtype=pl.Array(pl.Float32, a.shape[1]))
 
 
-def _check_k(k: int, n: int, what: str = "n_neighbors") -> None:
+def _positive_k(k: object, what: str = "n_neighbors") -> None:
     if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
         raise ValueError(f"{what} must be a positive integer, got {k!r}")
+
+
+def _check_k(k: int, n: int, what: str = "n_neighbors") -> None:
+    _positive_k(k, what)
     if k >= n:
         raise ValueError(f"{what}={k} needs more than {k} cells, got {n}: lower {what} or pass more cells")
 
@@ -345,8 +349,7 @@ def evaluate(
         raise ValueError("embeddings is empty: name at least one Array(Float32, d) column")
     if not isinstance(max_cells, (int, np.integer)) or max_cells < 2:
         raise ValueError(f"max_cells must be an integer ≥ 2, got {max_cells!r}")
-    if not isinstance(n_neighbors, (int, np.integer)) or isinstance(n_neighbors, bool) or n_neighbors < 1:
-        raise ValueError(f"n_neighbors must be a positive integer, got {n_neighbors!r}")  # the count is checked on the cells
+    _positive_k(n_neighbors)  # the count is checked once the cells are read
     lf = cells.lazy()
     names = lf.collect_schema().names()
     wanted = [batch_key, *([label_key] if label_key else []), *embeddings]

@@ -212,7 +212,7 @@ def integrate(
             return
         redo = True
         t = time.perf_counter()
-        with _progress.track(name, n_cells if progress and name != "integration" else None):
+        with _progress.track(name, None if name == "integration" else n_cells):  # integration reads no cells
             extra = run() or {}
         secs = time.perf_counter() - t
         report["stages"][name] = {"fingerprint": fp, "seconds": round(secs, 3), "outputs": outputs, **extra}

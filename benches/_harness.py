@@ -3,8 +3,14 @@ and report its result with its own peak RSS."""
 
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
+import os
 import resource
+import subprocess
+import tempfile
+import time
+from pathlib import Path
 
 
 def peak_mb() -> float:
@@ -26,3 +32,42 @@ def run(fn, *args):
     out, peak = q.get()
     p.join()
     return out, peak
+
+
+# scbiot.ot.integrate_centroids (the reference method) with its defaults on
+# the CPU, in the Python that has it. argv: cells Parquet (with X_pca), output
+# Parquet, batch column, columns to keep. Prints one JSON line.
+SCBIOT = """
+import json, sys, time, numpy as np, pandas as pd, polars as pl, anndata, scbiot
+from scbiot.ot import integrate_centroids
+src, dst, batch, keep = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
+cells = pl.read_parquet(src, columns=[batch, *keep, "X_pca"])
+x = cells["X_pca"].to_numpy().astype(np.float32)
+adata = anndata.AnnData(obs=pd.DataFrame({batch: cells[batch].cast(pl.String).to_numpy()}), obsm={"X_pca": x})
+t = time.perf_counter()
+adata, metrics = integrate_centroids(adata, obsm_key="X_pca", batch_key=batch, out_key="X_scbiot",
+                                     use_gpu=False, random_state=0, verbose=False)
+secs = time.perf_counter() - t
+z = np.asarray(adata.obsm["X_scbiot"], dtype=np.float32)
+cells.select(batch, *keep).with_columns(pl.Series("X_scbiot", z).cast(pl.Array(pl.Float32, z.shape[1]))).write_parquet(dst)
+print(json.dumps({"seconds": secs, "version": scbiot.__version__, "unchanged": bool(np.array_equal(z, x)),
+                  "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))}}))
+"""
+
+
+def run_scbiot(python: str, cells: Path, out: Path, batch: str, keep: list[str]) -> tuple[dict, float, float]:
+    """scbiot on ``cells`` (a Parquet file with ``X_pca``) → ``out`` with
+    ``X_scbiot``: (what it printed: its own seconds, version, whether it
+    returned its input unchanged, its metrics; wall seconds of the whole
+    child; the child's peak RSS in GB, from wait4)."""
+    with tempfile.TemporaryFile("w+") as sink:
+        t = time.perf_counter()
+        p = subprocess.Popen([python, "-c", SCBIOT, str(cells), str(out), batch, *keep], stdout=sink,
+                             env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        _, status, usage = os.wait4(p.pid, 0)
+        secs = time.perf_counter() - t
+        if status != 0:
+            raise SystemExit(f"scbiot failed ({status}) on {cells}")
+        sink.seek(0)
+        info = json.loads(sink.read().strip().splitlines()[-1])
+    return info, secs, usage.ru_maxrss / 1024**2

@@ -3,15 +3,18 @@ no correction, per-batch centring, Harmony (harmonypy) and ours
 (fit_integration on k-means centroids → knn_interpolate), on the real labelled
 sets in ../shared/data and on generated data with a known batch effect.
 
-scbiot (the reference method) installs only on Python 3.12 with ~8 GB of
-torch wheels and is not run here; ../shared/ALGORITHM.md records its
-measured behaviour.
+scbiot (the reference method, integrate_centroids with its defaults, CPU)
+runs too where SCBIOT_PYTHON names a Python that has it: it needs ~8 GB of
+torch wheels, so it lives in its own venv (benches/bench_pipeline.py says how
+to make one); its time is its own call's, without importing torch.
 
     make bench-integration    # or: .venv/bin/python benches/bench_integration.py
+    SCBIOT_PYTHON=/tmp/scbenv/bin/python make bench-integration
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -82,6 +85,18 @@ def ours(df: pl.DataFrame, n_centroids: int) -> np.ndarray:
     return df.select(psc.knn_interpolate("X_pca", "batch", model=model, k=8))["X_ot"].to_numpy()
 
 
+def scbiot(df: pl.DataFrame) -> tuple[np.ndarray, dict]:
+    """scbiot's integrate_centroids in its own Python: the embedding and what it reported."""
+    import tempfile
+
+    from _harness import run_scbiot
+
+    with tempfile.TemporaryDirectory() as tmp:
+        df.select("batch", "X_pca").write_parquet(Path(tmp) / "in.parquet")
+        info, _, _ = run_scbiot(os.environ["SCBIOT_PYTHON"], Path(tmp) / "in.parquet", Path(tmp) / "out.parquet", "batch", [])
+        return pl.read_parquet(Path(tmp) / "out.parquet")["X_scbiot"].to_numpy(), info
+
+
 def truth_error(emb: np.ndarray, truth: np.ndarray, batch: np.ndarray) -> float:
     """RMS distance to the true embedding after the best global affine fit
     (an integration may return any common frame, not the truth's)."""
@@ -98,9 +113,16 @@ def main() -> None:
         cols = METRICS + (["truth RMSE"] if truth is not None else []) + ["seconds"]
         print("| method | " + " | ".join(cols) + " |")
         print("|---" * (len(cols) + 1) + "|")
-        for method in ("none", "per-batch centring", "Harmony (harmonypy 2.1.0)", "ours (fit_integration + knn_interpolate)"):
+        methods = ["none", "per-batch centring", "Harmony (harmonypy 2.1.0)", "ours (fit_integration + knn_interpolate)"]
+        if os.environ.get("SCBIOT_PYTHON"):
+            methods.insert(3, "scbiot 1.2.1 (integrate_centroids)")
+        for method in methods:
             t = time.perf_counter()
-            if method == "none":
+            if method.startswith("scbiot"):
+                emb, info = scbiot(df)
+                t = time.perf_counter() - info["seconds"]  # its own call's time, not the child's start
+                method += " (returned its input)" if info["unchanged"] else f" (it={info['metrics'].get('it')})"
+            elif method == "none":
                 emb = df["X_pca"].to_numpy()
             elif method.startswith("per-batch"):
                 emb = centring(df)

@@ -8,12 +8,20 @@ report.json), and Harmony (harmonypy) on the same PCA input
 psc.metrics.evaluate on the same seeded 100k cells for every embedding
 (labels: cell line).
 
-scbiot (the reference method) is not run: it installs only on Python 3.12
-(with ~8 GB of torch wheels) and this machine has 3.11 only;
-../shared/ALGORITHM.md records its measured behaviour.
+scbiot (the reference method, scbiot.ot.integrate_centroids with its
+defaults, CPU) runs on the same X_pca where --scbiot-python names a Python that
+has it (≤ --scbiot-max-cells). scbiot 1.2.1 declares Python 3.12 only, but its
+code runs on 3.11; it pulls ~8 GB of torch wheels, so it lives in its own venv,
+never in this project's:
+
+    python3 -m venv /tmp/scbenv
+    /tmp/scbenv/bin/pip install polars 'numpy<2.2' 'scipy<1.17' 'pandas<3' anndata scanpy pot pyranges \
+        scikit-learn scikit-misc seaborn statsmodels 'torch<2.11' 'wrapt<2' faiss-cpu
+    /tmp/scbenv/bin/pip install --no-deps --ignore-requires-python scbiot==1.2.1
 
     make bench-pipeline                                   # 1M and 10M cells
-    .venv/bin/python benches/bench_pipeline.py 1000000    # one size
+    .venv/bin/python benches/bench_pipeline.py 1000000 --scbiot-python /tmp/scbenv/bin/python
+    SCBIOT_PYTHON=/tmp/scbenv/bin/python make bench-pipeline
 """
 
 from __future__ import annotations
@@ -28,6 +36,9 @@ import time
 from pathlib import Path
 
 import polars as pl
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _harness import run_scbiot  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 METRICS = ["batch_entropy_norm", "ilisi", "label_purity", "clisi", "graph_connectivity"]
@@ -86,6 +97,8 @@ def main() -> None:
     ap.add_argument("sizes", nargs="*", type=int, default=[1_000_000, 10_000_000])
     ap.add_argument("--data", type=Path, default=ROOT / "bench-data" / "pipeline")
     ap.add_argument("--harmony-max-cells", type=int, default=1_000_000)
+    ap.add_argument("--scbiot-python", default=os.environ.get("SCBIOT_PYTHON"), help="a Python with scbiot installed (see the docstring); unset: scbiot is not run")
+    ap.add_argument("--scbiot-max-cells", type=int, default=1_000_000)
     ap.add_argument("--out", type=Path, default=ROOT / "benches" / "results" / "pipeline.md")
     args = ap.parse_args()
     import polars_singlecell as psc
@@ -114,6 +127,15 @@ def main() -> None:
             rows.append({"n": n, "method": "Harmony (harmonypy) on our X_pca", "seconds": hsecs, "rss": hrss, "stages": {},
                          "metrics": {("after", k): v for (e, k), v in hm.items()}})
             print(f"{n:,}: harmony {hsecs:.0f}s, peak {hrss:.2f} GB", flush=True)
+        if args.scbiot_python and n <= args.scbiot_max_cells:
+            detail, ssecs, srss = run_scbiot(args.scbiot_python, out / "cells_pca.parquet", where / "scbiot.parquet",
+                                             "plate", ["cell_line"])
+            sm = evaluate(where / "scbiot.parquet", ["X_scbiot"])
+            rows.append({"n": n, "method": f"scbiot {detail['version']} integrate_centroids on our X_pca"
+                                           + (" (returned its input unchanged)" if detail["unchanged"] else ""),
+                         "seconds": ssecs, "rss": srss, "stages": {}, "metrics": {("after", k): v for (e, k), v in sm.items()},
+                         "detail": detail})
+            print(f"{n:,}: scbiot {ssecs:.0f}s, peak {srss:.2f} GB, {detail}", flush=True)
         lines += [f"- {n:,} cells: generated in {gen['seconds']} s (peak {gen['peak_rss_gb']} GB), "
                   f"{gen['bytes_on_disk'] / 1e9:.2f} GB of Parquet"]
     lines += ["", "| cells | method | wall (s) | peak RSS (GB) | genes | pca | project | centroids | integration | interpolate (+ evaluate) "

@@ -585,10 +585,12 @@ fn knn_search(py: Python<'_>, queries: PySeries, index: PySeries, k: usize, devi
 }
 
 /// Entropic OT plan (log domain) between masses `a` and `b` for a row-major
-/// cost matrix; `reg_m = inf` is balanced. Returns (plan as a flat Float64
-/// Series, iterations, converged, last potential change).
+/// cost matrix; `reg_m = inf` is balanced; `init_phi` warm-starts the row
+/// potentials (a previous solve's). Returns (plan as a flat Float64 Series,
+/// row potentials, iterations, converged, last potential change).
 #[pyfunction]
-#[pyo3(signature = (a, b, cost, epsilon, reg_m, max_iter, tol))]
+#[pyo3(signature = (a, b, cost, epsilon, reg_m, max_iter, tol, init_phi=None))]
+#[allow(clippy::too_many_arguments)]
 fn sinkhorn(
     py: Python<'_>,
     a: PySeries,
@@ -598,19 +600,22 @@ fn sinkhorn(
     reg_m: f64,
     max_iter: usize,
     tol: f64,
-) -> PyResult<(PySeries, usize, bool, f64)> {
+    init_phi: Option<PySeries>,
+) -> PyResult<(PySeries, PySeries, usize, bool, f64)> {
     let f64s = |s: &PySeries| flat_values::<Float64Type>(&s.0, "Float64");
     let (a, b, c) = (f64s(&a)?, f64s(&b)?, f64s(&cost)?);
+    let init = init_phi.as_ref().map(f64s).transpose()?;
     let params = kernels::ot::SinkhornParams { epsilon, reg_m, max_iter, tol };
     let (plan, fit) = py
         .detach(|| {
             polars_core::runtime::THREAD_POOL.install(|| {
-                let fit = kernels::ot::sinkhorn_log(&a, &b, &c, &params)?;
+                let fit = kernels::ot::sinkhorn_log(&a, &b, &c, &params, init.as_deref())?;
                 Ok::<_, crate::error::KernelError>((kernels::ot::plan(&a, &b, &c, &fit, epsilon), fit))
             })
         })
         .map_err(value_error)?;
-    Ok((PySeries(Series::new("plan".into(), plan)), fit.iterations, fit.converged, fit.delta))
+    let phi = Series::new("phi".into(), fit.phi);
+    Ok((PySeries(Series::new("plan".into(), plan)), PySeries(phi), fit.iterations, fit.converged, fit.delta))
 }
 
 /// LISI of every row of a neighbour table: `distances` is `Array(Float32, k)`

@@ -19,7 +19,7 @@ from polars_singlecell import metrics as M
 
 
 def sinkhorn(a, b, cost, epsilon, reg_m, max_iter=100_000, tol=1e-13):
-    plan, iters, conv, _ = _internal.sinkhorn(pl.Series(a), pl.Series(b), pl.Series(cost.ravel()), epsilon, reg_m, max_iter, tol)
+    plan, _, iters, conv, _ = _internal.sinkhorn(pl.Series(a), pl.Series(b), pl.Series(cost.ravel()), epsilon, reg_m, max_iter, tol)
     return plan.to_numpy().reshape(cost.shape), iters, conv
 
 
@@ -43,6 +43,33 @@ def test_plans_equal_pot(seed, epsilon, reg_m):
     np.testing.assert_allclose(ours, ref, rtol=1e-8, atol=1e-15)
     np.testing.assert_allclose(ours.sum(1), ref.sum(1), rtol=1e-8)
     np.testing.assert_allclose(ours.sum(0), ref.sum(0), rtol=1e-8)
+
+
+def test_warm_start_gives_the_cold_plan_in_fewer_iterations():
+    """fit_integration starts each solve from the last round's row potentials:
+    against a target that moved a little, the plan is the one a cold start
+    reaches (POT's too), in fewer iterations."""
+    import ot
+
+    rng = np.random.default_rng(3)
+    x, y = rng.normal(size=(80, 4)), rng.normal(size=(60, 4)) + 0.3
+    a, b = np.full(80, 1 / 80), np.full(60, 1 / 60)
+    series = lambda v: pl.Series(np.ascontiguousarray(v, dtype=np.float64).ravel())  # noqa: E731
+    run = lambda cost, init=None: _internal.sinkhorn(series(a), series(b), series(cost), 0.05, 3.0, 100_000, 1e-12,  # noqa: E731
+                                                      None if init is None else series(init))
+    unit = ot.dist(x, y).max()  # costs ≤ 1, as above: POT's linear domain does not underflow
+    _, phi, *_ = run(ot.dist(x, y) / unit)
+    moved = ot.dist(x, y + 0.05) / unit
+    cold, _, cold_iters, cold_ok, _ = run(moved)
+    warm, _, warm_iters, warm_ok, _ = run(moved, phi.to_numpy())
+    assert cold_ok and warm_ok and warm_iters < cold_iters
+    ref = ot.sinkhorn_unbalanced(a, b, moved, 0.05, 3.0, method="sinkhorn_stabilized", numItermax=100_000, stopThr=1e-15)
+    # Both stop once no potential moves by 1e-12 × the largest (≤ cost/ε =
+    # 20 here): ≤ 2e-11 in an exponent; 1e-8 as for POT above.
+    np.testing.assert_allclose(warm.to_numpy(), cold.to_numpy(), rtol=1e-8, atol=1e-15)
+    np.testing.assert_allclose(warm.to_numpy().reshape(ref.shape), ref, rtol=1e-6, atol=1e-12)
+    with pytest.raises(ValueError, match="initial row potentials"):
+        run(moved, phi.to_numpy()[:-1])
 
 
 def test_far_apart_clouds_where_the_linear_domain_underflows():

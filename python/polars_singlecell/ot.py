@@ -99,11 +99,14 @@ def _sqdist(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return np.maximum(d, 0.0)
 
 
-def _solve(a, b, cost, epsilon, reg_m, max_iter, tol):
-    plan, iters, converged, delta = _internal.sinkhorn(
-        pl.Series(a, dtype=pl.Float64), pl.Series(b, dtype=pl.Float64), pl.Series(cost.ravel()), epsilon, reg_m, max_iter, tol
+def _solve(a, b, cost, epsilon, reg_m, max_iter, tol, init=None):
+    """The plan, iterations, converged, last change and row potentials; ``init``
+    warm-starts the row potentials (a previous solve's for the same rows)."""
+    init = None if init is None else pl.Series(init, dtype=pl.Float64)
+    plan, phi, iters, converged, delta = _internal.sinkhorn(
+        pl.Series(a, dtype=pl.Float64), pl.Series(b, dtype=pl.Float64), pl.Series(cost.ravel()), epsilon, reg_m, max_iter, tol, init
     )
-    return plan.to_numpy().reshape(cost.shape), iters, converged, delta
+    return plan.to_numpy().reshape(cost.shape), iters, converged, delta, phi.to_numpy()
 
 
 def _reduce(points: np.ndarray, weights: np.ndarray, n: int, random_state: int) -> tuple[np.ndarray, np.ndarray]:
@@ -149,8 +152,10 @@ def _cost_unit(x: np.ndarray, groups: list[np.ndarray], codes: np.ndarray) -> fl
     return float(np.median(near)) if near.size else 0.0
 
 
-def _displace(x, a, groups, codes, names, reference, scale, epsilon, reg_m, n_rounds, max_iter, tol, n_neighbors, smooth_steps, n_reference, random_state, convergence):
-    """One pass of the algorithm: every centroid's displacement (float64)."""
+def _displace(x, a, groups, codes, names, reference, scale, epsilon, reg_m, n_rounds, max_iter, tol, n_neighbors, smooth_steps, n_reference, random_state, convergence, warm):
+    """One pass of the algorithm: every centroid's displacement (float64).
+    ``warm`` holds each batch's last row potentials, per kind of solve, and is
+    updated: the next solve of the same rows starts from them."""
     n_b = len(groups)
     if reference == "barycenter":
         ref_batch = None
@@ -184,7 +189,8 @@ def _displace(x, a, groups, codes, names, reference, scale, epsilon, reg_m, n_ro
             # never move; it sees only the other batches' points.
             cols = np.flatnonzero(origin != g) if (ref_batch is None and r == 0) else np.arange(len(y))
             target = nu[cols] / nu[cols].sum()
-            plan, iters, conv, delta = _solve(a[g], target, _sqdist(xb, y[cols]) / scale, epsilon, reg_m, max_iter, tol)
+            plan, iters, conv, delta, warm[g, "ref"] = _solve(a[g], target, _sqdist(xb, y[cols]) / scale, epsilon, reg_m,
+                                                              max_iter, tol, warm.get((g, "ref")))
             row = plan.sum(1)
             images[g] = (plan @ y[cols]) / np.maximum(row, 1e-300)[:, None]
             kept[g] = np.minimum(1.0, row / a[g])
@@ -218,7 +224,7 @@ def _displace(x, a, groups, codes, names, reference, scale, epsilon, reg_m, n_ro
         # two images keeps the transport and drops the contraction (far-apart
         # batches: a translation, not a collapse onto one point).
         xb = x[rows].astype(np.float64)
-        plan, *_ = _solve(a[g], a[g], _sqdist(xb, xb) / scale, epsilon, reg_m, max_iter, tol)
+        plan, *_, warm[g, "self"] = _solve(a[g], a[g], _sqdist(xb, xb) / scale, epsilon, reg_m, max_iter, tol, warm.get((g, "self")))
         raw = images[g] - (plan @ xb) / np.maximum(plan.sum(1), 1e-300)[:, None]
         k = min(n_neighbors, len(rows)) - 1
         nb = np.arange(len(rows))[:, None]
@@ -268,7 +274,7 @@ def fit_integration(
     min_passes: int = 2,
     max_passes: int = 10,
     max_iter: int = 2000,
-    tol: float = 1e-6,
+    tol: float = 1e-4,
     n_neighbors: int = 15,
     smooth_steps: int = 2,
     n_reference: int = 4096,
@@ -300,9 +306,15 @@ def fit_integration(
       lowered label purity from 0.990 to 0.979 for batch entropy 0.557 →
       0.580; the stopping rule ends there after two. Far-apart batches take
       more passes.
-    - ``max_iter`` (2000), ``tol`` (1e-6): Sinkhorn stops when no potential
+    - ``max_iter`` (2000), ``tol`` (1e-4): Sinkhorn stops when no potential
       moves by more than ``tol`` times the largest potential (potentials in
       units of ε, at least 1); the metrics report whether it converged.
+      Each solve starts from the same rows' potentials of the last round or
+      pass (a warm start). On the 1M-cell Tahoe-shaped benchmark's 28,672
+      centroids, 1e-4 moved the displacements by 0.33% (RMS, relative) from
+      cold starts at 1e-6, against 0.11% for warm starts at 1e-6 (the
+      solver's own path), with the same centroid metrics to 4 digits, and
+      took 137 s instead of 867 s.
     - ``n_neighbors`` (15), ``smooth_steps`` (2): smoothing of the
       displacement over each batch's centroid kNN graph (self included).
       0 steps gives s_i × the raw displacement, unsmoothed.
@@ -346,6 +358,7 @@ def fit_integration(
     convergence: list[dict] = []
     pos = x.astype(np.float64)
     scales: list[float] = []
+    warm: dict = {}
     for it in range(max_passes):
         here = pos.astype(np.float32)
         scale = _cost_unit(here, groups, codes)
@@ -355,7 +368,7 @@ def fit_integration(
             break  # the batches stopped approaching each other
         first = len(convergence)
         pos += _displace(here, a, groups, codes, names, reference, scale, epsilon, reg_m, n_rounds, max_iter, tol,
-                         n_neighbors, smooth_steps, n_reference, random_state, convergence)
+                         n_neighbors, smooth_steps, n_reference, random_state, convergence, warm)
         for c in convergence[first:]:
             c["pass"] = it
         scales.append(scale)

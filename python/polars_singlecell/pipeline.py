@@ -18,6 +18,7 @@ import json
 import os
 import platform
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -79,6 +80,17 @@ def _import_h5ad(files: list[Path], dest: Path, say: Callable[[str], None]) -> l
     return parts
 
 
+def _peak_rss_gb() -> float | None:
+    """This process's peak resident memory so far, in GB (None where the OS
+    does not say): once a stage ends, the peak up to and including it."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(kb / (1024**3 if sys.platform == "darwin" else 1024**2), 3)  # bytes on macOS, KiB on Linux
+
+
 def _fingerprint(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -119,7 +131,8 @@ def integrate(
     - ``centroids.parquet``: per-batch k-means centroids with their mass;
     - ``integration.parquet``: the :class:`IntegrationModel` (displacements, metrics);
     - ``cells.parquet``: every cell with ``X_pca`` and ``X_ot``;
-    - ``report.json``: parameters, versions, seconds per stage, the
+    - ``report.json``: parameters, versions, seconds and peak RSS so far
+      (``peak_rss_gb``) per stage, the
       integration's metrics and, with ``label_key``, :func:`metrics.evaluate`
       of ``X_pca`` and ``X_ot`` on ``evaluate_cells`` sampled cells.
 
@@ -215,7 +228,8 @@ def integrate(
         with _progress.track(name, None if name == "integration" else n_cells):  # integration reads no cells
             extra = run() or {}
         secs = time.perf_counter() - t
-        report["stages"][name] = {"fingerprint": fp, "seconds": round(secs, 3), "outputs": outputs, **extra}
+        report["stages"][name] = {"fingerprint": fp, "seconds": round(secs, 3), "outputs": outputs,
+                                  "peak_rss_gb": _peak_rss_gb(), **extra}
         _write_json(report_path, report)  # the stage counts as done only now
         say(f"{name}: {secs:.1f}s ({', '.join(outputs)})")
 

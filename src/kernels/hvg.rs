@@ -26,8 +26,11 @@ impl GeneStats {
         for (&g, &v) in row.gene_idx.iter().zip(row.values) {
             // scanpy takes expm1 of the float32 matrix and squares it in
             // float32 (numba `value * value`), then sums in float64: do the
-            // same, so only the summation order can differ from it.
-            let e = v.exp_m1();
+            // same, so only the summation order can differ from it. The
+            // float32 expm1 itself is rounded correctly (computed in float64):
+            // numpy's float32 expm1 is not, and differs by CPU (Intel SVML on
+            // AVX-512 hosts, 2 ulp; glibc's expm1f elsewhere, 1 ulp).
+            let e = (v as f64).exp_m1() as f32;
             let g = g as usize;
             self.sum[g] += e as f64;
             self.sumsq[g] += (e * e) as f64;
@@ -68,7 +71,7 @@ mod tests {
         let d = rows.dense(12);
         let (mean, var) = st.mean_var();
         for g in 0..12 {
-            let col: Vec<f64> = (0..40).map(|c| (d[c * 12 + g] as f32).exp_m1() as f64).collect();
+            let col: Vec<f64> = (0..40).map(|c| (d[c * 12 + g] as f64).exp_m1() as f32 as f64).collect();
             let m = col.iter().sum::<f64>() / 40.0;
             let v = col.iter().map(|x| (x - m).powi(2)).sum::<f64>() / 39.0;
             assert!((mean[g] - m).abs() <= 1e-12 * m.abs().max(1.0));

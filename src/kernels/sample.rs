@@ -17,12 +17,29 @@ pub struct BottomK {
     pub n_seen: u64,
     /// Max-heap of (key, row number, slot) of the kept rows.
     heap: BinaryHeap<(u64, u64, usize)>,
-    data: Vec<f32>,
+    /// The kept rows' values, `BLOCK` rows a block. One growing Vec would
+    /// double its capacity as it fills: up to 2× the sample's bytes held per
+    /// batch (at 14 batches × 500k cells × 50 PCs, ~1.4 GB of slack); blocks
+    /// waste at most one block per batch.
+    blocks: Vec<Vec<f32>>,
 }
+
+/// Rows per storage block.
+const BLOCK: usize = 8192;
 
 impl BottomK {
     pub fn new(cap: usize, d: usize, seed: u64) -> Self {
-        BottomK { cap, d, seed, n_seen: 0, heap: BinaryHeap::new(), data: Vec::new() }
+        BottomK { cap, d, seed, n_seen: 0, heap: BinaryHeap::new(), blocks: Vec::new() }
+    }
+
+    fn row_mut(&mut self, slot: usize) -> &mut [f32] {
+        let off = (slot % BLOCK) * self.d;
+        &mut self.blocks[slot / BLOCK][off..off + self.d]
+    }
+
+    fn row(&self, slot: usize) -> &[f32] {
+        let off = (slot % BLOCK) * self.d;
+        &self.blocks[slot / BLOCK][off..off + self.d]
     }
 
     pub fn d(&self) -> usize {
@@ -39,12 +56,21 @@ impl BottomK {
         let key = hash64(self.seed, row);
         if self.heap.len() < self.cap {
             let slot = self.heap.len();
-            self.data.extend_from_slice(values);
+            if slot % BLOCK == 0 {
+                // Exactly the rows the block can still be asked to hold.
+                self.blocks.push(Vec::with_capacity(BLOCK.min(self.cap - slot) * self.d));
+            }
+            self.blocks[slot / BLOCK].extend_from_slice(values);
+            if self.heap.len() == self.heap.capacity() {
+                // Grow by a quarter at most, never past the cap (not 2×).
+                let more = (self.heap.len() / 4).max(1024).min(self.cap - self.heap.len());
+                self.heap.reserve_exact(more);
+            }
             self.heap.push((key, row, slot));
         } else if let Some(&(top_key, top_row, slot)) = self.heap.peek() {
             if (key, row) < (top_key, top_row) {
                 self.heap.pop();
-                self.data[slot * self.d..(slot + 1) * self.d].copy_from_slice(values);
+                self.row_mut(slot).copy_from_slice(values);
                 self.heap.push((key, row, slot));
             }
         }
@@ -56,7 +82,7 @@ impl BottomK {
         kept.sort_unstable();
         let mut out = Vec::with_capacity(kept.len() * self.d);
         for &(_, slot) in &kept {
-            out.extend_from_slice(&self.data[slot * self.d..(slot + 1) * self.d]);
+            out.extend_from_slice(self.row(slot));
         }
         (out, kept.into_iter().map(|(r, _)| r).collect())
     }
@@ -87,6 +113,24 @@ mod tests {
             b.offer(i, &[i as f32]);
         }
         assert_eq!(b.finish().1, (0..7).collect::<Vec<u64>>());
+    }
+
+    #[test]
+    fn rows_across_storage_blocks_stay_whole() {
+        // More rows than a block holds, with replacements after the cap is
+        // reached: every kept row comes back with its own values.
+        let (cap, d) = (BLOCK + 77, 3);
+        let mut s = BottomK::new(cap, d, 5);
+        for i in 0..(3 * cap as u64) {
+            s.offer(i, &[i as f32, -(i as f32), 0.5]);
+        }
+        let (vals, idx) = s.finish();
+        assert_eq!(idx.len(), cap);
+        for (r, &i) in idx.iter().enumerate() {
+            assert_eq!(&vals[r * d..(r + 1) * d], &[i as f32, -(i as f32), 0.5]);
+        }
+        assert!(s.blocks.iter().all(|b| b.capacity() <= BLOCK * d));
+        assert!(s.heap.capacity() <= cap);
     }
 
     #[test]

@@ -144,7 +144,7 @@ fn bench_sinkhorn(c: &mut Criterion) {
     let mut g = c.benchmark_group("sinkhorn");
     g.sample_size(10);
     g.throughput(Throughput::Elements((2 * n * m * iters) as u64));
-    g.bench_function("2048x4096_unbalanced_20iter_lse_terms", |bch| bch.iter(|| sinkhorn_log(&a, &b, &cost, &p).unwrap()));
+    g.bench_function("2048x4096_unbalanced_20iter_lse_terms", |bch| bch.iter(|| sinkhorn_log(&a, &b, &cost, &p, None).unwrap()));
     g.finish();
 }
 

@@ -71,7 +71,7 @@ mod tests {
         let d = rows.dense(12);
         let (mean, var) = st.mean_var();
         for g in 0..12 {
-            let col: Vec<f64> = (0..40).map(|c| (d[c * 12 + g] as f64).exp_m1() as f32 as f64).collect();
+            let col: Vec<f64> = (0..40).map(|c| d[c * 12 + g].exp_m1() as f32 as f64).collect();
             let m = col.iter().sum::<f64>() / 40.0;
             let v = col.iter().map(|x| (x - m).powi(2)).sum::<f64>() / 39.0;
             assert!((mean[g] - m).abs() <= 1e-12 * m.abs().max(1.0));

@@ -201,3 +201,31 @@ def test_pca_project_keeps_null_cells_null():
     out = with_null.select(psc.pca_project(model=model))["X_pca"]
     assert out.null_count() == 1 and out[3] is None
     assert out.dtype == pl.Array(pl.Float32, 2)
+
+
+def test_record_batches_read_a_scan_slice_by_slice(cellbench, tmp_path, monkeypatch):
+    """The fits read a Parquet scan (with elementwise columns on it) one row
+    slice at a time, so a slow fit never lets the reader run ahead (peak RSS
+    bounded by a slice, not by the cells); other plans are streamed whole.
+    Either way: every row once, in order."""
+    from polars_singlecell import preprocessing as P
+
+    df, _ = cellbench
+    n_genes = 300  # a small covariance: this test is about reading the rows
+    df = df.with_columns(psc.select_genes(genes=np.arange(n_genes)).struct.unnest())
+    path = tmp_path / "cells.parquet"
+    df.write_parquet(path, row_group_size=100)
+    monkeypatch.setattr(P, "SLICE_ROWS", 128)
+    lf = pl.scan_parquet(path).with_columns(psc.normalize())
+    want = lf.select("gene_idx", "values").collect()
+    assert P._slice_reaches_scan(lf.select("gene_idx", "values"))
+    got = list(P._record_batches(lf, ["gene_idx", "values"]))
+    assert [b.height for b in got] == [128] * (df.height // 128) + ([df.height % 128] if df.height % 128 else [])
+    assert pl.concat(got).equals(want)
+    kept = lf.filter(pl.col("batch") != df["batch"][0])
+    assert not P._slice_reaches_scan(kept.select("gene_idx", "values"))
+    assert pl.concat(list(P._record_batches(kept, ["gene_idx", "values"]))).equals(kept.select("gene_idx", "values").collect())
+    # And the fit over slices is the fit over the whole frame.
+    whole = psc.fit_pca(df.with_columns(psc.normalize()), n_genes=n_genes, n_comps=5)
+    sliced = psc.fit_pca(lf, n_genes=n_genes, n_comps=5)
+    np.testing.assert_array_equal(sliced.components, whole.components)

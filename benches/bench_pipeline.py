@@ -20,6 +20,7 @@ never in this project's:
     /tmp/scbenv/bin/pip install --no-deps --ignore-requires-python scbiot==1.2.1
 
     make bench-pipeline                                   # 1M and 10M cells
+    .venv/bin/python benches/bench_pipeline.py --keep-scbiot  # scbiot's rows from the last run
     .venv/bin/python benches/bench_pipeline.py 1000000 --scbiot-python /tmp/scbenv/bin/python
     SCBIOT_PYTHON=/tmp/scbenv/bin/python make bench-pipeline
 """
@@ -160,6 +161,9 @@ def main() -> None:
     ap.add_argument("--harmony-max-cells", type=int, default=1_000_000)
     ap.add_argument("--scbiot-python", default=os.environ.get("SCBIOT_PYTHON"), help="a Python with scbiot installed (see the docstring); unset: scbiot is not run")
     ap.add_argument("--scbiot-max-cells", type=int, default=1_000_000)
+    ap.add_argument("--keep-scbiot", action="store_true",
+                    help="without --scbiot-python: keep the scbiot rows of the JSON beside --out (the same X_pca "
+                         "input, a run from an earlier commit), marked with that commit")
     ap.add_argument("--out", type=Path, default=ROOT / "benches" / "results" / "pipeline.md")
     ap.add_argument("--render", action="store_true", help="only re-render --out from the JSON saved beside it")
     args = ap.parse_args()
@@ -175,6 +179,12 @@ def main() -> None:
     meta = {"sizes": args.sizes, "date": time.strftime("%Y-%m-%d"), "cpu": _cpu(), "cores": os.cpu_count(),
             "polars": pl.__version__, "version": psc.__version__, "commit": _commit()}
     rows, gens = [], {}
+    kept = []
+    if args.keep_scbiot and not args.scbiot_python and saved.is_file():
+        before = json.loads(saved.read_text())
+        kept = [r | {"method": r["method"] + f" [run at commit {before['meta']['commit']}]"}
+                for r in before["rows"] if r["method"].startswith("scbiot") and "[run at" not in r["method"]]
+        kept += [r for r in before["rows"] if "[run at" in r["method"]]
     flat = lambda m: {f"{e}|{k}": v for (e, k), v in m.items()}  # noqa: E731 (JSON keys)
     for n in args.sizes:
         where = args.data / f"{n}"
@@ -206,6 +216,7 @@ def main() -> None:
                          "seconds": ssecs, "own_seconds": detail["seconds"], "rss": srss, "stages": {},
                          "metrics": flat({("after", k): v for (e, k), v in sm.items()}), "detail": detail})
             print(f"{n:,}: scbiot {ssecs:.0f}s, peak {srss:.2f} GB, {detail}", flush=True)
+        rows += [r for r in kept if r["n"] == n]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     saved.write_text(json.dumps({"meta": meta, "generated": {str(k): v for k, v in gens.items()}, "rows": rows}, indent=1))
     text = render(meta, {str(k): v for k, v in gens.items()}, rows)

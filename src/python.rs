@@ -17,7 +17,7 @@ use crate::expressions::{self, convert, InterpolationModel};
 use crate::kernels;
 use crate::kernels::hvg::GeneStats;
 use crate::kernels::kmeans::KMeansParams;
-use crate::kernels::sample::BottomK;
+use crate::kernels::sample::{BottomK, KeyCut};
 use crate::kernels::pca::{CovAccumulator, PcaProjector};
 use crate::kernels::Device;
 
@@ -497,42 +497,173 @@ impl CentroidSampler {
                 })
             })
             .map_err(value_error)?;
-        let d = self.d;
-        let (mut batch, mut cid, mut cent, mut mass) = (vec![], vec![], vec![], vec![]);
-        let (mut sb, mut n_cells, mut n_sampled, mut k, mut inertia, mut n_iter, mut converged) =
-            (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
-        for (b, f) in &fits {
-            let kb = f.fit.n_centroids();
-            batch.extend(std::iter::repeat_n(b.clone(), kb));
-            cid.extend(0..kb as u32);
-            cent.extend_from_slice(&f.fit.centroids);
-            mass.extend_from_slice(&f.fit.mass);
-            sb.push(b.clone());
-            n_cells.push(f.n_cells);
-            n_sampled.push(f.n_sampled as u64);
-            k.push(kb as u32);
-            inertia.push(f.fit.inertia);
-            n_iter.push(f.fit.n_iter as u32);
-            converged.push(f.fit.converged);
+        centroid_tables(self.d, &fits)
+    }
+}
+
+/// The centroid fit's two tables: one row per centroid (batch, centroid_id,
+/// centroid, mass) and one per batch (its summary).
+fn centroid_tables(d: usize, fits: &[(String, expressions::BatchCentroids)]) -> PyResult<(PyDataFrame, PyDataFrame)> {
+    let (mut batch, mut cid, mut cent, mut mass) = (vec![], vec![], vec![], vec![]);
+    let (mut sb, mut n_cells, mut n_sampled, mut k, mut inertia, mut n_iter, mut converged) =
+        (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
+    for (b, f) in fits {
+        let kb = f.fit.n_centroids();
+        batch.extend(std::iter::repeat_n(b.clone(), kb));
+        cid.extend(0..kb as u32);
+        cent.extend_from_slice(&f.fit.centroids);
+        mass.extend_from_slice(&f.fit.mass);
+        sb.push(b.clone());
+        n_cells.push(f.n_cells);
+        n_sampled.push(f.n_sampled as u64);
+        k.push(kb as u32);
+        inertia.push(f.fit.inertia);
+        n_iter.push(f.fit.n_iter as u32);
+        converged.push(f.fit.converged);
+    }
+    let long = DataFrame::new_infer_height(vec![
+        Column::new("batch".into(), batch),
+        Column::new("centroid_id".into(), cid),
+        convert::array_f32("centroid", d, cent, None).map_err(value_error)?.into(),
+        Column::new("mass".into(), mass),
+    ])
+    .map_err(value_error)?;
+    let summary = DataFrame::new_infer_height(vec![
+        Column::new("batch".into(), sb),
+        Column::new("n_cells".into(), n_cells),
+        Column::new("n_sampled".into(), n_sampled),
+        Column::new("n_centroids".into(), k),
+        Column::new("inertia".into(), inertia),
+        Column::new("n_iter".into(), n_iter),
+        Column::new("converged".into(), converged),
+    ])
+    .map_err(value_error)?;
+    Ok((PyDataFrame(long), PyDataFrame(summary)))
+}
+
+/// The low-memory centroid fit (`fit_centroids(low_memory=True)`): the same
+/// sample and centroids as [`CentroidSampler`], with one batch's sample in
+/// memory instead of all. Pass one (`count`) reads the batch column and fixes
+/// each batch's sample; pass two (`update`) appends each kept row to its
+/// batch's file under the folder given to `start`; `fit` loads one batch's
+/// sample at a time.
+#[pyclass(module = "polars_singlecell._internal")]
+struct SpillSampler {
+    cap: usize,
+    d: usize,
+    seed: u64,
+    n_rows: u64,
+    cuts: BTreeMap<String, KeyCut>,
+    samples: Option<BTreeMap<String, expressions::SpilledSample>>,
+    pass_rows: u64,
+    pool: rayon::ThreadPool,
+}
+
+#[pymethods]
+impl SpillSampler {
+    #[new]
+    fn new(d: usize, max_samples_per_batch: usize, random_state: u64, n_threads: usize) -> PyResult<Self> {
+        if max_samples_per_batch == 0 || d == 0 {
+            return Err(value_error("max_samples_per_batch and the embedding width must be at least 1"));
         }
-        let long = DataFrame::new_infer_height(vec![
-            Column::new("batch".into(), batch),
-            Column::new("centroid_id".into(), cid),
-            convert::array_f32("centroid", d, cent, None).map_err(value_error)?.into(),
-            Column::new("mass".into(), mass),
-        ])
-        .map_err(value_error)?;
-        let summary = DataFrame::new_infer_height(vec![
-            Column::new("batch".into(), sb),
-            Column::new("n_cells".into(), n_cells),
-            Column::new("n_sampled".into(), n_sampled),
-            Column::new("n_centroids".into(), k),
-            Column::new("inertia".into(), inertia),
-            Column::new("n_iter".into(), n_iter),
-            Column::new("converged".into(), converged),
-        ])
-        .map_err(value_error)?;
-        Ok((PyDataFrame(long), PyDataFrame(summary)))
+        Ok(SpillSampler {
+            d,
+            cap: max_samples_per_batch,
+            seed: random_state,
+            n_rows: 0,
+            cuts: BTreeMap::new(),
+            samples: None,
+            pass_rows: 0,
+            pool: fit_pool(n_threads)?,
+        })
+    }
+
+    /// Pass one: a record batch of the batch column.
+    fn count(&mut self, py: Python<'_>, batch: PySeries) -> PyResult<()> {
+        if self.samples.is_some() {
+            return Err(value_error("count() after start(): pass one is over"));
+        }
+        let labels = batch.0.cast(&DataType::String).map_err(value_error)?;
+        let labels = labels.str().map_err(value_error)?;
+        let (cuts, cap, seed, row0) = (&mut self.cuts, self.cap, self.seed, self.n_rows);
+        let n = py.detach(|| expressions::centroid_cut_update(cuts, cap, seed, row0, labels)).map_err(value_error)?;
+        self.n_rows += n as u64;
+        Ok(())
+    }
+
+    /// End pass one; pass two writes the batches' samples under `dir`.
+    fn start(&mut self, dir: std::path::PathBuf) -> PyResult<()> {
+        // Enough buffer to write in large pieces, bounded whatever the number of batches.
+        let flush_at = ((64usize << 20) / self.cuts.len().max(1)).clamp(64 << 10, 1 << 20);
+        self.samples = Some(
+            self.cuts
+                .iter()
+                .enumerate()
+                .map(|(i, (b, c))| (b.clone(), expressions::SpilledSample::new(c.cut(), dir.join(format!("{i}.f32")), flush_at)))
+                .collect(),
+        );
+        self.cuts = BTreeMap::new(); // the keys' memory goes before pass two's
+        self.pass_rows = 0;
+        Ok(())
+    }
+
+    /// Pass two: a record batch of the embedding and batch columns, the rows
+    /// in the order of pass one.
+    fn update(&mut self, py: Python<'_>, embedding: PySeries, batch: PySeries) -> PyResult<()> {
+        let Some(samples) = self.samples.as_mut() else {
+            return Err(value_error("update() before start()"));
+        };
+        let labels = batch.0.cast(&DataType::String).map_err(value_error)?;
+        let labels = labels.str().map_err(value_error)?;
+        let (d, row0) = (self.d, self.pass_rows);
+        let n = py.detach(|| expressions::centroid_spill_update(samples, d, row0, &embedding.0, labels)).map_err(value_error)?;
+        self.pass_rows += n as u64;
+        Ok(())
+    }
+
+    #[getter]
+    fn n_rows(&self) -> u64 {
+        self.n_rows
+    }
+
+    /// k-means per batch, one batch's sample loaded at a time; the tables of
+    /// [`CentroidSampler::fit`].
+    #[pyo3(signature = (n_centroids, max_iter, tol, init_size, device = "cpu"))]
+    fn fit(
+        &mut self,
+        py: Python<'_>,
+        n_centroids: usize,
+        max_iter: usize,
+        tol: f64,
+        init_size: Option<usize>,
+        device: &str,
+    ) -> PyResult<(PyDataFrame, PyDataFrame)> {
+        let samples = self.samples.take().ok_or_else(|| value_error("fit() before start()"))?;
+        if self.pass_rows != self.n_rows || samples.values().any(|s| s.n_seen != s.cut.n_seen) {
+            return Err(value_error(format!(
+                "the data gave {} rows on its first read and {} on its second (or the same count in other batches); \
+                 low_memory reads the data twice, so it must not change between reads",
+                self.n_rows, self.pass_rows
+            )));
+        }
+        let kw = KMeansKwargs { n_centroids, max_iter, tol, random_state: self.seed, init_size, device: device.into(), names: Vec::new() };
+        let params = kw.params().map_err(value_error)?;
+        let (pool, d) = (&self.pool, self.d);
+        let fits = py
+            .detach(|| {
+                pool.install(|| {
+                    samples
+                        .into_iter()
+                        .map(|(b, s)| {
+                            let n_cells = s.cut.n_seen;
+                            let x = s.load(d)?;
+                            expressions::fit_sample(&x, d, n_cells, &params).map(|f| (b, f))
+                        })
+                        .collect::<PolarsResult<Vec<_>>>()
+                })
+            })
+            .map_err(value_error)?;
+        centroid_tables(d, &fits)
     }
 }
 
@@ -662,6 +793,7 @@ fn _internal(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<GeneStatsAccumulator>()?;
     m.add_class::<PcaAccumulator>()?;
     m.add_class::<CentroidSampler>()?;
+    m.add_class::<SpillSampler>()?;
     m.add_function(wrap_pyfunction!(register_model, m)?)?;
     m.add_function(wrap_pyfunction!(model_builds, m)?)?;
     m.add_function(wrap_pyfunction!(clear_models, m)?)?;

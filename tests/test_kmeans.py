@@ -150,6 +150,55 @@ def test_fit_centroids_samples_deterministically_whatever_the_batching(tmp_path)
     assert not np.array_equal(a["centroid"].to_numpy(), c["centroid"].to_numpy())
 
 
+def test_low_memory_gives_the_same_centroids_bit_for_bit(tmp_path):
+    # Three plates interleaved: one under the cap (every cell kept), two over it.
+    x = blobs(24_000, 5, 15, seed=4)
+    plate = np.array(["p1", "p2", "p3"], dtype="<U8")[np.arange(24_000) % 7 % 3]
+    plate[np.arange(24_000) % 11 == 0] = "small"
+    plate[(plate == "small") & (np.arange(24_000) > 3_000)] = "p1"
+    df = frame(x, plate=plate)
+    df.write_parquet(tmp_path / "cells.parquet", row_group_size=1001)
+    kw = dict(embedding="X", batch_key="plate", n_centroids=30, max_samples_per_batch=4000, summary=True)
+    a, sa = psc.fit_centroids(df, **kw)
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    for data in (df, pl.scan_parquet(tmp_path / "cells.parquet")):
+        b, sb = psc.fit_centroids(data, low_memory=True, temp_dir=spill, **kw)
+        assert a.equals(b)
+        assert sa.equals(sb)
+        assert list(spill.iterdir()) == []  # the sample files are gone
+    assert sa["n_sampled"].to_list() == [4000, 4000, 4000, 273]
+    assert sa["n_cells"].to_list() == [int((plate == p).sum()) for p in ["p1", "p2", "p3", "small"]]
+
+
+def test_low_memory_bad_input_and_data_that_changes_between_reads(monkeypatch):
+    from polars_singlecell import centroids
+
+    x = blobs(10, 2, 2, seed=0)
+    with pytest.raises(ValueError, match=r"column 'plate' is null at row 3"):
+        psc.fit_centroids(frame(x, plate=[None if i == 3 else "a" for i in range(10)]), embedding="X",
+                          batch_key="plate", low_memory=True)
+    x[7, 1] = np.nan
+    with pytest.raises(ValueError, match=r"non-finite value NaN at row 7"):
+        psc.fit_centroids(frame(x, plate=["a"] * 10), embedding="X", batch_key="plate", low_memory=True)
+    with pytest.raises(ValueError, match="no cells"):
+        psc.fit_centroids(frame(x[:0], plate=pl.Series([], dtype=pl.String)), embedding="X", batch_key="plate",
+                          low_memory=True)
+    # A source that gives other rows on its second read (low_memory reads twice).
+    real = centroids._record_batches
+    reads = []
+
+    def shifting(lf, columns):
+        reads.append(columns)
+        lf = lf if len(reads) == 1 else lf.head(8)
+        return real(lf, columns)
+
+    monkeypatch.setattr(centroids, "_record_batches", shifting)
+    ok = frame(blobs(10, 2, 2, seed=0), plate=["a", "b"] * 5)
+    with pytest.raises(ValueError, match="10 rows on its first read and 8 on its second"):
+        psc.fit_centroids(ok, embedding="X", batch_key="plate", n_centroids=2, low_memory=True)
+
+
 def test_fit_centroids_keeps_the_batch_dtype_and_reports_empty_enum_batches():
     x = blobs(200, 3, 4, seed=2)
     plates = pl.Enum(["a", "b", "c"])

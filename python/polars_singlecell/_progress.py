@@ -77,3 +77,13 @@ def track(name: str, total: int | None, stream: IO[str] | None = None) -> Iterat
         _current.reset(token)
         if bar.done and not bar.finished:
             bar.draw(end="\n")
+
+
+@contextmanager
+def paused() -> Iterator[None]:
+    """Rows read inside the block are not counted (a pre-pass over a column)."""
+    token = _current.set(None)
+    try:
+        yield
+    finally:
+        _current.reset(token)

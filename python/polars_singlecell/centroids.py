@@ -20,12 +20,13 @@ most ``max_samples_per_batch`` cells per batch.
 from __future__ import annotations
 
 import os
+import tempfile
 import warnings
 from typing import Union
 
 import polars as pl
 
-from polars_singlecell import _internal
+from polars_singlecell import _internal, _progress
 from polars_singlecell._device import check_device
 from polars_singlecell._plugin import call
 from polars_singlecell.preprocessing import Frame, IntoExpr, _col, _lazy, _n_threads, _positive_int, _record_batches
@@ -113,6 +114,8 @@ def fit_centroids(
     n_threads: int | None = None,
     summary: bool = False,
     device: str = "cpu",
+    low_memory: bool = False,
+    temp_dir: str | os.PathLike | None = None,
 ) -> pl.DataFrame | tuple[pl.DataFrame, pl.DataFrame]:
     """Per-batch centroids of a cell embedding of any size, streaming.
 
@@ -131,6 +134,13 @@ def fit_centroids(
     ``n_centroids``, ``inertia`` (on the sample), ``n_iter``, ``converged``.
     ``device="cuda"``: the k-means assignment steps on the GPU, as in
     :func:`kmeans_centroids`.
+    ``low_memory=True`` holds one batch's sample in memory instead of all of
+    them (about ``min(cells, cap) × d × 4`` bytes, whatever the number of
+    batches) for a second read: a first pass over the batch column alone fixes
+    each batch's sample, a second writes the sampled rows to one temporary
+    file per batch (in ``temp_dir``, default the system's), and k-means then
+    loads them one batch at a time. Same sample, same centroids, bit for bit;
+    the data must give the same rows on both reads.
     A batch with fewer distinct cells than ``n_centroids`` gets one centroid
     per distinct cell. An ``Enum`` batch column's categories with no cells are
     skipped with a warning and listed in the summary with ``n_cells == 0``.
@@ -156,19 +166,17 @@ def fit_centroids(
         None if init_size is None else _positive_int("init_size", init_size),
     )
     device = check_device(device)
-    sampler = _internal.CentroidSampler(
-        dtype.size,
-        _positive_int("max_samples_per_batch", max_samples_per_batch),
-        _seed(random_state),
-        _n_threads(n_threads),
-    )
-    n_cells = 0
-    for batch in _record_batches(lf, [embedding, batch_key]):
-        sampler.update(batch[embedding], batch[batch_key])
-        n_cells += batch.height
-    if n_cells == 0:
-        raise ValueError(f"no cells: column {embedding!r} has no rows, so there is nothing to fit centroids to")
-    long, summ = sampler.fit(*params, device)
+    args = (dtype.size, _positive_int("max_samples_per_batch", max_samples_per_batch), _seed(random_state),
+            _n_threads(n_threads))
+    if low_memory:
+        long, summ = _fit_spilled(lf, embedding, batch_key, args, params, device, temp_dir)
+    else:
+        sampler = _internal.CentroidSampler(*args)
+        for batch in _record_batches(lf, [embedding, batch_key]):
+            sampler.update(batch[embedding], batch[batch_key])
+        if sampler.n_rows == 0:
+            raise ValueError(f"no cells: column {embedding!r} has no rows, so there is nothing to fit centroids to")
+        long, summ = sampler.fit(*params, device)
     key_dtype = schema[batch_key]
     # Back to the key's own dtype and order (the sampler keys batches by their text).
     long = long.rename({"batch": batch_key}).with_columns(pl.col(batch_key).cast(key_dtype))
@@ -191,3 +199,27 @@ def fit_centroids(
             )
             summ = pl.concat([summ, filler]).sort(batch_key)
     return (long, summ) if summary else long
+
+
+def _fit_spilled(
+    lf: pl.LazyFrame,
+    embedding: str,
+    batch_key: str,
+    args: tuple,
+    params: tuple,
+    device: str,
+    temp_dir: str | os.PathLike | None,
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """``fit_centroids(low_memory=True)``: two reads, one batch's sample in memory."""
+    sampler = _internal.SpillSampler(*args)
+    with _progress.paused():  # the bar counts the cells of the full read only
+        for batch in _record_batches(lf, [batch_key]):
+            sampler.count(batch[batch_key])
+    if sampler.n_rows == 0:
+        raise ValueError(f"no cells: column {embedding!r} has no rows, so there is nothing to fit centroids to")
+    # Hidden and ending in ".tmp": the pipeline clears what a killed run left.
+    with tempfile.TemporaryDirectory(prefix=".centroid-sample.", suffix=".tmp", dir=temp_dir) as spill:
+        sampler.start(spill)
+        for batch in _record_batches(lf, [embedding, batch_key]):
+            sampler.update(batch[embedding], batch[batch_key])
+        return sampler.fit(*params, device)

@@ -171,6 +171,8 @@ def integrate(
     for stale in out.glob(".*.tmp"):
         if stale.is_file():
             stale.unlink()
+        elif stale.is_dir():  # fit_centroids' sample files
+            shutil.rmtree(stale)
     say = log or (lambda _msg: None)
     if h5ads:
         files = _import_h5ad(h5ads, out / "source", say)
@@ -257,7 +259,7 @@ def integrate(
     def centroids() -> dict:
         cents, summary = psc.fit_centroids(out / "cells_pca.parquet", batch_key=batch_key, n_centroids=n_centroids,
                                            max_samples_per_batch=max_samples_per_batch, random_state=random_state, summary=True,
-                                           device=device)
+                                           device=device, low_memory=True, temp_dir=out)
         write_parquet(cents, out / "centroids.parquet")
         return {"n_batches": summary.height, "n_centroids": cents.height}
 

@@ -13,7 +13,7 @@ use polars_core::runtime::THREAD_POOL;
 
 use crate::kernels::hvg::GeneStats;
 use crate::kernels::kmeans::{KMeansFit, KMeansParams};
-use crate::kernels::sample::BottomK;
+use crate::kernels::sample::{BottomK, Cut, KeyCut};
 use crate::kernels::pca::{CovAccumulator, PcaProjector};
 use crate::kernels::{self, select_genes::GeneMap, Device};
 
@@ -158,20 +158,7 @@ pub fn centroid_sample_update(
     embedding: &Series,
     batch: &StringChunked,
 ) -> PolarsResult<usize> {
-    let (x, d) = convert::embedding_rows(embedding)
-        .map_err(|e| polars_err!(ComputeError: "{e} (row numbers count from {row0}, the first row of this record batch)"))?;
-    if batch.len() * d != x.len() {
-        polars_bail!(ComputeError: "batch column '{}' has {} rows but the embedding has {}", batch.name(), batch.len(), x.len() / d);
-    }
-    if let Some(i) = batch.iter().position(|b| b.is_none()) {
-        polars_bail!(ComputeError: "batch column '{}' is null at row {}; fill or drop null batches first", batch.name(), row0 + i as u64);
-    }
-    if let Some(i) = x.iter().position(|v| !v.is_finite()) {
-        polars_bail!(ComputeError: "column '{}' holds the non-finite value {} at row {}; k-means needs finite embeddings (drop or fix those cells)", embedding.name(), x[i], row0 + (i / d) as u64);
-    }
-    if d != width {
-        polars_bail!(ComputeError: "column '{}' has width {d} here but {width} in the schema", embedding.name());
-    }
+    let (x, d) = checked_sample_rows(width, row0, embedding, batch)?;
     for (i, (b, row)) in batch.iter().zip(x.chunks_exact(d)).enumerate() {
         let b = b.expect("checked: no null batch");
         let s = match samplers.get_mut(b) {
@@ -192,10 +179,150 @@ pub struct BatchCentroids {
 
 pub fn fit_sampled_centroids(sampler: &BottomK, params: &KMeansParams) -> PolarsResult<BatchCentroids> {
     let (x, _) = sampler.finish();
-    let d = sampler.d();
+    fit_sample(&x, sampler.d(), sampler.n_seen, params)
+}
+
+/// k-means on one batch's sample of `n_cells` cells, masses scaled to them.
+pub fn fit_sample(x: &[f32], d: usize, n_cells: u64, params: &KMeansParams) -> PolarsResult<BatchCentroids> {
     let n_sampled = x.len() / d;
-    let mut fit = kernels::kmeans::kmeans(&x, d, None, params)?;
-    let scale = sampler.n_seen as f64 / n_sampled as f64;
+    let mut fit = kernels::kmeans::kmeans(x, d, None, params)?;
+    let scale = n_cells as f64 / n_sampled as f64;
     fit.mass.iter_mut().for_each(|m| *m *= scale);
-    Ok(BatchCentroids { n_cells: sampler.n_seen, n_sampled, fit })
+    Ok(BatchCentroids { n_cells, n_sampled, fit })
+}
+
+/// Pass one of the low-memory centroid sample: offer a record batch's rows
+/// (the batch column only) to per-batch key cuts.
+pub fn centroid_cut_update(
+    cuts: &mut std::collections::BTreeMap<String, KeyCut>,
+    cap: usize,
+    seed: u64,
+    row0: u64,
+    batch: &StringChunked,
+) -> PolarsResult<usize> {
+    if let Some(i) = batch.iter().position(|b| b.is_none()) {
+        polars_bail!(ComputeError: "batch column '{}' is null at row {}; fill or drop null batches first", batch.name(), row0 + i as u64);
+    }
+    for (i, b) in batch.iter().enumerate() {
+        let b = b.expect("checked: no null batch");
+        let c = match cuts.get_mut(b) {
+            Some(c) => c,
+            None => cuts.entry(b.to_string()).or_insert_with(|| KeyCut::new(cap, seed)),
+        };
+        c.offer(row0 + i as u64);
+    }
+    Ok(batch.len())
+}
+
+/// One batch's sample in pass two of the low-memory centroid sample: the rows
+/// its [`Cut`] keeps, in row order, buffered and appended to a file (raw
+/// little-endian float32) so that only one batch's sample is ever in memory.
+pub struct SpilledSample {
+    pub cut: Cut,
+    path: std::path::PathBuf,
+    buf: Vec<u8>,
+    flush_at: usize,
+    /// Rows of this batch seen in pass two (must equal `cut.n_seen`).
+    pub n_seen: u64,
+    pub n_kept: usize,
+}
+
+impl SpilledSample {
+    pub fn new(cut: Cut, path: std::path::PathBuf, flush_at: usize) -> Self {
+        SpilledSample { cut, path, buf: Vec::new(), flush_at, n_seen: 0, n_kept: 0 }
+    }
+
+    fn push(&mut self, row: u64, values: &[f32]) -> PolarsResult<()> {
+        self.n_seen += 1;
+        if self.cut.keeps(row) {
+            self.n_kept += 1;
+            self.buf.extend(values.iter().flat_map(|v| v.to_le_bytes()));
+            if self.buf.len() >= self.flush_at {
+                self.flush()?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn flush(&mut self) -> PolarsResult<()> {
+        use std::io::Write;
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        // Open, append, close: no file handle per batch stays open.
+        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&self.path)?;
+        f.write_all(&self.buf)?;
+        self.buf.clear();
+        Ok(())
+    }
+
+    /// The sample back, `n_kept × d` values in row order; the file is removed.
+    pub fn load(mut self, d: usize) -> PolarsResult<Vec<f32>> {
+        use std::io::Read;
+        self.flush()?;
+        let mut x = Vec::with_capacity(self.n_kept * d);
+        if self.n_kept > 0 {
+            let mut f = std::fs::File::open(&self.path)?;
+            // Chunks, so the bytes are never held next to the floats.
+            let mut chunk = vec![0u8; (1 << 20) / 4 * 4];
+            loop {
+                let n = f.read(&mut chunk)?;
+                if n == 0 {
+                    break;
+                }
+                let mut got = n;
+                while got % 4 != 0 {
+                    let m = f.read(&mut chunk[got..got + (4 - got % 4)])?;
+                    polars_ensure!(m > 0, ComputeError: "the centroid sample file {} ends mid-value", self.path.display());
+                    got += m;
+                }
+                x.extend(chunk[..got].chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])));
+            }
+            std::fs::remove_file(&self.path)?;
+        }
+        polars_ensure!(x.len() == self.n_kept * d, ComputeError:
+            "the centroid sample file {} holds {} values, expected {}; was it changed while the fit ran?",
+            self.path.display(), x.len(), self.n_kept * d);
+        Ok(x)
+    }
+}
+
+/// Pass two of the low-memory centroid sample: each kept row of a record
+/// batch goes to its batch's [`SpilledSample`].
+pub fn centroid_spill_update(
+    samples: &mut std::collections::BTreeMap<String, SpilledSample>,
+    width: usize,
+    row0: u64,
+    embedding: &Series,
+    batch: &StringChunked,
+) -> PolarsResult<usize> {
+    let (x, d) = checked_sample_rows(width, row0, embedding, batch)?;
+    for (i, (b, row)) in batch.iter().zip(x.chunks_exact(d)).enumerate() {
+        let b = b.expect("checked: no null batch");
+        let Some(s) = samples.get_mut(b) else {
+            polars_bail!(ComputeError: "batch '{b}' at row {} was not in the first read of the data; \
+                the data must give the same rows each time it is read (low_memory reads it twice)", row0 + i as u64);
+        };
+        s.push(row0 + i as u64, row)?;
+    }
+    Ok(batch.len())
+}
+
+/// A record batch's embedding rows, checked as the centroid fit needs them.
+fn checked_sample_rows<'a>(width: usize, row0: u64, embedding: &'a Series, batch: &StringChunked) -> PolarsResult<(std::borrow::Cow<'a, [f32]>, usize)> {
+    let (x, d) = convert::embedding_rows(embedding)
+        .map_err(|e| polars_err!(ComputeError: "{e} (row numbers count from {row0}, the first row of this record batch)"))?;
+    if batch.len() * d != x.len() {
+        polars_bail!(ComputeError: "batch column '{}' has {} rows but the embedding has {}", batch.name(), batch.len(), x.len() / d);
+    }
+    if let Some(i) = batch.iter().position(|b| b.is_none()) {
+        polars_bail!(ComputeError: "batch column '{}' is null at row {}; fill or drop null batches first", batch.name(), row0 + i as u64);
+    }
+    if let Some(i) = x.iter().position(|v| !v.is_finite()) {
+        polars_bail!(ComputeError: "column '{}' holds the non-finite value {} at row {}; k-means needs finite embeddings (drop or fix those cells)", embedding.name(), x[i], row0 + (i / d) as u64);
+    }
+    if d != width {
+        polars_bail!(ComputeError: "column '{}' has width {d} here but {width} in the schema", embedding.name());
+    }
+    Ok((x, d))
 }

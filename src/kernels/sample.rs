@@ -88,6 +88,70 @@ impl BottomK {
     }
 }
 
+/// Pass one of a two-pass sample: the same bottom-k as [`BottomK`], keeping
+/// only the keys (16 bytes a kept row instead of `d × 4 + 24`). Its [`Cut`]
+/// then picks the very rows `BottomK` would keep, one at a time, in pass two:
+/// a caller can write them out as they come instead of holding them all.
+#[derive(Debug, Clone)]
+pub struct KeyCut {
+    cap: usize,
+    seed: u64,
+    /// Rows offered so far.
+    pub n_seen: u64,
+    heap: BinaryHeap<(u64, u64)>,
+}
+
+impl KeyCut {
+    pub fn new(cap: usize, seed: u64) -> Self {
+        KeyCut { cap, seed, n_seen: 0, heap: BinaryHeap::new() }
+    }
+
+    /// Offer the row with global row number `row`.
+    pub fn offer(&mut self, row: u64) {
+        self.n_seen += 1;
+        if self.cap == 0 {
+            return;
+        }
+        let key = (hash64(self.seed, row), row);
+        if self.heap.len() < self.cap {
+            if self.heap.len() == self.heap.capacity() {
+                // As BottomK: grow by a quarter at most, never past the cap.
+                let more = (self.heap.len() / 4).max(1024).min(self.cap - self.heap.len());
+                self.heap.reserve_exact(more);
+            }
+            self.heap.push(key);
+        } else if self.heap.peek().is_some_and(|&top| key < top) {
+            self.heap.pop();
+            self.heap.push(key);
+        }
+    }
+
+    pub fn cut(&self) -> Cut {
+        // Fewer rows than the cap: every row (cap 0: none, `keeps` checks n_kept).
+        let max = match self.heap.peek() {
+            Some(&top) if self.heap.len() == self.cap => top,
+            _ => (u64::MAX, u64::MAX),
+        };
+        Cut { seed: self.seed, max, n_kept: self.heap.len(), n_seen: self.n_seen }
+    }
+}
+
+/// Which rows a finished [`KeyCut`] keeps.
+#[derive(Debug, Clone, Copy)]
+pub struct Cut {
+    seed: u64,
+    /// The largest kept (key, row); every row at or below it is kept.
+    max: (u64, u64),
+    pub n_kept: usize,
+    pub n_seen: u64,
+}
+
+impl Cut {
+    pub fn keeps(&self, row: u64) -> bool {
+        self.n_kept > 0 && (hash64(self.seed, row), row) <= self.max
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -142,5 +206,29 @@ mod tests {
         let (_, idx) = s.finish();
         let first_half = idx.iter().filter(|&&i| i < 50_000).count();
         assert!((4_800..5_200).contains(&first_half), "{first_half}");
+    }
+
+    #[test]
+    fn a_cut_keeps_the_rows_bottom_k_keeps() {
+        // Two batches interleaved, as the centroid fit sees them; one has
+        // fewer rows than the cap (all kept), one more.
+        let cap = 1000;
+        let mut bk = [BottomK::new(cap, 1, 9), BottomK::new(cap, 1, 9)];
+        let mut kc = [KeyCut::new(cap, 9), KeyCut::new(cap, 9)];
+        let which = |i: u64| usize::from(i % 7 == 0);
+        for i in 0..5000u64 {
+            bk[which(i)].offer(i, &[i as f32]);
+            kc[which(i)].offer(i);
+        }
+        for b in 0..2 {
+            let cut = kc[b].cut();
+            let kept: Vec<u64> = (0..5000u64).filter(|&i| which(i) == b && cut.keeps(i)).collect();
+            assert_eq!(kept, bk[b].finish().1, "batch {b}");
+            assert_eq!(cut.n_kept, kept.len());
+            assert_eq!(cut.n_seen, bk[b].n_seen);
+        }
+        assert_eq!(kc[1].cut().n_kept, 5000 / 7 + 1); // under the cap: every row
+        assert_eq!(kc[0].cut().n_kept, cap);
+        assert!(!KeyCut::new(0, 9).cut().keeps(0));
     }
 }

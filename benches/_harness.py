@@ -55,16 +55,28 @@ print(json.dumps({"seconds": secs, "version": scbiot.__version__, "unchanged": b
 """
 
 
-def run_scbiot(python: str, cells: Path, out: Path, batch: str, keep: list[str]) -> tuple[dict, float, float]:
+def run_scbiot(python: str, cells: Path, out: Path, batch: str, keep: list[str],
+               timeout: float | None = None) -> tuple[dict, float, float]:
     """scbiot on ``cells`` (a Parquet file with ``X_pca``) → ``out`` with
     ``X_scbiot``: (what it printed: its own seconds, version, whether it
     returned its input unchanged, its metrics; wall seconds of the whole
-    child; the child's peak RSS in GB, from wait4)."""
+    child; the child's peak RSS in GB, from wait4). Past ``timeout`` seconds
+    the child is killed and the info is ``{"timed_out": True, "seconds": wall}``:
+    a lower bound on its time."""
     with tempfile.TemporaryFile("w+") as sink:
         t = time.perf_counter()
         p = subprocess.Popen([python, "-c", SCBIOT, str(cells), str(out), batch, *keep], stdout=sink,
                              env={**os.environ, "PYTHONWARNINGS": "ignore"})
-        _, status, usage = os.wait4(p.pid, 0)
+        while True:
+            pid, status, usage = os.wait4(p.pid, os.WNOHANG)
+            if pid:
+                break
+            if timeout is not None and time.perf_counter() - t > timeout:
+                p.kill()
+                _, status, usage = os.wait4(p.pid, 0)
+                secs = time.perf_counter() - t
+                return {"timed_out": True, "seconds": secs}, secs, usage.ru_maxrss / 1024**2
+            time.sleep(1.0)
         secs = time.perf_counter() - t
         if status != 0:
             raise SystemExit(f"scbiot failed ({status}) on {cells}")

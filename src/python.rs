@@ -593,7 +593,10 @@ impl SpillSampler {
 
     /// End pass one; pass two writes the batches' samples under `dir`.
     fn start(&mut self, dir: std::path::PathBuf) -> PyResult<()> {
-        // Enough buffer to write in large pieces, bounded whatever the number of batches.
+        if self.samples.is_some() || (self.cuts.is_empty() && self.n_rows > 0) {
+            return Err(value_error("start() twice: pass two has begun"));
+        }
+        // Enough buffer to write in large pieces: 64 MiB in all up to 1024 batches, 64 KiB a batch beyond.
         let flush_at = ((64usize << 20) / self.cuts.len().max(1)).clamp(64 << 10, 1 << 20);
         self.samples = Some(
             self.cuts
@@ -638,13 +641,26 @@ impl SpillSampler {
         init_size: Option<usize>,
         device: &str,
     ) -> PyResult<(PyDataFrame, PyDataFrame)> {
-        let samples = self.samples.take().ok_or_else(|| value_error("fit() before start()"))?;
-        if self.pass_rows != self.n_rows || samples.values().any(|s| s.n_seen != s.cut.n_seen) {
+        let mut samples = self.samples.take().ok_or_else(|| value_error("fit() before start(), or fit() twice"))?;
+        if self.pass_rows != self.n_rows {
             return Err(value_error(format!(
-                "the data gave {} rows on its first read and {} on its second (or the same count in other batches); \
-                 low_memory reads the data twice, so it must not change between reads",
+                "the data gave {} rows on its first read and {} on its second; low_memory reads the data twice, \
+                 so it must give the same rows in the same order each time",
                 self.n_rows, self.pass_rows
             )));
+        }
+        // Same count, other rows (reordered or moved between batches): the
+        // kept rows are no longer each batch's sample.
+        if let Some((b, s)) = samples.iter().find(|(_, s)| s.n_seen != s.cut.n_seen || s.n_kept != s.cut.n_kept) {
+            return Err(value_error(format!(
+                "batch '{b}' had {} rows ({} sampled) on the data's first read and {} ({} sampled) on its second; \
+                 low_memory reads the data twice, so it must give the same rows in the same order each time",
+                s.cut.n_seen, s.cut.n_kept, s.n_seen, s.n_kept
+            )));
+        }
+        // Nothing stays buffered while earlier batches' k-means run.
+        for s in samples.values_mut() {
+            s.flush().map_err(value_error)?;
         }
         let kw = KMeansKwargs { n_centroids, max_iter, tol, random_state: self.seed, init_size, device: device.into(), names: Vec::new() };
         let params = kw.params().map_err(value_error)?;

@@ -188,15 +188,20 @@ def test_low_memory_bad_input_and_data_that_changes_between_reads(monkeypatch):
     real = centroids._record_batches
     reads = []
 
+    second = [lambda lf: lf.head(8),
+              # as many rows, but the first moved to the other batch
+              lambda lf: lf.with_columns(plate=pl.when(pl.int_range(pl.len()) == 0).then(pl.lit("b")).otherwise("plate"))]
+
     def shifting(lf, columns):
         reads.append(columns)
-        lf = lf if len(reads) == 1 else lf.head(8)
-        return real(lf, columns)
+        return real(lf if len(reads) % 2 == 1 else second[len(reads) // 2 - 1](lf), columns)
 
     monkeypatch.setattr(centroids, "_record_batches", shifting)
     ok = frame(blobs(10, 2, 2, seed=0), plate=["a", "b"] * 5)
     with pytest.raises(ValueError, match="10 rows on its first read and 8 on its second"):
         psc.fit_centroids(ok, embedding="X", batch_key="plate", n_centroids=2, low_memory=True)
+    with pytest.raises(ValueError, match=r"batch 'a' had 5 rows \(3 sampled\) on the data's first read and 4 \(\d sampled\)"):
+        psc.fit_centroids(ok, embedding="X", batch_key="plate", n_centroids=2, max_samples_per_batch=3, low_memory=True)
 
 
 def test_fit_centroids_keeps_the_batch_dtype_and_reports_empty_enum_batches():

@@ -135,12 +135,13 @@ def fit_centroids(
     ``device="cuda"``: the k-means assignment steps on the GPU, as in
     :func:`kmeans_centroids`.
     ``low_memory=True`` holds one batch's sample in memory instead of all of
-    them (about ``min(cells, cap) × d × 4`` bytes, whatever the number of
-    batches) for a second read: a first pass over the batch column alone fixes
-    each batch's sample, a second writes the sampled rows to one temporary
-    file per batch (in ``temp_dir``, default the system's), and k-means then
-    loads them one batch at a time. Same sample, same centroids, bit for bit;
-    the data must give the same rows on both reads.
+    them, for a second read: a first pass over the batch column alone fixes
+    each batch's sample (keys only: ``batches × min(cells, cap) × 16`` bytes),
+    a second writes the sampled rows to one temporary file per batch (in
+    ``temp_dir``, default the system's; 64 KiB–1 MiB of write buffer a batch),
+    and k-means then loads them one batch at a time (``min(cells, cap) × d × 4``
+    bytes). Same sample, same centroids, bit for bit; the data must give the
+    same rows in the same order on both reads.
     A batch with fewer distinct cells than ``n_centroids`` gets one centroid
     per distinct cell. An ``Enum`` batch column's categories with no cells are
     skipped with a warning and listed in the summary with ``n_cells == 0``.

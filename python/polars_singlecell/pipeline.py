@@ -128,7 +128,9 @@ def integrate(
       ``batch_key`` ranking: genes variable in the most batches first);
     - ``pca.parquet``: the PCA model (:class:`PcaModel`);
     - ``cells_pca.parquet``: every cell's columns except the counts, plus ``X_pca``;
-    - ``centroids.parquet``: per-batch k-means centroids with their mass;
+    - ``centroids.parquet``: per-batch k-means centroids with their mass
+      (``fit_centroids(low_memory=True)``: one batch's sample in memory at a
+      time, the others in a hidden ``.centroid-sample.*.tmp`` folder in ``out``);
     - ``integration.parquet``: the :class:`IntegrationModel` (displacements, metrics);
     - ``cells.parquet``: every cell with ``X_pca`` and ``X_ot``;
     - ``report.json``: parameters, versions, seconds and peak RSS so far
@@ -172,7 +174,7 @@ def integrate(
         if stale.is_file():
             stale.unlink()
         elif stale.is_dir():  # fit_centroids' sample files
-            shutil.rmtree(stale)
+            shutil.rmtree(stale, ignore_errors=True)
     say = log or (lambda _msg: None)
     if h5ads:
         files = _import_h5ad(h5ads, out / "source", say)

@@ -246,3 +246,33 @@ def test_progress_bars_count_every_cell_and_change_no_output(raw, tmp_path, caps
     # A resumed run reads no cells: no bars.
     psc.integrate(raw, tmp_path / "bars", **SMALL | {"progress": True})
     assert capsys.readouterr().err == ""
+
+
+def test_sink_in_slices_writes_what_one_sink_writes(tmp_path):
+    # The pipeline's project and interpolate stages sink in slices (bounded
+    # memory, pola-rs/polars#28569): same rows, same order, same values.
+    from polars_singlecell import _progress
+    from polars_singlecell.io import _sink_in_slices
+
+    rng = np.random.default_rng(0)
+    for n in (5_500, 5_000):  # a short last slice; an exact multiple (an empty last part)
+        src = tmp_path / f"src{n}.parquet"
+        pl.DataFrame({"i": np.arange(n), "x": rng.normal(size=n)}).write_parquet(src, row_group_size=700)
+        q = pl.scan_parquet(src).with_columns(y=pl.col("x") * 2 + pl.col("i"))
+        with _progress.track("t", n, stream=open(tmp_path / "bar.txt", "w")) as bar:
+            _sink_in_slices(q, tmp_path / "out.parquet", rows=1000)
+        assert bar.done == n  # every row counted once
+        assert pl.read_parquet(tmp_path / "out.parquet").equals(q.collect())
+        assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    # A query that fails leaves the old file as it was and no parts.
+    bad = pl.scan_parquet(tmp_path / "src5500.parquet").with_columns(
+        y=pl.when(pl.col("i") < 3000).then(pl.col("x")).otherwise(pl.col("x").cast(pl.String).cast(pl.Int64, strict=True)))
+    before = (tmp_path / "out.parquet").read_bytes()
+    with pytest.raises(pl.exceptions.PolarsError):
+        _sink_in_slices(bad, tmp_path / "out.parquet", rows=1000)
+    assert (tmp_path / "out.parquet").read_bytes() == before
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    # An in-memory frame: no slices, one plain sink.
+    df = pl.DataFrame({"a": [1, 2, 3]})
+    _sink_in_slices(df.lazy(), tmp_path / "df.parquet", rows=1)
+    assert pl.read_parquet(tmp_path / "df.parquet").equals(df)

@@ -161,7 +161,7 @@ def integrate(
     """
     import polars_singlecell as psc
     from polars_singlecell._device import check_device
-    from polars_singlecell.io import sink_parquet, write_parquet
+    from polars_singlecell.io import _sink_in_slices, write_parquet
 
     device = check_device(device)
     out = Path(out)
@@ -255,7 +255,7 @@ def integrate(
     def project() -> dict:
         lf, _ = selected()
         model = psc.PcaModel.load(out / "pca.parquet")
-        sink_parquet(lf.select(*keep, psc.pca_project(*COUNTS, model=model, device=device)), out / "cells_pca.parquet")
+        _sink_in_slices(lf.select(*keep, psc.pca_project(*COUNTS, model=model, device=device)), out / "cells_pca.parquet")
         return {"n_cells": pl.scan_parquet(out / "cells_pca.parquet").select(pl.len()).collect().item()}
 
     def centroids() -> dict:
@@ -276,7 +276,7 @@ def integrate(
         cells = pl.scan_parquet(out / "cells_pca.parquet").with_columns(
             psc.knn_interpolate("X_pca", batch_key, model=model, k=k, mode=mode, device=device)
         )
-        sink_parquet(cells, out / "cells.parquet")
+        _sink_in_slices(cells, out / "cells.parquet")
         if not label_key:
             return {}
         table = psc.metrics.evaluate(pl.scan_parquet(out / "cells.parquet"), ["X_pca", "X_ot"], batch_key=batch_key,

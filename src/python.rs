@@ -427,41 +427,57 @@ impl PcaAccumulator {
     }
 }
 
+/// What both centroid samplers are built from: the embedding width, the
+/// per-batch cap, the seed and the fit's thread pool.
+struct SamplerSpec {
+    cap: usize,
+    d: usize,
+    seed: u64,
+    pool: rayon::ThreadPool,
+}
+
+impl SamplerSpec {
+    fn new(d: usize, max_samples_per_batch: usize, random_state: u64, n_threads: usize) -> PyResult<Self> {
+        if max_samples_per_batch == 0 || d == 0 {
+            return Err(value_error("max_samples_per_batch and the embedding width must be at least 1"));
+        }
+        Ok(SamplerSpec { d, cap: max_samples_per_batch, seed: random_state, pool: fit_pool(n_threads)? })
+    }
+
+    fn params(&self, n_centroids: usize, max_iter: usize, tol: f64, init_size: Option<usize>, device: &str) -> PyResult<KMeansParams> {
+        let kw = KMeansKwargs { n_centroids, max_iter, tol, random_state: self.seed, init_size, device: device.into(), names: Vec::new() };
+        kw.params().map_err(value_error)
+    }
+}
+
+/// A batch column as text (samplers key batches by their label's text).
+fn batch_labels(batch: &PySeries) -> PyResult<StringChunked> {
+    let labels = batch.0.cast(&DataType::String).map_err(value_error)?;
+    Ok(labels.str().map_err(value_error)?.clone())
+}
+
 /// Per-batch seeded samples of an embedding (bottom-k by a hash of the row
 /// number), fed one record batch at a time; then k-means per batch.
 #[pyclass(module = "polars_singlecell._internal")]
 struct CentroidSampler {
-    cap: usize,
-    d: usize,
-    seed: u64,
+    spec: SamplerSpec,
     n_rows: u64,
     samplers: BTreeMap<String, BottomK>,
-    pool: rayon::ThreadPool,
 }
 
 #[pymethods]
 impl CentroidSampler {
     #[new]
     fn new(d: usize, max_samples_per_batch: usize, random_state: u64, n_threads: usize) -> PyResult<Self> {
-        if max_samples_per_batch == 0 || d == 0 {
-            return Err(value_error("max_samples_per_batch and the embedding width must be at least 1"));
-        }
-        Ok(CentroidSampler {
-            d,
-            cap: max_samples_per_batch,
-            seed: random_state,
-            n_rows: 0,
-            samplers: BTreeMap::new(),
-            pool: fit_pool(n_threads)?,
-        })
+        Ok(CentroidSampler { spec: SamplerSpec::new(d, max_samples_per_batch, random_state, n_threads)?, n_rows: 0, samplers: BTreeMap::new() })
     }
 
     fn update(&mut self, py: Python<'_>, embedding: PySeries, batch: PySeries) -> PyResult<()> {
-        let labels = batch.0.cast(&DataType::String).map_err(value_error)?;
-        let labels = labels.str().map_err(value_error)?;
-        let (samplers, cap, seed, d, row0) = (&mut self.samplers, self.cap, self.seed, self.d, self.n_rows);
+        let labels = batch_labels(&batch)?;
+        let SamplerSpec { cap, d, seed, .. } = self.spec;
+        let (samplers, row0) = (&mut self.samplers, self.n_rows);
         let n = py
-            .detach(|| expressions::centroid_sample_update(samplers, cap, seed, d, row0, &embedding.0, labels))
+            .detach(|| expressions::centroid_sample_update(samplers, cap, seed, d, row0, &embedding.0, &labels))
             .map_err(value_error)?;
         self.n_rows += n as u64;
         Ok(())
@@ -484,9 +500,8 @@ impl CentroidSampler {
         init_size: Option<usize>,
         device: &str,
     ) -> PyResult<(PyDataFrame, PyDataFrame)> {
-        let kw = KMeansKwargs { n_centroids, max_iter, tol, random_state: self.seed, init_size, device: device.into(), names: Vec::new() };
-        let params = kw.params().map_err(value_error)?;
-        let (samplers, pool) = (&self.samplers, &self.pool);
+        let params = self.spec.params(n_centroids, max_iter, tol, init_size, device)?;
+        let (samplers, pool) = (&self.samplers, &self.spec.pool);
         let fits = py
             .detach(|| {
                 pool.install(|| {
@@ -497,7 +512,7 @@ impl CentroidSampler {
                 })
             })
             .map_err(value_error)?;
-        centroid_tables(self.d, &fits)
+        centroid_tables(self.spec.d, &fits)
     }
 }
 
@@ -549,33 +564,19 @@ fn centroid_tables(d: usize, fits: &[(String, expressions::BatchCentroids)]) -> 
 /// sample at a time.
 #[pyclass(module = "polars_singlecell._internal")]
 struct SpillSampler {
-    cap: usize,
-    d: usize,
-    seed: u64,
+    spec: SamplerSpec,
     n_rows: u64,
     cuts: BTreeMap<String, KeyCut>,
     samples: Option<BTreeMap<String, expressions::SpilledSample>>,
     pass_rows: u64,
-    pool: rayon::ThreadPool,
 }
 
 #[pymethods]
 impl SpillSampler {
     #[new]
     fn new(d: usize, max_samples_per_batch: usize, random_state: u64, n_threads: usize) -> PyResult<Self> {
-        if max_samples_per_batch == 0 || d == 0 {
-            return Err(value_error("max_samples_per_batch and the embedding width must be at least 1"));
-        }
-        Ok(SpillSampler {
-            d,
-            cap: max_samples_per_batch,
-            seed: random_state,
-            n_rows: 0,
-            cuts: BTreeMap::new(),
-            samples: None,
-            pass_rows: 0,
-            pool: fit_pool(n_threads)?,
-        })
+        let spec = SamplerSpec::new(d, max_samples_per_batch, random_state, n_threads)?;
+        Ok(SpillSampler { spec, n_rows: 0, cuts: BTreeMap::new(), samples: None, pass_rows: 0 })
     }
 
     /// Pass one: a record batch of the batch column.
@@ -583,10 +584,9 @@ impl SpillSampler {
         if self.samples.is_some() {
             return Err(value_error("count() after start(): pass one is over"));
         }
-        let labels = batch.0.cast(&DataType::String).map_err(value_error)?;
-        let labels = labels.str().map_err(value_error)?;
-        let (cuts, cap, seed, row0) = (&mut self.cuts, self.cap, self.seed, self.n_rows);
-        let n = py.detach(|| expressions::centroid_cut_update(cuts, cap, seed, row0, labels)).map_err(value_error)?;
+        let labels = batch_labels(&batch)?;
+        let (cuts, cap, seed, row0) = (&mut self.cuts, self.spec.cap, self.spec.seed, self.n_rows);
+        let n = py.detach(|| expressions::centroid_cut_update(cuts, cap, seed, row0, &labels)).map_err(value_error)?;
         self.n_rows += n as u64;
         Ok(())
     }
@@ -616,10 +616,9 @@ impl SpillSampler {
         let Some(samples) = self.samples.as_mut() else {
             return Err(value_error("update() before start()"));
         };
-        let labels = batch.0.cast(&DataType::String).map_err(value_error)?;
-        let labels = labels.str().map_err(value_error)?;
-        let (d, row0) = (self.d, self.pass_rows);
-        let n = py.detach(|| expressions::centroid_spill_update(samples, d, row0, &embedding.0, labels)).map_err(value_error)?;
+        let labels = batch_labels(&batch)?;
+        let (d, row0) = (self.spec.d, self.pass_rows);
+        let n = py.detach(|| expressions::centroid_spill_update(samples, d, row0, &embedding.0, &labels)).map_err(value_error)?;
         self.pass_rows += n as u64;
         Ok(())
     }
@@ -662,9 +661,8 @@ impl SpillSampler {
         for s in samples.values_mut() {
             s.flush().map_err(value_error)?;
         }
-        let kw = KMeansKwargs { n_centroids, max_iter, tol, random_state: self.seed, init_size, device: device.into(), names: Vec::new() };
-        let params = kw.params().map_err(value_error)?;
-        let (pool, d) = (&self.pool, self.d);
+        let params = self.spec.params(n_centroids, max_iter, tol, init_size, device)?;
+        let (pool, d) = (&self.spec.pool, self.spec.d);
         let fits = py
             .detach(|| {
                 pool.install(|| {

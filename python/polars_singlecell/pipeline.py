@@ -132,7 +132,9 @@ def integrate(
       (``fit_centroids(low_memory=True)``: one batch's sample in memory at a
       time, the others in a hidden ``.centroid-sample.*.tmp`` folder in ``out``);
     - ``integration.parquet``: the :class:`IntegrationModel` (displacements, metrics);
-    - ``cells.parquet``: every cell with ``X_pca`` and ``X_ot``;
+    - ``cells.parquet``: every cell with ``X_pca`` and ``X_ot`` (this file and
+      ``cells_pca.parquet`` are written 262,144 rows at a time into hidden
+      part files, then copied into one: peak memory does not grow with cells);
     - ``report.json``: parameters, versions, seconds and peak RSS so far
       (``peak_rss_gb``) per stage, the
       integration's metrics and, with ``label_key``, :func:`metrics.evaluate`

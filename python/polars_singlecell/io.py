@@ -166,8 +166,9 @@ def _sink_in_slices(lf: pl.LazyFrame, path: str | os.PathLike, rows: int = 262_1
 
     One ``sink_parquet`` of the whole query would let the Parquet source
     decode ahead of the slow expression (pola-rs/polars#28569): the
-    pipeline's interpolate stage peaked at 1.04 GB for 10M cells against
-    0.65 GB for 1M. A slice pushed into the scan decodes only its own rows.
+    pipeline's interpolate write peaked at 0.83 GB for 10M cells against
+    0.62 GB for 1M, and 0.52 / 0.42 GB in slices (benches/bench_sink_slices.py).
+    A slice pushed into the scan decodes only its own rows.
     Queries where a slice does not reach a single scan get one plain sink."""
     from polars_singlecell import _progress
     from polars_singlecell.preprocessing import _slice_reaches_scan

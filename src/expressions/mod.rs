@@ -200,9 +200,7 @@ pub fn centroid_cut_update(
     row0: u64,
     batch: &StringChunked,
 ) -> PolarsResult<usize> {
-    if let Some(i) = batch.iter().position(|b| b.is_none()) {
-        polars_bail!(ComputeError: "batch column '{}' is null at row {}; fill or drop null batches first", batch.name(), row0 + i as u64);
-    }
+    check_no_null_batch(batch, row0)?;
     for (i, b) in batch.iter().enumerate() {
         let b = b.expect("checked: no null batch");
         let c = match cuts.get_mut(b) {
@@ -260,29 +258,25 @@ impl SpilledSample {
     pub fn load(mut self, d: usize) -> PolarsResult<Vec<f32>> {
         use std::io::Read;
         self.flush()?;
-        let mut x = Vec::with_capacity(self.n_kept * d);
+        let want = self.n_kept * d;
+        let mut x = Vec::with_capacity(want);
         if self.n_kept > 0 {
             let mut f = std::fs::File::open(&self.path)?;
-            // Chunks, so the bytes are never held next to the floats.
-            let mut chunk = vec![0u8; (1 << 20) / 4 * 4];
-            loop {
-                let n = f.read(&mut chunk)?;
-                if n == 0 {
-                    break;
-                }
-                let mut got = n;
-                while got % 4 != 0 {
-                    let m = f.read(&mut chunk[got..got + (4 - got % 4)])?;
-                    polars_ensure!(m > 0, ComputeError: "the centroid sample file {} ends mid-value", self.path.display());
-                    got += m;
-                }
-                x.extend(chunk[..got].chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])));
+            let len = f.metadata()?.len();
+            polars_ensure!(len == 4 * want as u64, ComputeError:
+                "the centroid sample file {} holds {len} bytes, expected {}; was it changed while the fit ran?",
+                self.path.display(), 4 * want);
+            // 1 MiB at a time, so the bytes are never held next to the floats.
+            let mut chunk = vec![0u8; 1 << 20];
+            let mut left = 4 * want;
+            while left > 0 {
+                let piece = &mut chunk[..left.min(1 << 20)];
+                f.read_exact(piece)?;
+                x.extend(piece.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])));
+                left -= piece.len();
             }
             std::fs::remove_file(&self.path)?;
         }
-        polars_ensure!(x.len() == self.n_kept * d, ComputeError:
-            "the centroid sample file {} holds {} values, expected {}; was it changed while the fit ran?",
-            self.path.display(), x.len(), self.n_kept * d);
         Ok(x)
     }
 }
@@ -308,6 +302,14 @@ pub fn centroid_spill_update(
     Ok(batch.len())
 }
 
+/// The first null of a batch column is an error naming its row.
+fn check_no_null_batch(batch: &StringChunked, row0: u64) -> PolarsResult<()> {
+    if let Some(i) = batch.iter().position(|b| b.is_none()) {
+        polars_bail!(ComputeError: "batch column '{}' is null at row {}; fill or drop null batches first", batch.name(), row0 + i as u64);
+    }
+    Ok(())
+}
+
 /// A record batch's embedding rows, checked as the centroid fit needs them.
 fn checked_sample_rows<'a>(width: usize, row0: u64, embedding: &'a Series, batch: &StringChunked) -> PolarsResult<(std::borrow::Cow<'a, [f32]>, usize)> {
     let (x, d) = convert::embedding_rows(embedding)
@@ -315,9 +317,7 @@ fn checked_sample_rows<'a>(width: usize, row0: u64, embedding: &'a Series, batch
     if batch.len() * d != x.len() {
         polars_bail!(ComputeError: "batch column '{}' has {} rows but the embedding has {}", batch.name(), batch.len(), x.len() / d);
     }
-    if let Some(i) = batch.iter().position(|b| b.is_none()) {
-        polars_bail!(ComputeError: "batch column '{}' is null at row {}; fill or drop null batches first", batch.name(), row0 + i as u64);
-    }
+    check_no_null_batch(batch, row0)?;
     if let Some(i) = x.iter().position(|v| !v.is_finite()) {
         polars_bail!(ComputeError: "column '{}' holds the non-finite value {} at row {}; k-means needs finite embeddings (drop or fix those cells)", embedding.name(), x[i], row0 + (i / d) as u64);
     }

@@ -180,11 +180,21 @@ def _sink_in_slices(lf: pl.LazyFrame, path: str | os.PathLike, rows: int = 262_1
     parts = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.parts.tmp")  # integrate clears stale ones
     count = _progress.counter()
     try:
-        parts.mkdir(parents=True)
+        try:
+            parts.mkdir(parents=True)
+        except OSError as e:
+            raise (_write_failed(final, e) or e) from e
         files, start = [], 0
         while True:
             files.append(parts / f"{len(files):06d}.parquet")
-            lf.slice(start, rows).sink_parquet(files[-1])
+            try:
+                lf.slice(start, rows).sink_parquet(files[-1])
+            except pl.exceptions.PolarsError as e:
+                # A full disk while writing a part is a failed write of ``path``, said as sink_parquet says it.
+                failed = _write_failed(final, e)
+                if failed is None:
+                    raise
+                raise failed from e
             n = pl.scan_parquet(files[-1]).select(pl.len()).collect().item()
             if count is not None:
                 count(n)

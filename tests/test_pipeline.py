@@ -248,31 +248,45 @@ def test_progress_bars_count_every_cell_and_change_no_output(raw, tmp_path, caps
     assert capsys.readouterr().err == ""
 
 
-def test_sink_in_slices_writes_what_one_sink_writes(tmp_path):
-    # The pipeline's project and interpolate stages sink in slices (bounded
-    # memory, pola-rs/polars#28569): same rows, same order, same values.
+def test_sink_bounded_writes_what_one_sink_writes(tmp_path, monkeypatch):
+    # The pipeline's project and interpolate stages sink with one row group
+    # of read-ahead (bounded memory, pola-rs/polars#28569): same rows, same
+    # order, same values; the setting holds during the query only.
+    import os
+
     from polars_singlecell import _progress
-    from polars_singlecell.io import _sink_in_slices
+    from polars_singlecell.io import _PREFETCH, _sink_bounded
+
+    monkeypatch.delenv(_PREFETCH, raising=False)
+    seen = []
+
+    def spy(s: pl.Series) -> pl.Series:
+        seen.append(os.environ.get(_PREFETCH))
+        return s
 
     rng = np.random.default_rng(0)
-    for n in (5_500, 5_000):  # a short last slice; an exact multiple (an empty last part)
-        src = tmp_path / f"src{n}.parquet"
-        pl.DataFrame({"i": np.arange(n), "x": rng.normal(size=n)}).write_parquet(src, row_group_size=700)
-        q = pl.scan_parquet(src).with_columns(y=pl.col("x") * 2 + pl.col("i"))
-        with _progress.track("t", n, stream=open(tmp_path / "bar.txt", "w")) as bar:
-            _sink_in_slices(q, tmp_path / "out.parquet", rows=1000)
-        assert bar.done == n  # every row counted once
-        assert pl.read_parquet(tmp_path / "out.parquet").equals(q.collect())
-        assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
-    # A query that fails leaves the old file as it was and no parts.
-    bad = pl.scan_parquet(tmp_path / "src5500.parquet").with_columns(
+    n = 5_500
+    src = tmp_path / "src.parquet"
+    pl.DataFrame({"i": np.arange(n), "x": rng.normal(size=n)}).write_parquet(src, row_group_size=700)
+    q = pl.scan_parquet(src).with_columns(y=(pl.col("x") * 2 + pl.col("i")).map_batches(spy, return_dtype=pl.Float64, is_elementwise=True))
+    with _progress.track("t", n, stream=open(tmp_path / "bar.txt", "w")) as bar:
+        _sink_bounded(q, tmp_path / "out.parquet")
+    assert bar.done == n  # every row counted once
+    assert seen and set(seen) == {"1"}  # read one row group ahead, while the query ran
+    assert _PREFETCH not in os.environ  # and not after
+    assert pl.read_parquet(tmp_path / "out.parquet").equals(q.collect())
+    # A value the user set is theirs.
+    monkeypatch.setenv(_PREFETCH, "3")
+    seen.clear()
+    _sink_bounded(q, tmp_path / "out.parquet")
+    assert set(seen) == {"3"} and os.environ[_PREFETCH] == "3"
+    monkeypatch.delenv(_PREFETCH)
+    # A query that fails leaves the old file as it was, no temporary file, and the variable unset.
+    bad = pl.scan_parquet(src).with_columns(
         y=pl.when(pl.col("i") < 3000).then(pl.col("x")).otherwise(pl.col("x").cast(pl.String).cast(pl.Int64, strict=True)))
     before = (tmp_path / "out.parquet").read_bytes()
     with pytest.raises(pl.exceptions.PolarsError):
-        _sink_in_slices(bad, tmp_path / "out.parquet", rows=1000)
+        _sink_bounded(bad, tmp_path / "out.parquet")
     assert (tmp_path / "out.parquet").read_bytes() == before
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
-    # An in-memory frame: no slices, one plain sink.
-    df = pl.DataFrame({"a": [1, 2, 3]})
-    _sink_in_slices(df.lazy(), tmp_path / "df.parquet", rows=1)
-    assert pl.read_parquet(tmp_path / "df.parquet").equals(df)
+    assert _PREFETCH not in os.environ

@@ -159,52 +159,34 @@ def sink_parquet(lf: pl.LazyFrame, path: str | os.PathLike, **kwargs: Any) -> No
         lf.sink_parquet(tmp, **kwargs)
 
 
-def _sink_in_slices(lf: pl.LazyFrame, path: str | os.PathLike, rows: int = 262_144, **kwargs: Any) -> None:
-    """:func:`sink_parquet` in bounded memory for a slow query over one
-    Parquet scan (``pca_project``, ``knn_interpolate``): ``rows`` rows at a
-    time into hidden part files, then one streaming copy into ``path``.
+# The streaming Parquet source's read-ahead, in row groups. Polars reads it
+# from the environment when a query starts; its default (enough row groups to
+# keep every thread busy) lets the source decode far ahead of a slow
+# expression (pola-rs/polars#28569).
+_PREFETCH = "POLARS_ROW_GROUP_PREFETCH_SIZE"
 
-    One ``sink_parquet`` of the whole query would let the Parquet source
-    decode ahead of the slow expression (pola-rs/polars#28569): the
-    pipeline's interpolate write peaked at 0.83 GB for 10M cells against
-    0.62 GB for 1M, and 0.52 / 0.42 GB in slices (benches/bench_sink_slices.py).
-    A slice pushed into the scan decodes only its own rows.
-    Queries where a slice does not reach a single scan get one plain sink."""
-    from polars_singlecell import _progress
-    from polars_singlecell.preprocessing import _slice_reaches_scan
 
-    if not _slice_reaches_scan(lf):
+def _sink_bounded(lf: pl.LazyFrame, path: str | os.PathLike, **kwargs: Any) -> None:
+    """:func:`sink_parquet` with the Parquet source reading one row group
+    ahead, for a slow query over a scan (``pca_project``, ``knn_interpolate``).
+
+    A plain sink lets the source decode ahead of the slow expression: the
+    pipeline's interpolate write peaked at 0.94 GB for 10M cells, against
+    0.52 GB with one row group of read-ahead, in the same time (27 vs 26 s;
+    ``benches/bench_sink_slices.py``). The earlier fix, sinking 262,144-row
+    slices into part files and copying them into one, cost 20 s more at 10M
+    (the copy) for 0.47 GB.
+
+    The variable is set for this call only, between queries (nothing else of
+    Polars runs then); a value the user set is left as it is."""
+    if _PREFETCH in os.environ:
         sink_parquet(lf, path, **kwargs)
         return
-    final = Path(path)
-    parts = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.parts.tmp")  # integrate clears stale ones
-    count = _progress.counter()
+    os.environ[_PREFETCH] = "1"
     try:
-        try:
-            parts.mkdir(parents=True)
-        except OSError as e:
-            raise (_write_failed(final, e) or e) from e
-        files, start = [], 0
-        while True:
-            files.append(parts / f"{len(files):06d}.parquet")
-            try:
-                lf.slice(start, rows).sink_parquet(files[-1])
-            except pl.exceptions.PolarsError as e:
-                # A full disk while writing a part is a failed write of ``path``, said as sink_parquet says it.
-                failed = _write_failed(final, e)
-                if failed is None:
-                    raise
-                raise failed from e
-            n = pl.scan_parquet(files[-1]).select(pl.len()).collect().item()
-            if count is not None:
-                count(n)
-            if n < rows:
-                break
-            start += rows
-        with _progress.paused():  # the rows were counted once, above
-            sink_parquet(pl.scan_parquet(files), final, **kwargs)
+        sink_parquet(lf, path, **kwargs)
     finally:
-        shutil.rmtree(parts, ignore_errors=True)
+        os.environ.pop(_PREFETCH, None)
 
 
 def write_parquet(df: pl.DataFrame, path: str | os.PathLike, **kwargs: Any) -> None:

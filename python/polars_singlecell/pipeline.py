@@ -163,7 +163,7 @@ def integrate(
     """
     import polars_singlecell as psc
     from polars_singlecell._device import check_device
-    from polars_singlecell.io import _sink_in_slices, write_parquet
+    from polars_singlecell.io import _sink_bounded, write_parquet
 
     device = check_device(device)
     out = Path(out)
@@ -257,7 +257,7 @@ def integrate(
     def project() -> dict:
         lf, _ = selected()
         model = psc.PcaModel.load(out / "pca.parquet")
-        _sink_in_slices(lf.select(*keep, psc.pca_project(*COUNTS, model=model, device=device)), out / "cells_pca.parquet")
+        _sink_bounded(lf.select(*keep, psc.pca_project(*COUNTS, model=model, device=device)), out / "cells_pca.parquet")
         return {"n_cells": pl.scan_parquet(out / "cells_pca.parquet").select(pl.len()).collect().item()}
 
     def centroids() -> dict:
@@ -278,12 +278,16 @@ def integrate(
         cells = pl.scan_parquet(out / "cells_pca.parquet").with_columns(
             psc.knn_interpolate("X_pca", batch_key, model=model, k=k, mode=mode, device=device)
         )
-        _sink_in_slices(cells, out / "cells.parquet")
+        _sink_bounded(cells, out / "cells.parquet")
         if not label_key:
             return {}
+        t = time.perf_counter()
         table = psc.metrics.evaluate(pl.scan_parquet(out / "cells.parquet"), ["X_pca", "X_ot"], batch_key=batch_key,
                                      label_key=label_key, max_cells=evaluate_cells, seed=random_state)
-        return {"evaluate": [dict(zip(table.columns, row)) for row in table.iter_rows()]}
+        # Its own time: judging the result is not integrating (a benchmark
+        # compares the integration alone against another method's call).
+        return {"evaluate": [dict(zip(table.columns, row)) for row in table.iter_rows()],
+                "evaluate_seconds": round(time.perf_counter() - t, 3)}
 
     stage("genes", ["genes.parquet"], genes)
     stage("pca", ["pca.parquet"], pca)

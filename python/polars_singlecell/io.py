@@ -171,11 +171,11 @@ def _sink_bounded(lf: pl.LazyFrame, path: str | os.PathLike, **kwargs: Any) -> N
     ahead, for a slow query over a scan (``pca_project``, ``knn_interpolate``).
 
     A plain sink lets the source decode ahead of the slow expression: the
-    pipeline's interpolate write peaked at 0.94 GB for 10M cells, against
-    0.52 GB with one row group of read-ahead, in the same time (27 vs 26 s;
-    ``benches/bench_sink_slices.py``). The earlier fix, sinking 262,144-row
-    slices into part files and copying them into one, cost 20 s more at 10M
-    (the copy) for 0.47 GB.
+    pipeline's interpolate write peaked at 1.48 GB for 10M cells, against
+    0.51 GB with one row group of read-ahead, in the same time (28.3 vs
+    28.1 s; ``benches/bench_sink_bounded.py``). The earlier fix, sinking
+    262,144-row slices into part files and copying them into one, took
+    46.4 s (the copy) for 0.47 GB.
 
     The variable is set for this call only, between queries (nothing else of
     Polars runs then); a value the user set is left as it is."""

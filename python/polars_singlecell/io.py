@@ -175,7 +175,7 @@ def _sink_bounded(lf: pl.LazyFrame, path: str | os.PathLike, **kwargs: Any) -> N
     0.51 GB with one row group of read-ahead, in the same time (28.3 vs
     28.1 s; ``benches/bench_sink_bounded.py``). The earlier fix, sinking
     262,144-row slices into part files and copying them into one, took
-    46.4 s (the copy) for 0.47 GB.
+    48.9 s (the copy) for 0.52 GB (``bench_sink_slices.py``, commit 0639330).
 
     The variable is set for this call only, between queries (nothing else of
     Polars runs then); a value the user set is left as it is."""

@@ -322,9 +322,9 @@ def fit_integration(
       cold starts at 1e-6, against 0.11% for warm starts at 1e-6 (the
       solver's own path), with the same centroid metrics to 4 digits, and
       took 137 s instead of 867 s (float64 iterations then). At a ``tol``
-      of 1e-5 or more the iterations run in float32 (a third of the time
-      again, the same iterations and displacements to 6e-8); below, float32
-      until 1e-5, then float64.
+      of 1e-5 or more the iterations run in float32 (the pipeline
+      benchmark's integration stage 126 → 49 s, with the same metrics to 4
+      digits); below, float32 until 1e-5, then float64.
     - ``n_neighbors`` (15), ``smooth_steps`` (2): smoothing of the
       displacement over each batch's centroid kNN graph (self included).
       0 steps gives s_i × the raw displacement, unsmoothed.

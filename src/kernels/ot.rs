@@ -330,14 +330,38 @@ impl<T: Precision> Scaled<T> {
     }
 }
 
+/// The cost matrix of the phase running: float32 first, float64 after.
+enum Phase {
+    F32(Scaled<f32>),
+    F64(Scaled<f64>),
+}
+
+impl Phase {
+    /// New row potentials from the column ones (`logm`: ln of the column masses).
+    fn rows(&self, psi: &[f64], logm: &[f64], lam: f64) -> Vec<f64> {
+        match self {
+            Phase::F32(s) => Scaled::update(&s.rows, psi, logm, lam),
+            Phase::F64(s) => Scaled::update(&s.rows, psi, logm, lam),
+        }
+    }
+
+    /// New column potentials from the row ones (`logm`: ln of the row masses).
+    fn cols(&self, phi: &[f64], logm: &[f64], lam: f64) -> Vec<f64> {
+        match self {
+            Phase::F32(s) => Scaled::update(&s.cols, phi, logm, lam),
+            Phase::F64(s) => Scaled::update(&s.cols, phi, logm, lam),
+        }
+    }
+}
+
 /// Iterations run in float32 until every potential has settled to within
 /// this (relative, as `tol`), then in float64 until `tol`: float32 has
 /// twice the lanes and a third of the polynomial, and its rounding (~1e−7
 /// relative to the largest potential) stays 100× under this point. A `tol`
-/// at or above it (fit_integration's 1e-4) is reached in float32 alone: on
-/// the 10M-cell benchmark's 28,672 centroids the 112 solves took 3.3× less
-/// time than in float64 throughout, in the same number of iterations each,
-/// and the displacements moved by 6e-8 (RMS, relative).
+/// at or above it (fit_integration's 1e-4) is reached in float32 alone, in
+/// the same iterations as float64 (test below); the pipeline benchmark's
+/// integration stage went from 126 to 49 s with it and the other changes
+/// of that commit.
 const F32_UNTIL: f64 = 1e-5;
 
 fn check_inputs(a: &[f64], b: &[f64], cost: &[f64], p: &SinkhornParams) -> Result<(), KernelError> {
@@ -419,17 +443,15 @@ fn solve(a: &[f64], b: &[f64], cost: &[f64], p: &SinkhornParams, init_phi: Optio
     let lam = if p.reg_m.is_infinite() { 1.0 } else { p.reg_m / (p.reg_m + eps) };
     let la: Vec<f64> = a.iter().map(|x| x.ln()).collect();
     let lb: Vec<f64> = b.iter().map(|x| x.ln()).collect();
-    let mut fast: Option<Scaled<f32>> = f32_until.map(|_| Scaled::new(cost, n, m, eps));
-    let mut exact: Option<Scaled<f64>> = if fast.is_none() { Some(Scaled::new(cost, n, m, eps)) } else { None };
+    let mut phase = match f32_until {
+        Some(_) => Phase::F32(Scaled::new(cost, n, m, eps)),
+        None => Phase::F64(Scaled::new(cost, n, m, eps)),
+    };
     let f32_until = f32_until.unwrap_or(0.0);
     let (mut phi, mut psi) = (vec![0.0; n], vec![0.0; m]);
     if let Some(init) = init_phi {
         phi.copy_from_slice(init);
-        psi = match (&fast, &exact) {
-            (Some(f), _) => Scaled::update(&f.cols, &phi, &la, lam),
-            (None, Some(e)) => Scaled::update(&e.cols, &phi, &la, lam),
-            (None, None) => unreachable!("one precision is always set"),
-        };
+        psi = phase.cols(&phi, &la, lam);
     }
     let (mut iterations, mut converged, mut delta) = (0, false, f64::INFINITY);
     // Over-relaxation (Thibault et al. 2017): near the fixed point plain
@@ -444,21 +466,11 @@ fn solve(a: &[f64], b: &[f64], cost: &[f64], p: &SinkhornParams, init_phi: Optio
     let mut prev_delta = f64::INFINITY;
     let mut ratios: Vec<f64> = Vec::new();
     for it in 0..p.max_iter {
-        let row_update = |psi: &[f64]| match (&fast, &exact) {
-            (Some(f), _) => Scaled::update(&f.rows, psi, &lb, lam),
-            (None, Some(e)) => Scaled::update(&e.rows, psi, &lb, lam),
-            (None, None) => unreachable!("one precision is always set"),
-        };
-        let col_update = |phi: &[f64]| match (&fast, &exact) {
-            (Some(f), _) => Scaled::update(&f.cols, phi, &la, lam),
-            (None, Some(e)) => Scaled::update(&e.cols, phi, &la, lam),
-            (None, None) => unreachable!("one precision is always set"),
-        };
-        let mut new_phi = row_update(&psi);
+        let mut new_phi = phase.rows(&psi, &lb, lam);
         if omega != 1.0 {
             new_phi.iter_mut().zip(&phi).for_each(|(v, old)| *v = old + omega * (*v - old));
         }
-        let mut new_psi = col_update(&new_phi);
+        let mut new_psi = phase.cols(&new_phi, &la, lam);
         if omega != 1.0 {
             new_psi.iter_mut().zip(&psi).for_each(|(v, old)| *v = old + omega * (*v - old));
         }
@@ -494,10 +506,10 @@ fn solve(a: &[f64], b: &[f64], cost: &[f64], p: &SinkhornParams, init_phi: Optio
                 p.reg_m
             )));
         }
-        if fast.is_some() && p.tol < f32_until {
+        if let (Phase::F32(fast), true) = (&mut phase, p.tol < f32_until) {
             if delta < f32_until {
-                fast = None; // freed before the float64 copies are made
-                exact = Some(Scaled::new(cost, n, m, eps));
+                *fast = Scaled { rows: Vec::new(), cols: Vec::new() }; // freed before the float64 copies are made
+                phase = Phase::F64(Scaled::new(cost, n, m, eps));
             }
         } else if delta < p.tol {
             converged = true;

@@ -15,7 +15,7 @@ use serde::Deserialize;
 
 use crate::expressions::{self, convert, InterpolationModel};
 use crate::kernels;
-use crate::kernels::hvg::GeneStats;
+use crate::kernels::hvg::{ClippedSums, GeneStats, Transform};
 use crate::kernels::kmeans::KMeansParams;
 use crate::kernels::sample::{BottomK, KeyCut};
 use crate::kernels::pca::{CovAccumulator, PcaProjector};
@@ -85,6 +85,45 @@ fn select_genes(inputs: &[Series], kwargs: SelectGenesKwargs) -> PolarsResult<Se
     Ok(StructChunked::from_series(inputs[0].name().clone(), len, [idx, val].iter())?.into_series())
 }
 
+// ---------------------------------------------------------------- to_cells
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ToCellsKwargs {
+    /// The vocabulary's token ids, int64 little-endian, gene order (None:
+    /// the ids are the gene indices).
+    #[serde(with = "serde_bytes")]
+    tokens: Option<Vec<u8>>,
+    n_genes: Option<usize>,
+}
+
+fn to_cells_output(fields: &[Field]) -> PolarsResult<Field> {
+    convert::check_token_fields(fields)?;
+    let (idx, val) = (DataType::List(Box::new(DataType::UInt32)), DataType::List(Box::new(DataType::Float32)));
+    Ok(Field::new("cells".into(), DataType::Struct(vec![Field::new("gene_idx".into(), idx), Field::new("values".into(), val)])))
+}
+
+/// The vocabulary is re-read per record batch: 62,710 tokens are 0.5 MB of
+/// kwargs and a dense table built in well under a millisecond, against
+/// seconds of work per batch.
+#[polars_expr(output_type_func = to_cells_output)]
+fn to_cells(inputs: &[Series], kwargs: ToCellsKwargs) -> PolarsResult<Series> {
+    let map = match &kwargs.tokens {
+        Some(b) => {
+            polars_ensure!(b.len() % 8 == 0, ComputeError: "tokens: {} bytes is not a whole number of int64", b.len());
+            let ids: Vec<i64> = b.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes"))).collect();
+            Some(kernels::cells::TokenMap::new(&ids)?)
+        },
+        None => None,
+    };
+    let how = match &map {
+        Some(m) => kernels::cells::Genes::Vocabulary(m),
+        None => kernels::cells::Genes::Indices(kwargs.n_genes),
+    };
+    let (idx, val) = expressions::to_cells(&inputs[0], &inputs[1], &how)?;
+    Ok(StructChunked::from_series("cells".into(), idx.len(), [idx, val].iter())?.into_series())
+}
+
 /// The `device` option of an expression or fit ("cpu" or "cuda"), checked
 /// to be usable now.
 fn device(name: &str) -> Result<Device, crate::error::KernelError> {
@@ -109,6 +148,9 @@ struct PcaProjectKwargs {
     /// float64 little-endian, (n_comps, n_genes) row-major
     #[serde(with = "serde_bytes")]
     components: Vec<u8>,
+    /// float64 little-endian, (n_genes,): a scaled fit's standard deviations.
+    #[serde(default, with = "serde_bytes")]
+    std: Option<Vec<u8>>,
     #[serde(default = "cpu")]
     device: String,
 }
@@ -129,7 +171,8 @@ fn pca_project_output(fields: &[Field], kwargs: PcaProjectKwargs) -> PolarsResul
 fn pca_project(inputs: &[Series], kwargs: PcaProjectKwargs) -> PolarsResult<Series> {
     let mean = f64_le(&kwargs.mean, "mean")?;
     let components = f64_le(&kwargs.components, "components")?;
-    let model = PcaProjector::new(&mean, &components, kwargs.n_comps)?;
+    let std = kwargs.std.as_deref().map(|b| f64_le(b, "std")).transpose()?;
+    let model = PcaProjector::new(&mean, &components, kwargs.n_comps, std.as_deref())?;
     expressions::pca_project(&inputs[0], &inputs[1], &model, device(&kwargs.device)?)
 }
 
@@ -333,17 +376,32 @@ fn fit_pool(n_threads: usize) -> PyResult<rayon::ThreadPool> {
 #[pyclass(module = "polars_singlecell._internal")]
 struct GeneStatsAccumulator {
     n_genes: usize,
+    transform: Transform,
     batches: BTreeMap<String, GeneStats>,
 }
 
 #[pymethods]
 impl GeneStatsAccumulator {
+    /// `transform`: "expm1" (flavor seurat: log-normalised values) or
+    /// "counts" (flavor seurat_v3: raw counts).
     #[new]
-    fn new(n_genes: usize) -> PyResult<Self> {
+    #[pyo3(signature = (n_genes, transform = "expm1"))]
+    fn new(n_genes: usize, transform: &str) -> PyResult<Self> {
         if n_genes == 0 {
             return Err(value_error("n_genes must be at least 1"));
         }
-        Ok(GeneStatsAccumulator { n_genes, batches: BTreeMap::new() })
+        let transform = match transform {
+            "expm1" => Transform::Expm1,
+            "counts" => Transform::Counts,
+            t => return Err(value_error(format!("transform must be 'expm1' or 'counts', got {t:?}"))),
+        };
+        Ok(GeneStatsAccumulator { n_genes, transform, batches: BTreeMap::new() })
+    }
+
+    /// Entries seen that are not whole numbers (raw counts are).
+    #[getter]
+    fn non_integer(&self) -> u64 {
+        self.batches.values().map(|b| b.non_integer).sum()
     }
 
     /// `batch`: a Series of batch labels (or None for one batch).
@@ -353,15 +411,16 @@ impl GeneStatsAccumulator {
             Some(b) => Some(b.0.cast(&DataType::String).map_err(value_error)?.str().map_err(value_error)?.clone()),
             None => None,
         };
-        let (n_genes, batches) = (self.n_genes, &mut self.batches);
-        py.detach(|| expressions::gene_stats_update(batches, n_genes, &gene_idx.0, &values.0, labels.as_ref()))
+        let (n_genes, transform, batches) = (self.n_genes, self.transform, &mut self.batches);
+        py.detach(|| expressions::gene_stats_update(batches, n_genes, transform, &gene_idx.0, &values.0, labels.as_ref()))
             .map_err(value_error)
     }
 
-    /// One row per (batch, gene): n_cells, mean, var (ddof=1), nnz.
+    /// One row per (batch, gene): n_cells, mean, var (ddof=1), nnz, sum, sumsq.
     fn finish(&self) -> PyResult<PyDataFrame> {
         let g = self.n_genes;
         let (mut batch, mut gene, mut n_cells, mut mean, mut var, mut nnz) = (vec![], vec![], vec![], vec![], vec![], vec![]);
+        let (mut sum, mut sumsq) = (vec![], vec![]);
         for (label, st) in &self.batches {
             let (m, v) = st.mean_var();
             batch.extend(std::iter::repeat_n(label.clone(), g));
@@ -370,6 +429,8 @@ impl GeneStatsAccumulator {
             mean.extend(m);
             var.extend(v);
             nnz.extend(st.nnz.iter().copied());
+            sum.extend(st.sum.iter().copied());
+            sumsq.extend(st.sumsq.iter().copied());
         }
         let df = DataFrame::new_infer_height(vec![
             Column::new("batch".into(), batch),
@@ -378,10 +439,76 @@ impl GeneStatsAccumulator {
             Column::new("mean".into(), mean),
             Column::new("var".into(), var),
             Column::new("nnz".into(), nnz),
+            Column::new("sum".into(), sum),
+            Column::new("sumsq".into(), sumsq),
         ])
         .map_err(value_error)?;
         Ok(PyDataFrame(df))
     }
+}
+
+/// seurat_v3's second pass: per batch, Σ min(x, clip) and Σ min(x, clip)²
+/// per gene, fed one record batch at a time.
+#[pyclass(module = "polars_singlecell._internal")]
+struct ClippedSumsAccumulator {
+    n_genes: usize,
+    batches: BTreeMap<String, ClippedSums>,
+}
+
+#[pymethods]
+impl ClippedSumsAccumulator {
+    /// `clip`: (batch label, clip value per gene) for every batch.
+    #[new]
+    fn new(clip: Vec<(String, Vec<f64>)>) -> PyResult<Self> {
+        let n_genes = clip.first().map(|c| c.1.len()).ok_or_else(|| value_error("clip lists no batch"))?;
+        let mut batches = BTreeMap::new();
+        for (label, c) in clip {
+            if c.len() != n_genes {
+                return Err(value_error(format!("batch {label:?} has {} clip values, expected {n_genes}", c.len())));
+            }
+            batches.insert(label, ClippedSums::new(c));
+        }
+        Ok(ClippedSumsAccumulator { n_genes, batches })
+    }
+
+    #[pyo3(signature = (gene_idx, values, batch=None))]
+    fn update(&mut self, py: Python<'_>, gene_idx: PySeries, values: PySeries, batch: Option<PySeries>) -> PyResult<()> {
+        let labels = match batch {
+            Some(b) => Some(b.0.cast(&DataType::String).map_err(value_error)?.str().map_err(value_error)?.clone()),
+            None => None,
+        };
+        let (n_genes, batches) = (self.n_genes, &mut self.batches);
+        py.detach(|| expressions::clipped_sums_update(batches, n_genes, &gene_idx.0, &values.0, labels.as_ref()))
+            .map_err(value_error)
+    }
+
+    /// One row per (batch, gene): sum, sumsq.
+    fn finish(&self) -> PyResult<PyDataFrame> {
+        let g = self.n_genes;
+        let (mut batch, mut gene, mut sum, mut sumsq) = (vec![], vec![], vec![], vec![]);
+        for (label, st) in &self.batches {
+            batch.extend(std::iter::repeat_n(label.clone(), g));
+            gene.extend(0..g as u32);
+            sum.extend(st.sum.iter().copied());
+            sumsq.extend(st.sumsq.iter().copied());
+        }
+        let df = DataFrame::new_infer_height(vec![
+            Column::new("batch".into(), batch),
+            Column::new("gene_idx".into(), gene),
+            Column::new("sum".into(), sum),
+            Column::new("sumsq".into(), sumsq),
+        ])
+        .map_err(value_error)?;
+        Ok(PyDataFrame(df))
+    }
+}
+
+/// Degree-2 loess of `y` on `x` with scikit-misc's defaults (interpolate
+/// surface): seurat_v3's expected log-variance per gene.
+#[pyfunction]
+#[pyo3(signature = (x, y, span = 0.3, cell = 0.2))]
+fn loess(py: Python<'_>, x: Vec<f64>, y: Vec<f64>, span: f64, cell: f64) -> PyResult<Vec<f64>> {
+    py.detach(|| kernels::loess::loess(&x, &y, span, cell)).map_err(value_error)
 }
 
 /// Exact float64 covariance of sparse cells, fed one record batch at a time.
@@ -407,9 +534,13 @@ impl PcaAccumulator {
 
     /// (n_cells, mean, components flattened (n_comps × n_genes), explained
     /// variance, explained variance ratio) as float64 Series.
-    fn finish(&self, py: Python<'_>, n_comps: usize) -> PyResult<(u64, PySeries, PySeries, PySeries, PySeries)> {
+    /// `scale`: the PCA of the genes scaled to unit variance; `std` is then
+    /// returned (else None).
+    #[pyo3(signature = (n_comps, scale = false))]
+    #[allow(clippy::type_complexity)]
+    fn finish(&self, py: Python<'_>, n_comps: usize, scale: bool) -> PyResult<(u64, PySeries, PySeries, PySeries, PySeries, Option<PySeries>)> {
         let (acc, pool) = (&self.acc, &self.pool);
-        let fit = py.detach(|| pool.install(|| acc.fit(n_comps))).map_err(value_error)?;
+        let fit = py.detach(|| pool.install(|| acc.fit_with(n_comps, scale))).map_err(value_error)?;
         let comps = fit.components_row_major();
         let s = |name: &str, v: Vec<f64>| PySeries(Series::new(name.into(), v));
         Ok((
@@ -418,6 +549,7 @@ impl PcaAccumulator {
             s("components", comps),
             s("explained_variance", fit.explained_variance),
             s("explained_variance_ratio", fit.explained_variance_ratio),
+            fit.std.map(|v| s("std", v)),
         ))
     }
 
@@ -796,6 +928,15 @@ fn connected_components(py: Python<'_>, n: usize, src: PySeries, dst: PySeries) 
     Ok(PySeries(Series::new("component".into(), out)))
 }
 
+/// A CSR matrix's rows in the layout (`io.h5ad_to_parquet`): returns
+/// (`gene_idx: List(UInt32)`, `values: List(Float32)`), each row sorted and
+/// duplicates summed as scipy does.
+#[pyfunction]
+fn from_csr(py: Python<'_>, indptr: PySeries, indices: PySeries, data: PySeries, n_genes: usize) -> PyResult<(PySeries, PySeries)> {
+    let (idx, val) = py.detach(|| expressions::from_csr(&indptr.0, &indices.0, &data.0, n_genes)).map_err(value_error)?;
+    Ok((PySeries(idx), PySeries(val)))
+}
+
 /// Whether device="cuda" works in this process (built with the `cuda`
 /// feature, a driver and a GPU present, cuBLAS and NVRTC loaded).
 #[pyfunction]
@@ -816,6 +957,7 @@ fn _internal(m: &Bound<'_, PyModule>) -> PyResult<()> {
     // The Rust polars the plugin was built against, for the version check.
     m.add("POLARS_CRATE_VERSION", "0.55.2")?;
     m.add_class::<GeneStatsAccumulator>()?;
+    m.add_class::<ClippedSumsAccumulator>()?;
     m.add_class::<PcaAccumulator>()?;
     m.add_class::<CentroidSampler>()?;
     m.add_class::<SpillSampler>()?;
@@ -826,6 +968,8 @@ fn _internal(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(sinkhorn, m)?)?;
     m.add_function(wrap_pyfunction!(knn_search, m)?)?;
     m.add_function(wrap_pyfunction!(connected_components, m)?)?;
+    m.add_function(wrap_pyfunction!(from_csr, m)?)?;
+    m.add_function(wrap_pyfunction!(loess, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_available, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_device, m)?)?;
     m.add("CUDA_BUILD", cfg!(feature = "cuda"))?;

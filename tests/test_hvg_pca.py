@@ -162,6 +162,37 @@ def test_fit_pca_matches_sklearn_full_svd(hvg_cells):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
 
+def test_fit_pca_scaled_is_sc_pp_scale_then_pca(hvg_cells, tmp_path):
+    """scale=True folds sc.pp.scale (zero-centred, unit variance, no clipping)
+    into the fit: the PCA of scanpy's scaled matrix, without writing it."""
+    df, n_genes = hvg_cells
+    # A gene no cell expresses: std 0, which scanpy takes as 1 (a zero column).
+    df = df.with_columns(psc.select_genes(genes=range(n_genes - 1)).struct.unnest())
+    model = psc.fit_pca(df, n_genes=n_genes, n_comps=30, scale=True)
+    x = to_csr(df, n_genes).toarray().astype(np.float64)
+    adata = ad.AnnData(x.copy())
+    sc.pp.scale(adata)
+    sd = x.std(axis=0, ddof=1)
+    assert sd[-1] == 0 and model.std[-1] == 1.0
+    np.testing.assert_allclose(model.std[:-1], sd[:-1], rtol=1e-10)
+    z = (x - x.mean(axis=0)) / model.std
+    np.testing.assert_allclose(z, adata.X, rtol=1e-9, atol=1e-9)  # our scaling is scanpy's
+    ref = PCA(30, svd_solver="full").fit(adata.X)
+    comps, signs = sklearn_signed(ref)
+    np.testing.assert_allclose(model.explained_variance, ref.explained_variance_, rtol=1e-9)
+    np.testing.assert_allclose(model.explained_variance_ratio, ref.explained_variance_ratio_, rtol=1e-9)
+    np.testing.assert_allclose(model.components, comps, rtol=0, atol=1e-8)
+    got = df.select(psc.pca_project(model=model))["X_pca"].to_numpy()
+    want = ref.transform(adata.X) * signs
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    model.save(tmp_path / "pca.parquet")
+    back = psc.PcaModel.load(tmp_path / "pca.parquet")
+    np.testing.assert_array_equal(back.std, model.std)
+    assert df.select(psc.pca_project(model=back)).equals(df.select(psc.pca_project(model=model)))
+    # Without scale, no std travels with the model.
+    assert psc.fit_pca(df, n_genes=n_genes, n_comps=5).std is None
+
+
 def test_pca_model_parquet_round_trip(hvg_cells, tmp_path):
     df, n_genes = hvg_cells
     model = psc.fit_pca(df, n_genes=n_genes, n_comps=10)

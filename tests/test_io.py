@@ -134,3 +134,39 @@ def test_integrate_reads_h5ad_plates_directly_and_resumes(tmp_path):
     report = psc.integrate(folder, tmp_path / "out", **small)
     assert all(s.get("resumed") for s in report["stages"].values())
     assert stamp == [(p, p.stat().st_mtime_ns) for p in sorted((tmp_path / "out" / "source").rglob("*.parquet"))]
+
+
+def test_h5ad_in_small_row_groups_keeps_cells_and_obs_encodings(tmp_path, monkeypatch):
+    """Read and written a few rows at a time (ROW_GROUP_ENTRIES non-zeros,
+    here ~156 cells), the cells and obs columns of every encoding anndata
+    writes come back whole, missing values included. (The memory this
+    bounds is measured in benches/bench_io.py.)"""
+    a = make_adata(3000, 400)
+    n = a.n_obs
+    rng = np.random.default_rng(1)
+    a.obs["plate_cat"] = pd.Categorical(np.where(rng.random(n) < 0.1, None, rng.choice(["x", "y"], n)))
+    a.obs["dose"] = pd.array(np.where(rng.random(n) < 0.1, None, rng.integers(0, 5, n)), dtype="Int64")
+    a.obs["flag"] = pd.array(np.where(rng.random(n) < 0.1, None, rng.random(n) < 0.5), dtype="boolean")
+    a.obs["note"] = pd.array(np.where(rng.random(n) < 0.1, None, rng.choice(["u", "v"], n)), dtype="string")
+    a.write_h5ad(tmp_path / "a.h5ad")
+    monkeypatch.setattr(psc.io, "ROW_GROUP_ENTRIES", 5_000)
+    out = psc.io.h5ad_to_parquet(tmp_path / "a.h5ad", tmp_path / "cells", rows_per_file=2000)
+    assert len(list(out.glob("part-*.parquet"))) == 2
+    df = pl.read_parquet(out / "part-*.parquet")
+    x = a.X.tocsr()
+    x.sort_indices()
+    assert df["gene_idx"].to_list() == [x.indices[x.indptr[i]:x.indptr[i + 1]].tolist() for i in range(n)]
+    for col in ("plate_cat", "note"):
+        want = [None if pd.isna(v) else str(v) for v in a.obs[col]]
+        assert df[col].to_list() == want, col
+    assert df["dose"].to_list() == [None if pd.isna(v) else int(v) for v in a.obs["dose"]]
+    assert df["flag"].to_list() == [None if pd.isna(v) else bool(v) for v in a.obs["flag"]]
+
+
+def test_h5ad_without_h5py_names_the_extra(tmp_path, monkeypatch):
+    import sys
+
+    make_adata(20).write_h5ad(tmp_path / "a.h5ad")
+    monkeypatch.setitem(sys.modules, "h5py", None)
+    with pytest.raises(ImportError, match=r"pip install 'polars-singlecell\[h5ad\]'"):
+        psc.io.h5ad_to_parquet(tmp_path / "a.h5ad", tmp_path / "o")

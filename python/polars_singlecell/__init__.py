@@ -18,11 +18,12 @@ from polars_singlecell._plugin import check_polars_version as _check_polars_vers
 
 _check_polars_version(_pl.__version__, _internal.POLARS_CRATE_VERSION)
 
-from polars_singlecell import datasets, io, metrics, pipeline, plot  # noqa: E402
+from polars_singlecell import datasets, io, layout, metrics, pipeline, plot  # noqa: E402
 from polars_singlecell._device import cuda_available  # noqa: E402
 from polars_singlecell.centroids import fit_centroids, kmeans_centroids  # noqa: E402
 from polars_singlecell.integration import IntegrationModel, clear_models, knn, knn_interpolate  # noqa: E402
 from polars_singlecell.io import sink_parquet  # noqa: E402
+from polars_singlecell.layout import scan_cells, to_cells  # noqa: E402
 from polars_singlecell.ot import fit_integration, ot_integrate  # noqa: E402
 from polars_singlecell.pipeline import integrate  # noqa: E402
 from polars_singlecell.preprocessing import (  # noqa: E402
@@ -55,6 +56,7 @@ __all__ = [
     "kmeans_centroids",
     "knn",
     "knn_interpolate",
+    "layout",
     "median_total_counts",
     "metrics",
     "normalize",
@@ -62,7 +64,9 @@ __all__ = [
     "pca_project",
     "pipeline",
     "plot",
+    "scan_cells",
     "select_genes",
     "sink_parquet",
+    "to_cells",
     "total_counts",
 ]

@@ -46,13 +46,23 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--out", type=Path, default=Path("psc-demo"))
     d.add_argument("--n-cells", type=int, default=200_000)
     i = sub.add_parser("integrate", help="raw counts (Parquet) -> integrated embedding X_ot, resumable")
-    i.add_argument("source", help="Parquet (a file, a folder, a glob: gene_idx, values, a batch column) or .h5ad file(s) (CSR X, batch in obs)")
+    i.add_argument("source", help="Parquet (a file, a folder, a glob, an hf:// or s3:// URL: gene_idx, values, a batch column; "
+                                  "or any sparse list layout with --counts) or .h5ad file(s) (CSR X, batch in obs)")
     i.add_argument("out", type=Path, help="output folder (re-running resumes from finished stages)")
     i.add_argument("--batch-key", default="batch")
     i.add_argument("--label-key", default=None, help="if given, report.json holds psc.metrics.evaluate")
+    i.add_argument("--counts", nargs=2, metavar=("GENES", "VALUES"), default=["gene_idx", "values"],
+                   help="the cells' gene-id and value list columns (Tahoe-100M's Parquet release: genes expressions)")
+    i.add_argument("--vocabulary", default=None, metavar="PATH",
+                   help="Parquet table of token_id (and gene names): a cell's gene index is its token's row there; "
+                        "tokens absent from it (a marker token) are dropped")
     i.add_argument("--n-genes", type=int, default=None)
     i.add_argument("--target-sum", type=float, default=1e4)
     i.add_argument("--n-top-genes", type=int, default=2000)
+    i.add_argument("--hvg-flavor", choices=["seurat", "seurat_v3"], default="seurat",
+                   help="seurat: on normalised values (default); seurat_v3: on raw counts, as scanpy")
+    i.add_argument("--scale", action="store_true",
+                   help="PCA of the genes scaled to unit variance (sc.pp.scale before sc.pp.pca)")
     i.add_argument("--n-comps", type=int, default=50)
     i.add_argument("--n-centroids", type=int, default=2048)
     i.add_argument("--max-samples-per-batch", type=int, default=500_000)
@@ -72,11 +82,11 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         try:
             psc.integrate(args.source, args.out, batch_key=args.batch_key, label_key=args.label_key, n_genes=args.n_genes,
-                          target_sum=args.target_sum, n_top_genes=args.n_top_genes, n_comps=args.n_comps,
+                          target_sum=args.target_sum, n_top_genes=args.n_top_genes, hvg_flavor=args.hvg_flavor, scale=args.scale, n_comps=args.n_comps,
                           n_centroids=args.n_centroids, max_samples_per_batch=args.max_samples_per_batch, k=args.k,
                           mode=args.mode, device=args.device, random_state=args.random_state,
-                          progress=not args.no_progress)
-        except (ValueError, OSError, pl.exceptions.PolarsError) as e:
+                          progress=not args.no_progress, counts=tuple(args.counts), vocabulary=args.vocabulary)
+        except (ValueError, OSError, ImportError, pl.exceptions.PolarsError) as e:
             # Bad input, an unreadable source or a full disk: the message says
             # which and the fix; finished stages are kept for the next run.
             print(f"polars-singlecell integrate: {e}", file=sys.stderr)

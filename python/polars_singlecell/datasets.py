@@ -217,6 +217,7 @@ def tahoe_like(
     plate_effect: float = 0.3,
     rows_per_file: int = 50_000,
     seed: int = 0,
+    layout: str = "cells",
 ) -> Path:
     """Raw counts shaped like Tahoe-100M, streamed to ``out/part-*.parquet``
     (``cell_id``, ``plate``, ``cell_line``, ``organ``, ``gene_idx``,
@@ -233,7 +234,21 @@ def tahoe_like(
     (the batch effect). Each cell draws ~``umis_per_cell`` UMIs (Poisson).
     Rows are in plate order, lines shuffled within each file. Returns ``out``.
     On 2 cores: 41 s and 785 MB peak for 800k cells, 743 MB for 200k (the
-    peak is one file's worth; ``make bench-io``).
+    peak is one file's worth; ``make bench-io``). Tahoe's real depth is
+    ``n_genes=62_710, umis_per_cell=2_500`` (~1,400 genes detected a cell).
+
+    ``layout="tahoe"`` writes the same cells as Tahoe-100M's Parquet release
+    lays them out: ``out/data/train-*.parquet`` with ``genes`` (``List(Int64)``
+    token ids: the marker token 1, which no gene has, then the cell's genes'
+    tokens in ascending token order), ``expressions`` (``List(Float32)``: -2.0
+    for the marker, then the counts), ``drug``, ``sample``, ``plate``,
+    ``cell_line_id``, ``BARCODE_SUB_LIB_ID``; and
+    ``out/metadata/gene_metadata.parquet`` (``token_id``, ``ensembl_id``,
+    ``gene_symbol``; gene ``g`` is row ``g``, its token a seeded permutation
+    of ``3..n_genes+2``, so token order is not gene order). Read it with
+    ``psc.layout.scan_cells(out / "data", counts=("genes", "expressions"),
+    vocabulary=out / "metadata" / "gene_metadata.parquet")``: the same counts
+    as ``layout="cells"`` with the same arguments.
 
     >>> import tempfile, polars as pl, polars_singlecell as psc
     >>> d = psc.datasets.tahoe_like(3000, tempfile.mkdtemp(), n_genes=200, rows_per_file=1000)
@@ -246,6 +261,8 @@ def tahoe_like(
             raise ValueError(f"{name} must be a positive integer, got {v!r}")
     if not isinstance(missing_lines_per_plate, int) or not 0 <= missing_lines_per_plate < 50:
         raise ValueError(f"missing_lines_per_plate must be an integer in [0, 49], got {missing_lines_per_plate!r}")
+    if layout not in ("cells", "tahoe"):
+        raise ValueError(f"layout must be 'cells' or 'tahoe', got {layout!r}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     design = tahoe_design()
@@ -262,14 +279,21 @@ def tahoe_like(
     plate_fac = rng.lognormal(0.0, plate_effect, (len(plates), n_genes))
     line_rate = np.array([base * organ_prog[organ_of[line]] * line_prog[i] for i, line in enumerate(lines)])
 
-    write_parquet(pl.DataFrame({"gene_idx": np.arange(n_genes, dtype=np.uint32), "gene": [f"G{i}" for i in range(n_genes)]}),
-                  out / "genes.parquet")
+    genes = pl.DataFrame({"gene_idx": np.arange(n_genes, dtype=np.uint32), "gene": [f"G{i}" for i in range(n_genes)]})
+    if layout == "tahoe":
+        # Drawn after every other generator call, so the counts equal layout="cells"'s.
+        tokens = np.random.default_rng([seed, 1 << 20]).permutation(n_genes).astype(np.int64) + _FIRST_GENE_TOKEN
+        write_parquet(pl.DataFrame({"token_id": tokens, "ensembl_id": [f"ENSG{i:011d}" for i in range(n_genes)],
+                                    "gene_symbol": genes["gene"]}), out / "metadata" / "gene_metadata.parquet")
+    else:
+        write_parquet(genes, out / "genes.parquet")
     write_parquet(pl.DataFrame({
         "plate": np.repeat(plates, n_genes), "gene_idx": np.tile(np.arange(n_genes, dtype=np.uint32), len(plates)),
         "factor": plate_fac.ravel(),
     }), out / "plate_effects.parquet")
     ends = np.cumsum(counts)
     line_names, organ_names = np.asarray(lines), np.asarray([organ_of[line] for line in lines])
+    n_files = -(-n_cells // rows_per_file)
     for k, start in enumerate(range(0, n_cells, rows_per_file)):
         stop = min(start + rows_per_file, n_cells)
         crng = np.random.default_rng([seed, k])
@@ -278,9 +302,40 @@ def tahoe_like(
         plate, line = np.divmod(group, len(lines))
         rates = {int(g): line_rate[g % len(lines)] * plate_fac[g // len(lines)] for g in np.unique(group)}
         rows = _draw_rows(crng, np.maximum(crng.poisson(umis_per_cell, group.size), 1), group, rates, n_genes)
-        df = pl.DataFrame({
-            "cell_id": [f"cell{i}" for i in range(start, stop)],
-            "plate": np.asarray(plates)[plate], "cell_line": line_names[line], "organ": organ_names[line],
-        }).with_columns(rows["gene_idx"], rows["values"])
-        write_parquet(df, out / f"part-{k:05d}.parquet", row_group_size=min(stop - start, 50_000))
+        if layout == "tahoe":
+            df = _tahoe_rows(rows, tokens, np.asarray(plates)[plate], line_names[line], start)
+            name = out / "data" / f"train-{k:05d}-of-{n_files:05d}.parquet"
+        else:
+            df = pl.DataFrame({
+                "cell_id": [f"cell{i}" for i in range(start, stop)],
+                "plate": np.asarray(plates)[plate], "cell_line": line_names[line], "organ": organ_names[line],
+            }).with_columns(rows["gene_idx"], rows["values"])
+            name = out / f"part-{k:05d}.parquet"
+        write_parquet(df, name, row_group_size=min(stop - start, 50_000))
     return out
+
+
+# Tahoe-100M's vocabulary keeps its first ids for special tokens; genes start after them.
+_MARKER_TOKEN, _FIRST_GENE_TOKEN = 1, 3
+
+
+def _tahoe_rows(rows: pl.DataFrame, tokens: np.ndarray, plate: np.ndarray, line: np.ndarray, start: int) -> pl.DataFrame:
+    """Cells as Tahoe-100M's Parquet release has them: the marker first, then
+    the genes' tokens in ascending token order with their counts."""
+    old, new = pl.Series(np.arange(tokens.size, dtype=np.int64)), pl.Series(tokens)
+    order = pl.col("genes").list.eval(pl.element().arg_sort())
+    n = plate.size
+    return (
+        pl.DataFrame({"genes": rows["gene_idx"], "expressions": rows["values"]})
+        .with_columns(pl.col("genes").list.eval(pl.element().cast(pl.Int64).replace_strict(old, new)))
+        .with_columns(pl.col("genes").list.gather(order), pl.col("expressions").list.gather(order))
+        .select(
+            pl.concat_list(pl.lit(_MARKER_TOKEN, dtype=pl.Int64), "genes").alias("genes"),
+            pl.concat_list(pl.lit(-2.0, dtype=pl.Float32), "expressions").alias("expressions"),
+            pl.Series("drug", np.where(np.arange(start, start + n) % 7 == 0, "DMSO_TF", "drug")),
+            pl.Series("sample", [f"smp_{p}" for p in plate]),
+            pl.Series("plate", plate),
+            pl.Series("cell_line_id", line),
+            pl.Series("BARCODE_SUB_LIB_ID", [f"{i:08x}" for i in range(start, start + n)]),
+        )
+    )

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
 import polars as pl
 
 __all__ = ["sink_parquet", "write_parquet", "h5ad_to_parquet", "to_anndata", "parquet_files"]
@@ -195,39 +196,70 @@ def write_parquet(df: pl.DataFrame, path: str | os.PathLike, **kwargs: Any) -> N
         df.write_parquet(tmp, **kwargs)
 
 
-def _h5_strings(ds, sl: slice = slice(None)) -> list[str]:
-    if ds.dtype.kind in "OSU":
-        return [v.decode() if isinstance(v, bytes) else str(v) for v in ds.asstr()[sl]]
-    return [str(v) for v in ds[sl]]
+def _needs(extra: str, module: str):
+    """``import module``, or an ImportError naming the extra that installs it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise ImportError(f"reading .h5ad files needs {module.split('.')[0]}: pip install 'polars-singlecell[{extra}]'") from e
 
 
 def _obs_readers(obs, columns: list[str] | None) -> dict[str, Any]:
-    """AnnData's ``obs`` group (anndata ≥ 0.7 encoding): for each column a
-    function of a row slice, so a chunk reads only its rows."""
-    import numpy as np
+    """For each wanted column of AnnData's ``obs`` group, a function of a row
+    slice giving that slice as a Polars Series. Encoded columns (categorical,
+    nullable) are read once by anndata's element reader (codes and masks:
+    1–9 bytes a cell); plain arrays and strings, the index among them, are
+    read a slice at a time, so a plate's barcodes are never all in memory."""
+    import h5py
+
+    read_elem = _needs("h5ad", "anndata.io").read_elem
+
+    def plain(name: str, ds) -> Any:
+        if ds.dtype.kind in "OSU":
+            return lambda sl: pl.Series(name, ds.asstr()[sl], dtype=pl.String)
+        return lambda sl: pl.Series(name, ds[sl])
 
     index = obs.attrs.get("_index", "_index")
     order = list(obs.attrs.get("column-order", []))
     wanted = order if columns is None else columns
-    out: dict[str, Any] = {"cell_id": lambda sl, ds=obs[index]: _h5_strings(ds, sl)}
+    out: dict[str, Any] = {"cell_id": plain("cell_id", obs[index])}
     for name in wanted:
         if name not in obs:
             raise ValueError(f"obs has no column '{name}' (columns: {order})")
         node = obs[name]
         kind = node.attrs.get("encoding-type", "array")
-        if kind == "categorical":
-            cats = _h5_strings(node["categories"])
-            out[name] = lambda sl, node=node, cats=cats: [cats[c] if c >= 0 else None for c in node["codes"][sl]]
+        if isinstance(node, h5py.Dataset) and kind in ("array", "string-array"):
+            out[name] = plain(name, node)
+        elif kind == "categorical":
+            cat = read_elem(node)
+            cats = pl.Series(name, [str(c) for c in cat.categories], dtype=pl.String)
+            codes = cat.codes
+            out[name] = lambda sl, cats=cats, codes=codes: cats.gather(pl.Series(codes[sl]).cast(pl.Int64).replace(-1, None))
         elif kind in ("nullable-integer", "nullable-boolean", "nullable-string-array"):
-            def read(sl, node=node, strings=kind == "nullable-string-array"):
-                v = _h5_strings(node["values"], sl) if strings else list(node["values"][sl])
-                return [None if m else x for x, m in zip(v, node["mask"][sl])]
-            out[name] = read
-        elif kind in ("array", "string-array"):
-            out[name] = (lambda sl, ds=node: _h5_strings(ds, sl)) if node.dtype.kind in "OSU" else (lambda sl, ds=node: np.asarray(ds[sl]))
+            out[name] = lambda sl, name=name, values=read_elem(node): _masked_series(name, values[sl])
         else:
             raise ValueError(f"obs column '{name}' has encoding '{kind}', which is not supported; drop it with obs_columns=[...]")
     return out
+
+
+def _masked_series(name: str, part) -> pl.Series:
+    """A pandas masked array (nullable Int/boolean/string, anndata's
+    encodings) as a Polars Series with nulls, its dtype kept even where the
+    slice is all missing. Without pyarrow: Polars converts only numpy-backed
+    pandas data itself."""
+    if part.dtype.kind in "OSU" or str(part.dtype).startswith("string"):
+        return pl.Series(name, part.to_numpy(dtype=object, na_value=None), dtype=pl.String)
+    valid = pl.Series(~np.asarray(part.isna(), dtype=bool))
+    data = pl.Series(name, part.to_numpy(dtype=part.dtype.numpy_dtype, na_value=part.dtype.numpy_dtype.type(0)))
+    return pl.select(pl.when(valid).then(data).alias(name)).to_series()
+
+
+# Entries (non-zeros) per row group of an imported file: the reader's and
+# writer's memory follows a row group, and at Tahoe's ~1,400 genes a cell a
+# fixed 50k-row group would hold 70M entries (0.6 GB before compression).
+ROW_GROUP_ENTRIES = 4_000_000
 
 
 def h5ad_to_parquet(
@@ -244,12 +276,16 @@ def h5ad_to_parquet(
     (sorted, ``List(UInt32)``) and ``values`` (``List(Float32)``), plus
     ``out/genes.parquet`` (``gene_idx``, ``gene`` from the var index).
 
-    Reads ``rows_per_file`` rows at a time through h5py, the matrix and the
-    ``obs`` columns alike (memory: one chunk plus ``indptr``, 8 bytes a cell;
-    with ``rows_per_file=50_000``, 828 MB peak at 100k cells and 870 MB at
-    400k: ``make bench-io``). Writes into a temporary folder renamed to ``out`` at the end, so
-    an interrupted import leaves no folder that looks complete. Duplicate
-    entries of a row are summed, as scipy does. Returns ``out``.
+    Needs h5py and anndata (``pip install 'polars-singlecell[h5ad]'``). The
+    matrix is read through anndata's backed CSR reader one row group at a
+    time (about ``ROW_GROUP_ENTRIES`` non-zeros, whatever the density), and
+    its list columns are built from the CSR offsets in Rust; ``obs`` as
+    :func:`_obs_readers` says. Each file of ``rows_per_file`` cells is
+    streamed into Parquet row group by row group, so memory does not grow
+    with the file or with the density. Duplicate entries of a row are summed
+    and each row sorted, as scipy does. Writes into a temporary folder
+    renamed to ``out`` at the end, so an interrupted import leaves no folder
+    that looks complete. Returns ``out``.
 
     >>> import tempfile, numpy as np, scipy.sparse as sp, anndata as ad, polars_singlecell as psc
     >>> d = tempfile.mkdtemp()
@@ -259,10 +295,13 @@ def h5ad_to_parquet(
     >>> df["gene_idx"].to_list(), df["values"].to_list()
     ([[1], [0, 2]], [[2.0], [1.0, 3.0]])
     """
-    import h5py
-    import numpy as np
+    h5py = _needs("h5ad", "h5py")
+    sparse_dataset = _needs("h5ad", "anndata.io").sparse_dataset
+    from polars.io.plugins import register_io_source
 
-    if not isinstance(rows_per_file, int) or rows_per_file < 1:
+    from polars_singlecell import _internal
+
+    if isinstance(rows_per_file, bool) or not isinstance(rows_per_file, int) or rows_per_file < 1:
         raise ValueError(f"rows_per_file must be a positive integer, got {rows_per_file!r}")
     path, out = Path(path), Path(out)
     if not path.is_file():
@@ -280,52 +319,48 @@ def h5ad_to_parquet(
             where = f"layers/{layer}" if layer else "X"
             if where not in f:
                 raise ValueError(f"{path} has no {where}")
-            x = f[where]
-            kind = x.attrs.get("encoding-type", "array") if isinstance(x, h5py.Group) else "array"
+            node = f[where]
+            kind = node.attrs.get("encoding-type", "array") if isinstance(node, h5py.Group) else "array"
             if kind != "csr_matrix":
                 raise ValueError(f"{where} in {path} is stored as {kind!r}; h5ad_to_parquet reads CSR counts "
                                  "(in anndata: adata.X = scipy.sparse.csr_matrix(adata.X) before writing)")
-            n_cells, n_genes = (int(v) for v in x.attrs["shape"])
-            indptr = x["indptr"][...].astype(np.int64)
+            x = sparse_dataset(node)
+            n_cells, n_genes = x.shape
+            indptr = node["indptr"]
             obs = _obs_readers(f["obs"], obs_columns)
             var = f["var"]
-            genes = _h5_strings(var[var.attrs.get("_index", "_index")])
-            write_parquet(pl.DataFrame({"gene_idx": np.arange(n_genes, dtype=np.uint32), "gene": genes}), tmp / "genes.parquet")
+            genes = _needs("h5ad", "anndata.io").read_elem(var[var.attrs.get("_index", "_index")])
+            write_parquet(pl.DataFrame({"gene_idx": np.arange(n_genes, dtype=np.uint32),
+                                        "gene": pl.Series([str(g) for g in genes], dtype=pl.String)}), tmp / "genes.parquet")
+
+            def rows(start: int, stop: int) -> pl.DataFrame:
+                m = x[start:stop]  # anndata reads this slice's indptr, indices and data only
+                try:
+                    gene_idx, values = _internal.from_csr(pl.Series(m.indptr.astype(np.int64)), pl.Series(m.indices),
+                                                          pl.Series(m.data), n_genes)
+                except ValueError as e:
+                    raise ValueError(f"{where} in {path}, rows {start}..{stop}: {e}") from e
+                return pl.DataFrame([read(slice(start, stop)) for read in obs.values()]).with_columns(gene_idx, values)
+
             for k, start in enumerate(range(0, n_cells, rows_per_file)):
                 stop = min(start + rows_per_file, n_cells)
-                lo, hi = indptr[start], indptr[stop]
-                idx = x["indices"][lo:hi].astype(np.int64)
-                val = x["data"][lo:hi].astype(np.float64)
-                row = np.repeat(np.arange(stop - start), np.diff(indptr[start:stop + 1]))
-                if idx.size and (idx.min() < 0 or idx.max() >= n_genes):
-                    raise ValueError(f"{where} has a gene index outside [0, {n_genes}) in rows {start}..{stop}")
-                # Sort each row's entries and sum duplicates (scipy's sum_duplicates).
-                key, inv = np.unique(row * n_genes + idx, return_inverse=True)
-                summed = np.bincount(inv, weights=val, minlength=key.size)
-                r, g = np.divmod(key, n_genes)
-                lens = np.bincount(r, minlength=stop - start)
-                offsets = np.concatenate([[0], np.cumsum(lens)])
-                gene_idx = _split(g.astype(np.uint32), offsets, pl.UInt32, "gene_idx")
-                values = _split(summed.astype(np.float32), offsets, pl.Float32, "values")
-                chunk = {c: read(slice(start, stop)) for c, read in obs.items()}
-                df = pl.DataFrame(chunk).with_columns(gene_idx, values)
-                write_parquet(df, tmp / f"part-{k:05d}.parquet", row_group_size=min(stop - start, 50_000))
+                # Rows per group from this file's mean density (indptr: two reads).
+                entries = int(indptr[stop]) - int(indptr[start])
+                group = int(min(50_000, max(256, ROW_GROUP_ENTRIES * (stop - start) // max(entries, 1))))
+                first = rows(start, min(start + 1, stop))
+
+                def source(with_columns, predicate, n_rows, batch_size, start=start, stop=stop, group=group):
+                    for a in range(start, stop, group):
+                        yield rows(a, min(a + group, stop))
+
+                lf = register_io_source(source, schema=first.schema)
+                with _atomic_path(tmp / f"part-{k:05d}.parquet") as part:
+                    lf.sink_parquet(part, row_group_size=group)
         os.replace(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
     return out
-
-
-def _split(flat, offsets, dtype: pl.DataType, name: str) -> pl.Series:
-    """A flat array cut at ``offsets`` into a List column (no Python loop)."""
-    import numpy as np
-
-    lengths = np.diff(offsets)
-    ids = np.repeat(np.arange(len(lengths)), lengths)
-    body = pl.DataFrame({"r": ids, "v": pl.Series(flat, dtype=dtype)}).group_by("r", maintain_order=True).agg("v")
-    full = pl.DataFrame({"r": np.arange(len(lengths))}).join(body, on="r", how="left", maintain_order="left")
-    return full["v"].fill_null(pl.Series([[]], dtype=pl.List(dtype))).alias(name)
 
 
 def to_anndata(

@@ -27,20 +27,21 @@ import polars as pl
 
 from polars_singlecell import _progress
 from polars_singlecell.io import _atomic_path, _expand, check_writable, parquet_files, parquet_schema
+from polars_singlecell.layout import COUNTS, is_remote, scan_cells, vocabulary_digest, vocabulary_genes
 
 __all__ = ["integrate"]
 
 STAGES = ("genes", "pca", "project", "centroids", "integration", "interpolate")
-COUNTS = ("gene_idx", "values")
 
 
-def _source_files(source: str | os.PathLike) -> list[Path]:
+def _source_files(source: str | os.PathLike, genes_column: str) -> list[Path]:
     files = parquet_files(source)
     if Path(source).is_dir():
         # The cells' files: a folder may also hold genes.parquet and the like.
-        files = [f for f in files if isinstance(parquet_schema(f).get("gene_idx"), pl.List)]
+        files = [f for f in files if isinstance(parquet_schema(f).get(genes_column), pl.List)]
         if not files:
-            raise FileNotFoundError(f"no Parquet files of cells (with a gene_idx column) in {source!s}")
+            raise FileNotFoundError(f"no Parquet files of cells (with a list column '{genes_column}') in {source!s}; "
+                                    "for another layout name its columns: counts=(gene ids, values)")
     return files
 
 
@@ -109,6 +110,8 @@ def integrate(
     n_genes: int | None = None,
     target_sum: float = 1e4,
     n_top_genes: int = 2000,
+    hvg_flavor: str = "seurat",
+    scale: bool = False,
     n_comps: int = 50,
     n_centroids: int = 2048,
     max_samples_per_batch: int = 500_000,
@@ -120,13 +123,18 @@ def integrate(
     evaluate_cells: int = 100_000,
     log: Callable[[str], None] | None = print,
     progress: bool = False,
+    counts: tuple[str, str] = COUNTS,
+    vocabulary: pl.DataFrame | str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Integrate raw counts in Parquet (the project's layout: one row per
     cell, ``gene_idx``/``values``, a ``batch_key`` column) into ``out``:
 
     - ``genes.parquet``: per-gene HVG statistics, ``highly_variable`` (scanpy's
-      ``batch_key`` ranking: genes variable in the most batches first);
-    - ``pca.parquet``: the PCA model (:class:`PcaModel`);
+      ``batch_key`` ranking: genes variable in the most batches first), of
+      :func:`highly_variable_genes` with ``flavor=hvg_flavor``: "seurat" on
+      the normalised values, or "seurat_v3" on the raw counts;
+    - ``pca.parquet``: the PCA model (:class:`PcaModel`; ``scale=True``:
+      of the genes scaled to unit variance, ``sc.pp.scale`` folded in);
     - ``cells_pca.parquet``: every cell's columns except the counts, plus ``X_pca``;
     - ``centroids.parquet``: per-batch k-means centroids with their mass
       (``fit_centroids(low_memory=True)``: one batch's sample in memory at a
@@ -140,7 +148,14 @@ def integrate(
       integration's metrics and, with ``label_key``, :func:`metrics.evaluate`
       of ``X_pca`` and ``X_ot`` on ``evaluate_cells`` sampled cells.
 
-    ``source`` is a Parquet file, a folder of them, or a glob; or AnnData
+    ``source`` is a Parquet file, a folder of them, a glob, or a URL Polars
+    reads (``hf://datasets/...``, ``s3://...``); ``counts`` names its gene
+    and value columns, in the project's layout (``gene_idx``, ``values``)
+    or any other sparse list layout: e.g. Tahoe-100M's Parquet release with
+    ``counts=("genes", "expressions"), vocabulary=".../gene_metadata.parquet"``,
+    read through :func:`to_cells` (the marker token dropped, each cell
+    sorted) without a copy of the source, and ``genes.parquet`` then names
+    the vocabulary's genes. Or AnnData
     ``.h5ad`` files (one, a folder of them, a glob: e.g. one per plate, with
     CSR counts in ``X`` and the batch as an ``obs`` column), streamed once into
     ``out/source/<name>/`` by :func:`io.h5ad_to_parquet` (kept on re-runs
@@ -166,9 +181,13 @@ def integrate(
     from polars_singlecell.io import _sink_bounded, write_parquet
 
     device = check_device(device)
+    if hvg_flavor not in ("seurat", "seurat_v3"):
+        raise ValueError(f"hvg_flavor={hvg_flavor!r} is not supported; use 'seurat' or 'seurat_v3'")
     out = Path(out)
-    h5ads = _h5ad_sources(source)
-    files = None if h5ads else _source_files(source)
+    remote = is_remote(source)
+    h5ads = [] if remote else _h5ad_sources(source)
+    files: list[Any] | None = [source] if remote else None if h5ads else _source_files(source, counts[0])
+    genes_of_vocabulary = None if vocabulary is None else vocabulary_genes(vocabulary)
     check_writable(out)
     # Temporary files a killed run left behind (hidden, never under a final
     # name); ours are ".<name>.<hex>.tmp".
@@ -180,14 +199,19 @@ def integrate(
     say = log or (lambda _msg: None)
     if h5ads:
         files = _import_h5ad(h5ads, out / "source", say)
-    scan = pl.scan_parquet(files)
-    schema = scan.collect_schema()
-    for c in (batch_key, *COUNTS) + ((label_key,) if label_key else ()):
+    schema = pl.scan_parquet(files).collect_schema()
+    for c in (batch_key, *counts) + ((label_key,) if label_key else ()):
         if c not in schema:
             raise ValueError(f"the cells have no column '{c}' (columns: {schema.names()})")
+    if genes_of_vocabulary is not None:
+        if n_genes is not None and n_genes != genes_of_vocabulary.height:
+            raise ValueError(f"n_genes={n_genes} but the vocabulary has {genes_of_vocabulary.height} genes; leave n_genes out")
+        n_genes = genes_of_vocabulary.height
+    scan = scan_cells(files, counts=counts, vocabulary=vocabulary, n_genes=n_genes)
     if n_genes is None:
-        genes_file = next((g for g in (Path(source) / "genes.parquet", files[0].parent / "genes.parquet",
-                                       files[0].parent.parent / f"{files[0].parent.name}_genes.parquet") if g.is_file()), None)
+        genes_file = None if remote else next((g for g in (Path(source) / "genes.parquet", files[0].parent / "genes.parquet",
+                                                           files[0].parent.parent / f"{files[0].parent.name}_genes.parquet")
+                                               if g.is_file()), None)
         if genes_file is not None:
             n_genes = pl.scan_parquet(genes_file).select(pl.len()).collect().item()
         else:
@@ -195,12 +219,14 @@ def integrate(
 
     report_path = out / "report.json"
     old = json.loads(report_path.read_text()) if report_path.is_file() else {}
-    source_fp = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    # A remote source is named, not stat'ed: pass a new out for new data there.
+    source_fp = [str(f) if remote else (str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
     params = {
-        "genes": dict(batch_key=batch_key, n_genes=n_genes, target_sum=target_sum, n_top_genes=n_top_genes),
+        "genes": dict(batch_key=batch_key, n_genes=n_genes, target_sum=target_sum, n_top_genes=n_top_genes,
+                      hvg_flavor=hvg_flavor, counts=list(counts), vocabulary=None if vocabulary is None else vocabulary_digest(vocabulary)),
         # The GPU sums the covariance and k-means distances in another order
         # (results equal to rounding, not bit for bit): part of the fingerprint.
-        "pca": dict(n_comps=n_comps, device=device),
+        "pca": dict(n_comps=n_comps, device=device, **({"scale": True} if scale else {})),
         "project": {},
         "centroids": dict(n_centroids=n_centroids, max_samples_per_batch=max_samples_per_batch, random_state=random_state,
                           device=device),
@@ -215,7 +241,7 @@ def integrate(
         "stages": {},
     }
     n_cells = scan.select(pl.len()).collect().item() if progress else None  # from the Parquet footers
-    keep = [c for c in schema.names() if c not in COUNTS]
+    keep = [c for c in scan.collect_schema().names() if c not in COUNTS]
     norm = scan.with_columns(psc.normalize(*COUNTS, target_sum=target_sum))
     fp = _fingerprint(source_fp)
 
@@ -240,7 +266,10 @@ def integrate(
         say(f"{name}: {secs:.1f}s ({', '.join(outputs)})")
 
     def genes() -> dict:
-        var = psc.highly_variable_genes(norm, n_genes=n_genes, n_top_genes=n_top_genes, batch_key=batch_key)
+        var = psc.highly_variable_genes(scan if hvg_flavor == "seurat_v3" else norm, n_genes=n_genes,
+                                        n_top_genes=n_top_genes, batch_key=batch_key, flavor=hvg_flavor)
+        if genes_of_vocabulary is not None:
+            var = genes_of_vocabulary.join(var, on="gene_idx", how="left", maintain_order="left")
         write_parquet(var, out / "genes.parquet")
         return {"n_genes": n_genes, "highly_variable": int(var["highly_variable"].sum())}
 
@@ -250,7 +279,7 @@ def integrate(
 
     def pca() -> dict:
         lf, n_hv = selected()
-        model = psc.fit_pca(lf, n_genes=n_hv, n_comps=n_comps, device=device)
+        model = psc.fit_pca(lf, n_genes=n_hv, n_comps=n_comps, device=device, scale=scale)
         model.save(out / "pca.parquet")
         return {"explained_variance_ratio": [round(float(v), 5) for v in model.explained_variance_ratio]}
 

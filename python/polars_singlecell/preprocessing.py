@@ -322,13 +322,23 @@ def highly_variable_genes(
     min_disp: float = 0.5,
     max_disp: float = float("inf"),
     n_bins: int = 20,
+    span: float = 0.3,
     gene_idx: str = "gene_idx",
     values: str = "values",
 ) -> pl.DataFrame:
-    """Highly variable genes, as ``scanpy.pp.highly_variable_genes(flavor="seurat")``.
+    """Highly variable genes, as ``scanpy.pp.highly_variable_genes``.
 
-    Expects log-normalised values (after :func:`normalize`). Streams the data
-    once, accumulating per-gene (and per-batch) statistics.
+    ``flavor="seurat"`` (the default) expects log-normalised values (after
+    :func:`normalize`) and streams the data once. ``flavor="seurat_v3"``
+    expects raw counts and streams them twice: per-gene means and variances,
+    a loess of log variance on log mean (``span``; scikit-misc's fit, done in
+    Rust, so scikit-misc is not needed), then the variance of counts clipped
+    at ``mean + sqrt(n_cells)·σ̂`` — scanpy's and Seurat v3's
+    ``FindVariableFeatures(selection.method = "vst")``. Ties in a batch's
+    normalised variance are ranked by gene index (scanpy's order for them
+    depends on numpy's sort and the CPU). Where scikit-misc refuses a local
+    fit (a singular one, in a batch of few cells), scanpy raises and we use
+    the pseudo-inverse's fit, as dloess does when it only warns.
 
     Parameters
     ----------
@@ -349,9 +359,16 @@ def highly_variable_genes(
     One row per gene, like scanpy's ``adata.var``: ``gene_idx``, ``means``,
     ``dispersions``, ``dispersions_norm``, ``highly_variable`` and, with a
     ``batch_key``, ``highly_variable_nbatches`` and ``highly_variable_intersection``.
+    With ``flavor="seurat_v3"``: ``gene_idx``, ``means``, ``variances``,
+    ``variances_norm``, ``highly_variable_rank``, ``highly_variable`` and, with
+    a ``batch_key``, ``highly_variable_nbatches``.
     """
+    if flavor == "seurat_v3":
+        return _seurat_v3(data, n_genes=n_genes, n_top_genes=n_top_genes, batch_key=batch_key, span=span,
+                          gene_idx=gene_idx, values=values)
     if flavor != "seurat":
-        raise ValueError(f"flavor={flavor!r} is not supported; use flavor='seurat'")
+        raise ValueError(f"flavor={flavor!r} is not supported; use flavor='seurat' (log-normalised values) "
+                         "or flavor='seurat_v3' (raw counts)")
     n_genes = _positive_int("n_genes", n_genes)
     if n_top_genes is not None:
         n_top_genes = _positive_int("n_top_genes", n_top_genes)
@@ -422,6 +439,82 @@ def highly_variable_genes(
     )
 
 
+def _seurat_v3(data: Frame, *, n_genes: int, n_top_genes: int | None, batch_key: str | None, span: float,
+               gene_idx: str, values: str) -> pl.DataFrame:
+    """scanpy's ``_highly_variable_genes_seurat_v3`` on streamed statistics."""
+    n_genes = _positive_int("n_genes", n_genes)
+    # scanpy ranks seurat_v3 genes only; without n_top_genes it takes 2000.
+    n_top_genes = _positive_int("n_top_genes", 2000 if n_top_genes is None else n_top_genes)
+    if not (isinstance(span, (int, float)) and 0 < span <= 1):
+        raise ValueError(f"span must be in (0, 1], got {span!r}")
+    lf = _lazy(data)
+    cols = [gene_idx, values] + ([batch_key] if batch_key else [])
+    acc = _internal.GeneStatsAccumulator(n_genes, "counts")
+    for df in _record_batches(lf, cols):
+        acc.update(df[gene_idx], df[values], df[batch_key] if batch_key else None)
+    if acc.non_integer:
+        warnings.warn(f"`flavor='seurat_v3'` expects raw count data, but non-integers were found ({acc.non_integer} "
+                      f"values in '{values}' are not whole numbers ≥ 0: log-normalised values? pass the counts)",
+                      UserWarning, stacklevel=3)
+    stats = acc.finish()
+    if stats.height == 0:
+        raise ValueError("no cells: highly_variable_genes needs at least one row")
+
+    clip, fitted = [], {}
+    for (label,), st in stats.group_by("batch", maintain_order=True):
+        n = int(st["n_cells"][0])
+        mean, var = st["mean"].to_numpy(), st["var"].to_numpy()
+        not_const = var > 0
+        est = np.zeros(n_genes)
+        try:
+            est[not_const] = _internal.loess(np.log10(mean[not_const]).tolist(), np.log10(var[not_const]).tolist(), span)
+        except ValueError as e:
+            where = f"batch {label!r} ({n} cells)" if batch_key else f"the data ({n} cells)"
+            raise ValueError(f"seurat_v3's loess failed on {where}: {e}") from None
+        reg_std = np.sqrt(10**est)
+        clip.append((label, (reg_std * np.sqrt(n) + mean).tolist()))
+        fitted[label] = (n, mean, reg_std)
+    clipped = _internal.ClippedSumsAccumulator(clip)
+    for df in _record_batches(lf, cols):
+        clipped.update(df[gene_idx], df[values], df[batch_key] if batch_key else None)
+    sums = clipped.finish()
+
+    norm_vars = []
+    for (label,), st in sums.group_by("batch", maintain_order=True):
+        n, mean, reg_std = fitted[label]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            norm_vars.append((1 / ((n - 1) * np.square(reg_std)))
+                             * (n * np.square(mean) + st["sumsq"].to_numpy() - 2 * st["sum"].to_numpy() * mean))
+    norm_vars = np.vstack(norm_vars)
+    # Ranks within each batch, 0 = most variable; ties by gene index.
+    ranks = np.argsort(np.argsort(-norm_vars, axis=1, kind="stable"), axis=1, kind="stable").astype(np.float32)
+    nbatches = (ranks < n_top_genes).sum(axis=0).astype(np.int64)
+    ranks[ranks >= n_top_genes] = np.nan
+    with warnings.catch_warnings():  # a gene top-ranked in no batch: NaN, as scanpy's masked median
+        warnings.simplefilter("ignore", RuntimeWarning)
+        median_rank = np.nanmedian(ranks, axis=0)
+
+    # Whole-data means/variances (scanpy reports these, not the batches').
+    n_all = sum(f[0] for f in fitted.values())
+    tot = stats.group_by("gene_idx").agg(pl.col("sum", "sumsq").sum()).sort("gene_idx")
+    means = tot["sum"].to_numpy() / n_all
+    variances = (tot["sumsq"].to_numpy() / n_all - means**2) * (n_all / (n_all - 1) if n_all > 1 else 1.0)
+    order = np.lexsort((-nbatches, np.where(np.isnan(median_rank), np.inf, median_rank)))
+    hv = np.zeros(n_genes, dtype=bool)
+    hv[order[:n_top_genes]] = True
+    out = {
+        "gene_idx": np.arange(n_genes, dtype=np.uint32),
+        "means": means,
+        "variances": variances,
+        "variances_norm": norm_vars.mean(axis=0),
+        "highly_variable_rank": median_rank,
+        "highly_variable": hv,
+    }
+    if batch_key:
+        out["highly_variable_nbatches"] = nbatches
+    return pl.DataFrame(out)
+
+
 def consensus_genes(var: pl.DataFrame, *, more_than: int) -> pl.Series:
     """Genes variable in more than ``more_than`` batches (the Tahoe-100M consensus).
 
@@ -445,6 +538,9 @@ class PcaModel:
     """A fitted PCA in scikit-learn's conventions (``components`` rows are axes).
 
     Each axis is signed so that its largest-magnitude loading is positive.
+    A model fitted with ``scale=True`` holds ``std``: its axes are those of
+    the genes scaled to unit variance, and :func:`pca_project` scales cells
+    the same way.
     """
 
     mean: np.ndarray  # (n_genes,) float64
@@ -452,6 +548,7 @@ class PcaModel:
     explained_variance: np.ndarray  # (n_comps,)
     explained_variance_ratio: np.ndarray  # (n_comps,)
     n_cells: int
+    std: np.ndarray | None = None  # (n_genes,) float64, with scale=True
 
     @property
     def n_genes(self) -> int:
@@ -463,13 +560,15 @@ class PcaModel:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write as Parquet: one row per gene (``gene_idx``, ``mean``,
-        ``loadings: Array(Float64, n_comps)``), per-axis numbers in the file's
-        key-value metadata. Written to a temporary file, then renamed."""
+        ``loadings: Array(Float64, n_comps)``, and ``std`` for a scaled fit),
+        per-axis numbers in the file's key-value metadata. Written to a
+        temporary file, then renamed."""
         df = pl.DataFrame(
             {
                 "gene_idx": np.arange(self.n_genes, dtype=np.uint32),
                 "mean": self.mean,
                 "loadings": np.ascontiguousarray(self.components.T),
+                **({} if self.std is None else {"std": self.std}),
             }
         )
         meta = {
@@ -496,6 +595,7 @@ class PcaModel:
             explained_variance=np.asarray(meta["explained_variance"], dtype=np.float64),
             explained_variance_ratio=np.asarray(meta["explained_variance_ratio"], dtype=np.float64),
             n_cells=int(meta["n_cells"]),
+            std=df["std"].to_numpy() if "std" in df.columns else None,
         )
 
 
@@ -508,9 +608,17 @@ def fit_pca(
     values: str = "values",
     n_threads: int | None = None,
     device: str = "cpu",
+    scale: bool = False,
 ) -> PcaModel:
     """Fit PCA out of core: one streaming pass accumulates the exact float64
     covariance (O(n_genes²) memory, never O(cells)), then its eigendecomposition.
+
+    ``scale=True`` is ``sc.pp.scale(adata)`` (zero-centred, unit variance,
+    ``max_value=None``) then PCA, without writing the dense scaled matrix:
+    the covariance is rescaled to the correlation before the
+    eigendecomposition and the model keeps each gene's ``std`` (ddof=1; 1
+    for a constant gene, as scanpy) for :func:`pca_project`. scanpy's
+    ``max_value`` clipping is not a linear map and cannot be folded in.
 
     Matches ``sklearn.decomposition.PCA(n_comps, svd_solver="full")`` fitted on
     the dense float64 matrix, with each axis signed so that its largest loading
@@ -531,13 +639,16 @@ def fit_pca(
     acc = _internal.PcaAccumulator(n_genes, _n_threads(n_threads), check_device(device))
     for df in _record_batches(_lazy(data), [gene_idx, values]):
         acc.update(df[gene_idx], df[values])
-    n_cells, mean, comps, ev, evr = acc.finish(n_comps)
+    if not isinstance(scale, bool):
+        raise ValueError(f"scale must be True or False, got {scale!r}")
+    n_cells, mean, comps, ev, evr, std = acc.finish(n_comps, scale)
     return PcaModel(
         mean=mean.to_numpy(),
         components=comps.to_numpy().reshape(n_comps, n_genes),
         explained_variance=ev.to_numpy(),
         explained_variance_ratio=evr.to_numpy(),
         n_cells=int(n_cells),
+        std=None if std is None else std.to_numpy(),
     )
 
 
@@ -548,7 +659,8 @@ def pca_project(
     model: PcaModel | str | os.PathLike,
     device: str = "cpu",
 ) -> pl.Expr:
-    """Project each cell onto the fitted axes: ``(x - mean) @ components.T``.
+    """Project each cell onto the fitted axes: ``(x - mean) @ components.T``
+    (``((x - mean) / std) @ components.T`` for a model fitted with ``scale=True``).
 
     Elementwise and streaming. Returns ``Array(Float32, n_comps)`` named
     ``X_pca``, null where the input row is null. A gene index outside the
@@ -574,6 +686,7 @@ def pca_project(
             "n_comps": model.n_comps,
             "mean": np.ascontiguousarray(model.mean, dtype="<f8").tobytes(),
             "components": np.ascontiguousarray(model.components, dtype="<f8").tobytes(),
+            "std": None if model.std is None else np.ascontiguousarray(model.std, dtype="<f8").tobytes(),
             "device": check_device(device),
         },
     ).alias("X_pca")

@@ -9,6 +9,7 @@ use polars_arrow::datatypes::ArrowDataType;
 use polars_arrow::offset::{Offsets, OffsetsBuffer};
 
 use crate::error::KernelError;
+use crate::kernels::cells::TokenRow;
 use crate::kernels::{validate_rows, SparseRow};
 
 fn err(msg: String) -> PolarsError {
@@ -58,28 +59,89 @@ pub fn with_sparse_rows<R>(
         )));
     }
     let describe = |e: KernelError| err(e.describe(&iname, &vname));
-    let islices = row_slices::<u32>(gene_idx.list()?, &iname)?;
-    let vslices = row_slices::<f32>(values.list()?, &vname)?;
-    let mut rows = Vec::with_capacity(islices.len());
+    let (pairs, validity) = paired_rows::<u32, f32>(gene_idx.list()?, values.list()?, &iname, &vname)?;
+    let rows: Vec<SparseRow<'_>> = pairs.into_iter().map(|(gene_idx, values)| SparseRow { gene_idx, values }).collect();
+    validate_rows(&rows, n_genes).map_err(describe)?;
+    f(&rows, validity.as_ref()).map_err(describe)
+}
+
+/// The rows of two parallel list columns as slices. A row null in both
+/// reaches the caller as two empty slices and is marked in the returned
+/// validity (`None`: no null row); a row null in only one is an error.
+fn paired_rows<'a, A: polars_arrow::types::NativeType, B: polars_arrow::types::NativeType>(
+    a: &'a ListChunked,
+    b: &'a ListChunked,
+    aname: &str,
+    bname: &str,
+) -> PolarsResult<(Vec<(&'a [A], &'a [B])>, Option<Bitmap>)> {
+    let aslices = row_slices::<A>(a, aname)?;
+    let bslices = row_slices::<B>(b, bname)?;
+    let mut rows = Vec::with_capacity(aslices.len());
     let mut any_null = false;
-    for (i, (gi, v)) in islices.iter().zip(&vslices).enumerate() {
-        match (gi, v) {
-            (Some(gi), Some(v)) => rows.push(SparseRow { gene_idx: gi, values: v }),
+    for (i, pair) in aslices.iter().zip(&bslices).enumerate() {
+        match pair {
+            (Some(x), Some(y)) => rows.push((*x, *y)),
             (None, None) => {
                 any_null = true;
-                rows.push(SparseRow::default());
+                rows.push((&[][..], &[][..]));
             },
-            (gi, _) => {
-                let (null, other) = if gi.is_some() { (&vname, &iname) } else { (&iname, &vname) };
+            (x, _) => {
+                let (null, other) = if x.is_some() { (bname, aname) } else { (aname, bname) };
                 return Err(err(format!(
-                    "row {i}: '{null}' is null but '{other}' is not; a cell's gene_idx and values must be null together (drop such rows with .drop_nulls())"
+                    "row {i}: '{null}' is null but '{other}' is not; a cell's {aname} and {bname} must be null together (drop such rows with .drop_nulls())"
                 )));
             },
         }
     }
-    validate_rows(&rows, n_genes).map_err(describe)?;
-    let validity: Option<Bitmap> = any_null.then(|| islices.iter().map(|s| s.is_some()).collect());
-    f(&rows, validity.as_ref()).map_err(describe)
+    let validity: Option<Bitmap> = any_null.then(|| aslices.iter().map(|s| s.is_some()).collect());
+    Ok((rows, validity))
+}
+
+/// Schema-time check of a published sparse pair: a list of integers (gene
+/// ids) and a list of numbers (values), as `to_cells` reads them.
+pub fn check_token_fields(fields: &[Field]) -> PolarsResult<()> {
+    let [genes, values] = fields else {
+        return Err(err(format!("expected 2 inputs (gene ids, values), got {}", fields.len())));
+    };
+    let inner = |f: &Field| match f.dtype() {
+        DataType::List(t) => Some((**t).clone()),
+        _ => None,
+    };
+    if !inner(genes).is_some_and(|t| t.is_integer()) {
+        return Err(err(format!(
+            "column '{}' has dtype {}, expected a list of integer gene ids (e.g. List(Int64))",
+            genes.name(),
+            genes.dtype()
+        )));
+    }
+    if !inner(values).is_some_and(|t| t.is_primitive_numeric()) {
+        return Err(err(format!(
+            "column '{}' has dtype {}, expected a list of numbers (e.g. List(Float32))",
+            values.name(),
+            values.dtype()
+        )));
+    }
+    Ok(())
+}
+
+/// Run `f` on the rows of a published (gene ids, values) pair, any integer
+/// and numeric list dtypes (cast here to Int64 and Float32; a no-op where
+/// they are already). Nulls as in [`with_sparse_rows`].
+pub fn with_token_rows<R>(
+    genes: &Series,
+    values: &Series,
+    f: impl FnOnce(&[TokenRow<'_>], Option<&Bitmap>) -> Result<R, KernelError>,
+) -> PolarsResult<R> {
+    check_token_fields(&[genes.field().into_owned(), values.field().into_owned()])?;
+    let (gname, vname) = (genes.name().to_string(), values.name().to_string());
+    if genes.len() != values.len() {
+        return Err(err(format!("columns '{gname}' and '{vname}' have different lengths ({} and {})", genes.len(), values.len())));
+    }
+    let ids = genes.cast(&DataType::List(Box::new(DataType::Int64)))?;
+    let vals = values.cast(&DataType::List(Box::new(DataType::Float32)))?;
+    let (pairs, validity) = paired_rows::<i64, f32>(ids.list()?, vals.list()?, &gname, &vname)?;
+    let rows: Vec<TokenRow<'_>> = pairs.into_iter().map(|(genes, values)| TokenRow { genes, values }).collect();
+    f(&rows, validity.as_ref()).map_err(|e| err(e.describe(&gname, &vname)))
 }
 
 /// Each row's slice of the list's values (`None` for a null row), read chunk

@@ -11,11 +11,13 @@ pub use integration::{check_model_width, knn, knn_dtype, knn_interpolate, Interp
 use polars::prelude::*;
 use polars_core::runtime::THREAD_POOL;
 
-use crate::kernels::hvg::GeneStats;
+use crate::kernels::hvg::{ClippedSums, GeneStats, Transform};
 use crate::kernels::kmeans::{KMeansFit, KMeansParams};
 use crate::kernels::sample::{BottomK, Cut, KeyCut};
 use crate::kernels::pca::{CovAccumulator, PcaProjector};
-use crate::kernels::{self, select_genes::GeneMap, Device};
+use crate::kernels::cells::Genes;
+use crate::error::KernelError;
+use crate::kernels::{self, select_genes::GeneMap, Device, SparseRow};
 
 /// `normalize_total` + `log1p` of each cell; `List(Float32)` aligned with `gene_idx`.
 /// `target_sum = None`: the median of the non-zero cell totals of this Series.
@@ -55,6 +57,47 @@ pub fn select_genes(gene_idx: &Series, values: &Series, genes: &[u32]) -> Polars
     ))
 }
 
+/// Cells in the layout from a published (gene ids, values) pair of any
+/// integer / numeric list dtypes (see [`kernels::cells`]): `(gene_idx:
+/// List(UInt32), values: List(Float32))`, sorted per cell; null rows stay null.
+pub fn to_cells(genes: &Series, values: &Series, how: &Genes<'_>) -> PolarsResult<(Series, Series)> {
+    let ((lens, idx, val), validity) = THREAD_POOL.install(|| {
+        convert::with_token_rows(genes, values, |rows, validity| Ok((kernels::cells::to_cells(rows, how)?, validity.cloned())))
+    })?;
+    Ok((
+        convert::list_series("gene_idx", lens.iter().copied(), idx, validity.as_ref())?,
+        convert::list_series("values", lens.iter().copied(), val, validity.as_ref())?,
+    ))
+}
+
+/// A CSR matrix's rows (`indptr`: Int64, one more than the rows; `indices`:
+/// Int32, Int64 or UInt32; `data`: any number type, read as Float32) as the
+/// layout's `(gene_idx, values)`; duplicates summed as scipy does.
+pub fn from_csr(indptr: &Series, indices: &Series, data: &Series, n_genes: usize) -> PolarsResult<(Series, Series)> {
+    let flat = |s: &Series, dtype: DataType| -> PolarsResult<Series> {
+        polars_ensure!(s.null_count() == 0, ComputeError: "'{}' holds nulls; a CSR matrix has none", s.name());
+        Ok(s.cast(&dtype)?.rechunk())
+    };
+    let indptr = flat(indptr, DataType::Int64)?;
+    let data = flat(data, DataType::Float32)?;
+    let (ptr, val) = (indptr.i64()?.cont_slice()?, data.f32()?.cont_slice()?);
+    let indices = indices.rechunk();
+    let cells = THREAD_POOL.install(|| -> PolarsResult<_> {
+        let found = match indices.dtype() {
+            DataType::Int32 => kernels::cells::from_csr(ptr, indices.i32()?.cont_slice()?, val, n_genes),
+            DataType::UInt32 => kernels::cells::from_csr(ptr, indices.u32()?.cont_slice()?, val, n_genes),
+            DataType::Int64 => kernels::cells::from_csr(ptr, indices.i64()?.cont_slice()?, val, n_genes),
+            other => polars_bail!(ComputeError: "CSR indices have dtype {other}; expected Int32, Int64 or UInt32"),
+        };
+        found.map_err(|e| polars_err!(ComputeError: "{}", e.describe("indices", "data")))
+    });
+    let (lens, idx, val) = cells?;
+    Ok((
+        convert::list_series("gene_idx", lens.iter().copied(), idx, None)?,
+        convert::list_series("values", lens.iter().copied(), val, None)?,
+    ))
+}
+
 /// Project each cell onto fitted axes; `Array(Float32, n_comps)`, null where the row is null.
 pub fn pca_project(gene_idx: &Series, values: &Series, model: &PcaProjector, device: Device) -> PolarsResult<Series> {
     let (out, validity) = THREAD_POOL.install(|| {
@@ -74,14 +117,50 @@ pub fn fit_pca_update(acc: &mut CovAccumulator, gene_idx: &Series, values: &Seri
     })
 }
 
-/// Add a batch of log-normalised cells to per-batch gene statistics;
+/// Add a batch of cells to per-batch gene statistics (of `transform`);
 /// `batch[i]` names the batch of row `i` (`None`: one batch).
 pub fn gene_stats_update(
     stats: &mut std::collections::BTreeMap<String, GeneStats>,
     n_genes: usize,
+    transform: Transform,
     gene_idx: &Series,
     values: &Series,
     batch: Option<&StringChunked>,
+) -> PolarsResult<()> {
+    rows_by_batch(gene_idx, values, n_genes, batch, |key, r| {
+        stats.entry(key.to_string()).or_insert_with(|| GeneStats::new(n_genes, transform)).add(r);
+        Ok(())
+    })
+}
+
+/// seurat_v3's second pass: add a batch of raw counts to each batch's clipped
+/// sums. A batch label the first pass did not see is an error (the data
+/// changed between the passes).
+pub fn clipped_sums_update(
+    sums: &mut std::collections::BTreeMap<String, ClippedSums>,
+    n_genes: usize,
+    gene_idx: &Series,
+    values: &Series,
+    batch: Option<&StringChunked>,
+) -> PolarsResult<()> {
+    rows_by_batch(gene_idx, values, n_genes, batch, |key, r| match sums.get_mut(key) {
+        Some(s) => {
+            s.add(r);
+            Ok(())
+        },
+        None => Err(KernelError::Invalid(format!(
+            "batch '{key}' was not in the first pass over the data; the source changed while highly_variable_genes read it"
+        ))),
+    })
+}
+
+/// Validated rows of a chunk with each row's batch label ("" without one).
+fn rows_by_batch(
+    gene_idx: &Series,
+    values: &Series,
+    n_genes: usize,
+    batch: Option<&StringChunked>,
+    mut f: impl FnMut(&str, SparseRow<'_>) -> Result<(), KernelError>,
 ) -> PolarsResult<()> {
     if let Some(b) = batch {
         if b.len() != gene_idx.len() {
@@ -94,8 +173,7 @@ pub fn gene_stats_update(
     convert::with_sparse_rows(gene_idx, values, Some(n_genes), |rows, validity| {
         convert::reject_null_rows(validity, "highly_variable_genes")?;
         for (i, r) in rows.iter().enumerate() {
-            let key = batch.and_then(|b| b.get(i)).unwrap_or("");
-            stats.entry(key.to_string()).or_insert_with(|| GeneStats::new(n_genes)).add(*r);
+            f(batch.and_then(|b| b.get(i)).unwrap_or(""), *r)?;
         }
         Ok(())
     })

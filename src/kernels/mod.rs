@@ -3,10 +3,12 @@
 
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod cells;
 pub mod device;
 pub mod distance;
 pub mod hvg;
 pub mod kmeans;
+pub mod loess;
 pub mod knn;
 pub mod metrics;
 pub mod normalize;

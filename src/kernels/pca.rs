@@ -42,6 +42,9 @@ pub struct PcaFit {
     pub components: Mat<f64>,               // (n_comps, n_genes)
     pub explained_variance: Vec<f64>,       // (n_comps,)
     pub explained_variance_ratio: Vec<f64>, // (n_comps,)
+    /// With `scale`: each gene's standard deviation (ddof=1; 1 where it is
+    /// 0, as `sc.pp.scale`), the axes being those of the scaled genes.
+    pub std: Option<Vec<f64>>,
 }
 
 impl CovAccumulator {
@@ -150,13 +153,31 @@ impl CovAccumulator {
     /// signed so its largest-|loading| entry is positive (scikit-learn's
     /// `svd_flip(u_based_decision=False)`).
     pub fn fit(&self, n_comps: usize) -> Result<PcaFit, KernelError> {
+        self.fit_with(n_comps, false)
+    }
+
+    /// [`fit`](Self::fit), with `scale`: the PCA of the genes scaled to unit
+    /// variance first (`sc.pp.scale(zero_center=True, max_value=None)` then
+    /// PCA). Scaling is a congruence of the covariance, Σ' = D⁻¹ΣD⁻¹ with D
+    /// the standard deviations, so it folds into the fit and the projection
+    /// (components / σ) without a scaled copy of the data.
+    pub fn fit_with(&self, n_comps: usize, scale: bool) -> Result<PcaFit, KernelError> {
         let g = self.n_genes;
         if n_comps == 0 || n_comps > g {
             return Err(KernelError::Invalid(format!(
                 "n_comps must be between 1 and n_genes={g}, got {n_comps}"
             )));
         }
-        let cov = self.covariance()?;
+        let mut cov = self.covariance()?;
+        let std = scale.then(|| {
+            let sd: Vec<f64> = (0..g).map(|i| cov[(i, i)].max(0.0).sqrt()).map(|s| if s == 0.0 { 1.0 } else { s }).collect();
+            for j in 0..g {
+                for i in 0..g {
+                    cov[(i, j)] /= sd[i] * sd[j];
+                }
+            }
+            sd
+        });
         let total_var: f64 = (0..g).map(|i| cov[(i, i)]).sum();
         // Sequential on purpose: faer's parallel EVD blocks by thread count,
         // which changes the last bits; the fit must not depend on it.
@@ -203,6 +224,7 @@ impl CovAccumulator {
             components,
             explained_variance,
             explained_variance_ratio,
+            std,
         })
     }
 }
@@ -226,11 +248,21 @@ pub struct PcaProjector {
 }
 
 impl PcaProjector {
-    /// `mean` (n_genes,), `components` (n_comps, n_genes) row-major.
-    pub fn new(mean: &[f64], components: &[f64], n_comps: usize) -> Result<Self, KernelError> {
+    /// `mean` (n_genes,), `components` (n_comps, n_genes) row-major, and
+    /// with a scaled fit `std` (n_genes,): ((x − μ)/σ)·v = (x − μ)·(v/σ),
+    /// the scaling folded into the loadings.
+    pub fn new(mean: &[f64], components: &[f64], n_comps: usize, std: Option<&[f64]>) -> Result<Self, KernelError> {
         let n_genes = mean.len();
         if n_comps == 0 || components.len() != n_comps * n_genes {
             return Err(KernelError::Shape { what: "components (n_comps × n_genes)", expected: n_comps * n_genes, got: components.len() });
+        }
+        if let Some(sd) = std {
+            if sd.len() != n_genes {
+                return Err(KernelError::Shape { what: "std (n_genes)", expected: n_genes, got: sd.len() });
+            }
+            if let Some(x) = sd.iter().find(|x| !(x.is_finite() && **x > 0.0)) {
+                return Err(KernelError::Invalid(format!("the PCA model's std holds {x}; each must be finite and > 0; refit it")));
+            }
         }
         if let Some(x) = mean.iter().chain(components).find(|x| !x.is_finite()) {
             return Err(KernelError::Invalid(format!("the PCA model holds a non-finite number {x}; refit it")));
@@ -239,7 +271,7 @@ impl PcaProjector {
         let mut offset = vec![0f64; n_comps];
         for k in 0..n_comps {
             for g in 0..n_genes {
-                let w = components[k * n_genes + g];
+                let w = components[k * n_genes + g] / std.map_or(1.0, |sd| sd[g]);
                 loadings[g * n_comps + k] = w as f32;
                 offset[k] += mean[g] * w;
             }
@@ -248,7 +280,7 @@ impl PcaProjector {
     }
 
     pub fn from_fit(fit: &PcaFit) -> Result<Self, KernelError> {
-        Self::new(&fit.mean, &fit.components_row_major(), fit.components.nrows())
+        Self::new(&fit.mean, &fit.components_row_major(), fit.components.nrows(), fit.std.as_deref())
     }
 }
 
@@ -415,6 +447,47 @@ mod tests {
     }
 
     #[test]
+    fn scaled_fit_is_the_pca_of_the_scaled_genes() {
+        let (n, g, k) = (60, 12, 3);
+        let mut rows = Rows::random(n, g, 0.4, 5);
+        rows.0.iter_mut().for_each(|(i, v)| {
+            // Gene 11 never expressed: σ = 0 is taken as 1, as sc.pp.scale.
+            if i.last() == Some(&11) {
+                i.pop();
+                v.pop();
+            }
+        });
+        let mut acc = CovAccumulator::new(g).unwrap();
+        acc.add(&rows.view()).unwrap();
+        let fit = acc.fit_with(k, true).unwrap();
+        let sd = fit.std.clone().unwrap();
+        assert_eq!(sd[11], 1.0);
+        let d = rows.dense(g);
+        let z: Vec<f64> = (0..n * g).map(|i| (d[i] - fit.mean[i % g]) / sd[i % g]).collect();
+        // The scaled data's covariance: 1 on the diagonal (0 for gene 11).
+        let cov = |a: usize, b: usize| (0..n).map(|r| z[r * g + a] * z[r * g + b]).sum::<f64>() / (n as f64 - 1.0);
+        for a in 0..11 {
+            assert!((cov(a, a) - 1.0).abs() < 1e-12);
+        }
+        for c in 0..k {
+            let v: Vec<f64> = (0..g).map(|j| fit.components[(c, j)]).collect();
+            for a in 0..g {
+                let cv: f64 = (0..g).map(|b| cov(a, b) * v[b]).sum();
+                assert!((cv - fit.explained_variance[c] * v[a]).abs() < 1e-9, "axis {c} gene {a}");
+            }
+            assert!((fit.explained_variance_ratio[c] - fit.explained_variance[c] / 11.0).abs() < 1e-12);
+        }
+        let p = PcaProjector::from_fit(&fit).unwrap();
+        let out = pca_project(&rows.view(), &p, Device::Cpu).unwrap();
+        for r in 0..n {
+            for c in 0..k {
+                let want: f64 = (0..g).map(|j| z[r * g + j] * fit.components[(c, j)]).sum();
+                assert!((out[r * k + c] as f64 - want).abs() < 1e-4 * want.abs().max(1.0));
+            }
+        }
+    }
+
+    #[test]
     fn parallel_projection_equals_serial() {
         let n = 4 * crate::kernels::PAR_BLOCK + 17;
         let rows: Vec<SparseRow<'_>> = (0..n)
@@ -438,6 +511,7 @@ mod tests {
         let rows = Rows::random(5, 3, 0.9, 1);
         acc.add(&rows.view()).unwrap();
         assert!(acc.fit(4).is_err());
-        assert!(PcaProjector::new(&[0.0; 3], &[0.0; 5], 2).is_err());
+        assert!(PcaProjector::new(&[0.0; 3], &[0.0; 5], 2, None).is_err());
+        assert!(PcaProjector::new(&[0.0; 3], &[0.0; 6], 2, Some(&[1.0, 0.0, 1.0])).is_err());
     }
 }

@@ -131,7 +131,7 @@ def test_misspelt_or_bad_options_raise():
     with pytest.raises(ValueError, match="genes"):
         psc.select_genes(genes=[1, 1])
     with pytest.raises(ValueError, match="flavor"):
-        psc.highly_variable_genes(sparse_frame([([0], [1.0])]), n_genes=1, flavor="seurat_v3")
+        psc.highly_variable_genes(sparse_frame([([0], [1.0])]), n_genes=1, flavor="cell_ranger")
     with pytest.raises(ValueError, match="n_comps"):
         psc.fit_pca(sparse_frame([([0], [1.0])] * 3), n_genes=2, n_comps=3)
     with pytest.raises(ValueError, match="at least 2 cells"):

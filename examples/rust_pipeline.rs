@@ -22,7 +22,7 @@ fn main() -> PolarsResult<()> {
 
     // Fit PCA; a streaming pipeline calls fit_pca_update once per batch of rows.
     let mut acc = CovAccumulator::new(3)?;
-    fit_pca_update(&mut acc, &gene_idx, &lognorm)?;
+    fit_pca_update(&mut acc, None, &gene_idx, &lognorm)?;
     let fit = acc.fit(2)?;
     let model = PcaProjector::from_fit(&fit)?;
 

@@ -18,7 +18,7 @@ use crate::kernels;
 use crate::kernels::hvg::{ClippedSums, GeneStats, Transform};
 use crate::kernels::kmeans::KMeansParams;
 use crate::kernels::sample::{BottomK, KeyCut};
-use crate::kernels::pca::{CovAccumulator, PcaProjector};
+use crate::kernels::pca::{Clip, CovAccumulator, PcaProjector};
 use crate::kernels::Device;
 
 #[global_allocator]
@@ -136,6 +136,10 @@ fn cpu() -> String {
     "cpu".into()
 }
 
+fn yes() -> bool {
+    true
+}
+
 // -------------------------------------------------------------- pca_project
 
 #[derive(Deserialize)]
@@ -151,6 +155,15 @@ struct PcaProjectKwargs {
     /// float64 little-endian, (n_genes,): a scaled fit's standard deviations.
     #[serde(default, with = "serde_bytes")]
     std: Option<Vec<u8>>,
+    /// A clipped scaled fit (`max_value`): the genes' means before scaling
+    /// (float64 LE; `mean` is then the scaled genes' mean), `max_value`,
+    /// `zero_center`.
+    #[serde(default, with = "serde_bytes")]
+    clip_mean: Option<Vec<u8>>,
+    #[serde(default)]
+    max_value: Option<f64>,
+    #[serde(default = "yes")]
+    zero_center: bool,
     #[serde(default = "cpu")]
     device: String,
 }
@@ -172,7 +185,14 @@ fn pca_project(inputs: &[Series], kwargs: PcaProjectKwargs) -> PolarsResult<Seri
     let mean = f64_le(&kwargs.mean, "mean")?;
     let components = f64_le(&kwargs.components, "components")?;
     let std = kwargs.std.as_deref().map(|b| f64_le(b, "std")).transpose()?;
-    let model = PcaProjector::new(&mean, &components, kwargs.n_comps, std.as_deref())?;
+    let model = match (kwargs.max_value, &kwargs.clip_mean, std) {
+        (Some(max_value), Some(clip_mean), Some(std)) => {
+            let clip = Clip::new(f64_le(clip_mean, "clip_mean")?, std, max_value, kwargs.zero_center)?;
+            PcaProjector::clipped(&mean, &components, kwargs.n_comps, clip)?
+        },
+        (Some(_), _, _) => polars_bail!(ComputeError: "a clipped PCA model needs its std and clip_mean; reload it with PcaModel.load"),
+        (None, _, std) => PcaProjector::new(&mean, &components, kwargs.n_comps, std.as_deref())?,
+    };
     expressions::pca_project(&inputs[0], &inputs[1], &model, device(&kwargs.device)?)
 }
 
@@ -382,8 +402,9 @@ struct GeneStatsAccumulator {
 
 #[pymethods]
 impl GeneStatsAccumulator {
-    /// `transform`: "expm1" (flavor seurat: log-normalised values) or
-    /// "counts" (flavor seurat_v3: raw counts).
+    /// `transform`: "expm1" (flavor seurat: log-normalised values),
+    /// "counts" (flavor seurat_v3: raw counts, float32 squares as scanpy) or
+    /// "exact" (the values, float64 squares).
     #[new]
     #[pyo3(signature = (n_genes, transform = "expm1"))]
     fn new(n_genes: usize, transform: &str) -> PyResult<Self> {
@@ -393,7 +414,8 @@ impl GeneStatsAccumulator {
         let transform = match transform {
             "expm1" => Transform::Expm1,
             "counts" => Transform::Counts,
-            t => return Err(value_error(format!("transform must be 'expm1' or 'counts', got {t:?}"))),
+            "exact" => Transform::Exact,
+            t => return Err(value_error(format!("transform must be 'expm1', 'counts' or 'exact', got {t:?}"))),
         };
         Ok(GeneStatsAccumulator { n_genes, transform, batches: BTreeMap::new() })
     }
@@ -516,26 +538,35 @@ fn loess(py: Python<'_>, x: Vec<f64>, y: Vec<f64>, span: f64, cell: f64) -> PyRe
 struct PcaAccumulator {
     acc: CovAccumulator,
     pool: rayon::ThreadPool,
+    clip: Option<Clip>,
 }
 
 #[pymethods]
 impl PcaAccumulator {
+    /// `clip`: (mean, std, max_value, zero_center) of a first pass: this
+    /// pass then fits the PCA of the scaled genes clipped at `max_value`.
     #[new]
-    #[pyo3(signature = (n_genes, n_threads, device = "cpu"))]
-    fn new(n_genes: usize, n_threads: usize, device: &str) -> PyResult<Self> {
+    #[pyo3(signature = (n_genes, n_threads, device = "cpu", clip = None))]
+    fn new(n_genes: usize, n_threads: usize, device: &str, clip: Option<(Vec<f64>, Vec<f64>, f64, bool)>) -> PyResult<Self> {
         let dev = self::device(device).map_err(value_error)?;
-        Ok(PcaAccumulator { acc: CovAccumulator::with_device(n_genes, dev).map_err(value_error)?, pool: fit_pool(n_threads)? })
+        let clip = clip.map(|(m, s, v, z)| Clip::new(m, s, v, z)).transpose().map_err(value_error)?;
+        if let Some(c) = &clip {
+            if c.n_genes() != n_genes {
+                return Err(value_error(format!("clip has {} genes, the fit {n_genes}", c.n_genes())));
+            }
+        }
+        Ok(PcaAccumulator { acc: CovAccumulator::with_device(n_genes, dev).map_err(value_error)?, pool: fit_pool(n_threads)?, clip })
     }
 
     fn update(&mut self, py: Python<'_>, gene_idx: PySeries, values: PySeries) -> PyResult<()> {
-        let (acc, pool) = (&mut self.acc, &self.pool);
-        py.detach(|| pool.install(|| expressions::fit_pca_update(acc, &gene_idx.0, &values.0))).map_err(value_error)
+        let (acc, pool, clip) = (&mut self.acc, &self.pool, self.clip.as_ref());
+        py.detach(|| pool.install(|| expressions::fit_pca_update(acc, clip, &gene_idx.0, &values.0))).map_err(value_error)
     }
 
     /// (n_cells, mean, components flattened (n_comps × n_genes), explained
     /// variance, explained variance ratio) as float64 Series.
     /// `scale`: the PCA of the genes scaled to unit variance; `std` is then
-    /// returned (else None).
+    /// returned (else None). With `clip`, `mean` is the scaled genes' mean.
     #[pyo3(signature = (n_comps, scale = false))]
     #[allow(clippy::type_complexity)]
     fn finish(&self, py: Python<'_>, n_comps: usize, scale: bool) -> PyResult<(u64, PySeries, PySeries, PySeries, PySeries, Option<PySeries>)> {
@@ -543,9 +574,13 @@ impl PcaAccumulator {
         let fit = py.detach(|| pool.install(|| acc.fit_with(n_comps, scale))).map_err(value_error)?;
         let comps = fit.components_row_major();
         let s = |name: &str, v: Vec<f64>| PySeries(Series::new(name.into(), v));
+        let mean = match &self.clip {
+            Some(c) => c.scaled_mean(&fit.mean),
+            None => fit.mean,
+        };
         Ok((
             fit.n_cells,
-            s("mean", fit.mean),
+            s("mean", mean),
             s("components", comps),
             s("explained_variance", fit.explained_variance),
             s("explained_variance_ratio", fit.explained_variance_ratio),

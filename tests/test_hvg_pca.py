@@ -193,6 +193,47 @@ def test_fit_pca_scaled_is_sc_pp_scale_then_pca(hvg_cells, tmp_path):
     assert psc.fit_pca(df, n_genes=n_genes, n_comps=5).std is None
 
 
+@pytest.mark.parametrize("zero_center", [True, False])
+def test_fit_pca_clipped_is_sc_pp_scale_max_value_then_pca(hvg_cells, tmp_path, zero_center):
+    """scale=True with max_value: sc.pp.scale(max_value=3) clips many entries
+    (both signs when zero-centred); the PCA is the one of scanpy's clipped
+    matrix, fitted from the sparse counts in two passes."""
+    df, n_genes = hvg_cells
+    model = psc.fit_pca(df, n_genes=n_genes, n_comps=20, scale=True, max_value=3, zero_center=zero_center)
+    x = to_csr(df, n_genes).toarray().astype(np.float64)
+    adata = ad.AnnData(x.copy())
+    sc.pp.scale(adata, max_value=3, zero_center=zero_center)
+    z = adata.X
+    assert (z == 3).sum() > 100 and (not zero_center or (z == -3).sum() > 0)
+    ref = PCA(20, svd_solver="full").fit(z)
+    comps, signs = sklearn_signed(ref)
+    np.testing.assert_allclose(model.std, x.std(axis=0, ddof=1), rtol=1e-10)
+    np.testing.assert_allclose(model.scaled_mean, ref.mean_, rtol=0, atol=1e-6)
+    # Our clipped entries are float32 (as scanpy's scaled float32 matrix);
+    # the reference here is float64: agreement to float32 rounding.
+    np.testing.assert_allclose(model.explained_variance, ref.explained_variance_, rtol=1e-5)
+    np.testing.assert_allclose(model.explained_variance_ratio, ref.explained_variance_ratio_, rtol=1e-5)
+    np.testing.assert_allclose(model.components, comps, rtol=0, atol=1e-4)
+    got = df.select(psc.pca_project(model=model))["X_pca"].to_numpy()
+    want = ref.transform(z) * signs
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    model.save(tmp_path / "pca.parquet")
+    back = psc.PcaModel.load(tmp_path / "pca.parquet")
+    assert (back.max_value, back.zero_center) == (3.0, zero_center)
+    np.testing.assert_array_equal(back.scaled_mean, model.scaled_mean)
+    assert df.select(psc.pca_project(model=back)).equals(df.select(psc.pca_project(model=model)))
+
+
+def test_fit_pca_scale_options_are_checked(hvg_cells):
+    df, n_genes = hvg_cells
+    with pytest.raises(ValueError, match="pass scale=True"):
+        psc.fit_pca(df, n_genes=n_genes, n_comps=5, max_value=10)
+    with pytest.raises(ValueError, match="max_value must be a finite number > 0"):
+        psc.fit_pca(df, n_genes=n_genes, n_comps=5, scale=True, max_value=-1)
+    with pytest.raises(ValueError, match="scale and zero_center must be True or False"):
+        psc.fit_pca(df, n_genes=n_genes, n_comps=5, scale="yes")
+
+
 def test_pca_model_parquet_round_trip(hvg_cells, tmp_path):
     df, n_genes = hvg_cells
     model = psc.fit_pca(df, n_genes=n_genes, n_comps=10)

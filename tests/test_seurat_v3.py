@@ -107,11 +107,21 @@ def test_integrate_with_seurat_v3_keeps_scanpys_genes(cellbench, tmp_path):
     df, n_genes = cellbench
     df.write_parquet(tmp_path / "cells.parquet")
     report = psc.integrate(tmp_path / "cells.parquet", tmp_path / "out", n_genes=n_genes, n_top_genes=300,
-                           hvg_flavor="seurat_v3", n_comps=10, n_centroids=16, log=None)
+                           hvg_flavor="seurat_v3", scale=True, max_value=10, n_comps=10, n_centroids=16, log=None)
     assert report["parameters"]["genes"]["hvg_flavor"] == "seurat_v3"
+    assert report["parameters"]["pca"]["max_value"] == 10
     ref = scanpy_v3(df, n_genes, 300, "batch")
     genes = pl.read_parquet(tmp_path / "out" / "genes.parquet")
     assert genes["highly_variable"].to_list() == ref["highly_variable"].tolist()
-    assert psc.PcaModel.load(tmp_path / "out" / "pca.parquet").n_genes == 300
+    model = psc.PcaModel.load(tmp_path / "out" / "pca.parquet")
+    assert model.n_genes == 300 and model.max_value == 10 and model.std is not None
+    # The stored X_pca is the scaled, clipped model's projection of the selected, normalised genes.
+    hv = genes.filter("highly_variable")["gene_idx"]
+    norm = df.with_columns(psc.normalize("gene_idx", "values", target_sum=1e4))
+    want = norm.with_columns(psc.select_genes(genes=hv).struct.unnest()).select(psc.pca_project(model=model))
+    got = pl.read_parquet(tmp_path / "out" / "cells.parquet")
+    np.testing.assert_array_equal(got["X_pca"].to_numpy(), want["X_pca"].to_numpy())
+    with pytest.raises(ValueError, match="pass scale=True"):
+        psc.integrate(tmp_path / "cells.parquet", tmp_path / "out3", max_value=10, log=None)
     with pytest.raises(ValueError, match="hvg_flavor='seurat_v4' is not supported"):
         psc.integrate(tmp_path / "cells.parquet", tmp_path / "out2", hvg_flavor="seurat_v4", log=None)

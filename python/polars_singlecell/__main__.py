@@ -63,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="seurat: on normalised values (default); seurat_v3: on raw counts, as scanpy")
     i.add_argument("--scale", action="store_true",
                    help="PCA of the genes scaled to unit variance (sc.pp.scale before sc.pp.pca)")
+    i.add_argument("--max-value", type=float, default=None,
+                   help="with --scale: clip the scaled values at this (sc.pp.scale's max_value)")
     i.add_argument("--n-comps", type=int, default=50)
     i.add_argument("--n-centroids", type=int, default=2048)
     i.add_argument("--max-samples-per-batch", type=int, default=500_000)
@@ -82,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         try:
             psc.integrate(args.source, args.out, batch_key=args.batch_key, label_key=args.label_key, n_genes=args.n_genes,
-                          target_sum=args.target_sum, n_top_genes=args.n_top_genes, hvg_flavor=args.hvg_flavor, scale=args.scale, n_comps=args.n_comps,
+                          target_sum=args.target_sum, n_top_genes=args.n_top_genes, hvg_flavor=args.hvg_flavor, scale=args.scale, max_value=args.max_value, n_comps=args.n_comps,
                           n_centroids=args.n_centroids, max_samples_per_batch=args.max_samples_per_batch, k=args.k,
                           mode=args.mode, device=args.device, random_state=args.random_state,
                           progress=not args.no_progress, counts=tuple(args.counts), vocabulary=args.vocabulary)

@@ -112,6 +112,7 @@ def integrate(
     n_top_genes: int = 2000,
     hvg_flavor: str = "seurat",
     scale: bool = False,
+    max_value: float | None = None,
     n_comps: int = 50,
     n_centroids: int = 2048,
     max_samples_per_batch: int = 500_000,
@@ -134,7 +135,8 @@ def integrate(
       :func:`highly_variable_genes` with ``flavor=hvg_flavor``: "seurat" on
       the normalised values, or "seurat_v3" on the raw counts;
     - ``pca.parquet``: the PCA model (:class:`PcaModel`; ``scale=True``:
-      of the genes scaled to unit variance, ``sc.pp.scale`` folded in);
+      of the genes scaled to unit variance and, with ``max_value``, clipped:
+      ``sc.pp.scale`` folded in, see :func:`fit_pca`);
     - ``cells_pca.parquet``: every cell's columns except the counts, plus ``X_pca``;
     - ``centroids.parquet``: per-batch k-means centroids with their mass
       (``fit_centroids(low_memory=True)``: one batch's sample in memory at a
@@ -183,6 +185,8 @@ def integrate(
     device = check_device(device)
     if hvg_flavor not in ("seurat", "seurat_v3"):
         raise ValueError(f"hvg_flavor={hvg_flavor!r} is not supported; use 'seurat' or 'seurat_v3'")
+    if max_value is not None and not scale:
+        raise ValueError("max_value clips the scaled genes: pass scale=True with it")
     out = Path(out)
     remote = is_remote(source)
     h5ads = [] if remote else _h5ad_sources(source)
@@ -226,7 +230,7 @@ def integrate(
                       hvg_flavor=hvg_flavor, counts=list(counts), vocabulary=None if vocabulary is None else vocabulary_digest(vocabulary)),
         # The GPU sums the covariance and k-means distances in another order
         # (results equal to rounding, not bit for bit): part of the fingerprint.
-        "pca": dict(n_comps=n_comps, device=device, **({"scale": True} if scale else {})),
+        "pca": dict(n_comps=n_comps, device=device, **({"scale": True, "max_value": max_value} if scale else {})),
         "project": {},
         "centroids": dict(n_centroids=n_centroids, max_samples_per_batch=max_samples_per_batch, random_state=random_state,
                           device=device),
@@ -279,7 +283,7 @@ def integrate(
 
     def pca() -> dict:
         lf, n_hv = selected()
-        model = psc.fit_pca(lf, n_genes=n_hv, n_comps=n_comps, device=device, scale=scale)
+        model = psc.fit_pca(lf, n_genes=n_hv, n_comps=n_comps, device=device, scale=scale, max_value=max_value)
         model.save(out / "pca.parquet")
         return {"explained_variance_ratio": [round(float(v), 5) for v in model.explained_variance_ratio]}
 

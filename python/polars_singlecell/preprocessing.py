@@ -540,7 +540,9 @@ class PcaModel:
     Each axis is signed so that its largest-magnitude loading is positive.
     A model fitted with ``scale=True`` holds ``std``: its axes are those of
     the genes scaled to unit variance, and :func:`pca_project` scales cells
-    the same way.
+    the same way. With ``max_value`` too, ``mean`` is the genes' mean before
+    scaling and ``scaled_mean`` the centre of the PCA among the scaled,
+    clipped genes (scikit-learn's ``mean_`` there).
     """
 
     mean: np.ndarray  # (n_genes,) float64
@@ -549,6 +551,9 @@ class PcaModel:
     explained_variance_ratio: np.ndarray  # (n_comps,)
     n_cells: int
     std: np.ndarray | None = None  # (n_genes,) float64, with scale=True
+    max_value: float | None = None  # with scale=True and clipping
+    zero_center: bool = True
+    scaled_mean: np.ndarray | None = None  # (n_genes,) the PCA's centre among the clipped scaled genes
 
     @property
     def n_genes(self) -> int:
@@ -569,11 +574,13 @@ class PcaModel:
                 "mean": self.mean,
                 "loadings": np.ascontiguousarray(self.components.T),
                 **({} if self.std is None else {"std": self.std}),
+                **({} if self.scaled_mean is None else {"scaled_mean": self.scaled_mean}),
             }
         )
         meta = {
             "kind": _PCA_KIND,
             "n_cells": self.n_cells,
+            **({} if self.max_value is None else {"max_value": self.max_value, "zero_center": self.zero_center}),
             "explained_variance": self.explained_variance.tolist(),
             "explained_variance_ratio": self.explained_variance_ratio.tolist(),
         }
@@ -596,6 +603,9 @@ class PcaModel:
             explained_variance_ratio=np.asarray(meta["explained_variance_ratio"], dtype=np.float64),
             n_cells=int(meta["n_cells"]),
             std=df["std"].to_numpy() if "std" in df.columns else None,
+            max_value=meta.get("max_value"),
+            zero_center=meta.get("zero_center", True),
+            scaled_mean=df["scaled_mean"].to_numpy() if "scaled_mean" in df.columns else None,
         )
 
 
@@ -609,6 +619,8 @@ def fit_pca(
     n_threads: int | None = None,
     device: str = "cpu",
     scale: bool = False,
+    max_value: float | None = None,
+    zero_center: bool = True,
 ) -> PcaModel:
     """Fit PCA out of core: one streaming pass accumulates the exact float64
     covariance (O(n_genes²) memory, never O(cells)), then its eigendecomposition.
@@ -636,11 +648,18 @@ def fit_pca(
             f"n_genes={n_genes} needs a {n_genes * n_genes * 8 / 2**30:.0f} GiB covariance; "
             "select highly variable genes first (psc.select_genes)"
         )
+    if not isinstance(scale, bool) or not isinstance(zero_center, bool):
+        raise ValueError(f"scale and zero_center must be True or False, got scale={scale!r}, zero_center={zero_center!r}")
+    if max_value is not None:
+        if not scale:
+            raise ValueError("max_value clips the scaled genes: pass scale=True with it")
+        if isinstance(max_value, bool) or not isinstance(max_value, (int, float)) or not (0 < max_value < math.inf):
+            raise ValueError(f"max_value must be a finite number > 0 (sc.pp.scale's), got {max_value!r}")
+        return _fit_pca_clipped(_lazy(data), n_genes, n_comps, [gene_idx, values], _n_threads(n_threads),
+                                check_device(device), max_value, zero_center)
     acc = _internal.PcaAccumulator(n_genes, _n_threads(n_threads), check_device(device))
     for df in _record_batches(_lazy(data), [gene_idx, values]):
         acc.update(df[gene_idx], df[values])
-    if not isinstance(scale, bool):
-        raise ValueError(f"scale must be True or False, got {scale!r}")
     n_cells, mean, comps, ev, evr, std = acc.finish(n_comps, scale)
     return PcaModel(
         mean=mean.to_numpy(),
@@ -649,6 +668,38 @@ def fit_pca(
         explained_variance_ratio=evr.to_numpy(),
         n_cells=int(n_cells),
         std=None if std is None else std.to_numpy(),
+    )
+
+
+def _fit_pca_clipped(lf: pl.LazyFrame, n_genes: int, n_comps: int, cols: list[str], n_threads: int, device: str,
+                     max_value: float, zero_center: bool) -> PcaModel:
+    """fit_pca(scale=True, max_value=...): the genes' moments, then the PCA
+    of the clipped scaled cells (see fit_pca)."""
+    # Exact moments, as the unclipped scaled fit's (scanpy squares float32
+    # values in float32: its std differs from these by ~1e-8, relative).
+    first = _internal.GeneStatsAccumulator(n_genes, "exact")
+    for df in _record_batches(lf, cols):
+        first.update(df[cols[0]], df[cols[1]])
+    stats = first.finish()
+    if stats.height == 0:
+        raise ValueError("no cells: fit_pca needs at least 2")
+    mean = stats["mean"].to_numpy()
+    std = np.sqrt(stats["var"].to_numpy())  # sc.pp.scale: ddof=1, a constant gene's 0 taken as 1
+    std[std == 0] = 1
+    acc = _internal.PcaAccumulator(n_genes, n_threads, device, (mean.tolist(), std.tolist(), float(max_value), zero_center))
+    for df in _record_batches(lf, cols):
+        acc.update(df[cols[0]], df[cols[1]])
+    n_cells, scaled_mean, comps, ev, evr, _ = acc.finish(n_comps)
+    return PcaModel(
+        mean=mean,
+        components=comps.to_numpy().reshape(n_comps, n_genes),
+        explained_variance=ev.to_numpy(),
+        explained_variance_ratio=evr.to_numpy(),
+        n_cells=int(n_cells),
+        std=std,
+        max_value=float(max_value),
+        zero_center=zero_center,
+        scaled_mean=scaled_mean.to_numpy(),
     )
 
 
@@ -687,6 +738,12 @@ def pca_project(
             "mean": np.ascontiguousarray(model.mean, dtype="<f8").tobytes(),
             "components": np.ascontiguousarray(model.components, dtype="<f8").tobytes(),
             "std": None if model.std is None else np.ascontiguousarray(model.std, dtype="<f8").tobytes(),
+            **({} if model.max_value is None else {
+                "mean": np.ascontiguousarray(model.scaled_mean, dtype="<f8").tobytes(),
+                "clip_mean": np.ascontiguousarray(model.mean, dtype="<f8").tobytes(),
+                "max_value": float(model.max_value),
+                "zero_center": bool(model.zero_center),
+            }),
             "device": check_device(device),
         },
     ).alias("X_pca")

@@ -14,7 +14,7 @@ use polars_core::runtime::THREAD_POOL;
 use crate::kernels::hvg::{ClippedSums, GeneStats, Transform};
 use crate::kernels::kmeans::{KMeansFit, KMeansParams};
 use crate::kernels::sample::{BottomK, Cut, KeyCut};
-use crate::kernels::pca::{CovAccumulator, PcaProjector};
+use crate::kernels::pca::{Clip, CovAccumulator, PcaProjector};
 use crate::kernels::cells::Genes;
 use crate::error::KernelError;
 use crate::kernels::{self, select_genes::GeneMap, Device, SparseRow};
@@ -110,10 +110,18 @@ pub fn pca_project(gene_idx: &Series, values: &Series, model: &PcaProjector, dev
 
 /// Add a batch of cells to a streaming PCA fit. Null cells are an error: a fit
 /// cannot leave them out silently.
-pub fn fit_pca_update(acc: &mut CovAccumulator, gene_idx: &Series, values: &Series) -> PolarsResult<()> {
+/// With `clip` (`sc.pp.scale(max_value=...)`'s second pass), each entry is
+/// clipped and scaled first.
+pub fn fit_pca_update(acc: &mut CovAccumulator, clip: Option<&Clip>, gene_idx: &Series, values: &Series) -> PolarsResult<()> {
     convert::with_sparse_rows(gene_idx, values, Some(acc.n_genes()), |rows, validity| {
         convert::reject_null_rows(validity, "fit_pca")?;
-        Ok(acc.add(rows)?)
+        match clip {
+            Some(c) => {
+                let d = c.apply(rows);
+                acc.add(&Clip::rows(rows, &d))
+            },
+            None => acc.add(rows),
+        }
     })
 }
 

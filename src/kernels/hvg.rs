@@ -16,8 +16,13 @@ use super::SparseRow;
 pub enum Transform {
     /// `expm1(x)` of log-normalised values (flavor "seurat").
     Expm1,
-    /// The values as they are: raw counts (flavor "seurat_v3").
+    /// The values as they are: raw counts (flavor "seurat_v3"), squared in
+    /// float32 as scanpy does.
     Counts,
+    /// The values as they are, squared in float64: exact moments
+    /// (`fit_pca(scale=True, max_value=...)`'s first pass, which must agree
+    /// with the exact covariance of the unclipped scaled fit).
+    Exact,
 }
 
 /// Running sums for one batch: n cells, Σ t(x) and Σ t(x)² per gene.
@@ -42,12 +47,13 @@ impl GeneStats {
     /// (`validate_rows`).
     pub fn add(&mut self, row: SparseRow<'_>) {
         self.n_cells += 1;
-        if self.transform == Transform::Counts {
+        if self.transform != Transform::Expm1 {
+            let exact = self.transform == Transform::Exact;
             for (&g, &v) in row.gene_idx.iter().zip(row.values) {
                 // scanpy's sparse mean/var: float32 squares summed in float64.
                 let g = g as usize;
                 self.sum[g] += v as f64;
-                self.sumsq[g] += (v * v) as f64;
+                self.sumsq[g] += if exact { v as f64 * v as f64 } else { (v * v) as f64 };
                 self.nnz[g] += (v != 0.0) as u64;
                 self.non_integer += (v.fract() != 0.0 || v.is_sign_negative()) as u64;
             }

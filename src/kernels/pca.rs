@@ -47,6 +47,87 @@ pub struct PcaFit {
     pub std: Option<Vec<f64>>,
 }
 
+/// `sc.pp.scale(zero_center, max_value)`'s clipping as a map of each
+/// non-zero count: `d = z(v) − z(0)`, with `z(v) = clip((v − μ)/σ, ±M)`
+/// (zero-centred) or `min(v/σ, M)` (not). A cell's scaled row is then the
+/// constant `z(0)` plus the sparse `d`; the constant drops out of every
+/// covariance, so the PCA of the scaled, clipped cells is the PCA of the
+/// sparse `d`, and the dense scaled matrix is never built.
+#[derive(Debug, Clone)]
+pub struct Clip {
+    mean: Vec<f64>,
+    std: Vec<f64>,
+    max_value: f64,
+    zero_center: bool,
+    at_zero: Vec<f64>, // z(0) per gene
+}
+
+impl Clip {
+    /// `mean`, `std` (n_genes,): the genes' moments (std > 0: 1 for a
+    /// constant gene, as scanpy); `max_value` > 0.
+    pub fn new(mean: Vec<f64>, std: Vec<f64>, max_value: f64, zero_center: bool) -> Result<Self, KernelError> {
+        if mean.len() != std.len() {
+            return Err(KernelError::Shape { what: "std (n_genes)", expected: mean.len(), got: std.len() });
+        }
+        if !(max_value > 0.0 && max_value.is_finite()) {
+            return Err(KernelError::Invalid(format!("max_value must be a finite number > 0, got {max_value}")));
+        }
+        if let Some(x) = std.iter().find(|x| !(x.is_finite() && **x > 0.0)) {
+            return Err(KernelError::Invalid(format!("std holds {x}; each must be finite and > 0")));
+        }
+        if let Some(x) = mean.iter().find(|x| !x.is_finite()) {
+            return Err(KernelError::Invalid(format!("mean holds {x}; each must be finite")));
+        }
+        let at_zero = mean.iter().zip(&std).map(|(m, s)| if zero_center { (-m / s).clamp(-max_value, max_value) } else { 0.0 }).collect();
+        Ok(Clip { mean, std, max_value, zero_center, at_zero })
+    }
+
+    pub fn n_genes(&self) -> usize {
+        self.mean.len()
+    }
+
+    /// z(0) per gene: the scaled value of a zero count.
+    pub fn at_zero(&self) -> &[f64] {
+        &self.at_zero
+    }
+
+    /// The mean of the scaled genes from the mean of their `d`: z = z(0) + d.
+    pub fn scaled_mean(&self, mean_d: &[f64]) -> Vec<f64> {
+        mean_d.iter().zip(&self.at_zero).map(|(m, z0)| m + z0).collect()
+    }
+
+    /// Every entry's `d`, rows concatenated (float32, as scanpy's scaled
+    /// float32 matrix). Rows must be validated against `n_genes`.
+    pub fn apply(&self, rows: &[SparseRow<'_>]) -> Vec<f32> {
+        let m = self.max_value;
+        let mut out = Vec::with_capacity(rows.iter().map(|r| r.values.len()).sum());
+        for r in rows {
+            out.extend(r.gene_idx.iter().zip(r.values).map(|(&g, &v)| {
+                let g = g as usize;
+                let z = if self.zero_center {
+                    ((v as f64 - self.mean[g]) / self.std[g]).clamp(-m, m)
+                } else {
+                    (v as f64 / self.std[g]).min(m)
+                };
+                (z - self.at_zero[g]) as f32
+            }));
+        }
+        out
+    }
+
+    /// `rows` with their values replaced by `values` (from [`apply`](Self::apply)).
+    pub fn rows<'a>(rows: &[SparseRow<'a>], values: &'a [f32]) -> Vec<SparseRow<'a>> {
+        let mut at = 0;
+        rows.iter()
+            .map(|r| {
+                let v = &values[at..at + r.values.len()];
+                at += r.values.len();
+                SparseRow { gene_idx: r.gene_idx, values: v }
+            })
+            .collect()
+    }
+}
+
 impl CovAccumulator {
     pub fn new(n_genes: usize) -> Result<Self, KernelError> {
         Self::with_device(n_genes, Device::Cpu)
@@ -156,6 +237,15 @@ impl CovAccumulator {
         self.fit_with(n_comps, false)
     }
 
+    /// Each gene's mean and standard deviation (ddof=1; 1 where it is 0, as
+    /// `sc.pp.scale`): what [`Clip`] needs from a first pass.
+    pub fn moments(&self) -> Result<(Vec<f64>, Vec<f64>), KernelError> {
+        let cov = self.covariance()?;
+        let n = self.n_cells as f64;
+        let sd = (0..self.n_genes).map(|i| cov[(i, i)].max(0.0).sqrt()).map(|s| if s == 0.0 { 1.0 } else { s }).collect();
+        Ok((self.sum.iter().map(|s| s / n).collect(), sd))
+    }
+
     /// [`fit`](Self::fit), with `scale`: the PCA of the genes scaled to unit
     /// variance first (`sc.pp.scale(zero_center=True, max_value=None)` then
     /// PCA). Scaling is a congruence of the covariance, Σ' = D⁻¹ΣD⁻¹ with D
@@ -245,6 +335,8 @@ pub struct PcaProjector {
     pub n_comps: usize,
     loadings: Vec<f32>, // (n_genes, n_comps): componentsᵀ
     offset: Vec<f32>,   // (n_comps,): mean · componentsᵀ
+    /// A model of clipped scaled genes: each entry becomes its `d` first.
+    clip: Option<Clip>,
 }
 
 impl PcaProjector {
@@ -276,7 +368,21 @@ impl PcaProjector {
                 offset[k] += mean[g] * w;
             }
         }
-        Ok(PcaProjector { n_genes, n_comps, loadings, offset: offset.into_iter().map(|x| x as f32).collect() })
+        Ok(PcaProjector { n_genes, n_comps, loadings, offset: offset.into_iter().map(|x| x as f32).collect(), clip: None })
+    }
+
+    /// A model fitted on `clip`ped scaled genes: `scaled_mean` is the PCA's
+    /// centre among the scaled genes (scikit-learn's `mean_` of the scaled
+    /// matrix), `components` its axes. A cell projects as `(z − scaled_mean)
+    /// · componentsᵀ = (d − (scaled_mean − z(0))) · componentsᵀ`.
+    pub fn clipped(scaled_mean: &[f64], components: &[f64], n_comps: usize, clip: Clip) -> Result<Self, KernelError> {
+        if scaled_mean.len() != clip.n_genes() {
+            return Err(KernelError::Shape { what: "the clip's genes", expected: scaled_mean.len(), got: clip.n_genes() });
+        }
+        let centre: Vec<f64> = scaled_mean.iter().zip(&clip.at_zero).map(|(m, z0)| m - z0).collect();
+        let mut p = Self::new(&centre, components, n_comps, None)?;
+        p.clip = Some(clip);
+        Ok(p)
     }
 
     pub fn from_fit(fit: &PcaFit) -> Result<Self, KernelError> {
@@ -289,6 +395,14 @@ impl PcaProjector {
 /// row-major. Both devices sum each output in entry order with the same
 /// rounding, so they give the same bits.
 pub fn pca_project(rows: &[SparseRow<'_>], p: &PcaProjector, device: Device) -> Result<Vec<f32>, KernelError> {
+    if let Some(clip) = &p.clip {
+        let d = clip.apply(rows);
+        return project(&Clip::rows(rows, &d), p, device);
+    }
+    project(rows, p, device)
+}
+
+fn project(rows: &[SparseRow<'_>], p: &PcaProjector, device: Device) -> Result<Vec<f32>, KernelError> {
     let k = p.n_comps;
     if device == Device::Cuda {
         #[cfg(feature = "cuda")]
@@ -485,6 +599,56 @@ mod tests {
                 assert!((out[r * k + c] as f64 - want).abs() < 1e-4 * want.abs().max(1.0));
             }
         }
+    }
+
+    #[test]
+    fn clipped_fit_is_the_pca_of_the_clipped_scaled_genes() {
+        let (n, g, k) = (80, 10, 3);
+        let rows = Rows::random(n, g, 0.3, 9);
+        let mut first = CovAccumulator::new(g).unwrap();
+        first.add(&rows.view()).unwrap();
+        let (mean, sd) = first.moments().unwrap();
+        let d = rows.dense(g);
+        for zero_center in [true, false] {
+            // max_value 0.5 clips many entries, zeros included (z(0) ≈ -0.55).
+            let clip = Clip::new(mean.clone(), sd.clone(), 0.5, zero_center).unwrap();
+            let view = rows.view();
+            let vals = clip.apply(&view);
+            let mut second = CovAccumulator::new(g).unwrap();
+            second.add(&Clip::rows(&view, &vals)).unwrap();
+            let fit = second.fit(k).unwrap();
+            // The dense clipped scaled matrix, as scanpy builds it.
+            let z: Vec<f64> = (0..n * g)
+                .map(|i| {
+                    let (x, m, s) = (d[i], mean[i % g], sd[i % g]);
+                    if zero_center { ((x - m) / s).clamp(-0.5, 0.5) } else if x == 0.0 { 0.0 } else { (x / s).min(0.5) }
+                })
+                .collect();
+            assert!(z.iter().any(|&v| v == 0.5) && (!zero_center || z.iter().any(|&v| v == -0.5)));
+            let zm: Vec<f64> = (0..g).map(|j| (0..n).map(|r| z[r * g + j]).sum::<f64>() / n as f64).collect();
+            let cov = |a: usize, b: usize| (0..n).map(|r| (z[r * g + a] - zm[a]) * (z[r * g + b] - zm[b])).sum::<f64>() / (n as f64 - 1.0);
+            for c in 0..k {
+                for a in 0..g {
+                    let cv: f64 = (0..g).map(|b| cov(a, b) * fit.components[(c, b)]).sum();
+                    // d is float32, as scanpy's scaled matrix: agreement to its rounding.
+                    assert!((cv - fit.explained_variance[c] * fit.components[(c, a)]).abs() < 1e-5, "zc={zero_center} axis {c}");
+                }
+            }
+            let scaled_mean = clip.scaled_mean(&fit.mean);
+            for j in 0..g {
+                assert!((scaled_mean[j] - zm[j]).abs() < 1e-6);
+            }
+            let p = PcaProjector::clipped(&scaled_mean, &fit.components_row_major(), k, clip).unwrap();
+            let out = pca_project(&view, &p, Device::Cpu).unwrap();
+            for r in 0..n {
+                for c in 0..k {
+                    let want: f64 = (0..g).map(|j| (z[r * g + j] - zm[j]) * fit.components[(c, j)]).sum();
+                    assert!((out[r * k + c] as f64 - want).abs() < 1e-4 * want.abs().max(1.0));
+                }
+            }
+        }
+        assert!(Clip::new(vec![0.0], vec![1.0], 0.0, true).is_err());
+        assert!(Clip::new(vec![0.0], vec![0.0], 1.0, true).is_err());
     }
 
     #[test]

@@ -287,12 +287,19 @@ def test_record_batches_read_a_scan_slice_by_slice(cellbench, tmp_path, monkeypa
     df = df.with_columns(psc.select_genes(genes=np.arange(n_genes)).struct.unnest())
     path = tmp_path / "cells.parquet"
     df.write_parquet(path, row_group_size=100)
-    monkeypatch.setattr(P, "SLICE_ROWS", 128)
+    # A probe slice of 64 rows, then slices of ~SLICE_ENTRIES entries (by the
+    # probe's density), at most SLICE_ROWS rows.
+    monkeypatch.setattr(P, "SLICE_ROWS", 500)
+    monkeypatch.setattr(P, "PROBE_ROWS", 64)
+    monkeypatch.setattr(P, "SLICE_ENTRIES", 20_000)
     lf = pl.scan_parquet(path).with_columns(psc.normalize())
     want = lf.select("gene_idx", "values").collect()
     assert P._slice_reaches_scan(lf.select("gene_idx", "values"))
     got = list(P._record_batches(lf, ["gene_idx", "values"]))
-    assert [b.height for b in got] == [128] * (df.height // 128) + ([df.height % 128] if df.height % 128 else [])
+    size = int(min(500, max(64, 20_000 // want["gene_idx"].head(64).list.len().mean())))
+    assert 64 < size < 500
+    rest = df.height - 64
+    assert [b.height for b in got] == [64] + [size] * (rest // size) + ([rest % size] if rest % size else [])
     assert pl.concat(got).equals(want)
     kept = lf.filter(pl.col("batch") != df["batch"][0])
     assert not P._slice_reaches_scan(kept.select("gene_idx", "values"))

@@ -170,3 +170,27 @@ def test_h5ad_without_h5py_names_the_extra(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "h5py", None)
     with pytest.raises(ImportError, match=r"pip install 'polars-singlecell\[h5ad\]'"):
         psc.io.h5ad_to_parquet(tmp_path / "a.h5ad", tmp_path / "o")
+
+
+def test_h5ad_bad_entry_in_a_later_row_group_is_a_value_error(tmp_path, monkeypatch):
+    """Damage past the first row group surfaces inside Polars' sink; it must
+    still be the ValueError naming the file and rows, and leave no output."""
+    import h5py
+
+    make_adata(400).write_h5ad(tmp_path / "a.h5ad")
+    with h5py.File(tmp_path / "a.h5ad", "r+") as f:
+        f["X/indices"][-1] = 10**6  # a gene index beyond the 300 genes, in the last row
+    monkeypatch.setattr(psc.io, "ROW_GROUP_ENTRIES", 500)
+    with pytest.raises(ValueError, match=r"X in .*a\.h5ad, rows \d+\.\.400: .*1000000"):
+        psc.io.h5ad_to_parquet(tmp_path / "a.h5ad", tmp_path / "o")
+    assert not (tmp_path / "o").exists() and [p.name for p in tmp_path.iterdir()] == ["a.h5ad"]
+
+
+def test_scan_cells_reads_an_imported_folder(tmp_path):
+    """An imported folder holds genes.parquet beside the cells: scan_cells
+    (like integrate) reads the cells' files only."""
+    make_adata(300).write_h5ad(tmp_path / "a.h5ad")
+    out = psc.io.h5ad_to_parquet(tmp_path / "a.h5ad", tmp_path / "cells")
+    lf = psc.scan_cells(out)
+    assert lf.select(pl.len()).collect().item() == 300
+    assert lf.collect_schema()["gene_idx"] == pl.List(pl.UInt32)

@@ -148,3 +148,16 @@ def test_integrate_counts_errors(tmp_path):
     with pytest.raises(ValueError, match="n_genes=7 but the vocabulary has 50"):
         psc.integrate(tahoe / "data", tmp_path / "o", batch_key="plate", counts=("genes", "expressions"), n_genes=7,
                       vocabulary=tahoe / "metadata" / "gene_metadata.parquet", log=None)
+
+
+def test_a_vocabulary_that_matches_nothing_and_ids_beyond_int64_are_errors():
+    cells = pl.DataFrame({"genes": [[1, 10, 11], [1, 12]], "expressions": [[-2.0, 1.0, 2.0], [-2.0, 3.0]]})
+    wrong = pl.DataFrame({"token_id": [10**9, 10**9 + 1]})
+    with pytest.raises(pl.exceptions.ComputeError, match=r"none of the 5 gene ids of these 2 cells is in the vocabulary of 2 tokens"):
+        cells.select(psc.to_cells(vocabulary=wrong))
+    # A subset vocabulary (some genes only) is fine: the others are dropped.
+    subset = cells.select(psc.to_cells(vocabulary=pl.DataFrame({"token_id": [11]})).struct.unnest())
+    assert subset["gene_idx"].to_list() == [[0], []]
+    big = pl.DataFrame({"g": [[2**63 + 5]], "v": [[1.0]]}, schema={"g": pl.List(pl.UInt64), "v": pl.List(pl.Float32)})
+    with pytest.raises(pl.exceptions.ComputeError, match=r"column 'g' holds a gene id above 9223372036854775807"):
+        big.select(psc.to_cells("g", "v"))

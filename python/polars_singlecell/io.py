@@ -200,18 +200,24 @@ def _needs(extra: str, module: str):
     """``import module``, or an ImportError naming the extra that installs it."""
     import importlib
 
+    top = module.split(".")[0]
     try:
         return importlib.import_module(module)
     except ImportError as e:
-        raise ImportError(f"reading .h5ad files needs {module.split('.')[0]}: pip install 'polars-singlecell[{extra}]'") from e
+        try:  # installed, but too old to have `module`
+            found = f" ({top} {importlib.import_module(top).__version__} is installed; {module} needs a newer one)"
+        except Exception:
+            found = ""
+        raise ImportError(f"reading .h5ad files needs {module}{found}: pip install 'polars-singlecell[{extra}]'") from e
 
 
 def _obs_readers(obs, columns: list[str] | None) -> dict[str, Any]:
     """For each wanted column of AnnData's ``obs`` group, a function of a row
-    slice giving that slice as a Polars Series. Encoded columns (categorical,
-    nullable) are read once by anndata's element reader (codes and masks:
-    1–9 bytes a cell); plain arrays and strings, the index among them, are
-    read a slice at a time, so a plate's barcodes are never all in memory."""
+    slice giving that slice as a Polars Series. Categorical and nullable
+    integer/boolean columns are read once by anndata's element reader (codes
+    and masks: 1–9 bytes a cell); plain arrays and strings, the index and
+    nullable strings among them, are read a slice at a time, so a plate's
+    barcodes are never all in memory."""
     import h5py
 
     read_elem = _needs("h5ad", "anndata.io").read_elem
@@ -237,7 +243,12 @@ def _obs_readers(obs, columns: list[str] | None) -> dict[str, Any]:
             cats = pl.Series(name, [str(c) for c in cat.categories], dtype=pl.String)
             codes = cat.codes
             out[name] = lambda sl, cats=cats, codes=codes: cats.gather(pl.Series(codes[sl]).cast(pl.Int64).replace(-1, None))
-        elif kind in ("nullable-integer", "nullable-boolean", "nullable-string-array"):
+        elif kind == "nullable-string-array":
+            # Strings a slice at a time, as plain ones: read whole, a plate's
+            # would be millions of Python objects.
+            out[name] = lambda sl, name=name, node=node: pl.Series(name, node["values"].asstr()[sl], dtype=pl.String).set(
+                pl.Series(node["mask"][sl]), None)
+        elif kind in ("nullable-integer", "nullable-boolean"):
             out[name] = lambda sl, name=name, values=read_elem(node): _masked_series(name, values[sl])
         else:
             raise ValueError(f"obs column '{name}' has encoding '{kind}', which is not supported; drop it with obs_columns=[...]")
@@ -349,13 +360,25 @@ def h5ad_to_parquet(
                 group = int(min(50_000, max(256, ROW_GROUP_ENTRIES * (stop - start) // max(entries, 1))))
                 first = rows(start, min(start + 1, stop))
 
-                def source(with_columns, predicate, n_rows, batch_size, start=start, stop=stop, group=group):
+                failed: list[ValueError] = []
+
+                def source(with_columns, predicate, n_rows, batch_size, start=start, stop=stop, group=group, failed=failed):
                     for a in range(start, stop, group):
-                        yield rows(a, min(a + group, stop))
+                        try:
+                            chunk = rows(a, min(a + group, stop))
+                        except ValueError as e:
+                            failed.append(e)
+                            raise
+                        yield chunk
 
                 lf = register_io_source(source, schema=first.schema)
                 with _atomic_path(tmp / f"part-{k:05d}.parquet") as part:
-                    lf.sink_parquet(part, row_group_size=group)
+                    try:
+                        lf.sink_parquet(part, row_group_size=group)
+                    except pl.exceptions.PolarsError:
+                        if failed:  # bad data in a later group: the same ValueError as in the first
+                            raise failed[0] from None
+                        raise
         os.replace(tmp, out)
     finally:
         if tmp.exists():

@@ -22,7 +22,7 @@ import polars as pl
 
 from polars_singlecell._plugin import call
 
-__all__ = ["COUNTS", "to_cells", "scan_cells", "read_vocabulary", "vocabulary_genes", "is_remote"]
+__all__ = ["COUNTS", "to_cells", "scan_cells", "cell_files", "read_vocabulary", "vocabulary_genes", "is_remote"]
 
 IntoExpr = Union[str, pl.Expr]
 Vocabulary = Union[pl.DataFrame, str, os.PathLike]
@@ -37,6 +37,22 @@ _NAME_COLUMNS = ("gene", "gene_symbol", "gene_name", "ensembl_id")
 def is_remote(source: object) -> bool:
     """Whether ``source`` is a URL Polars reads itself (``s3://``, ``hf://``, ``https://``...)."""
     return isinstance(source, str) and "://" in source
+
+
+def cell_files(source: str | os.PathLike, genes_column: str) -> list[Path]:
+    """The Parquet files of cells at ``source`` (a file, a folder, a glob): in
+    a folder only those with a list column ``genes_column`` (a folder may
+    also hold ``genes.parquet`` and the like, as ``io.h5ad_to_parquet``
+    writes)."""
+    from polars_singlecell.io import parquet_files, parquet_schema
+
+    files = parquet_files(source)
+    if Path(source).is_dir():
+        files = [f for f in files if isinstance(parquet_schema(f).get(genes_column), pl.List)]
+        if not files:
+            raise FileNotFoundError(f"no Parquet files of cells (with a list column '{genes_column}') in {source!s}; "
+                                    "for another layout name its columns: counts=(gene ids, values)")
+    return files
 
 
 def read_vocabulary(vocabulary: Vocabulary, *, token_column: str = "token_id") -> pl.DataFrame:
@@ -177,8 +193,6 @@ def scan_cells(
     >>> lf.collect_schema()["gene_idx"], lf.select(pl.len()).collect().item()
     (List(UInt32), 1000)
     """
-    from polars_singlecell.io import parquet_files
-
     if not (isinstance(counts, (tuple, list)) and len(counts) == 2 and all(isinstance(c, str) for c in counts)):
         raise ValueError(f"counts must name two columns (gene ids, values), got {counts!r}")
     if isinstance(source, pl.LazyFrame):
@@ -188,7 +202,7 @@ def scan_cells(
     elif isinstance(source, (list, tuple)):  # files already found (integrate's)
         lf = pl.scan_parquet([str(s) for s in source])
     else:
-        lf = pl.scan_parquet(parquet_files(source))
+        lf = pl.scan_parquet(cell_files(source, counts[0]))
     schema = lf.collect_schema()
     for c in counts:
         if c not in schema:

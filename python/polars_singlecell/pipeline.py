@@ -27,7 +27,7 @@ import polars as pl
 
 from polars_singlecell import _progress
 from polars_singlecell.io import _atomic_path, _expand, check_writable, parquet_files, parquet_schema
-from polars_singlecell.layout import COUNTS, is_remote, scan_cells, vocabulary_digest, vocabulary_genes
+from polars_singlecell.layout import COUNTS, cell_files, is_remote, scan_cells, vocabulary_digest, vocabulary_genes
 
 __all__ = ["integrate"]
 
@@ -35,14 +35,7 @@ STAGES = ("genes", "pca", "project", "centroids", "integration", "interpolate")
 
 
 def _source_files(source: str | os.PathLike, genes_column: str) -> list[Path]:
-    files = parquet_files(source)
-    if Path(source).is_dir():
-        # The cells' files: a folder may also hold genes.parquet and the like.
-        files = [f for f in files if isinstance(parquet_schema(f).get(genes_column), pl.List)]
-        if not files:
-            raise FileNotFoundError(f"no Parquet files of cells (with a list column '{genes_column}') in {source!s}; "
-                                    "for another layout name its columns: counts=(gene ids, values)")
-    return files
+    return cell_files(source, genes_column)
 
 
 def _h5ad_sources(source: str | os.PathLike) -> list[Path]:
@@ -219,7 +212,11 @@ def integrate(
         if genes_file is not None:
             n_genes = pl.scan_parquet(genes_file).select(pl.len()).collect().item()
         else:
-            n_genes = int(scan.select(pl.col("gene_idx").list.max().max()).collect(engine="streaming").item()) + 1
+            top = scan.select(pl.col("gene_idx").list.max().max()).collect(engine="streaming").item()
+            if top is None:
+                raise ValueError(f"the cells at {source} hold no counts at all (no cells, or only empty ones), so the "
+                                 "number of genes is unknown: pass n_genes=, or check the source")
+            n_genes = int(top) + 1
 
     report_path = out / "report.json"
     old = json.loads(report_path.read_text()) if report_path.is_file() else {}

@@ -54,6 +54,8 @@ def _lazy(data: Frame) -> pl.LazyFrame:
 
 # Rows per record batch where the rows are read slice by slice (see below).
 SLICE_ROWS = 65_536
+SLICE_ENTRIES = 12_000_000
+PROBE_ROWS = 1_024
 
 
 def _record_batches(lf: pl.LazyFrame, columns: list[str]) -> Iterator[pl.DataFrame]:
@@ -72,16 +74,25 @@ def _record_batches(lf: pl.LazyFrame, columns: list[str]) -> Iterator[pl.DataFra
     count = _progress.counter()
     q = lf.select(columns)
     if _slice_reaches_scan(q):
-        start = 0
+        # Slices of about SLICE_ENTRIES list entries, whatever the density:
+        # 65,536 Tahoe cells (~1,400 genes each, int64 token ids) would be
+        # 1.1 GB as read plus their conversions. The first, small slice
+        # measures the density.
+        schema = q.collect_schema()
+        lists = [c for c in columns if isinstance(schema[c], pl.List)]
+        start, size = 0, (PROBE_ROWS if lists else SLICE_ROWS)
         while True:
-            batch = q.slice(start, SLICE_ROWS).collect(engine="streaming")
+            batch = q.slice(start, size).collect(engine="streaming")
             if batch.height:
                 if count is not None:
                     count(batch.height)
                 yield batch
-            if batch.height < SLICE_ROWS:
+            if batch.height < size:
                 return
-            start += SLICE_ROWS
+            if start == 0 and lists:
+                per_row = max(1.0, float(batch[lists[0]].list.len().mean() or 0.0))
+                size = int(min(SLICE_ROWS, max(PROBE_ROWS, SLICE_ENTRIES // per_row)))
+            start += batch.height
     for batch in q.collect_batches(maintain_order=True):
         if count is not None:
             count(batch.height)

@@ -137,7 +137,10 @@ pub fn with_token_rows<R>(
     if genes.len() != values.len() {
         return Err(err(format!("columns '{gname}' and '{vname}' have different lengths ({} and {})", genes.len(), values.len())));
     }
-    let ids = genes.cast(&DataType::List(Box::new(DataType::Int64)))?;
+    // Strict: a UInt64 id beyond Int64 must be an error, not a null.
+    let ids = genes.strict_cast(&DataType::List(Box::new(DataType::Int64))).map_err(|_| {
+        err(format!("column '{gname}' holds a gene id above {} (beyond Int64); ids must fit a signed 64-bit integer", i64::MAX))
+    })?;
     let vals = values.cast(&DataType::List(Box::new(DataType::Float32)))?;
     let (pairs, validity) = paired_rows::<i64, f32>(ids.list()?, vals.list()?, &gname, &vname)?;
     let rows: Vec<TokenRow<'_>> = pairs.into_iter().map(|(genes, values)| TokenRow { genes, values }).collect();

@@ -8,7 +8,7 @@
 //!   it (the marker) are dropped with their values; without one the ids are
 //!   the gene indices.
 //! - [`from_csr`]: a CSR matrix's `indptr`/`indices`/`data` (an h5ad's `X`),
-//!   duplicates summed as scipy's `sum_duplicates` does.
+//!   duplicates summed (in float64; scipy's `sum_duplicates` sums in float32).
 //!
 //! Both sort each cell's entries by gene index. Rows already in order (the
 //! common case: canonical CSR, a vocabulary in token order) are copied
@@ -107,7 +107,24 @@ pub type Cells = (Vec<usize>, Vec<u32>, Vec<f32>);
 /// Each row's entries mapped, dropped where the vocabulary lacks the id,
 /// checked and sorted. Errors name the row (counted from 0 in `rows`).
 pub fn to_cells(rows: &[TokenRow<'_>], genes: &Genes<'_>) -> Result<Cells, KernelError> {
-    by_blocks(rows.len(), |lo, hi| to_cells_block(&rows[lo..hi], lo, genes))
+    let cells = by_blocks(rows.len(), |lo, hi| to_cells_block(&rows[lo..hi], lo, genes))?;
+    if let Genes::Vocabulary(map) = genes {
+        // A subset vocabulary drops some genes on purpose; one that drops
+        // every id of cells with more than a marker each is the wrong table
+        // (or the wrong column of it), and empty cells would pass silently
+        // into every fit.
+        let given: usize = rows.iter().map(|r| r.genes.len()).sum();
+        if cells.1.is_empty() && given > rows.len() {
+            let some: Vec<i64> = rows.iter().flat_map(|r| r.genes.iter().copied()).take(5).collect();
+            return Err(KernelError::Invalid(format!(
+                "none of the {given} gene ids of these {} cells is in the vocabulary of {} tokens (ids such as {some:?}): \
+                 the vocabulary is not the one these cells were written with, or token_column names the wrong column",
+                rows.len(),
+                map.n_genes()
+            )));
+        }
+    }
+    Ok(cells)
 }
 
 fn to_cells_block(rows: &[TokenRow<'_>], row0: usize, genes: &Genes<'_>) -> Result<Cells, KernelError> {
@@ -133,11 +150,12 @@ fn to_cells_block(rows: &[TokenRow<'_>], row0: usize, genes: &Genes<'_>) -> Resu
                     None => continue, // the marker, or a token of no gene here
                 },
                 Genes::Indices(n) => {
-                    if id < 0 || id >= n.map_or(ABSENT as i64, |n| n as i64) {
+                    // Indices are UInt32: a bound beyond it must not let ids wrap.
+                    if id < 0 || id >= n.map_or(ABSENT as i64, |n| n.min(ABSENT as usize) as i64) {
                         return Err(KernelError::Row {
                             part: Part::GeneIdx,
                             row,
-                            problem: format!("gene id {id} is outside [0, {})", n.unwrap_or(ABSENT as usize)),
+                            problem: format!("gene id {id} is outside [0, {})", n.unwrap_or(ABSENT as usize).min(ABSENT as usize)),
                             fix: "pass the vocabulary the ids come from (vocabulary=...), or the right n_genes",
                         });
                     }
@@ -193,8 +211,9 @@ fn sort_row(idx: &mut [u32], val: &mut [f32], keys: &mut Vec<u64>) {
 /// A CSR matrix's rows in the layout. `indptr` has one entry per row plus one
 /// and may start anywhere (a slice of a larger matrix's); `indices` and
 /// `data` hold the entries `indptr[0]..indptr[n]`. Entries of a row are
-/// sorted and duplicates summed in float64, as `scipy.sparse`'s
-/// `sum_duplicates` (then rounded to float32).
+/// sorted and duplicates summed in float64, then rounded to float32 (scipy's
+/// `sum_duplicates` sums in float32: the same for two entries of a gene,
+/// within an ulp for more).
 pub fn from_csr<I: Copy + Into<i64> + Sync>(indptr: &[i64], indices: &[I], data: &[f32], n_genes: usize) -> Result<Cells, KernelError> {
     let n_rows = indptr.len().checked_sub(1).ok_or_else(|| KernelError::Invalid("indptr is empty; a CSR matrix of n rows has n + 1 offsets".into()))?;
     let base = indptr[0];
@@ -339,6 +358,19 @@ mod tests {
         let len = to_cells(&[row(&[0, 1], &[1.0])], &Genes::Indices(None)).unwrap_err();
         assert!(matches!(len, KernelError::Row { part: Part::Values, .. }));
         assert!(TokenMap::new(&[4, 5, 4]).is_err());
+        // A bound beyond UInt32 does not let ids wrap into small indices.
+        let wrap = to_cells(&[row(&[1 << 32], &[1.0])], &Genes::Indices(Some(5_000_000_000))).unwrap_err();
+        assert!(wrap.to_string().contains("outside [0, 4294967295)"), "{wrap}");
+    }
+
+    #[test]
+    fn a_vocabulary_that_matches_no_id_is_an_error() {
+        let map = TokenMap::new(&[10, 11]).unwrap();
+        // Markers only, or a subset vocabulary: fine, cells may end up empty.
+        assert!(to_cells(&[row(&[1], &[-2.0]), row(&[1], &[-2.0])], &Genes::Vocabulary(&map)).is_ok());
+        assert!(to_cells(&[row(&[1, 10, 99], &[-2.0, 1.0, 1.0])], &Genes::Vocabulary(&map)).is_ok());
+        let e = to_cells(&[row(&[1, 98, 99], &[-2.0, 1.0, 1.0])], &Genes::Vocabulary(&map)).unwrap_err();
+        assert!(e.to_string().contains("none of the 3 gene ids of these 1 cells is in the vocabulary of 2 tokens"), "{e}");
     }
 
     #[test]

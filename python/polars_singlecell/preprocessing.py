@@ -77,10 +77,10 @@ def _record_batches(lf: pl.LazyFrame, columns: list[str]) -> Iterator[pl.DataFra
         # Slices of about SLICE_ENTRIES list entries, whatever the density:
         # 65,536 Tahoe cells (~1,400 genes each, int64 token ids) would be
         # 1.1 GB as read plus their conversions. The first, small slice
-        # measures the density. Smaller slices cost time: a slice that
-        # straddles row groups decodes them whole (HVG of 300k Tahoe-density
-        # cells: 15.5 s at 65,536 rows and 2.5 GB peak, 18.1 s at 24M
-        # entries and 0.95 GB, 22 s at 12M entries and 0.64 GB).
+        # measures the density. Smaller slices cost time (a slice that
+        # straddles row groups decodes them whole): 24M entries keeps the
+        # integrate pipeline at Tahoe density under 1 GB
+        # (benches/results/tahoe.md) for a few % of HVG time.
         schema = q.collect_schema()
         lists = [c for c in columns if isinstance(schema[c], pl.List)]
         start, size = 0, (PROBE_ROWS if lists else SLICE_ROWS)

@@ -438,16 +438,18 @@ impl GeneStatsAccumulator {
             .map_err(value_error)
     }
 
-    /// One row per (batch, gene): n_cells, mean, var (ddof=1), nnz, sum, sumsq.
+    /// One row per (batch, gene): n_cells, mean, var (ddof=1), nnz, sum,
+    /// sumsq, and std as `sc.pp.scale` divides by (`pca::scale_std`).
     fn finish(&self) -> PyResult<PyDataFrame> {
         let g = self.n_genes;
         let (mut batch, mut gene, mut n_cells, mut mean, mut var, mut nnz) = (vec![], vec![], vec![], vec![], vec![], vec![]);
-        let (mut sum, mut sumsq) = (vec![], vec![]);
+        let (mut sum, mut sumsq, mut std) = (vec![], vec![], vec![]);
         for (label, st) in &self.batches {
             let (m, v) = st.mean_var();
             batch.extend(std::iter::repeat_n(label.clone(), g));
             gene.extend(0..g as u32);
             n_cells.extend(std::iter::repeat_n(st.n_cells, g));
+            std.extend(m.iter().zip(&v).map(|(&m, &v)| kernels::pca::scale_std(m, v)));
             mean.extend(m);
             var.extend(v);
             nnz.extend(st.nnz.iter().copied());
@@ -463,6 +465,7 @@ impl GeneStatsAccumulator {
             Column::new("nnz".into(), nnz),
             Column::new("sum".into(), sum),
             Column::new("sumsq".into(), sumsq),
+            Column::new("std".into(), std),
         ])
         .map_err(value_error)?;
         Ok(PyDataFrame(df))

@@ -232,6 +232,25 @@ def test_fit_pca_scale_options_are_checked(hvg_cells):
         psc.fit_pca(df, n_genes=n_genes, n_comps=5, scale=True, max_value=-1)
     with pytest.raises(ValueError, match="scale and zero_center must be True or False"):
         psc.fit_pca(df, n_genes=n_genes, n_comps=5, scale="yes")
+    with pytest.raises(ValueError, match="options of the scaling"):
+        psc.fit_pca(df, n_genes=n_genes, n_comps=5, zero_center=False)
+    # numpy scalars are numbers too
+    assert psc.fit_pca(df, n_genes=n_genes, n_comps=5, scale=True, max_value=np.float32(10)).max_value == 10
+
+
+@pytest.mark.parametrize("max_value", [None, 10.0])
+def test_a_constant_gene_is_scaled_by_one(max_value):
+    """A gene equal in every cell has variance 0, computed as float noise of
+    either sign (0.1 in float32 over 100 cells: -2.6e-17 by sums of squares):
+    its std must be 1 (sc.pp.scale's rule for 0), not NaN or 1e-9."""
+    rng = np.random.default_rng(0)
+    rows = [([0, 1, 2], [0.1, float(rng.integers(1, 9)), float(rng.integers(1, 9))]) for _ in range(100)]
+    df = sparse_frame(rows)
+    model = psc.fit_pca(df, n_genes=3, n_comps=2, scale=True, max_value=max_value)
+    assert model.std[0] == 1.0 and np.isfinite(model.components).all()
+    # The constant gene carries no variance: no axis loads on it.
+    assert np.abs(model.components[:, 0]).max() < 1e-6
+    assert np.isfinite(df.select(psc.pca_project(model=model))["X_pca"].to_numpy()).all()
 
 
 def test_pca_model_parquet_round_trip(hvg_cells, tmp_path):

@@ -178,8 +178,9 @@ def integrate(
     device = check_device(device)
     if hvg_flavor not in ("seurat", "seurat_v3"):
         raise ValueError(f"hvg_flavor={hvg_flavor!r} is not supported; use 'seurat' or 'seurat_v3'")
-    if max_value is not None and not scale:
-        raise ValueError("max_value clips the scaled genes: pass scale=True with it")
+    from polars_singlecell.preprocessing import _check_scale
+
+    _check_scale(scale, max_value, True)
     out = Path(out)
     remote = is_remote(source)
     h5ads = [] if remote else _h5ad_sources(source)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import warnings
 from dataclasses import dataclass
@@ -639,12 +640,20 @@ def fit_pca(
     """Fit PCA out of core: one streaming pass accumulates the exact float64
     covariance (O(n_genes²) memory, never O(cells)), then its eigendecomposition.
 
-    ``scale=True`` is ``sc.pp.scale(adata)`` (zero-centred, unit variance,
-    ``max_value=None``) then PCA, without writing the dense scaled matrix:
-    the covariance is rescaled to the correlation before the
-    eigendecomposition and the model keeps each gene's ``std`` (ddof=1; 1
-    for a constant gene, as scanpy) for :func:`pca_project`. scanpy's
-    ``max_value`` clipping is not a linear map and cannot be folded in.
+    ``scale=True`` is ``sc.pp.scale(adata)`` (zero-centred, unit variance)
+    then PCA, without writing the dense scaled matrix: the covariance is
+    rescaled to the correlation before the eigendecomposition and the model
+    keeps each gene's ``std`` (ddof=1; 1 for a constant gene, as scanpy, and
+    for one whose variance is float rounding of a constant's, within
+    1e-10·mean² of 0) for :func:`pca_project`. With ``max_value`` (and
+    ``zero_center``, as ``sc.pp.scale``): the scaled values clipped to
+    ``±max_value`` (``zero_center=False``: non-zeros scaled, not centred,
+    clipped above). A cell's scaled row is then a constant (its genes at
+    zero) plus a sparse part with the cell's non-zeros, and the constant
+    drops out of the covariance: a first pass takes the genes' means and
+    deviations, a second the exact covariance of the sparse part (float32
+    entries, as scanpy's scaled matrix), still without the dense matrix.
+    ``zero_center`` is an option of the scaling only (``scale=True``).
 
     Matches ``sklearn.decomposition.PCA(n_comps, svd_solver="full")`` fitted on
     the dense float64 matrix, with each axis signed so that its largest loading
@@ -662,13 +671,8 @@ def fit_pca(
             f"n_genes={n_genes} needs a {n_genes * n_genes * 8 / 2**30:.0f} GiB covariance; "
             "select highly variable genes first (psc.select_genes)"
         )
-    if not isinstance(scale, bool) or not isinstance(zero_center, bool):
-        raise ValueError(f"scale and zero_center must be True or False, got scale={scale!r}, zero_center={zero_center!r}")
+    _check_scale(scale, max_value, zero_center)
     if max_value is not None:
-        if not scale:
-            raise ValueError("max_value clips the scaled genes: pass scale=True with it")
-        if isinstance(max_value, bool) or not isinstance(max_value, (int, float)) or not (0 < max_value < math.inf):
-            raise ValueError(f"max_value must be a finite number > 0 (sc.pp.scale's), got {max_value!r}")
         return _fit_pca_clipped(_lazy(data), n_genes, n_comps, [gene_idx, values], _n_threads(n_threads),
                                 check_device(device), max_value, zero_center)
     acc = _internal.PcaAccumulator(n_genes, _n_threads(n_threads), check_device(device))
@@ -685,6 +689,18 @@ def fit_pca(
     )
 
 
+def _check_scale(scale: object, max_value: object, zero_center: object) -> None:
+    """fit_pca's (and integrate's) scaling options, checked before any work."""
+    if not isinstance(scale, bool) or not isinstance(zero_center, bool):
+        raise ValueError(f"scale and zero_center must be True or False, got scale={scale!r}, zero_center={zero_center!r}")
+    if not scale and (max_value is not None or not zero_center):
+        raise ValueError("max_value and zero_center=False are options of the scaling (sc.pp.scale's): pass scale=True "
+                         "with them (PCA itself always centres)")
+    if max_value is not None and (isinstance(max_value, bool) or not isinstance(max_value, numbers.Real)
+                                  or not (0 < float(max_value) < math.inf)):
+        raise ValueError(f"max_value must be a finite number > 0 (sc.pp.scale's), got {max_value!r}")
+
+
 def _fit_pca_clipped(lf: pl.LazyFrame, n_genes: int, n_comps: int, cols: list[str], n_threads: int, device: str,
                      max_value: float, zero_center: bool) -> PcaModel:
     """fit_pca(scale=True, max_value=...): the genes' moments, then the PCA
@@ -697,9 +713,7 @@ def _fit_pca_clipped(lf: pl.LazyFrame, n_genes: int, n_comps: int, cols: list[st
     stats = first.finish()
     if stats.height == 0:
         raise ValueError("no cells: fit_pca needs at least 2")
-    mean = stats["mean"].to_numpy()
-    std = np.sqrt(stats["var"].to_numpy())  # sc.pp.scale: ddof=1, a constant gene's 0 taken as 1
-    std[std == 0] = 1
+    mean, std = stats["mean"].to_numpy(), stats["std"].to_numpy()  # sc.pp.scale's: ddof=1, a constant gene's 1
     acc = _internal.PcaAccumulator(n_genes, n_threads, device, (mean.tolist(), std.tolist(), float(max_value), zero_center))
     for df in _record_batches(lf, cols):
         acc.update(df[cols[0]], df[cols[1]])

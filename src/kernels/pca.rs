@@ -47,6 +47,15 @@ pub struct PcaFit {
     pub std: Option<Vec<f64>>,
 }
 
+/// A gene's standard deviation for scaling, as `sc.pp.scale`: `sqrt(var)`,
+/// and 1 for a constant gene. A constant's variance from sums of squares is
+/// rounding noise of either sign (`n·mean²` cancels `Σx²`), which scanpy
+/// turns into NaN or a huge factor; here a variance within 1e-10·mean² of 0
+/// is taken as 0.
+pub fn scale_std(mean: f64, var: f64) -> f64 {
+    if var <= 1e-10 * mean * mean || var <= 0.0 { 1.0 } else { var.sqrt() }
+}
+
 /// `sc.pp.scale(zero_center, max_value)`'s clipping as a map of each
 /// non-zero count: `d = z(v) − z(0)`, with `z(v) = clip((v − μ)/σ, ±M)`
 /// (zero-centred) or `min(v/σ, M)` (not). A cell's scaled row is then the
@@ -242,8 +251,9 @@ impl CovAccumulator {
     pub fn moments(&self) -> Result<(Vec<f64>, Vec<f64>), KernelError> {
         let cov = self.covariance()?;
         let n = self.n_cells as f64;
-        let sd = (0..self.n_genes).map(|i| cov[(i, i)].max(0.0).sqrt()).map(|s| if s == 0.0 { 1.0 } else { s }).collect();
-        Ok((self.sum.iter().map(|s| s / n).collect(), sd))
+        let mean: Vec<f64> = self.sum.iter().map(|s| s / n).collect();
+        let sd = (0..self.n_genes).map(|i| scale_std(mean[i], cov[(i, i)])).collect();
+        Ok((mean, sd))
     }
 
     /// [`fit`](Self::fit), with `scale`: the PCA of the genes scaled to unit
@@ -259,8 +269,9 @@ impl CovAccumulator {
             )));
         }
         let mut cov = self.covariance()?;
+        let n = self.n_cells as f64;
         let std = scale.then(|| {
-            let sd: Vec<f64> = (0..g).map(|i| cov[(i, i)].max(0.0).sqrt()).map(|s| if s == 0.0 { 1.0 } else { s }).collect();
+            let sd: Vec<f64> = (0..g).map(|i| scale_std(self.sum[i] / n, cov[(i, i)])).collect();
             for j in 0..g {
                 for i in 0..g {
                     cov[(i, j)] /= sd[i] * sd[j];
@@ -648,6 +659,11 @@ mod tests {
             }
         }
         assert!(Clip::new(vec![0.0], vec![1.0], 0.0, true).is_err());
+        // A constant gene's variance is rounding noise of either sign: std 1.
+        assert_eq!(scale_std(0.1, -2.6e-17), 1.0);
+        assert_eq!(scale_std(0.1, 3e-17), 1.0);
+        assert_eq!(scale_std(0.0, 0.0), 1.0);
+        assert_eq!(scale_std(2.0, 0.25), 0.5);
         assert!(Clip::new(vec![0.0], vec![0.0], 1.0, true).is_err());
     }
 

@@ -26,16 +26,12 @@ from typing import Any, Callable
 import polars as pl
 
 from polars_singlecell import _progress
-from polars_singlecell.io import _atomic_path, _expand, check_writable, parquet_files, parquet_schema
-from polars_singlecell.layout import COUNTS, cell_files, is_remote, scan_cells, vocabulary_digest, vocabulary_genes
+from polars_singlecell.io import _atomic_path, _expand, check_writable
+from polars_singlecell.layout import COUNTS, cell_files, is_remote, read_vocabulary, scan_cells, vocabulary_digest, vocabulary_genes
 
 __all__ = ["integrate"]
 
 STAGES = ("genes", "pca", "project", "centroids", "integration", "interpolate")
-
-
-def _source_files(source: str | os.PathLike, genes_column: str) -> list[Path]:
-    return cell_files(source, genes_column)
 
 
 def _h5ad_sources(source: str | os.PathLike) -> list[Path]:
@@ -184,7 +180,9 @@ def integrate(
     out = Path(out)
     remote = is_remote(source)
     h5ads = [] if remote else _h5ad_sources(source)
-    files: list[Any] | None = [source] if remote else None if h5ads else _source_files(source, counts[0])
+    files: list[Any] | None = [source] if remote else None if h5ads else cell_files(source, counts[0])
+    # Read once (a remote table too): genes.parquet, the fingerprint and to_cells all use it.
+    vocabulary = None if vocabulary is None else read_vocabulary(vocabulary)
     genes_of_vocabulary = None if vocabulary is None else vocabulary_genes(vocabulary)
     check_writable(out)
     # Temporary files a killed run left behind (hidden, never under a final

@@ -80,8 +80,8 @@ def _record_batches(lf: pl.LazyFrame, columns: list[str]) -> Iterator[pl.DataFra
         # 1.1 GB as read plus their conversions. The first, small slice
         # measures the density. Smaller slices cost time (a slice that
         # straddles row groups decodes them whole): 24M entries keeps the
-        # integrate pipeline at Tahoe density under 1 GB
-        # (benches/results/tahoe.md) for a few % of HVG time.
+        # integrate pipeline at Tahoe density near 1 GB
+        # (benches/results/tahoe-1M.md), at some cost in HVG time.
         schema = q.collect_schema()
         lists = [c for c in columns if isinstance(schema[c], pl.List)]
         start, size = 0, (PROBE_ROWS if lists else SLICE_ROWS)

@@ -1,8 +1,11 @@
 """psc.metrics against the reference implementations, on the real data in
 ../shared/data (Harmony's cell lines, CellBench mixology) and generated data:
 harmonypy's compute_lisi, scikit-learn (NearestNeighbors, KNeighborsClassifier,
-trustworthiness), scanpy's neighbour graph + SciPy connected components (scib's
-graph connectivity), and NumPy for the reference method's definitions."""
+trustworthiness, silhouette_samples/silhouette_score, KMeans,
+normalized_mutual_info_score, adjusted_rand_score), scanpy's neighbour graph +
+SciPy connected components (scib's graph connectivity), and NumPy for the
+reference method's and scib-metrics' definitions (silhouette_batch,
+isolated_labels, the aggregate score)."""
 
 from __future__ import annotations
 
@@ -189,13 +192,27 @@ def test_evaluate_tidy_and_engine_independent(tmp_path, harmony):
     table = psc.metrics.evaluate(cells, ["X_pca", "X_ot"], batch_key="batch", label_key="label")
     assert table.schema == pl.Schema({"embedding": pl.String, "metric": pl.String, "value": pl.Float64})
     got = {(e, m): v for e, m, v in table.iter_rows()}
-    expect = {"n_cells", "batch_entropy", "batch_entropy_norm", "ilisi", "clisi", "label_purity", "label_transfer", "graph_connectivity"}
+    expect = {
+        "n_cells", "batch_entropy", "batch_entropy_norm", "ilisi", "clisi", "label_purity", "label_transfer",
+        "graph_connectivity", "silhouette_label", "silhouette_batch", "isolated_labels", "nmi", "ari",
+        "bio_conservation", "batch_correction", "overall",
+    }
     assert {m for e, m in got if e == "X_pca"} == expect
     assert {m for e, m in got if e == "X_ot"} == expect | {"overlap0", "strain", "tw"}
     # the numbers are the functions' own
     idx, _ = M.neighbors(x, 30)
     assert got["X_pca", "label_purity"] == M.label_purity(idx, harmony["label"])
     assert got["X_pca", "n_cells"] == len(x)
+    # 2,370 cells < silhouette_cells: the silhouettes see every cell
+    lab, bat = harmony["label"], harmony["batch"]
+    assert got["X_pca", "silhouette_label"] == pytest.approx(M.silhouette_label(x, lab), rel=1e-12)
+    assert got["X_pca", "silhouette_batch"] == pytest.approx(M.silhouette_batch(x, lab, bat), rel=1e-12)
+    assert got["X_pca", "isolated_labels"] == pytest.approx(M.isolated_labels(x, lab, bat), rel=1e-12)
+    clusters = M.nmi_ari_cluster_labels_kmeans(x, lab, seed=0)
+    assert (got["X_pca", "nmi"], got["X_pca", "ari"]) == (clusters["nmi"], clusters["ari"])
+    for e in ("X_pca", "X_ot"):
+        agg = M.aggregate({m: v for (e2, m), v in got.items() if e2 == e})
+        assert [got[e, k] for k in agg] == list(agg.values())
     # eager = lazy over Parquet
     path = tmp_path / "cells.parquet"
     cells.write_parquet(path, row_group_size=500)
@@ -224,7 +241,7 @@ def test_evaluate_samples_the_same_cells_deterministically(harmony):
 def test_evaluate_bad_input(harmony, change, match):
     cells = change(harmony.select("batch", "label", pl.col("embedding").alias("X_pca")))
     if match is None:  # a Float64 embedding is cast, not refused: metrics only read it
-        assert psc.metrics.evaluate(cells, ["X_pca"], label_key="label").height == 8
+        assert psc.metrics.evaluate(cells, ["X_pca"], label_key="label").height == 16
         return
     with pytest.raises((ValueError, pl.exceptions.ColumnNotFoundError), match=match):
         psc.metrics.evaluate(cells, ["X_pca"], label_key="label")
@@ -241,3 +258,206 @@ def test_bad_arrays():
         M.strain(np.ones((10, 3)), np.ones((9, 3)))
     with pytest.raises(ValueError, match="needs at least 2 batches"):
         M.label_transfer(np.ones((40, 3)), ["a"] * 40, ["x"] * 40)
+
+
+# ------------------------------------------- scIB's silhouettes, NMI/ARI
+
+
+def scib_silhouette_batch(x: np.ndarray, lab: np.ndarray, bat: np.ndarray) -> float:
+    """scib-metrics' silhouette_batch, written out with scikit-learn's silhouette_samples."""
+    from sklearn.metrics import silhouette_samples
+
+    per_label = []
+    for c in np.unique(lab):
+        m = lab == c
+        n_b = len(np.unique(bat[m]))
+        if n_b == 1 or n_b == m.sum():
+            continue
+        per_label.append(np.mean(1 - np.abs(silhouette_samples(x[m].astype(np.float64), bat[m]))))
+    return float(np.mean(per_label))
+
+
+def scib_isolated_labels(x: np.ndarray, lab: np.ndarray, bat: np.ndarray) -> float:
+    """scib-metrics' isolated_labels (ASW, rescaled, iso_threshold=None), written out."""
+    from sklearn.metrics import silhouette_samples
+
+    pairs = pd.DataFrame({"label": lab, "batch": bat}).drop_duplicates()
+    per_label = pairs.groupby("label")["batch"].count()
+    isolated = per_label[per_label <= per_label.min()].index
+    s = (silhouette_samples(x.astype(np.float64), lab) + 1) / 2
+    return float(np.mean([s[lab == c].mean() for c in isolated]))
+
+
+def test_silhouette_label_equals_scikit_learn(real, monkeypatch):
+    from sklearn.metrics import silhouette_samples, silhouette_score
+
+    for name, x, _, label in real:
+        lab = label.to_numpy()
+        ref = (silhouette_score(x.astype(np.float64), lab) + 1) / 2
+        assert M.silhouette_label(x, label) == pytest.approx(ref, rel=1e-12), name
+        per_cell = silhouette_samples(x.astype(np.float64), lab)
+        np.testing.assert_allclose(M._silhouette_samples(x, M._codes(label, "l")[0]), per_cell, rtol=0, atol=1e-12, err_msg=name)
+    # blocks of 7 rows (339 of them) give the same per-cell values as one block of all
+    x, lab = real[0][1], real[0][3]
+    whole = M._silhouette_samples(x, M._codes(lab, "l")[0])
+    monkeypatch.setattr(M, "_BLOCK_BYTES", 8 * len(x) * 7)
+    np.testing.assert_allclose(M._silhouette_samples(x, M._codes(lab, "l")[0]), whole, rtol=0, atol=1e-13)
+
+
+def test_silhouette_label_singletons_score_zero():
+    """A label with one cell: scikit-learn's (and scib-metrics') 0 for that cell."""
+    from sklearn.metrics import silhouette_samples
+
+    x = np.array([[0.0, 0], [1, 0], [0, 1], [9, 9], [9, 8], [20, 20]])
+    lab = ["a", "a", "a", "b", "b", "c"]
+    assert M.silhouette_label(x, lab) == pytest.approx((silhouette_samples(x, lab).mean() + 1) / 2, rel=1e-12)
+    assert M._silhouette_samples(x.astype(np.float32), M._codes(lab, "l")[0])[5] == 0.0
+
+
+def test_silhouette_batch_equals_scib_definition(real):
+    for name, x, batch, label in real:
+        ours = M.silhouette_batch(x, label, batch)
+        assert ours == pytest.approx(scib_silhouette_batch(x, label.to_numpy(), batch.to_numpy()), rel=1e-12), name
+    # Labels scib-metrics skips: "c" (one batch) and "d" (every cell its own batch).
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(200, 3)).astype(np.float32)
+    lab = np.array(["a"] * 80 + ["b"] * 80 + ["c"] * 37 + ["d"] * 3)
+    bat = np.concatenate([rng.choice(["p", "q"], 160), ["p"] * 37, ["p", "q", "r"]])
+    bat[:40] = "p"  # label a: batch p on one side of the embedding, so batches are not mixed there
+    x[:40] += 3
+    ours = M.silhouette_batch(x, lab, bat)
+    assert ours == pytest.approx(scib_silhouette_batch(x, lab, bat), rel=1e-12)
+    keep = np.isin(lab, ["a", "b"])
+    assert ours == pytest.approx(scib_silhouette_batch(x[keep], lab[keep], bat[keep]), rel=1e-12)
+    assert ours < 0.95  # the separated batches in label a count
+
+
+def test_isolated_labels_equal_scib_definition(real):
+    from sklearn.metrics import silhouette_samples
+
+    # CellBench: A549 and H838 are in 3 batches, the other three lines in 5
+    _, x, batch, label = real[1]
+    ours = M.isolated_labels(x, label, batch)
+    lab = label.to_numpy()
+    assert ours == pytest.approx(scib_isolated_labels(x, lab, batch.to_numpy()), rel=1e-12)
+    s = (silhouette_samples(x.astype(np.float64), lab) + 1) / 2
+    assert ours == pytest.approx((s[lab == "A549"].mean() + s[lab == "H838"].mean()) / 2, rel=1e-12)
+    # generated: "iso" is only in batch p, and sits between the others (a poor score)
+    rng = np.random.default_rng(11)
+    lab = np.repeat(["a", "b", "iso"], [150, 150, 60])
+    centres = {"a": [0.0, 0], "b": [6.0, 0], "iso": [3.0, 0.5]}
+    x = (np.array([centres[c] for c in lab]) + rng.normal(size=(360, 2))).astype(np.float32)
+    bat = np.where(lab == "iso", "p", rng.choice(["p", "q", "r"], 360))
+    ours = M.isolated_labels(x, lab, bat)
+    assert ours == pytest.approx(scib_isolated_labels(x, lab, bat), rel=1e-12)
+    s = (silhouette_samples(x.astype(np.float64), lab) + 1) / 2
+    assert ours == pytest.approx(s[lab == "iso"].mean(), rel=1e-12)
+    assert ours < M.silhouette_label(x, lab) - 0.05  # it is the isolated label's score, not the ASW
+    # two labels tied for fewest batches: the mean of both labels' scores
+    bat2 = np.where(lab == "b", "q", bat)
+    assert M.isolated_labels(x, lab, bat2) == pytest.approx((s[lab == "iso"].mean() + s[lab == "b"].mean()) / 2, rel=1e-12)
+
+
+def test_nmi_ari_equal_scikit_learn(real):
+    """Harmony's cell lines are well separated: our k-means (kmeans_centroids)
+    and scikit-learn's KMeans(n_init=1) find the same two clusters, so NMI
+    and ARI agree to rounding whatever the seeds."""
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+    _, x, _, label = real[0]
+    lab = label.to_numpy()
+    for seed in (0, 1):
+        ref = KMeans(n_clusters=2, n_init=1, random_state=seed).fit(x.astype(np.float64)).labels_
+        assert adjusted_rand_score(ref, M._kmeans_labels(x, 2, seed)) == 1.0  # the same partition
+        ours = M.nmi_ari_cluster_labels_kmeans(x, label, seed=seed)
+        assert ours["nmi"] == pytest.approx(normalized_mutual_info_score(lab, ref, average_method="arithmetic"), abs=1e-12)
+        assert ours["ari"] == pytest.approx(adjusted_rand_score(lab, ref), abs=1e-12)
+        assert 0.99 < ours["nmi"] < 1 and 0.99 < ours["ari"] < 1  # a few cells sit with the other line
+    # The scores themselves are scikit-learn's, on any pair of labellings (real ones included).
+    rng = np.random.default_rng(5)
+    _, xc, _, lc = real[1]
+    pairs = [
+        (lc.to_numpy(), KMeans(n_clusters=5, n_init=1, random_state=0).fit(xc.astype(np.float64)).labels_),
+        (rng.integers(0, 4, 500), rng.integers(0, 7, 500)),
+        (rng.integers(0, 3, 300), rng.integers(0, 3, 300)),
+        (np.zeros(10, int), np.zeros(10, int)),  # no split on either side: 1
+        (np.zeros(10, int), np.arange(10) % 2),  # one side unsplit: NMI 0, ARI 0
+        (np.arange(6), np.arange(6)[::-1]),  # identical partitions, renamed
+        (np.array([0, 0, 1, 1]), np.array([0, 1, 0, 1])),  # ARI −0.5
+    ]
+    for t, p in pairs:
+        assert M._nmi(t, p) == pytest.approx(normalized_mutual_info_score(t, p), rel=1e-12, abs=1e-15)
+        assert M._ari(t, p) == pytest.approx(adjusted_rand_score(t, p), rel=1e-12, abs=1e-15)
+    assert M._ari(np.array([0, 0, 1, 1]), np.array([0, 1, 0, 1])) == -0.5
+
+
+def test_aggregate_is_scib_weighting():
+    values = {
+        "isolated_labels": 0.5, "nmi": 0.9, "ari": 0.8, "silhouette_label": 0.6, "clisi": 1.0,
+        "silhouette_batch": 0.7, "ilisi": 0.2, "graph_connectivity": 0.9,
+        "label_purity": 0.0, "batch_entropy_norm": 0.0, "label_transfer": 0.0,  # reported, not scIB: ignored
+    }
+    got = M.aggregate(values)
+    assert got["bio_conservation"] == pytest.approx((0.5 + 0.9 + 0.8 + 0.6 + 1.0) / 5, rel=1e-15)
+    assert got["batch_correction"] == pytest.approx((0.7 + 0.2 + 0.9) / 3, rel=1e-15)
+    assert got["overall"] == pytest.approx(0.6 * 0.76 + 0.4 * 0.6, rel=1e-15)
+    # NaN (e.g. iLISI with one batch) is left out of its group, as pandas' mean
+    got = M.aggregate({**values, "ilisi": float("nan")})
+    assert got["batch_correction"] == pytest.approx(0.8, rel=1e-15)
+    assert np.isnan(M.aggregate({"nmi": 0.5})["overall"])  # no batch-correction metric at all
+
+
+def test_evaluate_silhouettes_on_a_sub_sample(harmony):
+    cells = harmony.select("batch", "label", pl.col("embedding").alias("X_pca"))
+    table = psc.metrics.evaluate(cells, ["X_pca"], label_key="label", silhouette_cells=800, seed=3)
+    got = dict(zip(table["metric"], table["value"]))
+    rows = M._sample(harmony.height, 800, 3)
+    x = harmony["embedding"].to_numpy().astype(np.float32)
+    lab, bat = harmony["label"].gather(rows), harmony["batch"].gather(rows)
+    assert got["silhouette_label"] == pytest.approx(M.silhouette_label(x[rows], lab), rel=1e-12)
+    assert got["silhouette_batch"] == pytest.approx(M.silhouette_batch(x[rows], lab, bat), rel=1e-12)
+    assert got["isolated_labels"] == pytest.approx(M.isolated_labels(x[rows], lab, bat), rel=1e-12)
+    assert got["silhouette_label"] != pytest.approx(M.silhouette_label(x, harmony["label"]), rel=1e-9)
+    # k-means clusters every sampled cell, not the sub-sample
+    assert got["nmi"] == M.nmi_ari_cluster_labels_kmeans(x, harmony["label"], seed=3)["nmi"]
+    with pytest.raises(ValueError, match="silhouette_cells must be an integer ≥ 2, got 1"):
+        psc.metrics.evaluate(cells, ["X_pca"], label_key="label", silhouette_cells=1)
+
+
+def test_evaluate_one_label_gives_nan_not_an_error(harmony):
+    cells = harmony.filter(label="jurkat").select("batch", "label", pl.col("embedding").alias("X_pca"))
+    got = dict(zip(*psc.metrics.evaluate(cells, ["X_pca"], label_key="label").select("metric", "value")))
+    for m in ("clisi", "silhouette_label", "isolated_labels", "nmi", "ari", "bio_conservation", "overall"):
+        assert np.isnan(got[m]), m
+    assert 0 < got["silhouette_batch"] <= 1 and 0 < got["batch_correction"] <= 1
+
+
+def test_new_metrics_bad_input():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(20, 3)).astype(np.float32)
+    lab, bat = ["a", "b"] * 10, ["p"] * 10 + ["q"] * 10
+    for f, args in [
+        (M.silhouette_label, (lab[:19],)),
+        (M.silhouette_batch, (lab[:19], bat)),
+        (M.isolated_labels, (lab[:19], bat)),
+        (M.nmi_ari_cluster_labels_kmeans, (lab[:19],)),
+    ]:
+        with pytest.raises(ValueError, match="labels has 19 values but the embedding has 20 cells"):
+            f(x, *args)
+    with pytest.raises(ValueError, match="batch has 21 values but the embedding has 20 cells"):
+        M.silhouette_batch(x, lab, bat + ["q"])
+    y = x.copy()
+    y[3, 2] = np.nan
+    for f, args in [(M.silhouette_label, (lab,)), (M.silhouette_batch, (lab, bat)), (M.isolated_labels, (lab, bat)), (M.nmi_ari_cluster_labels_kmeans, (lab,))]:
+        with pytest.raises(ValueError, match="embedding holds nan at row 3"):
+            f(y, *args)
+    for f, args in [(M.silhouette_label, ()), (M.isolated_labels, (bat,)), (M.nmi_ari_cluster_labels_kmeans, ())]:
+        with pytest.raises(ValueError, match=r"needs at least 2 labels to tell apart, got 1 \('a'\)"):
+            f(x, ["a"] * 20, *args)
+    with pytest.raises(ValueError, match="silhouette_batch needs a label whose cells come from 2 or more batches"):
+        M.silhouette_batch(x, ["a"] * 10 + ["b"] * 10, bat)  # each label in one batch
+    with pytest.raises(ValueError, match="column 'labels' is null at row 2"):
+        M.silhouette_label(x, ["a", "b", None] + ["a"] * 17)
+    with pytest.raises(ValueError, match=r"seed must be an integer in \[0, 2\*\*64\), got -1"):
+        M.nmi_ari_cluster_labels_kmeans(x, lab, seed=-1)

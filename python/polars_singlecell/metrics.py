@@ -5,7 +5,10 @@ Euclidean, self excluded), built on a seeded sample of at most ``max_cells``
 cells: a cell's neighbours are searched among the sampled cells, as when scIB
 metrics are run on a subsample. The sample is drawn in Polars' streaming
 engine (the ``max_cells`` cells with the smallest seeded hash of their row
-number), so a LazyFrame over a Parquet lake is never held whole.
+number), so a LazyFrame over a Parquet lake is never held whole. The
+silhouettes (O(n²) distances, computed in float64 blocks of at most 32 MiB,
+never the whole n × n matrix) use a seeded sub-sample of at most
+``silhouette_cells`` of those cells, the same for every embedding.
 
 Metric definitions (``n_neighbors`` = 30 unless named):
 
@@ -28,6 +31,45 @@ Metric definitions (``n_neighbors`` = 30 unless named):
   (15 neighbours including the cell itself, i.e. 14 others, symmetrised): per
   label, the fraction of its cells in the largest connected component of the
   graph restricted to that label; the mean over labels.
+- ``silhouette_label``: scib-metrics' ``silhouette_label`` (rescale=True,
+  src/scib_metrics/metrics/_silhouette.py): (mean over cells of
+  scikit-learn's Euclidean ``silhouette_samples`` of the labels + 1) / 2.
+  A cell alone in its label, or with equal mean distances to its own and the
+  nearest other label (0/0), scores 0, as both implementations'
+  ``nan_to_num``.
+- ``silhouette_batch``: scib-metrics' ``silhouette_batch`` (same file,
+  defaults: rescale, Euclidean, nearest other batch): for each label, the
+  silhouette of the *batches* among that label's cells, 1 − |s| per cell,
+  averaged per label, then over labels (each label weighs the same). Labels
+  whose cells come from one batch, or each from a different batch, are
+  skipped, as there. 1 = the batches are mixed within every label.
+- ``isolated_labels``: scib-metrics' ``isolated_labels`` (silhouette variant,
+  rescale=True, iso_threshold=None; src/scib_metrics/metrics/_isolated_labels.py):
+  the isolated labels are those present in the fewest batches (counting the
+  distinct (label, batch) pairs); each scores the mean over its cells of the
+  (s + 1)/2 label silhouette (against all labels, the per-cell values of
+  ``silhouette_label``); the score is the mean over isolated labels.
+- ``nmi`` / ``ari``: scib-metrics' ``nmi_ari_cluster_labels_kmeans``
+  (src/scib_metrics/metrics/_nmi_ari.py): k-means of the embedding with k =
+  the number of labels, then scikit-learn's ``normalized_mutual_info_score``
+  (arithmetic mean of the entropies) and ``adjusted_rand_score`` of the
+  clusters against the labels, re-implemented here with their special cases.
+  The k-means is our own :func:`polars_singlecell.kmeans_centroids` (see
+  :func:`nmi_ari_cluster_labels_kmeans` for why and how it matches).
+- ``bio_conservation``, ``batch_correction``, ``overall``: scIB's aggregate as
+  scib-metrics' ``Benchmarker.get_results`` (src/scib_metrics/benchmark/_core.py,
+  unscaled): each group the plain mean of its metrics (NaN ones left out, as
+  pandas' ``mean``), ``overall`` = 0.6 × bio conservation + 0.4 × batch
+  correction. The groups are scIB's, over the metrics we have
+  (:data:`BIO_CONSERVATION`, :data:`BATCH_CORRECTION`): bio conservation =
+  ``isolated_labels``, ``nmi``, ``ari``, ``silhouette_label``, ``clisi``;
+  batch correction = ``silhouette_batch``, ``ilisi``, ``graph_connectivity``
+  (scIB files graph connectivity under batch correction; its kBET and PCR
+  comparison we do not compute). This is the Benchmarker's grouping up to
+  scib-metrics 0.5.5; from 0.5.6 its default swaps ``silhouette_batch`` for
+  BRAS, which we do not compute. ``batch_entropy(_norm)``, ``label_purity``,
+  ``label_transfer`` and the start/result metrics are reported but do not
+  count: they are not scIB metrics.
 - Between a start and a result embedding of the same cells, the reference
   method's ``overlap0`` (mean fraction of shared 30-NN on 5000 sampled cells),
   ``strain`` (mean over the start's 20-NN edges of clip(d_new/d_0 − 1, −1, 1)²;
@@ -51,11 +93,15 @@ Examples
 >>> m = {(e, k): v for e, k, v in table.iter_rows()}
 >>> m["X_pca", "batch_entropy_norm"] > 0.9 > m["X_shift", "batch_entropy_norm"]
 True
+>>> m["X_pca", "silhouette_batch"] > 0.9 > m["X_shift", "silhouette_batch"]
+True
+>>> m["X_shift", "overall"] == 0.6 * m["X_shift", "bio_conservation"] + 0.4 * m["X_shift", "batch_correction"]
+True
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import polars as pl
@@ -71,6 +117,13 @@ __all__ = [
     "label_purity",
     "label_transfer",
     "graph_connectivity",
+    "silhouette_label",
+    "silhouette_batch",
+    "isolated_labels",
+    "nmi_ari_cluster_labels_kmeans",
+    "BIO_CONSERVATION",
+    "BATCH_CORRECTION",
+    "aggregate",
     "overlap0",
     "strain",
     "trustworthiness",
@@ -256,6 +309,264 @@ def graph_connectivity(indices: np.ndarray, labels: object) -> float:
     return float(np.mean(scores))
 
 
+# ------------------------------------------------- silhouettes, clusters
+
+#: scIB's bio-conservation metrics among ours (see the module docstring).
+BIO_CONSERVATION = ("isolated_labels", "nmi", "ari", "silhouette_label", "clisi")
+#: scIB's batch-correction metrics among ours (see the module docstring).
+BATCH_CORRECTION = ("silhouette_batch", "ilisi", "graph_connectivity")
+
+_BLOCK_BYTES = 1 << 25  # float64 distances held at once by _silhouette_samples: 32 MiB
+
+
+def _same_length(n: int, values: object, name: str) -> None:
+    m = len(values)
+    if m != n:
+        raise ValueError(f"{name} has {m} values but the embedding has {n} cells: pass one value per cell")
+
+
+def _silhouette_samples(x: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    """scikit-learn's ``silhouette_samples`` (Euclidean) of the rows of ``x``
+    grouped by ``codes``; 0 where it is 0/0 (a cluster of one cell, or equal
+    mean distances), as scikit-learn's and scib-metrics' ``nan_to_num``.
+
+    Distances in float64 on centred rows, ‖a‖² + ‖b‖² − 2a·b clamped at 0
+    (a cell's distance to itself set to exactly 0), in row blocks of at most
+    32 MiB; per block the summed distances to each cluster are one GEMM with
+    the cluster indicator matrix.
+    """
+    _, codes = np.unique(codes, return_inverse=True)  # clusters 0..C-1, all non-empty
+    codes = codes.ravel()
+    a = x.astype(np.float64)
+    a -= a.mean(axis=0)
+    n, n_c = a.shape[0], int(codes.max()) + 1
+    sq = np.einsum("ij,ij->i", a, a)
+    member = np.zeros((n, n_c))
+    member[np.arange(n), codes] = 1.0
+    freqs = member.sum(axis=0)
+    intra, inter = np.empty(n), np.empty(n)
+    step = max(1, min(n, _BLOCK_BYTES // (8 * n)))
+    for s in range(0, n, step):
+        e = min(s + step, n)
+        r = np.arange(e - s)
+        d = a[s:e] @ a.T
+        d *= -2.0
+        d += sq[s:e, None]
+        d += sq[None, :]
+        np.maximum(d, 0.0, out=d)
+        d[r, r + s] = 0.0
+        np.sqrt(d, out=d)
+        sums = d @ member  # (block, C): summed distance to each cluster
+        own = codes[s:e]
+        intra[s:e] = sums[r, own]
+        sums /= freqs
+        sums[r, own] = np.inf
+        inter[s:e] = sums.min(axis=1) if n_c > 1 else np.inf
+    with np.errstate(divide="ignore", invalid="ignore"):
+        intra /= freqs[codes] - 1
+        sil = (inter - intra) / np.maximum(intra, inter)
+    return np.nan_to_num(sil, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def _labelled(x: object, labels: object, what: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(embedding, label codes, label names) checked for a silhouette of labels."""
+    a = _matrix(x)
+    _same_length(a.shape[0], labels, "labels")
+    codes, n_c, cats = _categories(labels, "labels")
+    if n_c < 2:
+        raise ValueError(f"{what} needs at least 2 labels to tell apart, got 1 ({cats[0]!r})")
+    return a, codes, cats
+
+
+def silhouette_label(x: object, labels: object) -> float:
+    """scib-metrics' label silhouette (ASW), rescaled to [0, 1]:
+    (mean over cells of the Euclidean silhouette of ``labels`` + 1) / 2.
+
+    O(n²) time over the cells given (memory in 32 MiB blocks).
+
+    >>> import numpy as np, polars_singlecell as psc
+    >>> x = np.array([[0.0], [1.0], [10.0], [11.0]])
+    >>> round(psc.metrics.silhouette_label(x, ["a", "a", "b", "b"]), 4)
+    0.9499
+    """
+    a, codes, _ = _labelled(x, labels, "silhouette_label")
+    return float((_silhouette_samples(a, codes).mean() + 1) / 2)
+
+
+def _silhouette_batch_per_label(a: np.ndarray, codes: np.ndarray, n_c: int, batch_codes: np.ndarray) -> list[float]:
+    scores = []
+    for c in range(n_c):
+        rows = np.flatnonzero(codes == c)
+        n_b = np.unique(batch_codes[rows]).size
+        if n_b == 1 or n_b == rows.size:  # scib-metrics skips these labels
+            continue
+        scores.append(float(np.mean(1.0 - np.abs(_silhouette_samples(a[rows], batch_codes[rows])))))
+    return scores
+
+
+def silhouette_batch(x: object, labels: object, batch: object) -> float:
+    """scib-metrics' batch silhouette: per label, the mean of 1 − |s| over its
+    cells, s the silhouette of ``batch`` among the label's cells; the mean
+    over labels. Labels in one batch, or with every cell in its own batch,
+    are skipped; 1 = batches mixed within each label.
+
+    >>> import numpy as np, polars_singlecell as psc
+    >>> x = np.array([[0.0], [1.0], [10.0], [11.0], [0.5], [10.5]])
+    >>> psc.metrics.silhouette_batch(x, ["a", "a", "b", "b", "a", "b"], ["p", "q", "p", "q", "p", "q"])
+    0.8333333333333334
+    """
+    a = _matrix(x)
+    _same_length(a.shape[0], labels, "labels")
+    _same_length(a.shape[0], batch, "batch")
+    codes, n_c = _codes(labels, "labels")
+    b, _ = _codes(batch, "batch")
+    scores = _silhouette_batch_per_label(a, codes, n_c, b)
+    if not scores:
+        raise ValueError(
+            "silhouette_batch needs a label whose cells come from 2 or more batches (and not each from its own); "
+            "no label has that"
+        )
+    return float(np.mean(scores))
+
+
+def _isolated(codes: np.ndarray, n_c: int, batch_codes: np.ndarray, n_b: int) -> np.ndarray:
+    """Codes of the labels present in the fewest batches."""
+    pairs = np.unique(codes.astype(np.int64) * n_b + batch_codes)
+    per_label = np.bincount(pairs // n_b, minlength=n_c)
+    present = per_label > 0
+    return np.flatnonzero(present & (per_label == per_label[present].min()))
+
+
+def _isolated_score(sil: np.ndarray, codes: np.ndarray, iso: np.ndarray) -> float:
+    rescaled = (sil + 1) / 2
+    return float(np.mean([rescaled[codes == c].mean() for c in iso]))
+
+
+def isolated_labels(x: object, labels: object, batch: object) -> float:
+    """scib-metrics' isolated-label score (silhouette variant, rescaled): for
+    each label present in the fewest batches, the mean of (s + 1)/2 over its
+    cells, s the label silhouette against all labels; the mean over those labels.
+
+    >>> import numpy as np, polars_singlecell as psc
+    >>> x = np.array([[0.0], [1.0], [10.0], [11.0], [0.5], [10.5]])
+    >>> # "b" is only in batch "q": its cells' mean rescaled silhouette
+    >>> round(psc.metrics.isolated_labels(x, list("aabbab"), list("pqqqpq")), 4)
+    0.9666
+    """
+    a, codes, cats = _labelled(x, labels, "isolated_labels")
+    _same_length(a.shape[0], batch, "batch")
+    b, n_b = _codes(batch, "batch")
+    return _isolated_score(_silhouette_samples(a, codes), codes, _isolated(codes, len(cats), b, n_b))
+
+
+def _contingency(true: np.ndarray, pred: np.ndarray) -> np.ndarray:
+    _, t = np.unique(true, return_inverse=True)
+    _, p = np.unique(pred, return_inverse=True)
+    t, p = t.ravel(), p.ravel()
+    n_p = int(p.max()) + 1 if p.size else 0
+    n_t = int(t.max()) + 1 if t.size else 0
+    return np.bincount(t.astype(np.int64) * n_p + p, minlength=n_t * n_p).reshape(n_t, n_p)
+
+
+def _nmi(true: np.ndarray, pred: np.ndarray) -> float:
+    """scikit-learn's ``normalized_mutual_info_score(average_method="arithmetic")``."""
+    cont = _contingency(true, pred)
+    if cont.shape[0] == cont.shape[1] <= 1:
+        return 1.0  # neither labelling splits the cells: a perfect match
+    if min(cont.shape) == 1:
+        return 0.0
+    n = float(cont.sum())
+    pi, pj = cont.sum(axis=1), cont.sum(axis=0)
+    nzx, nzy = np.nonzero(cont)
+    v = cont[nzx, nzy].astype(np.float64)
+    p = v / n
+    log_outer = -np.log((pi[nzx] * pj[nzy]).astype(np.float64)) + 2 * np.log(n)
+    mi = p * (np.log(v) - np.log(n)) + p * log_outer
+    mi = float(np.clip(np.where(np.abs(mi) < np.finfo(np.float64).eps, 0.0, mi).sum(), 0.0, None))
+    if mi == 0:
+        return 0.0
+
+    def entropy(counts: np.ndarray) -> float:
+        c = counts[counts > 0].astype(np.float64)
+        return float(-np.sum((c / n) * (np.log(c) - np.log(n))))
+
+    return float(mi / np.mean([entropy(pi), entropy(pj)]))
+
+
+def _ari(true: np.ndarray, pred: np.ndarray) -> float:
+    """scikit-learn's ``adjusted_rand_score`` (pair counts as Python integers)."""
+    cont = _contingency(true, pred)
+    n = int(cont.sum())
+    sum_sq = int((cont.astype(np.int64) ** 2).sum())
+    tp = sum_sq - n
+    fp = int(cont.dot(cont.sum(axis=0)).sum()) - sum_sq
+    fn = int(cont.T.dot(cont.sum(axis=1)).sum()) - sum_sq
+    tn = n * n - fp - fn - sum_sq
+    if fn == 0 and fp == 0:
+        return 1.0
+    return 2.0 * (tp * tn - fn * fp) / ((tp + fn) * (fn + tn) + (tp + fp) * (fp + tn))
+
+
+def _kmeans_labels(a: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """Cluster of each row: nearest centre of our k-means (``kmeans_centroids``)."""
+    from polars_singlecell.centroids import kmeans_centroids
+
+    s = _series(a)
+    fit = pl.DataFrame({"x": s}).select(kmeans_centroids("x", n_centroids=k, random_state=seed))
+    centres = fit["centroids"].struct.field("centroid")[0]
+    idx, _ = _internal.knn_search(s, centres, 1)
+    return idx.to_numpy().astype(np.int64).ravel()
+
+
+def nmi_ari_cluster_labels_kmeans(x: object, labels: object, seed: int = 0) -> dict[str, float]:
+    """scib-metrics' ``nmi_ari_cluster_labels_kmeans``: k-means of ``x`` with
+    k = the number of labels; ``{"nmi": NMI, "ari": ARI}`` of the clusters
+    against the labels (scikit-learn's definitions, arithmetic NMI).
+
+    The k-means is our :func:`polars_singlecell.kmeans_centroids` (greedy
+    k-means++ seeding from ``seed``, Lloyd passes to tolerance 1e-4 × the mean
+    per-feature variance, at most 300, one initialisation), each cell then
+    assigned to its nearest centre: scikit-learn is not a runtime dependency,
+    and this is the algorithm of scikit-learn's ``KMeans(n_init=1)`` and of
+    scib-metrics' own JAX ``KMeans`` (k-means++ with 2 + ln k local trials,
+    n_init=1, seed 0, same tolerance), deterministic at any thread count.
+    Above max(3k, 10 000) cells its seeding runs on a random subset with a
+    short warm-up (see ``kmeans_centroids``). k-means++ seeds differ between
+    the three implementations, so the clusters (and scores) agree exactly only
+    where the clustering is unambiguous.
+
+    >>> import numpy as np, polars_singlecell as psc
+    >>> x = np.concatenate([np.zeros((5, 2)), np.full((5, 2), 9.0)]) + np.arange(10)[:, None] * 0.01
+    >>> psc.metrics.nmi_ari_cluster_labels_kmeans(x, ["a"] * 5 + ["b"] * 5)
+    {'nmi': 1.0, 'ari': 1.0}
+    """
+    a, codes, cats = _labelled(x, labels, "nmi_ari_cluster_labels_kmeans")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**64:
+        raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
+    pred = _kmeans_labels(a, len(cats), int(seed))
+    return {"nmi": _nmi(codes, pred), "ari": _ari(codes, pred)}
+
+
+def aggregate(values: Mapping[str, float]) -> dict[str, float]:
+    """scIB's aggregate scores from metric values by name: ``bio_conservation``
+    (mean of the :data:`BIO_CONSERVATION` metrics present), ``batch_correction``
+    (mean of the :data:`BATCH_CORRECTION` ones) and ``overall`` = 0.6 × bio +
+    0.4 × batch. Missing or NaN metrics are left out of their group's mean; a
+    group with none is NaN, and so is ``overall``. Other names are ignored.
+
+    >>> import polars_singlecell as psc
+    >>> psc.metrics.aggregate({"nmi": 0.8, "ari": 0.6, "ilisi": 0.5, "label_purity": 0.1})
+    {'bio_conservation': 0.7, 'batch_correction': 0.5, 'overall': 0.62}
+    """
+
+    def mean(names: Sequence[str]) -> float:
+        got = [float(values[k]) for k in names if k in values and not np.isnan(values[k])]
+        return float(np.mean(got)) if got else float("nan")
+
+    bio, batch = mean(BIO_CONSERVATION), mean(BATCH_CORRECTION)
+    return {"bio_conservation": bio, "batch_correction": batch, "overall": 0.6 * bio + 0.4 * batch}
+
+
 def _sample(n: int, size: int, seed: int) -> np.ndarray:
     if n <= size:
         return np.arange(n)
@@ -332,16 +643,27 @@ def evaluate(
     n_neighbors: int = 30,
     perplexity: float = 30,
     max_cells: int = 100_000,
+    silhouette_cells: int = 10_000,
     seed: int = 0,
 ) -> pl.DataFrame:
     """All metrics for several embeddings of the same cells, as a tidy frame
     (``embedding``, ``metric``, ``value``).
 
     Label metrics (``clisi``, ``label_purity``, ``label_transfer``,
-    ``graph_connectivity``) need ``label_key``. The first embedding is the
-    start the others are compared with (``overlap0``, ``strain``, ``tw``).
+    ``graph_connectivity``, ``silhouette_label``, ``silhouette_batch``,
+    ``isolated_labels``, ``nmi``, ``ari``) and the scIB aggregate rows
+    (``bio_conservation``, ``batch_correction``, ``overall``; see
+    :func:`aggregate`) need ``label_key``. The first embedding is the start
+    the others are compared with (``overlap0``, ``strain``, ``tw``).
     At most ``max_cells`` cells are used: a seeded sample, the same for every
-    embedding.
+    embedding. The three silhouette metrics, O(n²), use a seeded sub-sample
+    of at most ``silhouette_cells`` of those (the same for every embedding;
+    all of them when fewer), as if scib-metrics were run on it: the isolated
+    labels are then those in the fewest batches among these cells. NMI and
+    ARI cluster all the sampled cells (k-means is O(n·k) per pass).
+    With one label, the label-separation metrics (``clisi``, the silhouettes,
+    ``isolated_labels``, ``nmi``, ``ari``) are NaN, as is ``silhouette_batch``
+    when no label spans 2 batches; NaN metrics are left out of the aggregates.
     """
     if isinstance(embeddings, str):
         embeddings = [embeddings]
@@ -349,6 +671,8 @@ def evaluate(
         raise ValueError("embeddings is empty: name at least one Array(Float32, d) column")
     if not isinstance(max_cells, (int, np.integer)) or max_cells < 2:
         raise ValueError(f"max_cells must be an integer ≥ 2, got {max_cells!r}")
+    if isinstance(silhouette_cells, bool) or not isinstance(silhouette_cells, (int, np.integer)) or silhouette_cells < 2:
+        raise ValueError(f"silhouette_cells must be an integer ≥ 2, got {silhouette_cells!r}")
     _positive_k(n_neighbors)  # the count is checked once the cells are read
     lf = cells.lazy()
     names = lf.collect_schema().names()
@@ -363,6 +687,10 @@ def evaluate(
     _, n_b = _codes(batch, batch_key)
     labels = df[label_key] if label_key else None
     n_c = _codes(labels, label_key)[1] if label_key else 0
+    if labels is not None:  # the silhouettes' sub-sample, with its own codes
+        sil_rows = _sample(df.height, silhouette_cells, seed)
+        sil_lab, sil_n_c = _codes(labels.gather(sil_rows), label_key)
+        sil_b, sil_n_b = _codes(batch.gather(sil_rows), batch_key)
     if not (isinstance(perplexity, (int, float)) and perplexity >= 1):
         raise ValueError(f"perplexity must be a number ≥ 1, got {perplexity!r}")
     k_lisi = int(3 * perplexity)
@@ -387,9 +715,23 @@ def evaluate(
             out["label_purity"] = label_purity(knn, labels)
             out["label_transfer"] = label_transfer(x, batch, labels, n_neighbors) if n_b > 1 else float("nan")
             out["graph_connectivity"] = graph_connectivity(idx[:, :14], labels)
+            nan = float("nan")
+            xs = x[sil_rows]
+            sil = _silhouette_samples(xs, sil_lab) if sil_n_c > 1 else None
+            out["silhouette_label"] = float((sil.mean() + 1) / 2) if sil is not None else nan
+            per_label = _silhouette_batch_per_label(xs, sil_lab, sil_n_c, sil_b)
+            out["silhouette_batch"] = float(np.mean(per_label)) if per_label else nan
+            iso = _isolated(sil_lab, sil_n_c, sil_b, sil_n_b)
+            out["isolated_labels"] = _isolated_score(sil, sil_lab, iso) if sil is not None else nan
+            if n_c > 1:
+                out.update(nmi_ari_cluster_labels_kmeans(x, labels, seed))
+            else:
+                out["nmi"] = out["ari"] = nan
         if x is not start:
             out["overlap0"] = overlap0(start, x, 30, 5000, seed)
             out["strain"] = strain(start, x, 20)
             out["tw"] = trustworthiness(start, x, 30, 2500, seed)
+        if labels is not None:
+            out.update(aggregate(out))
         rows += [(name, k, float(v)) for k, v in out.items()]
     return pl.DataFrame(rows, schema={"embedding": pl.String, "metric": pl.String, "value": pl.Float64}, orient="row")

@@ -59,14 +59,20 @@ def run(cmd: list[str], env: dict | None = None) -> tuple[float, float]:
     return secs, usage.ru_maxrss / 1024**2  # KiB → GiB
 
 
-def generate(n: int, where: Path) -> dict:
+# Generated regimes (issue 26): Tahoe's design with 5 of 50 lines missing per
+# plate, and a harder one: 15 missing, line shares differing 5-fold between plates.
+REGIMES = {"tahoe": {}, "hard": {"missing_lines_per_plate": 15, "line_skew": 5.0}}
+
+
+def generate(n: int, where: Path, regime: str = "tahoe") -> dict:
     done = where / "generated.json"
-    if done.is_file() and json.loads(done.read_text())["n_cells"] == n:
+    if done.is_file() and json.loads(done.read_text())["n_cells"] == n and json.loads(done.read_text()).get("regime", "tahoe") == regime:
         return json.loads(done.read_text()) | {"reused": True}
     shutil.rmtree(where, ignore_errors=True)
-    code = f"import polars_singlecell as psc; psc.datasets.tahoe_like({n}, {str(where / 'cells')!r}, seed=0)"
+    kw = "".join(f", {k}={v!r}" for k, v in REGIMES[regime].items())
+    code = f"import polars_singlecell as psc; psc.datasets.tahoe_like({n}, {str(where / 'cells')!r}, seed=0{kw})"
     secs, rss = run([sys.executable, "-c", code])
-    info = {"n_cells": n, "seconds": round(secs, 1), "peak_rss_gb": round(rss, 2),
+    info = {"n_cells": n, "regime": regime, "seconds": round(secs, 1), "peak_rss_gb": round(rss, 2),
             "bytes_on_disk": sum(f.stat().st_size for f in (where / "cells").glob("*.parquet"))}
     done.write_text(json.dumps(info))
     return info
@@ -97,12 +103,18 @@ def evaluate(path: Path, embeddings: list[str]) -> dict:
 
 
 def overall(m: dict) -> float:
-    """One number per row, with scIB's weights: 0.6 × label conservation
-    (mean of label purity and cLISI) + 0.4 × batch mixing (mean of normalised
-    batch entropy and iLISI). A summary of the columns beside it, no more."""
+    """The issue-7 summary kept for comparison with earlier runs: 0.6 × mean(label
+    purity, cLISI) + 0.4 × mean(normalised batch entropy, iLISI)."""
     bio = (m[("after", "label_purity")] + m[("after", "clisi")]) / 2
     batch = (m[("after", "batch_entropy_norm")] + m[("after", "ilisi")]) / 2
     return 0.6 * bio + 0.4 * batch
+
+
+def scib(m: dict, key: str) -> str:
+    """scIB's aggregate from psc.metrics.evaluate ('overall', 'bio_conservation',
+    'batch_correction'); rows measured before evaluate reported it show —."""
+    v = m.get(("after", key))
+    return "—" if v is None else f"{v:.3f}"
 
 
 def _from_pca(r: dict) -> float:
@@ -115,7 +127,8 @@ def _from_pca(r: dict) -> float:
 
 def render(meta: dict, gens: dict, rows: list[dict]) -> str:
     """The results table (Markdown) from what main measured."""
-    lines = [f"# benches/bench_pipeline.py {' '.join(map(str, meta['sizes']))}", "",
+    regime = meta.get("regime", "tahoe")
+    lines = [f"# benches/bench_pipeline.py {' '.join(map(str, meta['sizes']))}" + (f" --regime {regime}" if regime != "tahoe" else ""), "",
              f"{meta['date']}, {meta['cpu']}, {meta['cores']} cores, polars {meta['polars']}, "
              f"polars-singlecell {meta['version']}, commit {meta['commit']}", ""]
     for n, gen in gens.items():
@@ -124,13 +137,13 @@ def render(meta: dict, gens: dict, rows: list[dict]) -> str:
     stage_names = ["genes", "pca", "project", "centroids", "integration", "interpolate"]
     lines += ["", "| cells | method | wall (s) | from X_pca (s) | peak RSS (GB) | genes | pca | project | centroids | integration "
               "| interpolate (+ evaluate) | batch entropy (norm) before → after | iLISI after | label purity before → after "
-              "| cLISI after | graph conn. after | overall |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| cLISI after | graph conn. after | scIB bio | scIB batch | scIB overall | issue-7 overall |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         s, m = r["stages"], {tuple(k.split("|")): v for k, v in r["metrics"].items()}
         if r.get("detail", {}).get("timed_out"):
             lines.append(f"| {r['n']:,} | {r['method']} | > {r['seconds']:.0f} | > {r['seconds']:.0f} | ≥ {r['rss']:.2f} | "
-                         + " | ".join("—" for _ in stage_names) + " | — | — | — | — | — | — |")
+                         + " | ".join("—" for _ in stage_names) + " | — | — | — | — | — | — | — | — | — |")
             continue
         before = {tuple(k.split("|")): v for k, v in next(x for x in rows if x["n"] == r["n"])["metrics"].items()}
         from_pca = _from_pca(r) if s else r.get("own_seconds", r["seconds"])
@@ -139,11 +152,15 @@ def render(meta: dict, gens: dict, rows: list[dict]) -> str:
             + " | ".join(f"{s[k]:.0f}" if k in s else "—" for k in stage_names)
             + f" | {before[('X_pca', 'batch_entropy_norm')]:.3f} → {m[('after', 'batch_entropy_norm')]:.3f}"
             + f" | {m[('after', 'ilisi')]:.3f} | {before[('X_pca', 'label_purity')]:.3f} → {m[('after', 'label_purity')]:.3f}"
-            + f" | {m[('after', 'clisi')]:.3f} | {m[('after', 'graph_connectivity')]:.3f} | {overall(m):.3f} |")
+            + f" | {m[('after', 'clisi')]:.3f} | {m[('after', 'graph_connectivity')]:.3f}"
+            + f" | {scib(m, 'bio_conservation')} | {scib(m, 'batch_correction')} | {scib(m, 'overall')} | {overall(m):.3f} |")
     lines += ["", "from X_pca: ours = centroids + integration + interpolate, without evaluate's 100k-cell metrics "
               "(evaluate's own seconds: " + ", ".join(f"{r['n']:,}: {r['evaluate_seconds']:.0f}" for r in rows if r.get("evaluate_seconds") is not None)
               + "), which a reference's quality is judged by too, outside its time; a reference = its own call. "
-              "overall = 0.6 × mean(label purity, cLISI) + 0.4 × mean(batch entropy, iLISI), after integration."]
+              "scIB bio / batch / overall: psc.metrics.evaluate's aggregate (scib-metrics' grouping: bio = isolated labels, NMI, ARI, "
+              "label silhouette, cLISI; batch = batch silhouette, iLISI, graph connectivity; overall = 0.6 bio + 0.4 batch). "
+              "issue-7 overall = 0.6 × mean(label purity, cLISI) + 0.4 × mean(batch entropy, iLISI), after integration, "
+              "the summary earlier runs reported."]
     ours = [r for r in rows if r["method"].startswith("polars")]
     if len(ours) > 1:
         lines += ["", f"Peak RSS at {ours[-1]['n']:,} cells / at {ours[0]['n']:,}: {ours[-1]['rss'] / ours[0]['rss']:.2f}× (target ≤ 1.25×)"]
@@ -206,9 +223,15 @@ def main() -> None:
     ap.add_argument("--scbiot-only", action="store_true",
                     help="run only scbiot, on the X_pca of the last run at each size (in --data), and merge "
                          "its rows into the saved JSON")
-    ap.add_argument("--out", type=Path, default=ROOT / "benches" / "results" / "pipeline.md")
+    ap.add_argument("--regime", choices=sorted(REGIMES), default="tahoe",
+                    help="tahoe: 5 of 50 lines missing per plate; hard: 15 missing and line shares differing 5-fold between plates")
+    ap.add_argument("--out", type=Path, default=None, help="default: benches/results/pipeline.md (pipeline-hard.md for --regime hard)")
     ap.add_argument("--render", action="store_true", help="only re-render --out from the JSON saved beside it")
     args = ap.parse_args()
+    if args.out is None:
+        args.out = ROOT / "benches" / "results" / ("pipeline.md" if args.regime == "tahoe" else f"pipeline-{args.regime}.md")
+    if args.regime != "tahoe":
+        args.data = args.data.with_name(args.data.name + "-" + args.regime)
     saved = args.out.with_suffix(".json")
     if args.render:
         data = json.loads(saved.read_text())
@@ -235,7 +258,7 @@ def main() -> None:
         return
 
     meta = {"sizes": args.sizes, "date": time.strftime("%Y-%m-%d"), "cpu": _cpu(), "cores": os.cpu_count(),
-            "polars": pl.__version__, "version": psc.__version__, "commit": _commit()}
+            "polars": pl.__version__, "version": psc.__version__, "commit": _commit(), "regime": args.regime}
     rows, gens = [], {}
     kept = []
     if args.keep_scbiot and not args.scbiot_python and saved.is_file():
@@ -245,7 +268,7 @@ def main() -> None:
         kept += [r for r in before["rows"] if "[run at" in r["method"]]
     for n in args.sizes:
         where = args.data / f"{n}"
-        gens[n] = gen = generate(n, where)
+        gens[n] = gen = generate(n, where, args.regime)
         print(f"{n:,} cells generated: {gen}", flush=True)
         out = where / "out"
         shutil.rmtree(out, ignore_errors=True)

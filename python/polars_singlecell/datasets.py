@@ -123,14 +123,25 @@ def tahoe_design() -> pl.DataFrame:
     )
 
 
-def _design_counts(rng: np.random.Generator, design: pl.DataFrame, n_cells: int, missing: int) -> np.ndarray:
+def _design_counts(rng: np.random.Generator, design: pl.DataFrame, n_cells: int, missing: int, line_skew: float = 1.0) -> np.ndarray:
     """Cells per (plate, line), plates × lines in design order: the design's
-    proportions with ``missing`` random lines per plate dropped, multinomial."""
+    proportions with ``missing`` random lines per plate dropped, multinomial.
+    ``line_skew`` > 1 multiplies each (plate, line) share by a log-uniform
+    factor in [1/√skew, √skew], so a line's share differs up to ``line_skew``-fold
+    between plates (drawn after the dropped lines, so skew 1 keeps the old draws)."""
     lines = design["cell_line"].unique(maintain_order=True).to_list()
     share = design.pivot(on="cell_line", index="plate", values="n_cells").select(lines).to_numpy().astype(np.float64)
     for p in range(share.shape[0]):
         share[p, rng.choice(len(lines), missing, replace=False)] = 0.0
+    if line_skew != 1.0:
+        share *= np.exp(rng.uniform(-0.5, 0.5, share.shape) * np.log(line_skew))
     return rng.multinomial(n_cells, (share / share.sum()).ravel()).reshape(share.shape)
+
+
+def _skew(line_skew: object) -> float:
+    if isinstance(line_skew, bool) or not isinstance(line_skew, (int, float)) or not 1 <= line_skew < float("inf"):
+        raise ValueError(f"line_skew must be a number ≥ 1 (1: the design's proportions), got {line_skew!r}")
+    return float(line_skew)
 
 
 def _plate_effect(rng: np.random.Generator, d: int, shift: float, scaling: float, rotation: float):
@@ -146,6 +157,7 @@ def tahoe_like_embedding(
     *,
     n_dims: int = 30,
     missing_lines_per_plate: int = 5,
+    line_skew: float = 1.0,
     shift: float = 1.5,
     scaling: float = 0.15,
     rotation: float = 0.05,
@@ -155,7 +167,11 @@ def tahoe_like_embedding(
 
     Plate sizes and each plate's cell-line mix follow :func:`tahoe_design`;
     each plate then loses ``missing_lines_per_plate`` lines at random (their
-    cells go to the plate's other lines). The true embedding ``X_true``: lines
+    cells go to the plate's other lines), and with ``line_skew`` > 1 each
+    line's share of a plate is multiplied by a log-uniform factor in
+    [1/√line_skew, √line_skew] (so it differs up to ``line_skew``-fold between
+    plates; the issue's hard regime is ``missing_lines_per_plate=15,
+    line_skew=5``). The true embedding ``X_true``: lines
     of one organ near each other (organ centres spread 4, lines 2 around them),
     each line a blob (sd 0.7) stretched along its own drug-response axis.
     The observed ``X_pca`` is each plate's affine distortion of it
@@ -188,7 +204,7 @@ def tahoe_like_embedding(
     axis /= np.linalg.norm(axis, axis=1, keepdims=True)
 
     plates = design["plate"].unique(maintain_order=True).to_list()
-    counts = _design_counts(rng, design, n_cells, missing_lines_per_plate)
+    counts = _design_counts(rng, design, n_cells, missing_lines_per_plate, _skew(line_skew))
 
     parts = []
     for p, plate in enumerate(plates):
@@ -214,6 +230,7 @@ def tahoe_like(
     n_genes: int = 2000,
     umis_per_cell: int = 300,
     missing_lines_per_plate: int = 5,
+    line_skew: float = 1.0,
     plate_effect: float = 0.3,
     rows_per_file: int = 50_000,
     seed: int = 0,
@@ -227,7 +244,9 @@ def tahoe_like(
     ``out/plate_effects.parquet`` (``plate``, ``gene_idx``, ``factor``).
 
     Cells per (plate, line) follow :func:`tahoe_design`, after dropping
-    ``missing_lines_per_plate`` lines per plate. Expression: a log-normal
+    ``missing_lines_per_plate`` lines per plate (and skewing the lines'
+    shares up to ``line_skew``-fold between plates, as
+    :func:`tahoe_like_embedding` does). Expression: a log-normal
     base rate per gene; each organ raises its own 5% of genes 3-fold and each
     line its own 3% 4-fold (the ground truth: ``cell_line``, ``organ``); each
     plate multiplies every gene by a log-normal factor of sd ``plate_effect``
@@ -271,7 +290,7 @@ def tahoe_like(
     lines = design["cell_line"].unique(maintain_order=True).to_list()
     organ_of = dict(zip(design["cell_line"], design["organ"]))
     organs = sorted(set(organ_of.values()))
-    counts = _design_counts(rng, design, n_cells, missing_lines_per_plate).ravel()  # plate-major (plate, line) groups
+    counts = _design_counts(rng, design, n_cells, missing_lines_per_plate, _skew(line_skew)).ravel()  # plate-major (plate, line) groups
 
     base = rng.lognormal(0.0, 1.0, n_genes)
     organ_prog = {o: np.where(rng.random(n_genes) < 0.05, 3.0, 1.0) for o in organs}

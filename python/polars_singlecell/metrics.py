@@ -332,8 +332,8 @@ def _silhouette_samples(x: np.ndarray, codes: np.ndarray) -> np.ndarray:
 
     Distances in float64 on centred rows, ‖a‖² + ‖b‖² − 2a·b clamped at 0
     (a cell's distance to itself set to exactly 0), in row blocks of at most
-    32 MiB; per block the summed distances to each cluster are one GEMM with
-    the cluster indicator matrix.
+    32 MiB; per block the distances to each cluster are summed in a fixed
+    order (the same bits at any BLAS thread count).
     """
     _, codes = np.unique(codes, return_inverse=True)  # clusters 0..C-1, all non-empty
     codes = codes.ravel()
@@ -341,9 +341,13 @@ def _silhouette_samples(x: np.ndarray, codes: np.ndarray) -> np.ndarray:
     a -= a.mean(axis=0)
     n, n_c = a.shape[0], int(codes.max()) + 1
     sq = np.einsum("ij,ij->i", a, a)
-    member = np.zeros((n, n_c))
-    member[np.arange(n), codes] = 1.0
-    freqs = member.sum(axis=0)
+    # Columns grouped by cluster: each cluster's distances are summed by
+    # np.add.reduceat, in a fixed order. A GEMM with an indicator matrix
+    # would reduce over n, which OpenBLAS splits by thread count: the last
+    # bits then depend on it (seen: OPENBLAS_NUM_THREADS 1 vs 2).
+    perm = np.argsort(codes, kind="stable")
+    freqs = np.bincount(codes, minlength=n_c).astype(np.float64)
+    starts = np.concatenate([[0], np.cumsum(freqs[:-1])]).astype(np.intp)
     intra, inter = np.empty(n), np.empty(n)
     step = max(1, min(n, _BLOCK_BYTES // (8 * n)))
     for s in range(0, n, step):
@@ -356,7 +360,7 @@ def _silhouette_samples(x: np.ndarray, codes: np.ndarray) -> np.ndarray:
         np.maximum(d, 0.0, out=d)
         d[r, r + s] = 0.0
         np.sqrt(d, out=d)
-        sums = d @ member  # (block, C): summed distance to each cluster
+        sums = np.add.reduceat(d[:, perm], starts, axis=1)  # (block, C): summed distance to each cluster
         own = codes[s:e]
         intra[s:e] = sums[r, own]
         sums /= freqs

@@ -660,7 +660,7 @@ impl CentroidSampler {
 
     /// k-means per batch (batches in sorted label order). Returns the long
     /// table (batch, centroid_id, centroid, mass) and one summary row per batch.
-    #[pyo3(signature = (n_centroids, max_iter, tol, init_size, device = "cpu"))]
+    #[pyo3(signature = (n_centroids, max_iter, tol, init_size, device = "cpu", min_cells_per_centroid = 1))]
     fn fit(
         &self,
         py: Python<'_>,
@@ -669,6 +669,7 @@ impl CentroidSampler {
         tol: f64,
         init_size: Option<usize>,
         device: &str,
+        min_cells_per_centroid: usize,
     ) -> PyResult<(PyDataFrame, PyDataFrame)> {
         let params = self.spec.params(n_centroids, max_iter, tol, init_size, device)?;
         let (samplers, pool) = (&self.samplers, &self.spec.pool);
@@ -677,7 +678,7 @@ impl CentroidSampler {
                 pool.install(|| {
                     samplers
                         .iter()
-                        .map(|(b, s)| expressions::fit_sampled_centroids(s, &params).map(|f| (b.clone(), f)))
+                        .map(|(b, s)| expressions::fit_sampled_centroids(s, &params, min_cells_per_centroid).map(|f| (b.clone(), f)))
                         .collect::<PolarsResult<Vec<_>>>()
                 })
             })
@@ -800,7 +801,7 @@ impl SpillSampler {
 
     /// k-means per batch, one batch's sample loaded at a time; the tables of
     /// [`CentroidSampler::fit`].
-    #[pyo3(signature = (n_centroids, max_iter, tol, init_size, device = "cpu"))]
+    #[pyo3(signature = (n_centroids, max_iter, tol, init_size, device = "cpu", min_cells_per_centroid = 1))]
     fn fit(
         &mut self,
         py: Python<'_>,
@@ -809,6 +810,7 @@ impl SpillSampler {
         tol: f64,
         init_size: Option<usize>,
         device: &str,
+        min_cells_per_centroid: usize,
     ) -> PyResult<(PyDataFrame, PyDataFrame)> {
         let mut samples = self.samples.take().ok_or_else(|| value_error("fit() before start(), or fit() twice"))?;
         if self.pass_rows != self.n_rows {
@@ -841,7 +843,7 @@ impl SpillSampler {
                         .map(|(b, s)| {
                             let n_cells = s.cut.n_seen;
                             let x = s.load(d)?;
-                            expressions::fit_sample(&x, d, n_cells, &params).map(|f| (b, f))
+                            expressions::fit_sample(&x, d, n_cells, &params, min_cells_per_centroid).map(|f| (b, f))
                         })
                         .collect::<PolarsResult<Vec<_>>>()
                 })

@@ -67,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="with --scale: clip the scaled values at this (sc.pp.scale's max_value)")
     i.add_argument("--n-comps", type=int, default=50)
     i.add_argument("--n-centroids", type=int, default=2048)
+    i.add_argument("--min-cells-per-centroid", type=int, default=8)
     i.add_argument("--max-samples-per-batch", type=int, default=500_000)
     i.add_argument("-k", type=int, default=8)
     i.add_argument("--mode", choices=["own_batch", "pooled"], default="own_batch")
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             psc.integrate(args.source, args.out, batch_key=args.batch_key, label_key=args.label_key, n_genes=args.n_genes,
                           target_sum=args.target_sum, n_top_genes=args.n_top_genes, hvg_flavor=args.hvg_flavor, scale=args.scale, max_value=args.max_value, n_comps=args.n_comps,
-                          n_centroids=args.n_centroids, max_samples_per_batch=args.max_samples_per_batch, k=args.k,
+                          n_centroids=args.n_centroids, min_cells_per_centroid=args.min_cells_per_centroid, max_samples_per_batch=args.max_samples_per_batch, k=args.k,
                           mode=args.mode, device=args.device, random_state=args.random_state,
                           progress=not args.no_progress, counts=tuple(args.counts), vocabulary=args.vocabulary)
         except (ValueError, OSError, ImportError, pl.exceptions.PolarsError) as e:

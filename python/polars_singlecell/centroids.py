@@ -106,6 +106,7 @@ def fit_centroids(
     embedding: str = "X_pca",
     batch_key: str = "batch",
     n_centroids: int = 2048,
+    min_cells_per_centroid: int = 1,
     max_samples_per_batch: int = 500_000,
     max_iter: int = 3,
     tol: float = 1e-4,
@@ -142,8 +143,10 @@ def fit_centroids(
     and k-means then loads them one batch at a time (``min(cells, cap) × d × 4``
     bytes). Same sample, same centroids, bit for bit; the data must give the
     same rows in the same order on both reads.
-    A batch with fewer distinct cells than ``n_centroids`` gets one centroid
-    per distinct cell. An ``Enum`` batch column's categories with no cells are
+    A batch gets at most one centroid per ``min_cells_per_centroid`` sampled
+    cells (default 1: ``n_centroids``, or one per distinct cell where it has
+    fewer; :func:`integrate` asks for 8, so a small study's batch is summarised
+    rather than copied cell by cell). An ``Enum`` batch column's categories with no cells are
     skipped with a warning and listed in the summary with ``n_cells == 0``.
     """
     lf = _lazy(data)
@@ -160,6 +163,7 @@ def fit_centroids(
             f"pl.col({embedding!r}).cast(pl.Array(pl.Float32, {width}))"
         )
         raise ValueError(msg)
+    min_cells = _positive_int("min_cells_per_centroid", min_cells_per_centroid)
     params = (
         _positive_int("n_centroids", n_centroids),
         _positive_int("max_iter", max_iter),
@@ -170,14 +174,14 @@ def fit_centroids(
     args = (dtype.size, _positive_int("max_samples_per_batch", max_samples_per_batch), _seed(random_state),
             _n_threads(n_threads))
     if low_memory:
-        long, summ = _fit_spilled(lf, embedding, batch_key, args, params, device, temp_dir)
+        long, summ = _fit_spilled(lf, embedding, batch_key, args, params, device, temp_dir, min_cells)
     else:
         sampler = _internal.CentroidSampler(*args)
         for batch in _record_batches(lf, [embedding, batch_key]):
             sampler.update(batch[embedding], batch[batch_key])
         if sampler.n_rows == 0:
             raise ValueError(f"no cells: column {embedding!r} has no rows, so there is nothing to fit centroids to")
-        long, summ = sampler.fit(*params, device)
+        long, summ = sampler.fit(*params, device, min_cells)
     key_dtype = schema[batch_key]
     # Back to the key's own dtype and order (the sampler keys batches by their text).
     long = long.rename({"batch": batch_key}).with_columns(pl.col(batch_key).cast(key_dtype))
@@ -210,6 +214,7 @@ def _fit_spilled(
     params: tuple,
     device: str,
     temp_dir: str | os.PathLike | None,
+    min_cells: int = 1,
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
     """``fit_centroids(low_memory=True)``: two reads, one batch's sample in memory."""
     sampler = _internal.SpillSampler(*args)
@@ -223,4 +228,4 @@ def _fit_spilled(
         sampler.start(spill)
         for batch in _record_batches(lf, [embedding, batch_key]):
             sampler.update(batch[embedding], batch[batch_key])
-        return sampler.fit(*params, device)
+        return sampler.fit(*params, device, min_cells)

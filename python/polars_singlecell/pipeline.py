@@ -104,6 +104,7 @@ def integrate(
     max_value: float | None = None,
     n_comps: int = 50,
     n_centroids: int = 2048,
+    min_cells_per_centroid: int = 16,
     max_samples_per_batch: int = 500_000,
     k: int = 8,
     mode: str = "own_batch",
@@ -128,7 +129,9 @@ def integrate(
       ``sc.pp.scale`` folded in, see :func:`fit_pca`);
     - ``cells_pca.parquet``: every cell's columns except the counts, plus ``X_pca``;
     - ``centroids.parquet``: per-batch k-means centroids with their mass
-      (``fit_centroids(low_memory=True)``: one batch's sample in memory at a
+      (``fit_centroids(low_memory=True)``, ``n_centroids`` per batch but at
+      most one per ``min_cells_per_centroid`` cells, so a batch of a small
+      study is summarised, not copied cell by cell: one batch's sample in memory at a
       time, the others in a hidden ``.centroid-sample.*.tmp`` folder in ``out``);
     - ``integration.parquet``: the :class:`IntegrationModel` (displacements, metrics);
     - ``cells.parquet``: every cell with ``X_pca`` and ``X_ot`` (this file and
@@ -228,7 +231,7 @@ def integrate(
         # (results equal to rounding, not bit for bit): part of the fingerprint.
         "pca": dict(n_comps=n_comps, device=device, **({"scale": True, "max_value": max_value} if scale else {})),
         "project": {},
-        "centroids": dict(n_centroids=n_centroids, max_samples_per_batch=max_samples_per_batch, random_state=random_state,
+        "centroids": dict(n_centroids=n_centroids, min_cells_per_centroid=min_cells_per_centroid, max_samples_per_batch=max_samples_per_batch, random_state=random_state,
                           device=device),
         "integration": dict(integration or {}),
         "interpolate": dict(k=k, mode=mode, device=device),
@@ -291,6 +294,7 @@ def integrate(
 
     def centroids() -> dict:
         cents, summary = psc.fit_centroids(out / "cells_pca.parquet", batch_key=batch_key, n_centroids=n_centroids,
+                                           min_cells_per_centroid=min_cells_per_centroid,
                                            max_samples_per_batch=max_samples_per_batch, random_state=random_state, summary=True,
                                            device=device, low_memory=True, temp_dir=out)
         write_parquet(cents, out / "centroids.parquet")

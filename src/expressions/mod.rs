@@ -263,15 +263,18 @@ pub struct BatchCentroids {
     pub fit: KMeansFit,
 }
 
-pub fn fit_sampled_centroids(sampler: &BottomK, params: &KMeansParams) -> PolarsResult<BatchCentroids> {
+pub fn fit_sampled_centroids(sampler: &BottomK, params: &KMeansParams, min_cells_per_centroid: usize) -> PolarsResult<BatchCentroids> {
     let (x, _) = sampler.finish();
-    fit_sample(&x, sampler.d(), sampler.n_seen, params)
+    fit_sample(&x, sampler.d(), sampler.n_seen, params, min_cells_per_centroid)
 }
 
-/// k-means on one batch's sample of `n_cells` cells, masses scaled to them.
-pub fn fit_sample(x: &[f32], d: usize, n_cells: u64, params: &KMeansParams) -> PolarsResult<BatchCentroids> {
+/// k-means on one batch's sample of `n_cells` cells, masses scaled to them;
+/// at most one centroid per `min_cells_per_centroid` sampled cells (at least one).
+pub fn fit_sample(x: &[f32], d: usize, n_cells: u64, params: &KMeansParams, min_cells_per_centroid: usize) -> PolarsResult<BatchCentroids> {
     let n_sampled = x.len() / d;
-    let mut fit = kernels::kmeans::kmeans(x, d, None, params)?;
+    let mut params = params.clone();
+    params.n_centroids = params.n_centroids.min((n_sampled / min_cells_per_centroid.max(1)).max(1));
+    let mut fit = kernels::kmeans::kmeans(x, d, None, &params)?;
     let scale = n_cells as f64 / n_sampled as f64;
     fit.mass.iter_mut().for_each(|m| *m *= scale);
     Ok(BatchCentroids { n_cells, n_sampled, fit })

@@ -268,17 +268,20 @@ def test_fit_centroids_bad_input():
 @pytest.mark.parametrize("low_memory", [False, True])
 def test_min_cells_per_centroid_caps_each_batch(harmony, low_memory, tmp_path):
     """At most one centroid per `min_cells_per_centroid` sampled cells: the
-    batches of 846, 824 and 700 cells get 52, 51 and 43 centroids of 16 at
+    batches of 846, 824 and 700 cells get 105, 103 and 87 centroids of 8 at
     most, each the k-means of that many (the expression with n_centroids set
-    to it gives the same bits), and masses still sum to each batch."""
+    to it gives the same bits), and masses still sum to each batch; with 32,
+    the floor of 64 centroids a batch holds."""
     kw = dict(embedding="embedding", batch_key="batch", n_centroids=2048, max_iter=300, summary=True)
-    fit, summ = psc.fit_centroids(harmony, min_cells_per_centroid=16, low_memory=low_memory, temp_dir=tmp_path, **kw)
+    fit, summ = psc.fit_centroids(harmony, min_cells_per_centroid=8, low_memory=low_memory, temp_dir=tmp_path, **kw)
     sizes = {b: int((harmony["batch"] == b).sum()) for b in ["half", "jurkat", "t293"]}
-    assert dict(zip(summ["batch"], summ["n_centroids"])) == {b: n // 16 for b, n in sizes.items()}
+    assert dict(zip(summ["batch"], summ["n_centroids"])) == {b: n // 8 for b, n in sizes.items()}
     for b, n in sizes.items():
         one = fit.filter(pl.col("batch") == b)
-        expr = harmony.filter(pl.col("batch") == b).select(psc.kmeans_centroids("embedding", n_centroids=n // 16)).unnest("centroids").explode("centroid", "mass")
+        expr = harmony.filter(pl.col("batch") == b).select(psc.kmeans_centroids("embedding", n_centroids=n // 8)).unnest("centroids").explode("centroid", "mass")
         np.testing.assert_array_equal(one["centroid"].to_numpy(), expr["centroid"].to_numpy())
         assert one["mass"].sum() == pytest.approx(n)
+    _, floor = psc.fit_centroids(harmony, min_cells_per_centroid=32, **kw)
+    assert floor["n_centroids"].to_list() == [64, 64, 64]
     with pytest.raises(ValueError, match="min_cells_per_centroid"):
         psc.fit_centroids(harmony, min_cells_per_centroid=0, **kw)

@@ -341,3 +341,24 @@ def test_a_population_in_one_batch_only_stays_apart(offset):
     assert purity["X_ot"][3] >= 0.95
     for line in range(3):
         assert purity["X_ot"][line] >= 0.99 * purity["X_pca"][line], (line, purity)
+
+
+def test_hard_regime_generator_skews_and_drops_lines():
+    """datasets' hard regime (issue 26): 15 of 50 lines missing per plate and
+    line shares differing up to 5-fold between plates; line_skew=1 keeps the
+    default draws; a skew below 1 is refused."""
+    base = psc.datasets.tahoe_like_embedding(20_000, n_dims=4, seed=5)
+    same = psc.datasets.tahoe_like_embedding(20_000, n_dims=4, seed=5, line_skew=1.0)
+    assert base.equals(same)
+    hard = psc.datasets.tahoe_like_embedding(200_000, n_dims=4, seed=5, missing_lines_per_plate=15, line_skew=5.0)
+    per_plate = hard.group_by("plate").agg(pl.col("cell_line").n_unique())["cell_line"]
+    assert per_plate.max() <= 35
+    share = (hard.group_by("plate", "cell_line").len()
+             .with_columns(share=pl.col("len") / pl.col("len").sum().over("plate")))
+    base_share = (psc.datasets.tahoe_like_embedding(200_000, n_dims=4, seed=5, missing_lines_per_plate=15)
+                  .group_by("plate", "cell_line").len().with_columns(share=pl.col("len") / pl.col("len").sum().over("plate")))
+    joined = share.join(base_share, on=["plate", "cell_line"], suffix="_base").filter(pl.col("len_base") > 200)
+    ratio = (joined["share"] / joined["share_base"]).to_numpy()
+    assert ratio.max() / ratio.min() > 2.5  # shares moved several-fold, not by sampling noise
+    with pytest.raises(ValueError, match="line_skew"):
+        psc.datasets.tahoe_like_embedding(100, line_skew=0.5)

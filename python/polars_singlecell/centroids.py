@@ -144,9 +144,10 @@ def fit_centroids(
     bytes). Same sample, same centroids, bit for bit; the data must give the
     same rows in the same order on both reads.
     A batch gets at most one centroid per ``min_cells_per_centroid`` sampled
-    cells (default 1: ``n_centroids``, or one per distinct cell where it has
-    fewer; :func:`integrate` asks for 8, so a small study's batch is summarised
-    rather than copied cell by cell). An ``Enum`` batch column's categories with no cells are
+    cells, but not fewer than 64 (or ``n_centroids`` if that is fewer), and
+    one per distinct cell where it has fewer distinct cells. The default 1
+    gives ``n_centroids``; :func:`integrate` asks for 16, so a small study's
+    batch is summarised rather than copied cell by cell. An ``Enum`` batch column's categories with no cells are
     skipped with a warning and listed in the summary with ``n_cells == 0``.
     """
     lf = _lazy(data)

@@ -6,7 +6,7 @@ comma   := ,
 export VIRTUAL_ENV := $(CURDIR)/.venv
 export PATH := $(CURDIR)/.venv/bin:$(PATH)
 
-.PHONY: demo test build bench bench-kmeans bench-knn bench-metrics bench-integration bench-io bench-pipeline bench-tahoe
+.PHONY: demo test build bench bench-kmeans bench-knn bench-metrics bench-integration bench-io bench-pipeline bench-tahoe bench-small
 
 .venv/.base:
 	python3 -m venv .venv
@@ -57,3 +57,6 @@ bench-tahoe: .venv/.test build
 
 bench-pipeline: .venv/.test build
 	$(PY) benches/bench_pipeline.py
+
+bench-small: .venv/.test build
+	$(PY) benches/bench_small.py

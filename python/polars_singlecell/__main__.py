@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="with --scale: clip the scaled values at this (sc.pp.scale's max_value)")
     i.add_argument("--n-comps", type=int, default=50)
     i.add_argument("--n-centroids", type=int, default=2048)
-    i.add_argument("--min-cells-per-centroid", type=int, default=8)
+    i.add_argument("--min-cells-per-centroid", type=int, default=16)
     i.add_argument("--max-samples-per-batch", type=int, default=500_000)
     i.add_argument("-k", type=int, default=8)
     i.add_argument("--mode", choices=["own_batch", "pooled"], default="own_batch")

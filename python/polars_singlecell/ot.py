@@ -354,12 +354,12 @@ def fit_integration(
       ``inf`` is balanced OT, which forces every population to be matched.
     - ``n_rounds`` (3): barycentre updates of the reference.
     - ``min_passes`` (2), ``max_passes`` (10): passes, each on the centroids
-      the last one moved (step 5). A pass costs as much as the first. More
-      passes mix more but pull harder on populations without a counterpart:
-      on Harmony's cell lines (64 centroids per batch) a forced third pass
-      lowered label purity from 0.990 to 0.979 for batch entropy 0.557 →
-      0.580; the stopping rule ends there after two. Far-apart batches take
-      more passes.
+      the last one moved (step 5). A pass costs as much as the first. The
+      fit always ends with at least one local pass, and stops once a local
+      pass no longer brings the batches closer (after ``min_passes``) or at
+      ``max_passes``; ``metrics["params"]["passes"]`` lists each pass's kind
+      ("translate" or "local"). Far-apart batches take more passes (batches
+      1000 apart with lines 4 apart: four translations, then one local).
     - ``max_iter`` (2000), ``tol`` (1e-4): Sinkhorn stops when no potential
       moves by more than ``tol`` times the largest potential (potentials in
       units of ε, at least 1); the metrics report whether it converged.

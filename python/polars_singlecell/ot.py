@@ -42,14 +42,15 @@ Algorithm (``reference="barycenter"``):
    missing from the other batches) loses its mass and does not move beyond
    its batch's common shift: the batch's s·a-weighted mean raw displacement,
    which moves all its centroids (only the remainder is weighed as above).
-   In the first pass, and while the batches are far apart (the cost unit
-   above 100× the median squared distance between neighbouring centroids of
-   a batch), a batch moves by its common shift alone: the batches do not
-   overlap yet, the cost unit is the size of the batch effect, and a blur
-   that wide mixes neighbouring populations' displacements. Such passes
-   match the full targets (no reweighting: with the batches apart, the
-   near side of the target receives more and reweighting would stall the
-   approach).
+   In translation passes a batch moves by its common shift alone: the
+   first pass, and every next one while the last brought the batches
+   closer (the cost unit fell below half) or they are far apart (the unit
+   above 100× the median squared distance between neighbouring centroids
+   of a batch), until the first local pass. Before the batches overlap the
+   cost unit is the size of the batch effect, and a blur that wide mixes
+   neighbouring populations' displacements. Translation passes match the
+   full targets (no reweighting: with the batches apart, the near side of
+   the target receives more and reweighting would stall the approach).
 5. Steps 1-4 are a pass. Passes repeat on the centroids as the last one moved
    them, the cost unit re-measured each time: once batches overlap, the unit
    shrinks and the next pass matches finer structure (per-line scaling and

@@ -83,3 +83,23 @@ def run_scbiot(python: str, cells: Path, out: Path, batch: str, keep: list[str],
         sink.seek(0)
         info = json.loads(sink.read().strip().splitlines()[-1])
     return info, secs, usage.ru_maxrss / 1024**2
+
+
+def commit() -> str:
+    """The short commit the benchmark ran at ("?" outside git)."""
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent).stdout.strip()
+    except OSError:
+        return "?"
+
+
+def cpu() -> str:
+    """The CPU's model name from /proc/cpuinfo ("?" where there is none)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "?"

@@ -27,6 +27,7 @@ import numpy as np
 import polars as pl
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _harness import commit  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 METRICS = ["batch_entropy_norm", "ilisi", "silhouette_batch", "graph_connectivity", "label_purity", "clisi",
@@ -125,7 +126,7 @@ def main() -> None:
     import polars_singlecell as psc
 
     lines = ["# benches/bench_integration.py", "", f"{time.strftime('%Y-%m-%d')}, polars-singlecell {psc.__version__}, "
-             f"commit {_commit()}, {os.cpu_count()} cores. psc.metrics.evaluate on every cell (≤ 100k; silhouettes on a "
+             f"commit {commit()}, {os.cpu_count()} cores. psc.metrics.evaluate on every cell (≤ 100k; silhouettes on a "
              "seeded 10k); overall = scIB's aggregate (0.6 × mean of isolated labels, NMI, ARI, label silhouette, cLISI "
              "+ 0.4 × mean of batch silhouette, iLISI, graph connectivity). label_purity and batch_entropy_norm are the "
              "issue-26 criteria: ours ≥ Harmony's − 0.005 and ≥ 0.95 × Harmony's on the real sets."]
@@ -168,14 +169,6 @@ def main() -> None:
     lines.extend(ablation())
     OUT.write_text("\n".join(lines) + "\n")
 
-
-def _commit() -> str:
-    import subprocess
-
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True).stdout.strip()
-    except OSError:
-        return "?"
 
 
 def ablation() -> list[str]:

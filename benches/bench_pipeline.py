@@ -42,7 +42,7 @@ from pathlib import Path
 import polars as pl
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _harness import run_scbiot  # noqa: E402
+from _harness import commit, cpu, run_scbiot  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 METRICS = ["batch_entropy_norm", "ilisi", "label_purity", "clisi", "graph_connectivity"]
@@ -198,14 +198,6 @@ def scbiot_row(args, n: int, where: Path, flat) -> dict:
             "metrics": flat({("after", k): v for (e, k), v in sm.items()}), "detail": detail}
 
 
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "?"
 
 
 def main() -> None:
@@ -257,8 +249,8 @@ def main() -> None:
         args.out.write_text(text)
         return
 
-    meta = {"sizes": args.sizes, "date": time.strftime("%Y-%m-%d"), "cpu": _cpu(), "cores": os.cpu_count(),
-            "polars": pl.__version__, "version": psc.__version__, "commit": _commit(), "regime": args.regime}
+    meta = {"sizes": args.sizes, "date": time.strftime("%Y-%m-%d"), "cpu": cpu(), "cores": os.cpu_count(),
+            "polars": pl.__version__, "version": psc.__version__, "commit": commit(), "regime": args.regime}
     rows, gens = [], {}
     kept = []
     if args.keep_scbiot and not args.scbiot_python and saved.is_file():
@@ -298,11 +290,6 @@ def main() -> None:
     args.out.write_text(text)
 
 
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    except OSError:
-        return "?"
 
 
 if __name__ == "__main__":

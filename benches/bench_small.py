@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -26,7 +27,7 @@ from pathlib import Path
 import polars as pl
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _harness import run  # noqa: E402
+from _harness import cpu, run  # noqa: E402
 
 
 def _hwm_mb() -> float:
@@ -55,11 +56,11 @@ def make(n: int, where: Path) -> Path:
     return where / "cells"
 
 
-def ours(src: str, out: str) -> dict:
+def ours(src: str, out: str, min_cells_per_centroid: int) -> dict:
     import polars_singlecell as psc
 
     t = time.perf_counter()
-    report = psc.integrate(src, out, batch_key="plate", log=None)
+    report = psc.integrate(src, out, batch_key="plate", min_cells_per_centroid=min_cells_per_centroid, log=None)
     secs = time.perf_counter() - t
     return {"seconds": secs, "stages": {k: round(v["seconds"], 2) for k, v in report["stages"].items()}, "peak_mb": _hwm_mb()}
 
@@ -112,6 +113,8 @@ def quality(src: Path, ours_out: Path, ref_out: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("sizes", nargs="*", type=int, default=[3000, 8000, 15000])
+    ap.add_argument("--min-cells-per-centroid", type=int, default=16,
+                    help="integrate's option (its default 16; 1: every cell of a small batch its own centroid, as before issue 26)")
     ap.add_argument("--out", type=Path, default=ROOT / "benches" / "results" / "small.md")
     args = ap.parse_args()
     import polars_singlecell as psc
@@ -122,13 +125,14 @@ def main() -> None:
             tmp = Path(tmp)
             src = make(n, tmp)
             (tmp / "ref").mkdir()
-            a, _ = run(ours, str(src), str(tmp / "ours"))
+            a, _ = run(ours, str(src), str(tmp / "ours"), args.min_cells_per_centroid)
             b, _ = run(scanpy_harmony, str(src), str(tmp / "ref"))
             q = quality(src, tmp / "ours", tmp / "ref")
             rows.append({"n_cells": n, "ours": a, "scanpy": b, "quality": q})
             print(json.dumps(rows[-1]), flush=True)
-    lines = [f"# benches/bench_small.py {' '.join(map(str, args.sizes))}", "",
-             f"{time.strftime('%Y-%m-%d')}, polars-singlecell {psc.__version__}, {_cpu()}", "",
+    opt = "" if args.min_cells_per_centroid == 16 else f" --min-cells-per-centroid {args.min_cells_per_centroid}"
+    lines = [f"# benches/bench_small.py {' '.join(map(str, args.sizes))}{opt}", "",
+             f"{time.strftime('%Y-%m-%d')}, polars-singlecell {psc.__version__}, {cpu()}, {os.cpu_count()} cores", "",
              "| cells | ours (s) | scanpy + harmonypy (s) | ratio (target ≤ 3) | ours: stages (s) | scanpy: stages (s) | peak MB ours / scanpy |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -142,15 +146,6 @@ def main() -> None:
     args.out.write_text("\n".join(lines) + "\n")
     args.out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
     print("\n".join(lines))
-
-
-def _cpu() -> str:
-    import os
-    try:
-        name = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        name = "unknown CPU"
-    return f"{name}, {os.cpu_count()} cores"
 
 
 if __name__ == "__main__":

@@ -35,7 +35,6 @@ import json
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,7 +42,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _harness import run  # noqa: E402
+from _harness import commit, run  # noqa: E402
 
 ATLAS_CELLS = 86_800_000
 N_GENES, UMIS = 62_710, 1_460
@@ -136,12 +135,6 @@ def integrate(data: str, vocab: str, out: str) -> dict:
     return {"seconds": time.perf_counter() - t, "stages": report["stages"]}
 
 
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent).stdout.strip()
-    except OSError:
-        return "?"
 
 
 def main() -> None:

@@ -147,8 +147,9 @@ def fit_centroids(
     cells, but not fewer than 64 (or ``n_centroids`` if that is fewer), and
     one per distinct cell where it has fewer distinct cells. The default 1
     gives ``n_centroids``; :func:`integrate` asks for 16, so a small study's
-    batch is summarised rather than copied cell by cell. An ``Enum`` batch column's categories with no cells are
-    skipped with a warning and listed in the summary with ``n_cells == 0``.
+    batch is summarised rather than copied cell by cell. An ``Enum`` batch
+    column's categories with no cells are skipped with a warning and listed
+    in the summary with ``n_cells == 0``.
     """
     lf = _lazy(data)
     schema = lf.collect_schema()

@@ -282,6 +282,7 @@ def tahoe_like(
         raise ValueError(f"missing_lines_per_plate must be an integer in [0, 49], got {missing_lines_per_plate!r}")
     if layout not in ("cells", "tahoe"):
         raise ValueError(f"layout must be 'cells' or 'tahoe', got {layout!r}")
+    line_skew = _skew(line_skew)  # before anything is written
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     design = tahoe_design()
@@ -290,7 +291,7 @@ def tahoe_like(
     lines = design["cell_line"].unique(maintain_order=True).to_list()
     organ_of = dict(zip(design["cell_line"], design["organ"]))
     organs = sorted(set(organ_of.values()))
-    counts = _design_counts(rng, design, n_cells, missing_lines_per_plate, _skew(line_skew)).ravel()  # plate-major (plate, line) groups
+    counts = _design_counts(rng, design, n_cells, missing_lines_per_plate, line_skew).ravel()  # plate-major (plate, line) groups
 
     base = rng.lognormal(0.0, 1.0, n_genes)
     organ_prog = {o: np.where(rng.random(n_genes) < 0.05, 3.0, 1.0) for o in organs}

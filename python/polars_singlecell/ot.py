@@ -54,9 +54,10 @@ Algorithm (``reference="barycenter"``):
 5. Steps 1-4 are a pass. Passes repeat on the centroids as the last one moved
    them, the cost unit re-measured each time: once batches overlap, the unit
    shrinks and the next pass matches finer structure (per-line scaling and
-   rotation, which the first pass's translation leaves). They stop
-   after ``min_passes`` once the batches stop approaching each other (the
-   unit fell to no less than half the last pass's), or at ``max_passes``.
+   rotation, which the translation passes leave). They stop after
+   ``min_passes``, once a local pass has run and the batches stop
+   approaching each other (the unit fell to no less than half the last
+   pass's), or at ``max_passes``.
    The displacement is the passes' sum; ``metrics["it"]`` is their number.
 
 With ``reference=<batch>`` that batch's centroids are the fixed reference and
@@ -301,8 +302,9 @@ def _displace(x, a, groups, codes, names, reference, scale, epsilon, reg_m, n_ro
             # A translation pass: the whole batch moves by its shift. Before
             # the batches overlap the cost unit is the size of the batch
             # effect and the blur is as wide: local displacements then mix
-            # neighbouring populations (on the 1M-cell pipeline benchmark,
-            # label purity 0.74 with them in the first pass against 0.82).
+            # neighbouring populations (measured when this was chosen, on the
+            # 1M-cell pipeline benchmark's centroids: label purity 0.74 with
+            # them in the first pass, 0.82 without).
             disp[rows] = shift
             continue
         d = raw - shift

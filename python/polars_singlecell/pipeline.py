@@ -130,8 +130,9 @@ def integrate(
     - ``cells_pca.parquet``: every cell's columns except the counts, plus ``X_pca``;
     - ``centroids.parquet``: per-batch k-means centroids with their mass
       (``fit_centroids(low_memory=True)``, ``n_centroids`` per batch but at
-      most one per ``min_cells_per_centroid`` cells, so a batch of a small
-      study is summarised, not copied cell by cell: one batch's sample in memory at a
+      most one per ``min_cells_per_centroid`` cells and at least 64, so a
+      batch of a small study is summarised, not copied cell by cell: one
+      batch's sample in memory at a
       time, the others in a hidden ``.centroid-sample.*.tmp`` folder in ``out``);
     - ``integration.parquet``: the :class:`IntegrationModel` (displacements, metrics);
     - ``cells.parquet``: every cell with ``X_pca`` and ``X_ot`` (this file and

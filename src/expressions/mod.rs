@@ -271,7 +271,9 @@ pub fn fit_sampled_centroids(sampler: &BottomK, params: &KMeansParams, min_cells
 /// The fewest centroids `min_cells_per_centroid` leaves a batch (fewer only
 /// where `n_centroids` asks for fewer): a batch of a few hundred cells keeps
 /// enough centroids to be matched population by population (CellBench's
-/// ~200-cell batches at 12 centroids each mixed 0.559, at 64 each 0.670).
+/// ~200-cell batches in `benches/bench_integration.py`: 12 centroids each
+/// mixed 0.559 before the floor existed, 64 each 0.670 in
+/// `benches/results/integration.md`).
 pub const MIN_CENTROIDS_PER_BATCH: usize = 64;
 
 /// k-means on one batch's sample of `n_cells` cells, masses scaled to them;

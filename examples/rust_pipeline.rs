@@ -1,7 +1,9 @@
 //! Using the crate from a Rust Polars pipeline (polars 0.55.x).
 //! Run: cargo run --example rust_pipeline
 use polars::prelude::*;
-use polars_singlecell::expressions::{fit_pca_update, kmeans_centroids, normalize, pca_project};
+use polars_singlecell::expressions::{fit_integration, fit_pca_update, kmeans_centroids, normalize, pca_project};
+use polars_singlecell::expressions::convert::array_f32;
+use polars_singlecell::kernels::integrate::IntegrationParams;
 use polars_singlecell::kernels::kmeans::KMeansParams;
 use polars_singlecell::kernels::Device;
 use polars_singlecell::kernels::pca::{CovAccumulator, PcaProjector};
@@ -38,5 +40,16 @@ fn main() -> PolarsResult<()> {
     println!("{centroids}");
     let mass = centroids.struct_()?.field_by_name("mass")?;
     assert_eq!(mass.list()?.get_as_series(0).unwrap().sum::<f64>()?, 3.0);
+
+    // Integration of a centroid table: two batches of the same two
+    // populations, batch "b" shifted by 5 along the first axis.
+    let x: Vec<f32> = [0.0f32, 0.1, 3.0, 3.1].iter().flat_map(|&v| [v, v * 0.5]).collect();
+    let both: Vec<f32> = x.iter().copied().chain(x.chunks(2).flat_map(|r| [r[0] + 5.0, r[1]])).collect();
+    let centroid = array_f32("centroid", 2, both, None)?;
+    let batch = Series::new("batch".into(), ["a", "a", "a", "a", "b", "b", "b", "b"]);
+    let out = fit_integration(&centroid, &batch, None, None, &IntegrationParams::default())?;
+    println!("{}: passes {:?}", out.displacement, out.fit.passes);
+    let dx: Vec<f32> = out.fit.displacement.chunks(2).map(|r| r[0]).collect();
+    assert!(dx[..4].iter().all(|&v| v > 1.0) && dx[4..].iter().all(|&v| v < -1.0)); // they meet near the middle
     Ok(())
 }

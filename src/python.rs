@@ -946,6 +946,58 @@ fn sinkhorn(
     Ok((PySeries(Series::new("plan".into(), plan)), PySeries(phi), fit.iterations, fit.converged, fit.delta))
 }
 
+/// `fit_integration`'s algorithm (see `kernels::integrate`) on a centroid
+/// table's columns. Returns (displacement, batch names in code order, each
+/// pass's cost unit, each pass's kind, and per solve (pass, round, batch
+/// code, iterations, converged, delta, marginal error)).
+#[pyfunction]
+#[pyo3(signature = (centroid, batch, mass, reference, epsilon, reg_m, n_rounds, min_passes, max_passes, max_iter, tol, n_neighbors, smooth_steps, n_reference, random_state))]
+#[allow(clippy::too_many_arguments, clippy::type_complexity)]
+fn fit_integration(
+    py: Python<'_>,
+    centroid: PySeries,
+    batch: PySeries,
+    mass: Option<PySeries>,
+    reference: Option<String>,
+    epsilon: f64,
+    reg_m: f64,
+    n_rounds: usize,
+    min_passes: usize,
+    max_passes: usize,
+    max_iter: usize,
+    tol: f64,
+    n_neighbors: usize,
+    smooth_steps: usize,
+    n_reference: usize,
+    random_state: u64,
+) -> PyResult<(PySeries, Vec<String>, Vec<f64>, Vec<&'static str>, Vec<(usize, usize, usize, usize, bool, f64, f64)>)> {
+    let params = kernels::integrate::IntegrationParams {
+        reference: kernels::integrate::Reference::Barycenter,
+        epsilon,
+        reg_m,
+        n_rounds,
+        min_passes,
+        max_passes,
+        max_iter,
+        tol,
+        n_neighbors,
+        smooth_steps,
+        n_reference,
+        seed: random_state,
+    };
+    let out = py
+        .detach(|| expressions::fit_integration(&centroid.0, &batch.0, mass.as_ref().map(|m| &m.0), reference.as_deref(), &params))
+        .map_err(value_error)?;
+    let passes = out.fit.passes.iter().map(|k| k.as_str()).collect();
+    let records = out
+        .fit
+        .convergence
+        .iter()
+        .map(|r| (r.pass, r.round, r.batch, r.iterations, r.converged, r.delta, r.marginal_error))
+        .collect();
+    Ok((PySeries(out.displacement), out.batches, out.fit.scales, passes, records))
+}
+
 /// LISI of every row of a neighbour table: `distances` is `Array(Float32, k)`
 /// (Euclidean, self excluded), `labels` the neighbours' category codes,
 /// flattened row by row (n·k `UInt32`).
@@ -1006,6 +1058,7 @@ fn _internal(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(clear_models, m)?)?;
     m.add_function(wrap_pyfunction!(lisi, m)?)?;
     m.add_function(wrap_pyfunction!(sinkhorn, m)?)?;
+    m.add_function(wrap_pyfunction!(fit_integration, m)?)?;
     m.add_function(wrap_pyfunction!(knn_search, m)?)?;
     m.add_function(wrap_pyfunction!(connected_components, m)?)?;
     m.add_function(wrap_pyfunction!(from_csr, m)?)?;

@@ -7,6 +7,11 @@ no counterpart, and smoothed over its batch's centroid kNN graph so local
 geometry survives. :func:`fit_integration` returns an :class:`IntegrationModel`
 that :func:`knn_interpolate` carries to every cell.
 
+The algorithm runs in Rust (``kernels::integrate::fit_integration``; Rust
+pipelines call ``expressions::fit_integration``): each batch's OT solve takes
+point clouds and returns the plan's row and column masses and weighted sums,
+so no cost matrix or plan comes back to Python.
+
 Algorithm (``reference="barycenter"``):
 
 1. Masses are normalised to sum 1 per batch. The reference starts as all
@@ -91,58 +96,10 @@ import polars as pl
 
 from polars_singlecell import _internal
 from polars_singlecell import metrics as _m
+from polars_singlecell.centroids import _seed
 from polars_singlecell.integration import IntegrationModel
 
 __all__ = ["fit_integration", "ot_integrate"]
-
-# Passes continue while the batches still approach: the cost unit (median
-# squared distance to the nearest centroid of another batch) fell below this
-# fraction of the last pass's.
-APPROACH = 0.5
-# Batches are far apart while the cost unit exceeds this many times the
-# median squared distance between neighbouring centroids of one batch (10×
-# farther): passes then translate each batch as a whole.
-FAR_APART = 100.0
-
-
-def _sqdist(x: np.ndarray, y: np.ndarray, scale: float = 1.0) -> np.ndarray:
-    """Squared Euclidean distances divided by ``scale``, in float64, never
-    negative. In place on the one matrix: three temporaries of a 2048 × 4096
-    matrix took a tenth of fit_integration."""
-    x, y = x.astype(np.float64), y.astype(np.float64)
-    d = x @ y.T
-    d *= -2.0
-    d += (x * x).sum(1)[:, None]
-    d += (y * y).sum(1)[None, :]
-    np.maximum(d, 0.0, out=d)
-    d /= scale
-    return d
-
-
-def _solve(a, b, cost, epsilon, reg_m, max_iter, tol, init=None):
-    """The plan, iterations, converged, last change and row potentials; ``init``
-    warm-starts the row potentials (a previous solve's for the same rows)."""
-    init = None if init is None else pl.Series(init, dtype=pl.Float64)
-    plan, phi, iters, converged, delta = _internal.sinkhorn(
-        pl.Series(a, dtype=pl.Float64), pl.Series(b, dtype=pl.Float64), pl.Series(cost.ravel()), epsilon, reg_m, max_iter, tol, init
-    )
-    return plan.to_numpy().reshape(cost.shape), iters, converged, delta, phi.to_numpy()
-
-
-def _reduce(points: np.ndarray, weights: np.ndarray, n: int, random_state: int) -> tuple[np.ndarray, np.ndarray]:
-    """At most n weighted points: weighted k-means when there are more."""
-    if len(points) <= n:
-        return points, weights
-    from polars_singlecell.centroids import kmeans_centroids
-
-    out = pl.DataFrame({"x": pl.Series(points.astype(np.float32), dtype=pl.Array(pl.Float32, points.shape[1])), "w": weights}).select(
-        kmeans_centroids("x", n_centroids=n, weights="w", random_state=random_state)
-    )
-    c = np.asarray(out["centroids"].struct.field("centroid").explode().to_list(), dtype=np.float32)
-    w = out["centroids"].struct.field("mass").explode().to_numpy()
-    keep = w > 0
-    return c[keep], w[keep] / w[keep].sum()
-
 
 def _centroid_metrics(x: np.ndarray, y: np.ndarray, batch: np.ndarray, seed: int) -> dict[str, dict[str, float]]:
     """The reference method's metrics on centroids, before (x) and after (y)."""
@@ -157,164 +114,6 @@ def _centroid_metrics(x: np.ndarray, y: np.ndarray, batch: np.ndarray, seed: int
     if len(x) > 2 * k + 1:
         out["after"]["tw"] = _m.trustworthiness(x, y, k, 2500, seed)
     return out
-
-
-def _within(x: np.ndarray, groups: list[np.ndarray]) -> float:
-    """The median squared distance from a centroid to its nearest centroid of
-    the same batch: the scale of the structure within batches."""
-    return float(np.median(np.concatenate([_m.neighbors(x[rows], 1)[1].ravel().astype(np.float64) ** 2 for rows in groups])))
-
-
-def _cost_unit(x: np.ndarray, groups: list[np.ndarray], codes: np.ndarray) -> float:
-    """The median squared distance from a centroid to its nearest centroid of
-    another batch: the typical price of matching across batches."""
-    near = []
-    for g, rows in enumerate(groups):
-        others = np.flatnonzero(codes != g)
-        idx, dist = _internal.knn_search(_m._series(x[rows]), _m._series(x[others]), 1)
-        near.append(dist.to_numpy().astype(np.float64).ravel() ** 2)
-    near = np.concatenate(near)
-    near = near[near > 0]  # centroids shared exactly by two batches say nothing of the scale
-    return float(np.median(near)) if near.size else 0.0
-
-
-def _reweigh(target: np.ndarray, received: np.ndarray, other: np.ndarray) -> np.ndarray:
-    """The target with the other batches' points reweighted to what this
-    batch's last plan delivered to them (their total share unchanged).
-
-    A reference point of a population this batch lacks keeps receiving little
-    (only the mass the entropic plan leaks to it), so its weight falls round
-    by round instead of pulling the batch's nearest population onto it: the
-    fixed point is the target whose proportions the batch can fill, as when
-    estimating class proportions under label shift. The batch's own points
-    (first round: absent) keep their weight, or they would pin it in place.
-    """
-    out = target.copy()
-    share = target[other].sum()
-    got = np.maximum(received[other], 0.0)
-    if share > 0 and got.sum() > 0:
-        out[other] = got / got.sum() * share
-    return out
-
-
-def _displace(x, a, groups, codes, names, reference, scale, epsilon, reg_m, n_rounds, max_iter, tol, n_neighbors, smooth_steps, n_reference, random_state, convergence, warm, translate):
-    """One pass of the algorithm: every centroid's displacement (float64).
-    ``warm`` holds each batch's last row potentials, per kind of solve, and is
-    updated: the next solve of the same rows starts from them. ``translate``:
-    each batch moves as a whole (see fit_integration's pass rule)."""
-    n_b = len(groups)
-    if reference == "barycenter":
-        ref_batch = None
-        # Every batch's centroids, each batch weighing 1/B; a batch with more
-        # than its share of n_reference points is reduced by weighted k-means.
-        # `origin` remembers which batch each reference point came from.
-        parts = [_reduce(x[rows], a[g], max(n_reference // n_b, 1), random_state) for g, rows in enumerate(groups)]
-        y = np.vstack([p[0] for p in parts])
-        nu = np.concatenate([p[1] / n_b for p in parts])
-        origin = np.concatenate([np.full(len(p[0]), g) for g, p in enumerate(parts)])
-    elif reference in names:
-        ref_batch = names.index(reference)
-        y, nu = _reduce(x[groups[ref_batch]], a[ref_batch], n_reference, random_state)
-        origin = np.full(len(y), ref_batch)
-    else:
-        raise ValueError(f"reference must be 'barycenter' or one of the batches {names}, got {reference!r}")
-    y = y.astype(np.float64)
-
-
-    images = [None] * n_b
-    kept = [None] * n_b
-    received = [None] * n_b  # per batch: the mass its last plan delivered to each reference point
-    for r in range(n_rounds):
-        num = np.zeros_like(y)
-        den = np.zeros(len(y))
-        for g, rows in enumerate(groups):
-            if g == ref_batch:
-                continue
-            xb = x[rows].astype(np.float64)
-            # First round of a barycentre: the reference still holds this
-            # batch's own centroids, which it would match at zero cost and so
-            # never move; it sees only the other batches' points.
-            cols = np.flatnonzero(origin != g) if (ref_batch is None and r == 0) else np.arange(len(y))
-            target = nu[cols] / nu[cols].sum()
-            if received[g] is not None and not translate:
-                target = _reweigh(target, received[g][cols], origin[cols] != g)
-            plan, iters, conv, delta, warm[g, "ref"] = _solve(a[g], target, _sqdist(xb, y[cols], scale), epsilon, reg_m,
-                                                              max_iter, tol, warm.get((g, "ref")))
-            row = plan.sum(1)
-            images[g] = (plan @ y[cols]) / np.maximum(row, 1e-300)[:, None]
-            kept[g] = np.minimum(1.0, row / a[g])
-            num[cols] += plan.T @ xb
-            den[cols] += plan.sum(0)
-            received[g] = np.zeros(len(y))
-            received[g][cols] = plan.sum(0)
-            convergence.append({
-                "round": r, "batch": names[g], "iterations": iters, "converged": conv, "delta": delta,
-                "marginal_error": float(np.abs(row - a[g]).sum() + np.abs(plan.sum(0) - target).sum()),
-            })
-        if ref_batch is None and r == 0:
-            # Each point also stands for its own batch (which did not see it
-            # this round), weighted like one other batch: with two batches the
-            # points move to the midpoints instead of swapping sides.
-            w = nu * n_b / (n_b - 1)
-            num += w[:, None] * y
-            den += w
-        if ref_batch is None and r < n_rounds - 1:
-            moved = den > 1e-12 * den.max()
-            y[moved] = num[moved] / den[moved, None]
-
-    disp = np.zeros_like(x, dtype=np.float64)
-    for g, rows in enumerate(groups):
-        if g == ref_batch:
-            continue
-        keep = kept[g]
-        # The entropic map contracts: at a blur wide next to the batch's
-        # structure every centroid's image is near the target's mean. The
-        # batch's map onto itself contracts alike, so the difference of the
-        # two images keeps the transport and drops the contraction (far-apart
-        # batches: a translation, not a collapse onto one point).
-        xb = x[rows].astype(np.float64)
-        plan, *_, warm[g, "self"] = _solve(a[g], a[g], _sqdist(xb, xb, scale), epsilon, reg_m, max_iter, tol, warm.get((g, "self")))
-        raw = images[g] - (plan @ xb) / np.maximum(plan.sum(1), 1e-300)[:, None]
-        k = min(n_neighbors, len(rows)) - 1
-        nb = np.arange(len(rows))[:, None]
-        kern = np.ones((len(rows), 1))
-        if smooth_steps and k >= 1:
-            idx, dist = _m.neighbors(x[rows], k)
-            nb = np.concatenate([nb, idx], axis=1)
-            # Gaussian weights with a bandwidth of the distance to the 3rd
-            # nearest centroid: the neighbourhood is a few centroids wide, so
-            # populations next to each other keep their own displacements.
-            h = np.maximum(dist[:, min(2, k - 1)].astype(np.float64), 1e-12)
-            d_all = np.concatenate([np.zeros((len(rows), 1)), dist.astype(np.float64)], axis=1)
-            kern = np.exp(-0.5 * (d_all / h[:, None]) ** 2)
-        # A centroid takes the kept-mass- and kernel-weighted mean displacement
-        # of its neighbourhood (its edge, where the plan dropped mass, borrows
-        # from its matched core), scaled by how much mass the neighbourhood
-        # kept (a population with no counterpart stays).
-        # The batch's common shift (its kept-mass-weighted mean displacement)
-        # moves every centroid: a batch effect reaches its populations without
-        # counterpart too, and where batches are far apart the plan drops
-        # mass in proportion to distance, uniformly, which says nothing about
-        # missing populations. Only the rest is weighed by kept mass.
-        wk = a[g] * keep
-        shift = (wk[:, None] * raw).sum(0) / max(wk.sum(), 1e-300)
-        if translate:
-            # A translation pass: the whole batch moves by its shift. Before
-            # the batches overlap the cost unit is the size of the batch
-            # effect and the blur is as wide: local displacements then mix
-            # neighbouring populations (measured when this was chosen, on the
-            # 1M-cell pipeline benchmark's centroids: label purity 0.74 with
-            # them in the first pass, 0.82 without).
-            disp[rows] = shift
-            continue
-        d = raw - shift
-        for step in range(max(smooth_steps, 1)):
-            w = kern * keep[nb]
-            d = (w[:, :, None] * d[nb]).sum(axis=1) / np.maximum(w.sum(axis=1), 1e-300)[:, None]
-        d *= np.minimum(1.0, (kern * keep[nb]).sum(axis=1) / kern.sum(axis=1))[:, None]
-        disp[rows] = d + shift
-
-    return disp
 
 
 def fit_integration(
@@ -410,37 +209,26 @@ def fit_integration(
     codes, n_b, names = _m._categories(centroids[batch_key], batch_key)
     if n_b < 2:
         raise ValueError(f"column '{batch_key}' has a single batch ({names[0]!r}); integration needs at least 2")
-    groups = [np.flatnonzero(codes == g) for g in range(n_b)]
-    for g, rows in enumerate(groups):
-        if len(rows) < 2:
-            raise ValueError(f"batch {names[g]!r} has {len(rows)} centroid; each batch needs at least 2 (fit more centroids or drop it)")
-    a = [w[rows] / w[rows].sum() for rows in groups]
+    for g in range(n_b):
+        count = int((codes == g).sum())
+        if count < 2:
+            raise ValueError(f"batch {names[g]!r} has {count} centroid; each batch needs at least 2 (fit more centroids or drop it)")
+    if reference != "barycenter" and reference not in names:
+        raise ValueError(f"reference must be 'barycenter' or one of the batches {names}, got {reference!r}")
 
-    convergence: list[dict] = []
-    pos = x.astype(np.float64)
-    scales: list[float] = []
-    kinds: list[str] = []
-    warm: dict = {}
-    for it in range(max_passes):
-        here = pos.astype(np.float32)
-        scale = _cost_unit(here, groups, codes)
-        if it == 0 and not scale > 0:
-            raise ValueError("the batches' centroids coincide; there is nothing to integrate")
-        approaching = it == 0 or scale <= APPROACH * scales[-1]
-        local_done = "local" in kinds
-        if not scale > 0 or (it >= min_passes and local_done and not approaching):
-            break  # the batches stopped approaching each other
-        # Translate while the batches still approach by translating (or are
-        # far apart); then refine locally (see the module docstring, step 5).
-        translate = not local_done and (approaching or scale > FAR_APART * _within(here, groups))
-        first = len(convergence)
-        pos += _displace(here, a, groups, codes, names, reference, scale, epsilon, reg_m, n_rounds, max_iter, tol,
-                         n_neighbors, smooth_steps, n_reference, random_state, convergence, warm, translate=translate)
-        for c in convergence[first:]:
-            c["pass"] = it
-        scales.append(scale)
-        kinds.append("translate" if translate else "local")
-    disp = (pos - x).astype(np.float32)
+    # The algorithm runs in Rust (kernels::integrate): the batches' OT solves
+    # see point clouds, and no cost matrix or plan comes back here.
+    disp_s, order, scales, kinds, records = _internal.fit_integration(
+        pl.Series(x, dtype=pl.Array(pl.Float32, x.shape[1])), centroids[batch_key], pl.Series(w, dtype=pl.Float64),
+        None if reference == "barycenter" else str(reference), float(epsilon), float(reg_m), n_rounds, min_passes, max_passes,
+        max_iter, float(tol), n_neighbors, smooth_steps, n_reference, _seed(random_state),
+    )
+    assert order == names, (order, names)  # the same batch codes on both sides
+    disp = disp_s.to_numpy()
+    convergence = [
+        {"round": r, "batch": names[g], "iterations": it, "converged": conv, "delta": delta, "marginal_error": err, "pass": p}
+        for p, r, g, it, conv, delta, err in records
+    ]
 
     metrics: dict[str, Any] = _centroid_metrics(x, x + disp, codes, random_state)
     metrics["it"] = len(scales)

@@ -8,6 +8,7 @@ use polars_core::runtime::THREAD_POOL;
 
 use super::convert;
 use crate::error::KernelError;
+use crate::kernels::integrate::{self, IntegrationFit, IntegrationParams, Reference};
 use crate::kernels::knn::{self, CentroidIndex};
 use crate::kernels::Device;
 
@@ -179,4 +180,87 @@ pub fn knn(embedding: &Series, model: &InterpolationModel, k: usize, device: Dev
         .map_err(|e| kernel_err(OP, embedding, e))?;
     let fields = [convert::array_of("indices", k, idx, None)?, convert::array_of("distances", k, dist, None)?];
     Ok(StructChunked::from_series(embedding.name().clone(), n, fields.iter())?.into_series())
+}
+
+/// A fitted integration: each centroid's displacement (`Array(Float32, d)`
+/// named `displacement`, in the input's row order), the batch names in code
+/// order, and the kernel's record of the passes.
+#[derive(Debug)]
+pub struct IntegrationOutput {
+    pub displacement: Series,
+    pub batches: Vec<String>,
+    pub fit: IntegrationFit,
+}
+
+/// Batch codes in sorted order of the batch values (numbers as numbers, the
+/// rest as text: the order `psc.metrics` uses), and the names as text.
+fn batch_codes(batch: &Series) -> PolarsResult<(Vec<u32>, Vec<String>)> {
+    let text = batch.cast(&DataType::String)?;
+    let names: Vec<Option<&str>> = text.str()?.iter().collect();
+    if let Some(row) = names.iter().position(Option::is_none) {
+        polars_bail!(ComputeError: "column '{}' is null at row {row}; every centroid needs a batch", batch.name());
+    }
+    let names: Vec<&str> = names.into_iter().flatten().collect();
+    let mut distinct: Vec<(Option<f64>, &str)> = if batch.dtype().is_primitive_numeric() {
+        let num = batch.cast(&DataType::Float64)?;
+        num.f64()?.iter().map(|v| v.unwrap_or(f64::NAN)).zip(names.iter().copied()).map(|(v, s)| (Some(v), s)).collect()
+    } else {
+        names.iter().map(|&s| (None, s)).collect()
+    };
+    distinct.sort_by(|x, y| match (x.0, y.0) {
+        (Some(a), Some(b)) => a.total_cmp(&b),
+        _ => x.1.cmp(y.1),
+    });
+    distinct.dedup_by(|x, y| x.1 == y.1);
+    let lookup: HashMap<&str, u32> = distinct.iter().enumerate().map(|(g, (_, s))| (*s, g as u32)).collect();
+    Ok((names.iter().map(|s| lookup[s]).collect(), distinct.iter().map(|(_, s)| s.to_string()).collect()))
+}
+
+/// `fit_integration` on a centroid table's columns: `centroid`
+/// (`Array(Float32, d)`), `batch` (any type; one batch per value) and `mass`
+/// (a positive number per centroid; `None`: all 1). `reference`: `None` for
+/// the barycentre of all batches, or the name of the batch the others move
+/// onto. `params.reference` is set from it.
+pub fn fit_integration(
+    centroid: &Series,
+    batch: &Series,
+    mass: Option<&Series>,
+    reference: Option<&str>,
+    params: &IntegrationParams,
+) -> PolarsResult<IntegrationOutput> {
+    let (x, d) = convert::embedding_rows(centroid)?;
+    let n = x.len() / d.max(1);
+    let (codes, batches) = batch_codes(batch)?;
+    let w = match mass {
+        Some(m) => super::weights_f64(m)?,
+        None => vec![1.0; n],
+    };
+    if codes.len() != n || w.len() != n {
+        polars_bail!(ComputeError: "fit_integration: columns '{}' ({n} rows), '{}' ({}) and the masses ({}) differ in length", centroid.name(), batch.name(), codes.len(), w.len());
+    }
+    if let Some(i) = w.iter().position(|v| !(v.is_finite() && *v > 0.0)) {
+        polars_bail!(ComputeError: "column '{}' holds {} at row {i}; masses must be positive and finite (drop empty centroids)", mass.map(|m| m.name().as_str()).unwrap_or("mass"), w[i]);
+    }
+    if batches.len() < 2 {
+        polars_bail!(ComputeError: "column '{}' has a single batch ({:?}); integration needs at least 2", batch.name(), batches.first().map(String::as_str).unwrap_or(""));
+    }
+    for (g, name) in batches.iter().enumerate() {
+        let count = codes.iter().filter(|&&c| c as usize == g).count();
+        if count < 2 {
+            polars_bail!(ComputeError: "batch '{name}' has {count} centroid; each batch needs at least 2 (fit more centroids or drop it)");
+        }
+    }
+    let mut p = params.clone();
+    p.reference = match reference {
+        None => Reference::Barycenter,
+        Some(r) => match batches.iter().position(|b| b == r) {
+            Some(g) => Reference::Batch(g),
+            None => polars_bail!(ComputeError: "reference must be 'barycenter' or one of the batches {batches:?}, got '{r}'"),
+        },
+    };
+    let fit = THREAD_POOL
+        .install(|| integrate::fit_integration(&x, d, &codes, batches.len(), &w, &p))
+        .map_err(|e| polars_err!(ComputeError: "fit_integration of '{}': {e}", centroid.name()))?;
+    let displacement = convert::array_f32("displacement", d, fit.displacement.clone(), None)?;
+    Ok(IntegrationOutput { displacement, batches, fit })
 }

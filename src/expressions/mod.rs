@@ -6,7 +6,7 @@
 pub mod convert;
 pub mod integration;
 
-pub use integration::{check_model_width, knn, knn_dtype, knn_interpolate, InterpolationModel};
+pub use integration::{check_model_width, fit_integration, knn, knn_dtype, knn_interpolate, IntegrationOutput, InterpolationModel};
 
 use polars::prelude::*;
 use polars_core::runtime::THREAD_POOL;
@@ -197,7 +197,7 @@ pub fn centroids_dtype(d: usize) -> DataType {
 }
 
 /// Per-cell weights as float64 (any numeric dtype is cast; a null is an error).
-fn weights_f64(s: &Series) -> PolarsResult<Vec<f64>> {
+pub(crate) fn weights_f64(s: &Series) -> PolarsResult<Vec<f64>> {
     if !s.dtype().is_primitive_numeric() {
         polars_bail!(ComputeError: "weights column '{}' has dtype {}, expected a number per cell", s.name(), s.dtype());
     }

@@ -7,6 +7,7 @@ pub mod cells;
 pub mod device;
 pub mod distance;
 pub mod hvg;
+pub mod integrate;
 pub mod kmeans;
 pub mod loess;
 pub mod knn;

@@ -1,5 +1,5 @@
 """Time and peak RSS of the pipeline's interpolate write, one plain sink vs
-one row group of Parquet read-ahead (`io._sink_bounded`), each in its own
+one row group of Parquet read-ahead (`_files.sink_bounded`), each in its own
 process, on the output folder of a `bench_pipeline.py` run
 (cells_pca.parquet + integration.parquet):
 

@@ -299,6 +299,7 @@ def test_record_batches_read_a_scan_slice_by_slice(cellbench, tmp_path, monkeypa
     slice at a time, so a slow fit never lets the reader run ahead (peak RSS
     bounded by a slice, not by the cells); other plans are streamed whole.
     Either way: every row once, in order."""
+    from polars_singlecell import _frames
     from polars_singlecell import preprocessing as P
 
     df, _ = cellbench
@@ -308,9 +309,9 @@ def test_record_batches_read_a_scan_slice_by_slice(cellbench, tmp_path, monkeypa
     df.write_parquet(path, row_group_size=100)
     # A probe slice of 64 rows, then slices of ~SLICE_ENTRIES entries (by the
     # probe's density), at most SLICE_ROWS rows.
-    monkeypatch.setattr(P, "SLICE_ROWS", 500)
-    monkeypatch.setattr(P, "PROBE_ROWS", 64)
-    monkeypatch.setattr(P, "SLICE_ENTRIES", 20_000)
+    monkeypatch.setattr(_frames, "SLICE_ROWS", 500)
+    monkeypatch.setattr(_frames, "PROBE_ROWS", 64)
+    monkeypatch.setattr(_frames, "SLICE_ENTRIES", 20_000)
     lf = pl.scan_parquet(path).with_columns(psc.normalize())
     want = lf.select("gene_idx", "values").collect()
     assert P._slice_reaches_scan(lf.select("gene_idx", "values"))

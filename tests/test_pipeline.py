@@ -11,6 +11,7 @@ import polars as pl
 import pytest
 
 import polars_singlecell as psc
+from polars_singlecell import _files
 
 SMALL = dict(n_top_genes=200, n_comps=15, n_centroids=32, log=None)
 
@@ -60,7 +61,7 @@ def test_an_interrupted_run_leaves_no_stage_that_looks_done_and_resumes(raw, tmp
     def boom(*args, **kwargs):
         raise KeyboardInterrupt  # as a Ctrl-C in the middle of the integration stage
 
-    monkeypatch.setattr(psc, "fit_integration", boom)
+    monkeypatch.setattr(psc.pipeline, "fit_integration", boom)  # the name integrate calls
     with pytest.raises(KeyboardInterrupt):
         psc.integrate(raw, out, **SMALL)
     report = json.loads((out / "report.json").read_text())
@@ -223,7 +224,7 @@ def test_plot_embedding_draws_the_seeded_sample_and_writes_a_png(tmp_path):
     drawn = fig.axes[0].collections[0].get_offsets()
     assert drawn.shape == (1000, 2)
     # The sample is metrics.evaluate's (rows whose seeded hash is smallest), here components 1 and 3.
-    want = psc.io._seeded_sample(cells.lazy(), 1000, 0).collect()["X_pca"].to_numpy()[:, [1, 3]]
+    want = _files.seeded_sample(cells.lazy(), 1000, 0).collect()["X_pca"].to_numpy()[:, [1, 3]]
     assert sorted(map(tuple, np.asarray(drawn))) == sorted(map(tuple, want))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and [p.name for p in png.parent.iterdir()] == [png.name]
     with pytest.raises(ValueError, match="no column 'X_umap'"):
@@ -255,7 +256,8 @@ def test_sink_bounded_writes_what_one_sink_writes(tmp_path, monkeypatch):
     import os
 
     from polars_singlecell import _progress
-    from polars_singlecell.io import _PREFETCH, _sink_bounded
+    from polars_singlecell._files import PREFETCH as _PREFETCH
+    from polars_singlecell._files import sink_bounded as _sink_bounded
 
     monkeypatch.delenv(_PREFETCH, raising=False)
     seen = []

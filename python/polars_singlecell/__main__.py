@@ -13,15 +13,16 @@ from pathlib import Path
 
 
 def demo(out: Path, n_cells: int) -> None:
-    import polars_singlecell as psc
+    from polars_singlecell import datasets, plot
+    from polars_singlecell.pipeline import integrate
 
     t0 = time.perf_counter()
-    raw = psc.datasets.write_synthetic_counts(out / "raw", n_cells, rows_per_file=50_000)
+    raw = datasets.write_synthetic_counts(out / "raw", n_cells, rows_per_file=50_000)
     print(f"generated {n_cells:,} cells x 2000 genes (3 plates, 4 cell types) in {raw}  [{time.perf_counter() - t0:.1f}s]")
 
     t = time.perf_counter()
     print("psc.integrate: normalize -> HVG per plate -> PCA -> 256 centroids per plate -> OT -> every cell, streaming")
-    report = psc.integrate(raw, out, batch_key="batch", label_key="label", n_top_genes=500,
+    report = integrate(raw, out, batch_key="batch", label_key="label", n_top_genes=500,
                            n_comps=20, n_centroids=256, evaluate_cells=20_000, log=lambda m: print(f"  {m}"),
                            progress=True)
     ev = {(r["embedding"], r["metric"]): r["value"] for r in report["stages"]["interpolate"]["evaluate"]}
@@ -32,7 +33,7 @@ def demo(out: Path, n_cells: int) -> None:
     t = time.perf_counter()
     png = out / "before_after.png"
     try:
-        psc.plot.embedding(out / "cells.parquet", basis=("X_pca", "X_ot"), color=("batch", "label"), path=png)
+        plot.embedding(out / "cells.parquet", basis=("X_pca", "X_ot"), color=("batch", "label"), path=png)
         print(f"wrote {png}: PCA (before) and OT (after), coloured by plate and by cell type  [{time.perf_counter() - t:.1f}s]")
     except ImportError:
         print(f"no {png}: pip install matplotlib for the picture")
@@ -80,11 +81,11 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "integrate":
         import polars as pl
 
-        import polars_singlecell as psc
+        from polars_singlecell.pipeline import integrate
 
         t0 = time.perf_counter()
         try:
-            psc.integrate(args.source, args.out, batch_key=args.batch_key, label_key=args.label_key, n_genes=args.n_genes,
+            integrate(args.source, args.out, batch_key=args.batch_key, label_key=args.label_key, n_genes=args.n_genes,
                           target_sum=args.target_sum, n_top_genes=args.n_top_genes, hvg_flavor=args.hvg_flavor, scale=args.scale, max_value=args.max_value, n_comps=args.n_comps,
                           n_centroids=args.n_centroids, min_cells_per_centroid=args.min_cells_per_centroid, max_samples_per_batch=args.max_samples_per_batch, k=args.k,
                           mode=args.mode, device=args.device, random_state=args.random_state,

@@ -29,23 +29,16 @@ import polars as pl
 from polars_singlecell import _internal, _progress
 from polars_singlecell._device import check_device
 from polars_singlecell._plugin import call
-from polars_singlecell.preprocessing import Frame, IntoExpr, _col, _lazy, _n_threads, _positive_int, _record_batches
+from polars_singlecell._checks import positive_int as _positive_int
+from polars_singlecell._checks import seed as _seed
+from polars_singlecell._checks import tol as _tol
+from polars_singlecell._frames import Frame, IntoExpr
+from polars_singlecell._frames import col as _col
+from polars_singlecell._frames import lazy as _lazy
+from polars_singlecell._frames import n_threads as _n_threads
+from polars_singlecell._frames import record_batches as _record_batches
 
 __all__ = ["fit_centroids", "kmeans_centroids"]
-
-
-def _seed(random_state: object) -> int:
-    if isinstance(random_state, bool) or not isinstance(random_state, int) or not 0 <= random_state < 2**64:
-        msg = f"random_state must be an integer in [0, 2**64), got {random_state!r}"
-        raise ValueError(msg)
-    return random_state
-
-
-def _tol(tol: object) -> float:
-    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not (0 <= tol < float("inf")):
-        msg = f"tol must be a finite number >= 0, got {tol!r}"
-        raise ValueError(msg)
-    return float(tol)
 
 
 def kmeans_centroids(

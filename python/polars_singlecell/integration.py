@@ -36,7 +36,9 @@ from polars_singlecell import _internal
 from polars_singlecell._device import check_device
 from polars_singlecell._plugin import call
 from polars_singlecell.io import write_parquet
-from polars_singlecell.preprocessing import IntoExpr, _col, _positive_int
+from polars_singlecell._checks import positive_int as _positive_int
+from polars_singlecell._frames import IntoExpr
+from polars_singlecell._frames import col as _col
 
 __all__ = ["IntegrationModel", "clear_models", "knn", "knn_interpolate"]
 

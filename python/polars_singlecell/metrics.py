@@ -107,6 +107,10 @@ import numpy as np
 import polars as pl
 
 from polars_singlecell import _internal
+from polars_singlecell._arrays import categories as _categories
+from polars_singlecell._arrays import codes as _codes
+from polars_singlecell._arrays import matrix as _matrix
+from polars_singlecell._arrays import series as _series
 
 __all__ = [
     "neighbors",
@@ -132,47 +136,6 @@ __all__ = [
 
 
 # ------------------------------------------------------------------ inputs
-
-
-def _matrix(x: object, name: str = "embedding") -> np.ndarray:
-    """A finite (n, d) float32 matrix from a NumPy array or an Array Series."""
-    if isinstance(x, pl.Series):
-        if not isinstance(x.dtype, pl.Array):
-            raise TypeError(f"column '{x.name}' has dtype {x.dtype}, expected Array(Float32, d)")
-        if x.null_count():
-            raise ValueError(f"column '{x.name}' is null at row {x.is_null().arg_true()[0]}; drop null cells first")
-        name = x.name
-        x = x.cast(pl.Array(pl.Float32, x.dtype.size)).to_numpy()
-    a = np.ascontiguousarray(np.asarray(x, dtype=np.float32))
-    if a.ndim != 2 or a.shape[1] == 0:
-        raise ValueError(f"{name} must be a 2-D (cells × dims) matrix, got shape {a.shape}")
-    bad = ~np.isfinite(a)
-    if bad.any():
-        row = int(np.argwhere(bad)[0][0])
-        raise ValueError(f"{name} holds {a[row][bad[row]][0]} at row {row}; embeddings must be finite")
-    return a
-
-
-def _codes(values: object, name: str) -> tuple[np.ndarray, int]:
-    """Category codes 0..C-1 and C (see :func:`_categories`)."""
-    codes, n, _ = _categories(values, name)
-    return codes, n
-
-
-def _categories(values: object, name: str) -> tuple[np.ndarray, int, list[str]]:
-    """Category codes 0..C-1, C, and the categories as text, in sorted order."""
-    s = pl.Series(name, values) if not isinstance(values, pl.Series) else values
-    if s.null_count():
-        raise ValueError(f"column '{name}' is null at row {s.is_null().arg_true()[0]}; fill or drop those cells")
-    if not s.dtype.is_numeric():  # numbers sort as numbers (scikit-learn's class order), the rest as text
-        s = s.cast(pl.String)
-    cats = s.unique().sort()
-    codes = s.replace_strict(cats, pl.int_range(cats.len(), eager=True), return_dtype=pl.UInt32)
-    return codes.to_numpy(), cats.len(), cats.cast(pl.String).to_list()
-
-
-def _series(a: np.ndarray) -> pl.Series:
-    return pl.Series(a, dtype=pl.Array(pl.Float32, a.shape[1]))
 
 
 def _positive_k(k: object, what: str = "n_neighbors") -> None:
@@ -684,9 +647,9 @@ def evaluate(
     for c in wanted:
         if c not in names:
             raise pl.exceptions.ColumnNotFoundError(f"column '{c}' is not in the cells (columns: {names})")
-    from polars_singlecell.io import _seeded_sample
+    from polars_singlecell._files import seeded_sample
 
-    df = _seeded_sample(lf.select(wanted), max_cells, seed).collect(engine="streaming")
+    df = seeded_sample(lf.select(wanted), max_cells, seed).collect(engine="streaming")
     batch = df[batch_key]
     _, n_b = _codes(batch, batch_key)
     labels = df[label_key] if label_key else None

@@ -95,8 +95,9 @@ import numpy as np
 import polars as pl
 
 from polars_singlecell import _internal
-from polars_singlecell import metrics as _m
-from polars_singlecell.centroids import _seed
+from polars_singlecell import metrics
+from polars_singlecell._arrays import categories, matrix
+from polars_singlecell._checks import seed as check_seed
 from polars_singlecell.integration import IntegrationModel
 
 __all__ = ["fit_integration", "ot_integrate"]
@@ -106,13 +107,13 @@ def _centroid_metrics(x: np.ndarray, y: np.ndarray, batch: np.ndarray, seed: int
     k = min(30, len(x) - 1)
     out = {}
     for name, e in (("before", x), ("after", y)):
-        idx, _ = _m.neighbors(e, k)
-        out[name] = {"mix": _m.batch_entropy(idx, batch)[0]}
+        idx, _ = metrics.neighbors(e, k)
+        out[name] = {"mix": metrics.batch_entropy(idx, batch)[0]}
     k20 = min(20, len(x) - 1)
-    out["after"]["overlap0"] = _m.overlap0(x, y, k, 5000, seed)
-    out["after"]["strain"] = _m.strain(x, y, k20)
+    out["after"]["overlap0"] = metrics.overlap0(x, y, k, 5000, seed)
+    out["after"]["strain"] = metrics.strain(x, y, k20)
     if len(x) > 2 * k + 1:
-        out["after"]["tw"] = _m.trustworthiness(x, y, k, 2500, seed)
+        out["after"]["tw"] = metrics.trustworthiness(x, y, k, 2500, seed)
     return out
 
 
@@ -186,7 +187,7 @@ def fit_integration(
     for c in [batch_key, centroid] + ([mass] if mass else []):
         if c not in centroids.columns:
             raise ValueError(f"the centroid table has no column '{c}' (columns: {centroids.columns})")
-    x = _m._matrix(centroids[centroid])
+    x = matrix(centroids[centroid])
     if mass:
         w = centroids[mass]
         if w.null_count():
@@ -206,7 +207,7 @@ def fit_integration(
             raise ValueError(f"{name} must be a positive integer, got {v!r}")
     if not isinstance(smooth_steps, int) or smooth_steps < 0:
         raise ValueError(f"smooth_steps must be a non-negative integer, got {smooth_steps!r}")
-    codes, n_b, names = _m._categories(centroids[batch_key], batch_key)
+    codes, n_b, names = categories(centroids[batch_key], batch_key)
     if n_b < 2:
         raise ValueError(f"column '{batch_key}' has a single batch ({names[0]!r}); integration needs at least 2")
     for g in range(n_b):
@@ -219,9 +220,9 @@ def fit_integration(
     # The algorithm runs in Rust (kernels::integrate): the batches' OT solves
     # see point clouds, and no cost matrix or plan comes back here.
     disp_s, order, scales, kinds, records = _internal.fit_integration(
-        pl.Series(x, dtype=pl.Array(pl.Float32, x.shape[1])), centroids[batch_key], pl.Series(w, dtype=pl.Float64),
+        pl.Series(centroid, x, dtype=pl.Array(pl.Float32, x.shape[1])), centroids[batch_key], pl.Series(w, dtype=pl.Float64),
         None if reference == "barycenter" else str(reference), float(epsilon), float(reg_m), n_rounds, min_passes, max_passes,
-        max_iter, float(tol), n_neighbors, smooth_steps, n_reference, _seed(random_state),
+        max_iter, float(tol), n_neighbors, smooth_steps, n_reference, check_seed(random_state),
     )
     assert order == names, (order, names)  # the same batch codes on both sides
     disp = disp_s.to_numpy()

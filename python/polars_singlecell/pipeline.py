@@ -25,9 +25,16 @@ from typing import Any, Callable
 
 import polars as pl
 
-from polars_singlecell import _progress
-from polars_singlecell.io import _atomic_path, _expand, check_writable
+from polars_singlecell import _internal, _progress, metrics
+from polars_singlecell._checks import check_scale
+from polars_singlecell._device import check_device
+from polars_singlecell._files import atomic_path, expand, sink_bounded
+from polars_singlecell.centroids import fit_centroids
+from polars_singlecell.integration import IntegrationModel, knn_interpolate
+from polars_singlecell.io import check_writable, write_parquet
 from polars_singlecell.layout import COUNTS, cell_files, is_remote, read_vocabulary, scan_cells, vocabulary_digest, vocabulary_genes
+from polars_singlecell.ot import fit_integration
+from polars_singlecell.preprocessing import PcaModel, fit_pca, highly_variable_genes, normalize, pca_project, select_genes
 
 __all__ = ["integrate"]
 
@@ -36,7 +43,7 @@ STAGES = ("genes", "pca", "project", "centroids", "integration", "interpolate")
 
 def _h5ad_sources(source: str | os.PathLike) -> list[Path]:
     """The ``.h5ad`` files ``source`` names (a file, a folder of them, a glob); [] if none."""
-    return [f for f in _expand(source, ".h5ad") if f.suffix == ".h5ad"]
+    return [f for f in expand(source, ".h5ad") if f.suffix == ".h5ad"]
 
 
 def _import_h5ad(files: list[Path], dest: Path, say: Callable[[str], None]) -> list[Path]:
@@ -86,7 +93,7 @@ def _fingerprint(*parts: Any) -> str:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    with _atomic_path(path) as tmp:
+    with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, default=str))
 
 
@@ -171,16 +178,10 @@ def integrate(
     >>> pl.read_parquet(d + "/out/cells.parquet").columns
     ['cell_id', 'batch', 'label', 'X_pca', 'X_ot']
     """
-    import polars_singlecell as psc
-    from polars_singlecell._device import check_device
-    from polars_singlecell.io import _sink_bounded, write_parquet
-
     device = check_device(device)
     if hvg_flavor not in ("seurat", "seurat_v3"):
         raise ValueError(f"hvg_flavor={hvg_flavor!r} is not supported; use 'seurat' or 'seurat_v3'")
-    from polars_singlecell.preprocessing import _check_scale
-
-    _check_scale(scale, max_value, True)
+    check_scale(scale, max_value, True)
     out = Path(out)
     remote = is_remote(source)
     h5ads = [] if remote else _h5ad_sources(source)
@@ -241,12 +242,12 @@ def integrate(
         "source": [str(f) for f in files],
         "out": str(out),
         "parameters": params,
-        "versions": {"polars_singlecell": psc.__version__, "polars": pl.__version__, "python": platform.python_version()},
+        "versions": {"polars_singlecell": _internal.__version__, "polars": pl.__version__, "python": platform.python_version()},
         "stages": {},
     }
     n_cells = scan.select(pl.len()).collect().item() if progress else None  # from the Parquet footers
     keep = [c for c in scan.collect_schema().names() if c not in COUNTS]
-    norm = scan.with_columns(psc.normalize(*COUNTS, target_sum=target_sum))
+    norm = scan.with_columns(normalize(*COUNTS, target_sum=target_sum))
     fp = _fingerprint(source_fp)
 
     redo = False  # once a stage runs, every later one runs too: its inputs are new
@@ -270,7 +271,7 @@ def integrate(
         say(f"{name}: {secs:.1f}s ({', '.join(outputs)})")
 
     def genes() -> dict:
-        var = psc.highly_variable_genes(scan if hvg_flavor == "seurat_v3" else norm, n_genes=n_genes,
+        var = highly_variable_genes(scan if hvg_flavor == "seurat_v3" else norm, n_genes=n_genes,
                                         n_top_genes=n_top_genes, batch_key=batch_key, flavor=hvg_flavor)
         if genes_of_vocabulary is not None:
             var = genes_of_vocabulary.join(var, on="gene_idx", how="left", maintain_order="left")
@@ -279,22 +280,22 @@ def integrate(
 
     def selected() -> tuple[pl.LazyFrame, int]:
         hv = pl.read_parquet(out / "genes.parquet").filter("highly_variable")["gene_idx"]
-        return norm.with_columns(psc.select_genes(*COUNTS, genes=hv).struct.unnest()), hv.len()
+        return norm.with_columns(select_genes(*COUNTS, genes=hv).struct.unnest()), hv.len()
 
     def pca() -> dict:
         lf, n_hv = selected()
-        model = psc.fit_pca(lf, n_genes=n_hv, n_comps=n_comps, device=device, scale=scale, max_value=max_value)
+        model = fit_pca(lf, n_genes=n_hv, n_comps=n_comps, device=device, scale=scale, max_value=max_value)
         model.save(out / "pca.parquet")
         return {"explained_variance_ratio": [round(float(v), 5) for v in model.explained_variance_ratio]}
 
     def project() -> dict:
         lf, _ = selected()
-        model = psc.PcaModel.load(out / "pca.parquet")
-        _sink_bounded(lf.select(*keep, psc.pca_project(*COUNTS, model=model, device=device)), out / "cells_pca.parquet")
+        model = PcaModel.load(out / "pca.parquet")
+        sink_bounded(lf.select(*keep, pca_project(*COUNTS, model=model, device=device)), out / "cells_pca.parquet")
         return {"n_cells": pl.scan_parquet(out / "cells_pca.parquet").select(pl.len()).collect().item()}
 
     def centroids() -> dict:
-        cents, summary = psc.fit_centroids(out / "cells_pca.parquet", batch_key=batch_key, n_centroids=n_centroids,
+        cents, summary = fit_centroids(out / "cells_pca.parquet", batch_key=batch_key, n_centroids=n_centroids,
                                            min_cells_per_centroid=min_cells_per_centroid,
                                            max_samples_per_batch=max_samples_per_batch, random_state=random_state, summary=True,
                                            device=device, low_memory=True, temp_dir=out)
@@ -302,21 +303,21 @@ def integrate(
         return {"n_batches": summary.height, "n_centroids": cents.height}
 
     def fit() -> dict:
-        model = psc.fit_integration(pl.read_parquet(out / "centroids.parquet"), batch_key=batch_key,
+        model = fit_integration(pl.read_parquet(out / "centroids.parquet"), batch_key=batch_key,
                                     random_state=random_state, **(integration or {}))
         model.write_parquet(out / "integration.parquet")
         return {"metrics": {k: v for k, v in model.metrics.items() if k != "convergence"}}
 
     def interpolate() -> dict:
-        model = psc.IntegrationModel.read_parquet(out / "integration.parquet")
+        model = IntegrationModel.read_parquet(out / "integration.parquet")
         cells = pl.scan_parquet(out / "cells_pca.parquet").with_columns(
-            psc.knn_interpolate("X_pca", batch_key, model=model, k=k, mode=mode, device=device)
+            knn_interpolate("X_pca", batch_key, model=model, k=k, mode=mode, device=device)
         )
-        _sink_bounded(cells, out / "cells.parquet")
+        sink_bounded(cells, out / "cells.parquet")
         if not label_key:
             return {}
         t = time.perf_counter()
-        table = psc.metrics.evaluate(pl.scan_parquet(out / "cells.parquet"), ["X_pca", "X_ot"], batch_key=batch_key,
+        table = metrics.evaluate(pl.scan_parquet(out / "cells.parquet"), ["X_pca", "X_ot"], batch_key=batch_key,
                                      label_key=label_key, max_cells=evaluate_cells, seed=random_state)
         # Its own time: judging the result is not integrating (a benchmark
         # compares the integration alone against another method's call).

@@ -48,7 +48,8 @@ def embedding(
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
 
-    from polars_singlecell.io import _atomic_path, _seeded_sample, parquet_files
+    from polars_singlecell._files import atomic_path, seeded_sample
+    from polars_singlecell.io import parquet_files
 
     basis, color = list(basis), list(color)
     if not basis or not color:
@@ -64,7 +65,7 @@ def embedding(
         dt = schema[b]
         if not isinstance(dt, pl.Array) or not max(components) < dt.size or min(components) < 0:
             raise ValueError(f"column '{b}' is {dt}: components {components} need an Array with more than {max(components)} entries")
-    df = _seeded_sample(lf.select(basis + color), max_cells, seed).collect(engine="streaming")
+    df = seeded_sample(lf.select(basis + color), max_cells, seed).collect(engine="streaming")
     df = df.sample(fraction=1.0, shuffle=True, seed=seed)  # the drawing order: no batch always on top
     fig = Figure(figsize=(4.2 * len(color), 3.8 * len(basis)))
     axes = fig.subplots(len(basis), len(color), squeeze=False)
@@ -88,6 +89,6 @@ def embedding(
     fig.tight_layout()
     if path is not None:
         path = Path(path)
-        with _atomic_path(path) as tmp:
+        with atomic_path(path) as tmp:
             fig.savefig(tmp, dpi=110, format=path.suffix.lstrip(".") or "png")
     return fig

@@ -1,0 +1,140 @@
+"""Files written whole or not at all, and which files a source names: shared
+by ``io``, ``pipeline``, ``plot`` and ``metrics``. Parquet output goes to a
+temporary file in the same folder, then is renamed (atomic on POSIX); on any
+error the temporary file is removed and nothing appears at the destination."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import glob
+import os
+import re
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import polars as pl
+
+from polars_singlecell import _progress
+
+# Errors that only a write gives: Polars reports them as a ComputeError that
+# names neither the file nor the cause ("File out of specification: underlying
+# IO error: No space left on device (os error 28)").
+WRITE_ERRNOS = {errno.ENOSPC: "free space", errno.EDQUOT: "your disk quota", errno.EFBIG: "the file-size limit (ulimit -f)",
+                 errno.EROFS: "that the file system is writable"}
+PERMISSION_ERRNOS = {errno.EACCES, errno.EPERM}
+OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
+def write_failed(final: Path, e: BaseException) -> OSError | None:
+    """A failed write of ``final`` (disk full, quota, file-size limit, read-only
+    or forbidden folder) as an ``OSError`` naming the file, the cause and the
+    fix; ``None`` for anything else (bad input is raised as it is)."""
+    if isinstance(e, OSError) and e.errno is not None:
+        code = e.errno
+        if code not in WRITE_ERRNOS and code not in PERMISSION_ERRNOS:
+            return None
+    else:
+        m = OS_ERROR.search(str(e))
+        # A Polars error may come from reading the source too: only the errnos a read never gives.
+        if m is None or int(m.group(1)) not in WRITE_ERRNOS:
+            return None
+        code = int(m.group(1))
+    check = WRITE_ERRNOS.get(code, "the permissions")
+    return OSError(code, f"cannot write {final}: {os.strerror(code)}. Nothing was left under that name; "
+                         f"check {check} of {final.parent} and run again")
+
+
+def seeded_sample(lf: pl.LazyFrame, max_cells: int, seed: int) -> pl.LazyFrame:
+    """The ``max_cells`` rows whose seeded hash of their row number is
+    smallest, in row order: one definition for ``metrics.evaluate``,
+    ``to_anndata`` and ``plot.embedding``, so all three see the same cells."""
+    return (lf.with_row_index("_row").with_columns(pl.col("_row").hash(seed).alias("_h"))
+            .bottom_k(max_cells, by=["_h", "_row"]).sort("_row").drop("_h", "_row"))
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    final = Path(path)
+    if final.is_dir():
+        raise IsADirectoryError(f"{final} is a folder; give a file path")
+    tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        # Fail here, with an errno, when the folder is not writable (Polars'
+        # own error for that carries none).
+        tmp.touch()
+        yield tmp
+        os.replace(tmp, final)
+    except (OSError, pl.exceptions.PolarsError) as e:
+        failed = write_failed(final, e)
+        if failed is None:
+            raise
+        raise failed from e
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+
+
+def expand(source: str | os.PathLike, suffix: str) -> list[Path]:
+    """The files ``source`` names: itself, a folder's ``*<suffix>`` files, or a glob's matches."""
+    p = Path(source)
+    if any(ch in str(p) for ch in "*?[") and not p.exists():
+        return sorted(Path(f) for f in glob.glob(str(p)) if f.endswith(suffix))
+    if p.is_dir():
+        return sorted(p.glob(f"*{suffix}"))
+    return [p]
+
+
+def sink_parquet(lf: pl.LazyFrame, path: str | os.PathLike, **kwargs: Any) -> None:
+    """``lf.sink_parquet(path)`` (streaming engine), but atomic: if the query
+    fails midway (bad input, a killed process), ``path`` is left untouched.
+
+    Examples
+    --------
+    >>> import polars as pl, polars_singlecell as psc, tempfile, os
+    >>> d = tempfile.mkdtemp()
+    >>> psc.sink_parquet(pl.LazyFrame({"a": [1, 2]}), os.path.join(d, "a.parquet"))
+    >>> pl.read_parquet(os.path.join(d, "a.parquet")).height
+    2
+    """
+    count = _progress.counter()
+    if count is not None:
+        # Inside psc.integrate(progress=True): count rows as they pass, on the
+        # last column (there, the one the stage computes), so rows count once done.
+        last, dtype = list(lf.collect_schema().items())[-1]
+        lf = lf.with_columns(pl.col(last).map_batches(lambda s: (count(s.len()), s)[1], return_dtype=dtype, is_elementwise=True))
+    with atomic_path(path) as tmp:
+        lf.sink_parquet(tmp, **kwargs)
+
+
+# The streaming Parquet source's read-ahead, in row groups. Polars reads it
+# from the environment when a query starts; its default (enough row groups to
+# keep every thread busy) lets the source decode far ahead of a slow
+# expression (pola-rs/polars#28569).
+PREFETCH = "POLARS_ROW_GROUPPREFETCH_SIZE"
+
+
+def sink_bounded(lf: pl.LazyFrame, path: str | os.PathLike, **kwargs: Any) -> None:
+    """:func:`sink_parquet` with the Parquet source reading one row group
+    ahead, for a slow query over a scan (``pca_project``, ``knn_interpolate``).
+
+    A plain sink lets the source decode ahead of the slow expression: the
+    pipeline's interpolate write peaked at 1.48 GB for 10M cells, against
+    0.51 GB with one row group of read-ahead, in the same time (28.3 vs
+    28.1 s; ``benches/bench_sink_bounded.py``). The earlier fix, sinking
+    262,144-row slices into part files and copying them into one, took
+    48.9 s (the copy) for 0.52 GB (``bench_sink_slices.py``, commit 0639330).
+
+    The variable is set for this call only, between queries (nothing else of
+    Polars runs then); a value the user set is left as it is."""
+    if PREFETCH in os.environ:
+        sink_parquet(lf, path, **kwargs)
+        return
+    os.environ[PREFETCH] = "1"
+    try:
+        sink_parquet(lf, path, **kwargs)
+    finally:
+        os.environ.pop(PREFETCH, None)

@@ -1,0 +1,100 @@
+"""Frame helpers shared by the fits: column arguments, frames of any kind as
+a LazyFrame, and streaming a LazyFrame in record batches."""
+
+from __future__ import annotations
+
+import os
+from typing import Iterator, Union
+
+import polars as pl
+
+from polars_singlecell import _progress
+from polars_singlecell._checks import positive_int
+from polars_singlecell.io import parquet_files
+
+IntoExpr = Union[str, pl.Expr]
+Frame = Union[pl.LazyFrame, pl.DataFrame, str, os.PathLike]
+
+
+def col(x: IntoExpr) -> pl.Expr:
+    return pl.col(x) if isinstance(x, str) else x
+
+
+def lazy(data: Frame) -> pl.LazyFrame:
+    if isinstance(data, pl.LazyFrame):
+        return data
+    if isinstance(data, pl.DataFrame):
+        return data.lazy()
+    if isinstance(data, (str, os.PathLike)):
+        return pl.scan_parquet(parquet_files(data))
+    raise TypeError(f"expected a LazyFrame, DataFrame or Parquet path, got {type(data).__name__}")
+
+
+# Rows per record batch where the rows are read slice by slice (see below).
+SLICE_ROWS = 65_536
+SLICE_ENTRIES = 24_000_000
+PROBE_ROWS = 1_024
+
+
+def record_batches(lf: pl.LazyFrame, columns: list[str]) -> Iterator[pl.DataFrame]:
+    """Stream `columns` of `lf` in row order, one record batch at a time.
+
+    Where a row slice reaches the Parquet scan (a scan with elementwise
+    columns on it: the pipeline's case), the rows are read one slice of
+    ``SLICE_ROWS`` at a time, each collected when asked for. ``collect_batches``
+    would be simpler, but its Parquet source decodes ahead of a slow consumer
+    (pola-rs/polars#28569): fit_pca's peak RSS went from 1.6 GB at 1M cells to
+    3.3 GB at 10M. Other plans (filters, joins: a slice there would re-run
+    the query from its first row) keep ``collect_batches``."""
+    missing = [c for c in columns if c not in lf.collect_schema()]
+    if missing:
+        raise ValueError(f"column(s) {missing} not found; the frame has {lf.collect_schema().names()}")
+    count = _progress.counter()
+    q = lf.select(columns)
+    if slice_reaches_scan(q):
+        # Slices of about SLICE_ENTRIES list entries, whatever the density:
+        # 65,536 Tahoe cells (~1,400 genes each, int64 token ids) would be
+        # 1.1 GB as read plus their conversions. The first, small slice
+        # measures the density. Smaller slices cost time (a slice that
+        # straddles row groups decodes them whole): 24M entries keeps the
+        # integrate pipeline at Tahoe density near 1 GB
+        # (benches/results/tahoe-1M.md), at some cost in HVG time.
+        schema = q.collect_schema()
+        lists = [c for c in columns if isinstance(schema[c], pl.List)]
+        start, size = 0, (PROBE_ROWS if lists else SLICE_ROWS)
+        while True:
+            batch = q.slice(start, size).collect(engine="streaming")
+            if batch.height:
+                if count is not None:
+                    count(batch.height)
+                yield batch
+            if batch.height < size:
+                return
+            if start == 0 and lists:
+                per_row = max(1.0, float(batch[lists[0]].list.len().mean() or 0.0))
+                size = int(min(SLICE_ROWS, max(PROBE_ROWS, SLICE_ENTRIES // per_row)))
+            start += batch.height
+    for batch in q.collect_batches(maintain_order=True):
+        if count is not None:
+            count(batch.height)
+        yield batch
+
+
+def slice_reaches_scan(q: pl.LazyFrame) -> bool:
+    """Whether the optimiser pushes a row slice of ``q`` into its one
+    Parquet scan (so that reading a slice decodes only its rows)."""
+    try:
+        plan = q.slice(1, 1).explain()
+    except pl.exceptions.PolarsError:
+        return False
+    lines = [line.strip() for line in plan.splitlines()]
+    scans = [i for i, line in enumerate(lines) if "Parquet SCAN" in line]
+    others = ("FILTER", "JOIN", "AGGREGATE", "UNION", "SORT", "UNIQUE", "HCONCAT", "DF [")
+    return (len(scans) == 1 and any(line.startswith("SLICE: Positive { offset: 1, len: 1 }") for line in lines[scans[0]:])
+            and not any(line.startswith(others) for line in lines))
+
+
+def n_threads(n_threads: int | None) -> int:
+    if n_threads is None:
+        return int(os.environ.get("POLARS_MAX_THREADS", 0)) or pl.thread_pool_size()
+    return positive_int("n_threads", n_threads)

@@ -29,6 +29,7 @@ demo: build
 # --features cuda: the CUDA code compiles in CI (no GPU there: the GPU half of
 # each kernel test is skipped, with the reason printed).
 test: .venv/.test build
+	$(PY) -m ruff check python tests benches examples
 	cargo test --quiet --features cuda
 	cargo run --quiet --example rust_pipeline
 	$(PY) -m pytest -q

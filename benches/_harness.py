@@ -88,7 +88,7 @@ def run_scbiot(python: str, cells: Path, out: Path, batch: str, keep: list[str],
 def commit() -> str:
     """The short commit the benchmark ran at ("?" outside git)."""
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False,
                               cwd=Path(__file__).parent).stdout.strip()
     except OSError:
         return "?"

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _harness import commit, cpu, run  # noqa: E402
+from _harness import commit, cpu, run
 
 ROOT = Path(__file__).resolve().parent.parent
 CENTROIDS = ROOT / "bench-data" / "pipeline" / "1000000" / "out" / "centroids.parquet"
@@ -31,9 +31,10 @@ CENTROIDS = ROOT / "bench-data" / "pipeline" / "1000000" / "out" / "centroids.pa
 
 def _hwm_mb() -> float:
     """This process's own peak RSS (VmHWM: reset by exec)."""
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
     return float("nan")
 
 
@@ -72,13 +73,14 @@ def main() -> None:
         sys.exit(f"{args.centroids} is missing: run `.venv/bin/python benches/bench_pipeline.py 1000000` first (it writes it)")
     import numpy as np
     import polars as pl
+
     import polars_singlecell as psc
 
     shape = pl.read_parquet(args.centroids, columns=["centroid"])
     n, d = len(shape), shape["centroid"].dtype.size
     with tempfile.TemporaryDirectory() as tmp:
         old = Path(tmp) / "ot_then.py"
-        src = subprocess.run(["git", "show", f"{args.against}:python/polars_singlecell/ot.py"], capture_output=True, text=True, cwd=ROOT)
+        src = subprocess.run(["git", "show", f"{args.against}:python/polars_singlecell/ot.py"], capture_output=True, text=True, cwd=ROOT, check=False)
         if src.returncode:
             sys.exit(f"git show {args.against}:python/polars_singlecell/ot.py failed: {src.stderr.strip()}")
         old.write_text(src.stdout)

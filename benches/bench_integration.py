@@ -27,7 +27,7 @@ import numpy as np
 import polars as pl
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _harness import commit  # noqa: E402
+from _harness import commit
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 METRICS = ["batch_entropy_norm", "ilisi", "silhouette_batch", "graph_connectivity", "label_purity", "clisi",
@@ -36,7 +36,6 @@ OUT = Path(__file__).resolve().parent / "results" / "integration.md"
 
 
 def datasets():
-    import polars_singlecell as psc
 
     harmony = pl.read_parquet(DATA / "harmony_cell_lines" / "embedding.parquet").select(
         "batch", "label", pl.col("embedding").alias("X_pca")
@@ -86,7 +85,6 @@ def centring(df: pl.DataFrame) -> np.ndarray:
 
 def harmony(df: pl.DataFrame) -> np.ndarray:
     import harmonypy
-
     import pandas as pd
 
     meta = pd.DataFrame({"batch": df["batch"].to_numpy()})  # no pyarrow needed

@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _harness import run  # noqa: E402
+from _harness import run
 
 
 def tahoe_like(n: int, out: str) -> float:

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _harness import peak_mb, run  # noqa: E402
+from _harness import run
 
 N_BATCHES = 14  # Tahoe-100M's plates
 K_PER_BATCH = 2048

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _harness import run  # noqa: E402
+from _harness import run
 
 D = 50
 N_BATCHES = 14

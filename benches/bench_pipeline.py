@@ -42,7 +42,7 @@ from pathlib import Path
 import polars as pl
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _harness import commit, cpu, run_scbiot  # noqa: E402
+from _harness import commit, cpu, run_scbiot
 
 ROOT = Path(__file__).resolve().parents[1]
 METRICS = ["batch_entropy_norm", "ilisi", "label_purity", "clisi", "graph_connectivity"]
@@ -233,14 +233,14 @@ def main() -> None:
         return
     import polars_singlecell as psc
 
-    flat = lambda m: {f"{e}|{k}": v for (e, k), v in m.items()}  # noqa: E731 (JSON keys)
+    flat = lambda m: {f"{e}|{k}": v for (e, k), v in m.items()}
     if args.scbiot_only:
         data = json.loads(saved.read_text())
         sizes = set(args.sizes)
         rows = [r for r in data["rows"] if not (r["method"].startswith("scbiot") and r["n"] in sizes)]
         for n in args.sizes:
             rows.append(scbiot_row(args, n, args.data / f"{n}", flat))
-        order = lambda r: (r["n"], 0 if r["method"].startswith("polars") else 1 if r["method"].startswith("Harmony") else 2)  # noqa: E731
+        order = lambda r: (r["n"], 0 if r["method"].startswith("polars") else 1 if r["method"].startswith("Harmony") else 2)
         rows.sort(key=order)
         data["rows"] = rows
         saved.write_text(json.dumps(data, indent=1))

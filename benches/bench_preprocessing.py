@@ -20,7 +20,6 @@ from pathlib import Path
 from _harness import run
 
 
-
 def _load(folder: str, log: bool = False):
     import polars as pl
 

@@ -27,15 +27,16 @@ from pathlib import Path
 import polars as pl
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _harness import cpu, run  # noqa: E402
+from _harness import cpu, run
 
 
 def _hwm_mb() -> float:
     """This process's own peak RSS (VmHWM: reset by exec, unlike ru_maxrss,
     which a spawned child inherits from its parent)."""
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
     return float("nan")
 
 ROOT = Path(__file__).resolve().parents[1]

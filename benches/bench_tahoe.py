@@ -42,7 +42,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _harness import commit, run  # noqa: E402
+from _harness import commit, run
 
 ATLAS_CELLS = 86_800_000
 N_GENES, UMIS = 62_710, 1_460

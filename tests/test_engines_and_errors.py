@@ -3,13 +3,12 @@ bad input raises an exception that names the column, the value and the fix."""
 
 from __future__ import annotations
 
-import numpy as np
 import polars as pl
 import pytest
-from conftest import SPARSE, sparse_frame
 from polars.testing import assert_frame_equal
 
 import polars_singlecell as psc
+from conftest import SPARSE, sparse_frame
 from polars_singlecell._plugin import check_polars_version
 
 

@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import anndata as ad
 import numpy as np
-import scipy.sparse as sp
 import pandas as pd
 import polars as pl
 import pytest
 import scanpy as sc
-from conftest import sparse_frame, to_csr
+import scipy.sparse as sp
 from sklearn.decomposition import PCA
 
 import polars_singlecell as psc
+from conftest import sparse_frame, to_csr
 
 
 class _NumpyWithRoundedExpm1:
@@ -106,7 +106,7 @@ def test_hvg_per_batch_cutoffs_match_scanpy(lognorm, scanpy_lognorm):
 
 def test_hvg_batch_of_one_cell_like_scanpy(cellbench):
     """A one-cell batch: scanpy keeps the uncorrected variance (0) instead of n/(n-1)."""
-    df, n_genes = cellbench
+    df, _n_genes = cellbench
     raw = pl.concat([df.head(60), df.slice(60, 1).with_columns(batch=pl.lit("lonely"))])
     raw = raw.with_columns(psc.select_genes(genes=np.arange(3000)).struct.unnest())
     lognorm = raw.with_columns(psc.normalize())

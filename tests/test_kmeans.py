@@ -7,7 +7,6 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 import pytest
-from conftest import DATA
 from sklearn.cluster import KMeans
 from sklearn.metrics import pairwise_distances_argmin_min
 

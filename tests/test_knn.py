@@ -211,7 +211,7 @@ def test_the_model_is_built_once_per_process(stream_case):
     # A rewritten file is read again.
     os.utime(path, ns=(os.stat(path).st_atime_ns, os.stat(path).st_mtime_ns + 1_000_000))
     psc.knn_interpolate("X_pca", "plate", model=path)
-    assert psc.integration._FILE_CACHE and list(psc.integration._FILE_CACHE)[0][1] == os.stat(path).st_mtime_ns
+    assert psc.integration._FILE_CACHE and next(iter(psc.integration._FILE_CACHE))[1] == os.stat(path).st_mtime_ns
 
 
 def test_model_parquet_round_trip(stream_case, tmp_path):

@@ -139,7 +139,7 @@ def test_graph_connectivity_equals_scib_definition(real):
     import scanpy as sc
     from scipy.sparse.csgraph import connected_components
 
-    x_i, b_i, l_i = islands()
+    x_i, _b_i, l_i = islands()
     cases = [(n, x, lab.to_numpy()) for n, x, _, lab in real] + [("islands", x_i, l_i)]
     for name, x, lab in cases:
         a = ad.AnnData(X=np.zeros((len(x), 1), dtype=np.float32))

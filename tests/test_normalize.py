@@ -7,9 +7,9 @@ import numpy as np
 import polars as pl
 import pytest
 import scanpy as sc
-from conftest import sparse_frame, to_csr
 
 import polars_singlecell as psc
+from conftest import sparse_frame, to_csr
 
 
 def scanpy_normalized(x, target_sum, log1p=True):

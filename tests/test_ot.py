@@ -56,8 +56,8 @@ def test_warm_start_gives_the_cold_plan_in_fewer_iterations():
     rng = np.random.default_rng(3)
     x, y = rng.normal(size=(80, 4)), rng.normal(size=(60, 4)) + 0.3
     a, b = np.full(80, 1 / 80), np.full(60, 1 / 60)
-    series = lambda v: pl.Series(np.ascontiguousarray(v, dtype=np.float64).ravel())  # noqa: E731
-    run = lambda cost, init=None: _internal.sinkhorn(series(a), series(b), series(cost), 0.05, 3.0, 100_000, 1e-12,  # noqa: E731
+    series = lambda v: pl.Series(np.ascontiguousarray(v, dtype=np.float64).ravel())
+    run = lambda cost, init=None: _internal.sinkhorn(series(a), series(b), series(cost), 0.05, 3.0, 100_000, 1e-12,
                                                       None if init is None else series(init))
     unit = ot.dist(x, y).max()  # costs ≤ 1, as above: POT's linear domain does not underflow
     _, phi, *_ = run(ot.dist(x, y) / unit)
@@ -132,7 +132,7 @@ def test_real_data_batches_mix_and_labels_survive(dataset, harmony, cellbench_sn
         cells, n = harmony.select("batch", "label", pl.col("embedding").alias("X_pca")), 64
     else:
         cells, n = cellbench_sng, 24
-    model, out, m = judged(cells, n)
+    model, _out, m = judged(cells, n)
     # mixing rises, on cells, by measures that are not the OT objective
     assert m["X_ot", "batch_entropy_norm"] > m["X_pca", "batch_entropy_norm"] + 0.1
     assert m["X_ot", "ilisi"] > m["X_pca", "ilisi"] + 0.1
@@ -176,7 +176,7 @@ def test_regime_2048_centroids_per_batch():
         .filter(pl.col("plate").is_in(["plate1", "plate2"]))
         .select(pl.col("plate").alias("batch"), pl.col("cell_line").alias("label"), "X_pca")
     )
-    model, out, m = _judge(cells, 2048, n_reference=1024, tol=1e-4)
+    model, _out, m = _judge(cells, 2048, n_reference=1024, tol=1e-4)
     assert model.metrics["n_centroids"] == 4096 and model.metrics["it"] >= 2
     assert m["X_pca", "batch_entropy_norm"] < 0.05
     assert m["X_ot", "batch_entropy_norm"] > 0.6
@@ -199,7 +199,7 @@ def test_regime_strongly_separated_batches():
     """Batches 1000 apart (lines 4 apart, cells 0.5): no neighbour of another
     batch anywhere, where the reference method's `mix` rule refuses to move.
     Ours brings them together as a whole, lines intact."""
-    model, out, m = _judge(_lines_and_batches(1000.0), 64)
+    model, _out, m = _judge(_lines_and_batches(1000.0), 64)
     assert m["X_pca", "batch_entropy_norm"] == 0.0
     assert m["X_ot", "batch_entropy_norm"] > 0.8
     assert m["X_ot", "label_purity"] >= 0.98 * m["X_pca", "label_purity"]
@@ -225,7 +225,7 @@ def test_tahoe_like_plate_effect_is_recovered():
     to the truth than the input (RMS error after the best global affine map,
     as in benches/bench_integration.py)."""
     cells = psc.datasets.tahoe_like_embedding(20_000, n_dims=10, seed=2).rename({"plate": "batch", "cell_line": "label"})
-    model, out, m = _judge(cells, 64)
+    _model, out, m = _judge(cells, 64)
     truth = out["X_true"].to_numpy().astype(np.float64)
 
     def error(e):

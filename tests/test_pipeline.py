@@ -101,7 +101,7 @@ def test_a_killed_run_leaves_only_complete_files_and_resumes(tmp_path):
     proc.wait()
     done = json.loads(report.read_text())["stages"]
     assert list(done) == list(psc.pipeline.STAGES)[: len(done)] and len(done) < len(psc.pipeline.STAGES)
-    for name, stage in done.items():
+    for stage in done.values():
         for f in stage["outputs"]:
             pl.read_parquet(out / f)  # complete and readable
     for f in out.glob("*.parquet"):

@@ -15,9 +15,8 @@ import pytest
 import scanpy as sc
 
 import polars_singlecell as psc
-from polars_singlecell import _internal
-
 from conftest import to_csr
+from polars_singlecell import _internal
 
 skmisc_loess = pytest.importorskip("skmisc.loess")
 

@@ -18,15 +18,20 @@ from polars_singlecell._plugin import check_polars_version as _check_polars_vers
 
 _check_polars_version(_pl.__version__, _internal.POLARS_CRATE_VERSION)
 
-from polars_singlecell import datasets, io, layout, metrics, pipeline, plot  # noqa: E402
-from polars_singlecell._device import cuda_available  # noqa: E402
-from polars_singlecell.centroids import fit_centroids, kmeans_centroids  # noqa: E402
-from polars_singlecell.integration import IntegrationModel, clear_models, knn, knn_interpolate  # noqa: E402
-from polars_singlecell.io import sink_parquet  # noqa: E402
-from polars_singlecell.layout import scan_cells, to_cells  # noqa: E402
-from polars_singlecell.ot import fit_integration, ot_integrate  # noqa: E402
-from polars_singlecell.pipeline import integrate  # noqa: E402
-from polars_singlecell.preprocessing import (  # noqa: E402
+from polars_singlecell import datasets, io, layout, metrics, pipeline, plot
+from polars_singlecell._device import cuda_available
+from polars_singlecell.centroids import fit_centroids, kmeans_centroids
+from polars_singlecell.integration import (
+    IntegrationModel,
+    clear_models,
+    knn,
+    knn_interpolate,
+)
+from polars_singlecell.io import sink_parquet
+from polars_singlecell.layout import scan_cells, to_cells
+from polars_singlecell.ot import fit_integration, ot_integrate
+from polars_singlecell.pipeline import integrate
+from polars_singlecell.preprocessing import (
     PcaModel,
     consensus_genes,
     fit_pca,

@@ -4,7 +4,7 @@ a LazyFrame, and streaming a LazyFrame in record batches."""
 from __future__ import annotations
 
 import os
-from typing import Iterator, Union
+from collections.abc import Iterator
 
 import polars as pl
 
@@ -12,8 +12,8 @@ from polars_singlecell import _progress
 from polars_singlecell._checks import positive_int
 from polars_singlecell.io import parquet_files
 
-IntoExpr = Union[str, pl.Expr]
-Frame = Union[pl.LazyFrame, pl.DataFrame, str, os.PathLike]
+IntoExpr = str | pl.Expr
+Frame = pl.LazyFrame | pl.DataFrame | str | os.PathLike
 
 
 def col(x: IntoExpr) -> pl.Expr:
@@ -96,5 +96,5 @@ def slice_reaches_scan(q: pl.LazyFrame) -> bool:
 
 def n_threads(n_threads: int | None) -> int:
     if n_threads is None:
-        return int(os.environ.get("POLARS_MAX_THREADS", 0)) or pl.thread_pool_size()
+        return int(os.environ.get("POLARS_MAX_THREADS", "0")) or pl.thread_pool_size()
     return positive_int("n_threads", n_threads)

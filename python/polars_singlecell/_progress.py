@@ -13,8 +13,9 @@ import contextvars
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import IO, Callable, Iterator
+from typing import IO
 
 _current: contextvars.ContextVar[Callable[[int], None] | None] = contextvars.ContextVar("polars_singlecell_progress", default=None)
 

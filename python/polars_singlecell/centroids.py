@@ -22,21 +22,20 @@ from __future__ import annotations
 import os
 import tempfile
 import warnings
-from typing import Union
 
 import polars as pl
 
 from polars_singlecell import _internal, _progress
-from polars_singlecell._device import check_device
-from polars_singlecell._plugin import call
 from polars_singlecell._checks import positive_int as _positive_int
 from polars_singlecell._checks import seed as _seed
 from polars_singlecell._checks import tol as _tol
+from polars_singlecell._device import check_device
 from polars_singlecell._frames import Frame, IntoExpr
 from polars_singlecell._frames import col as _col
 from polars_singlecell._frames import lazy as _lazy
 from polars_singlecell._frames import n_threads as _n_threads
 from polars_singlecell._frames import record_batches as _record_batches
+from polars_singlecell._plugin import call
 
 __all__ = ["fit_centroids", "kmeans_centroids"]
 
@@ -94,7 +93,7 @@ def kmeans_centroids(
 
 
 def fit_centroids(
-    data: Union[Frame, str, os.PathLike],
+    data: Frame | str | os.PathLike,
     *,
     embedding: str = "X_pca",
     batch_key: str = "batch",

@@ -11,7 +11,7 @@ import polars as pl
 
 from polars_singlecell.io import write_parquet
 
-__all__ = ["synthetic_counts", "write_synthetic_counts", "tahoe_design", "tahoe_like", "tahoe_like_embedding"]
+__all__ = ["synthetic_counts", "tahoe_design", "tahoe_like", "tahoe_like_embedding", "write_synthetic_counts"]
 
 
 def _gene_rates(rng: np.random.Generator, n_genes: int, n_types: int, n_batches: int):

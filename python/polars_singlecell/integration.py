@@ -27,18 +27,18 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import numpy as np
 import polars as pl
 
 from polars_singlecell import _internal
-from polars_singlecell._device import check_device
-from polars_singlecell._plugin import call
-from polars_singlecell.io import write_parquet
 from polars_singlecell._checks import positive_int as _positive_int
+from polars_singlecell._device import check_device
 from polars_singlecell._frames import IntoExpr
 from polars_singlecell._frames import col as _col
+from polars_singlecell._plugin import call
+from polars_singlecell.io import write_parquet
 
 __all__ = ["IntegrationModel", "clear_models", "knn", "knn_interpolate"]
 
@@ -193,7 +193,7 @@ def knn_interpolate(
     embedding: IntoExpr = "X_pca",
     batch: IntoExpr | None = "batch",
     *,
-    model: Union[IntegrationModel, str, os.PathLike],
+    model: IntegrationModel | str | os.PathLike,
     k: int = 8,
     mode: Literal["own_batch", "pooled"] = "own_batch",
     unknown_batch: Literal["error", "pooled"] = "error",

@@ -22,7 +22,7 @@ from polars_singlecell._files import seeded_sample as _seeded_sample
 from polars_singlecell._files import sink_parquet
 from polars_singlecell._files import write_failed as _write_failed
 
-__all__ = ["sink_parquet", "write_parquet", "h5ad_to_parquet", "to_anndata", "parquet_files"]
+__all__ = ["h5ad_to_parquet", "parquet_files", "sink_parquet", "to_anndata", "write_parquet"]
 
 
 def check_writable(folder: Path) -> None:
@@ -87,7 +87,7 @@ def _needs(extra: str, module: str):
     except ImportError as e:
         try:  # installed, but too old to have `module`
             found = f" ({top} {importlib.import_module(top).__version__} is installed; {module} needs a newer one)"
-        except Exception:
+        except Exception:  # noqa: BLE001 (any failure to tell the version: say nothing of it)
             found = ""
         raise ImportError(f"reading .h5ad files needs {module}{found}: pip install 'polars-singlecell[{extra}]'") from e
 
@@ -130,7 +130,7 @@ def _obs_readers(obs, columns: list[str] | None) -> dict[str, Any]:
             out[name] = lambda sl, name=name, node=node: pl.Series(name, node["values"].asstr()[sl], dtype=pl.String).set(
                 pl.Series(node["mask"][sl]), None)
         elif kind in ("nullable-integer", "nullable-boolean"):
-            out[name] = lambda sl, name=name, values=read_elem(node): _masked_series(name, values[sl])
+            out[name] = lambda sl, name=name, values=read_elem(node): _masked_series(name, values[sl])  # noqa: B008 (read once, now)
         else:
             raise ValueError(f"obs column '{name}' has encoding '{kind}', which is not supported; drop it with obs_columns=[...]")
     return out

@@ -14,18 +14,18 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence, Union
 
 import numpy as np
 import polars as pl
 
+from polars_singlecell._frames import IntoExpr
 from polars_singlecell._plugin import call
 
-__all__ = ["COUNTS", "to_cells", "scan_cells", "cell_files", "read_vocabulary", "vocabulary_genes", "is_remote"]
+__all__ = ["COUNTS", "cell_files", "is_remote", "read_vocabulary", "scan_cells", "to_cells", "vocabulary_genes"]
 
-IntoExpr = Union[str, pl.Expr]
-Vocabulary = Union[pl.DataFrame, str, os.PathLike]
+Vocabulary = pl.DataFrame | str | os.PathLike
 
 #: The project's count columns.
 COUNTS = ("gene_idx", "values")

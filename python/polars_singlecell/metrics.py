@@ -113,25 +113,25 @@ from polars_singlecell._arrays import matrix as _matrix
 from polars_singlecell._arrays import series as _series
 
 __all__ = [
-    "neighbors",
+    "BATCH_CORRECTION",
+    "BIO_CONSERVATION",
+    "aggregate",
     "batch_entropy",
-    "lisi",
-    "ilisi",
     "clisi",
+    "evaluate",
+    "graph_connectivity",
+    "ilisi",
+    "isolated_labels",
     "label_purity",
     "label_transfer",
-    "graph_connectivity",
-    "silhouette_label",
-    "silhouette_batch",
-    "isolated_labels",
+    "lisi",
+    "neighbors",
     "nmi_ari_cluster_labels_kmeans",
-    "BIO_CONSERVATION",
-    "BATCH_CORRECTION",
-    "aggregate",
     "overlap0",
+    "silhouette_batch",
+    "silhouette_label",
     "strain",
     "trustworthiness",
-    "evaluate",
 ]
 
 

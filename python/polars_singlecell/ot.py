@@ -94,8 +94,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from polars_singlecell import _internal
-from polars_singlecell import metrics
+from polars_singlecell import _internal, metrics
 from polars_singlecell._arrays import categories, matrix
 from polars_singlecell._checks import seed as check_seed
 from polars_singlecell.integration import IntegrationModel
@@ -233,7 +232,7 @@ def fit_integration(
 
     metrics: dict[str, Any] = _centroid_metrics(x, x + disp, codes, random_state)
     metrics["it"] = len(scales)
-    metrics["n_centroids"] = int(len(x))
+    metrics["n_centroids"] = len(x)
     metrics["convergence"] = convergence
     metrics["converged"] = all(c["converged"] for c in convergence)
     metrics["params"] = {
@@ -269,7 +268,7 @@ def ot_integrate(
     >>> t.with_columns(psc.ot_integrate()).schema["displacement"]
     Array(Float32, shape=(2,))
     """
-    as_expr = lambda c: pl.col(c) if isinstance(c, str) else c  # noqa: E731
+    as_expr = lambda c: pl.col(c) if isinstance(c, str) else c
     fields = [as_expr(centroid).alias("centroid"), as_expr(batch).alias("batch")]
     if mass is not None:
         fields.append(as_expr(mass).alias("mass"))

@@ -20,8 +20,9 @@ import platform
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import polars as pl
 
@@ -32,9 +33,24 @@ from polars_singlecell._files import atomic_path, expand, sink_bounded
 from polars_singlecell.centroids import fit_centroids
 from polars_singlecell.integration import IntegrationModel, knn_interpolate
 from polars_singlecell.io import check_writable, write_parquet
-from polars_singlecell.layout import COUNTS, cell_files, is_remote, read_vocabulary, scan_cells, vocabulary_digest, vocabulary_genes
+from polars_singlecell.layout import (
+    COUNTS,
+    cell_files,
+    is_remote,
+    read_vocabulary,
+    scan_cells,
+    vocabulary_digest,
+    vocabulary_genes,
+)
 from polars_singlecell.ot import fit_integration
-from polars_singlecell.preprocessing import PcaModel, fit_pca, highly_variable_genes, normalize, pca_project, select_genes
+from polars_singlecell.preprocessing import (
+    PcaModel,
+    fit_pca,
+    highly_variable_genes,
+    normalize,
+    pca_project,
+    select_genes,
+)
 
 __all__ = ["integrate"]
 

@@ -6,8 +6,8 @@ Needs matplotlib (``pip install matplotlib``; the demo's setup installs it).
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import polars as pl
 

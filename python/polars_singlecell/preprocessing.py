@@ -8,29 +8,27 @@ from __future__ import annotations
 
 import json
 import math
-import numbers
 import os
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Union
 
 import numpy as np
 import polars as pl
 
-from polars_singlecell import _internal, _progress
-from polars_singlecell._device import check_device
-from polars_singlecell._plugin import call
+from polars_singlecell import _internal
 from polars_singlecell._checks import check_scale as _check_scale
 from polars_singlecell._checks import positive_int as _positive_int
+from polars_singlecell._device import check_device
 from polars_singlecell._frames import Frame, IntoExpr
 from polars_singlecell._frames import col as _col
 from polars_singlecell._frames import lazy as _lazy
 from polars_singlecell._frames import n_threads as _n_threads
 from polars_singlecell._frames import record_batches as _record_batches
 from polars_singlecell._frames import slice_reaches_scan as _slice_reaches_scan  # noqa: F401 (tests reach it here)
-from polars_singlecell.io import parquet_files, parquet_schema, write_parquet
-
+from polars_singlecell._plugin import call
+from polars_singlecell.io import parquet_schema, write_parquet
 
 __all__ = [
     "PcaModel",
@@ -183,7 +181,7 @@ def _bin_mean_std(x: np.ndarray, bins: np.ndarray, n_bins: int) -> tuple[np.ndar
     mean = np.zeros(n_bins)
     m2 = np.zeros(n_bins)
     for v, b in zip(x.tolist(), bins.tolist()):
-        if v != v:  # NaN
+        if math.isnan(v):
             continue
         count[b] += 1
         y = v - comp[b]

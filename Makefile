@@ -1,6 +1,6 @@
 # Two commands on a fresh machine (Rust toolchain + python3 present):
 #   make demo   set up .venv, build the extension, run the demo
-#   make test   add the reference stack (scanpy, scikit-learn), run Rust and Python tests
+#   make test   add the reference stack (scanpy, scikit-learn), run the linters (ruff, clippy), Rust and Python tests
 PY      := .venv/bin/python
 comma   := ,
 export VIRTUAL_ENV := $(CURDIR)/.venv
@@ -30,6 +30,7 @@ demo: build
 # each kernel test is skipped, with the reason printed).
 test: .venv/.test build
 	$(PY) -m ruff check python tests benches examples
+	cargo clippy --all-targets --features python,cuda --quiet -- -D warnings
 	cargo test --quiet --features cuda
 	cargo run --quiet --example rust_pipeline
 	$(PY) -m pytest -q

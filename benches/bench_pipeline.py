@@ -61,7 +61,9 @@ def run(cmd: list[str], env: dict | None = None) -> tuple[float, float]:
 
 # Generated regimes (issue 26): Tahoe's design with 5 of 50 lines missing per
 # plate, and a harder one: 15 missing, line shares differing 5-fold between plates.
-REGIMES = {"tahoe": {}, "hard": {"missing_lines_per_plate": 15, "line_skew": 5.0}}
+REGIMES = {"tahoe": {}, "hard": {"missing_lines_per_plate": 15, "line_skew": 5.0},
+           # The same cells without any plate effect: what a perfect correction could score on each.
+           "tahoe-none": {"plate_effect": 0.0}, "hard-none": {"missing_lines_per_plate": 15, "line_skew": 5.0, "plate_effect": 0.0}}
 
 
 def generate(n: int, where: Path, regime: str = "tahoe") -> dict:
@@ -216,7 +218,8 @@ def main() -> None:
                     help="run only scbiot, on the X_pca of the last run at each size (in --data), and merge "
                          "its rows into the saved JSON")
     ap.add_argument("--regime", choices=sorted(REGIMES), default="tahoe",
-                    help="tahoe: 5 of 50 lines missing per plate; hard: 15 missing and line shares differing 5-fold between plates")
+                    help="tahoe: 5 of 50 lines missing per plate; hard: 15 missing and line shares differing 5-fold between plates; "
+                         "tahoe-none, hard-none: the same without a plate effect (the ceiling a correction can reach)")
     ap.add_argument("--out", type=Path, default=None, help="default: benches/results/pipeline.md (pipeline-hard.md for --regime hard)")
     ap.add_argument("--render", action="store_true", help="only re-render --out from the JSON saved beside it")
     args = ap.parse_args()

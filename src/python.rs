@@ -169,7 +169,7 @@ struct PcaProjectKwargs {
 }
 
 fn f64_le(b: &[u8], what: &str) -> PolarsResult<Vec<f64>> {
-    if b.len() % 8 != 0 {
+    if !b.len().is_multiple_of(8) {
         polars_bail!(ComputeError: "{what}: {} bytes is not a whole number of float64", b.len());
     }
     Ok(b.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes"))).collect())
@@ -661,6 +661,7 @@ impl CentroidSampler {
     /// k-means per batch (batches in sorted label order). Returns the long
     /// table (batch, centroid_id, centroid, mass) and one summary row per batch.
     #[pyo3(signature = (n_centroids, max_iter, tol, init_size, device = "cpu", min_cells_per_centroid = 1))]
+    #[allow(clippy::too_many_arguments)] // Python's keyword arguments, one each
     fn fit(
         &self,
         py: Python<'_>,
@@ -802,6 +803,7 @@ impl SpillSampler {
     /// k-means per batch, one batch's sample loaded at a time; the tables of
     /// [`CentroidSampler::fit`].
     #[pyo3(signature = (n_centroids, max_iter, tol, init_size, device = "cpu", min_cells_per_centroid = 1))]
+    #[allow(clippy::too_many_arguments)] // Python's keyword arguments, one each
     fn fit(
         &mut self,
         py: Python<'_>,

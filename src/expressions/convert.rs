@@ -68,6 +68,7 @@ pub fn with_sparse_rows<R>(
 /// The rows of two parallel list columns as slices. A row null in both
 /// reaches the caller as two empty slices and is marked in the returned
 /// validity (`None`: no null row); a row null in only one is an error.
+#[allow(clippy::type_complexity)] // the pairs of slices and the validity, as named above
 fn paired_rows<'a, A: polars_arrow::types::NativeType, B: polars_arrow::types::NativeType>(
     a: &'a ListChunked,
     b: &'a ListChunked,
@@ -268,6 +269,7 @@ pub fn embedding_rows(s: &Series) -> PolarsResult<(std::borrow::Cow<'_, [f32]>, 
 /// The value slices of an embedding column chunk by chunk, its width and its
 /// row validity (None: no null rows). An inner null inside a valid row is an
 /// error naming the row.
+#[allow(clippy::type_complexity)] // the chunks' slices, the width and the validity, as named above
 pub fn embedding_view(s: &Series) -> PolarsResult<(Vec<&[f32]>, usize, Option<Bitmap>)> {
     let d = check_embedding_field(&s.field())?;
     let ca = s.array()?;

@@ -209,6 +209,9 @@ struct Inner {
     search: Option<SearchBuffers>,
 }
 
+/// The gather's moved rows on the device and pinned on the host, double-buffered.
+type MovedRows = ([CudaSlice<f32>; 2], [PinnedHostSlice<f32>; 2]);
+
 /// Double-buffered staging for `candidates_each`: rows go host → pinned →
 /// device, candidates device → pinned → host, two blocks in flight.
 struct SearchBuffers {
@@ -222,7 +225,7 @@ struct SearchBuffers {
     ob: [CudaSlice<u32>; 2],
     dots: CudaSlice<f32>,
     /// For the gather on the GPU: moved rows, device and pinned (made on first use).
-    moved: Option<([CudaSlice<f32>; 2], [PinnedHostSlice<f32>; 2])>,
+    moved: Option<MovedRows>,
 }
 
 static GPU: OnceLock<Result<Gpu, String>> = OnceLock::new();

@@ -28,7 +28,7 @@ pub struct Centres<'a> {
 
 impl<'a> Centres<'a> {
     pub fn new(data: &'a [f32], d: usize) -> Self {
-        let norms = data.chunks_exact(d).map(|c| sq_norm(c)).collect();
+        let norms = data.chunks_exact(d).map(sq_norm).collect();
         Centres { data, d, norms }
     }
 
@@ -259,6 +259,6 @@ mod tests {
         let (a, b) = (random(1, 37, 3), random(1, 37, 4));
         let exact = sq_dist_f64(&a, &b);
         assert!((sq_dist(&a, &b) as f64 - exact).abs() <= 1e-5 * exact);
-        assert!((sq_norm(&a) as f64 - sq_dist_f64(&a, &vec![0.0; 37])).abs() <= 1e-5 * exact.max(1.0));
+        assert!((sq_norm(&a) as f64 - sq_dist_f64(&a, &[0.0; 37])).abs() <= 1e-5 * exact.max(1.0));
     }
 }

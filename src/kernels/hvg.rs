@@ -156,7 +156,7 @@ mod tests {
         let d = rows.dense(9);
         let (mean, _) = st.mean_var();
         for g in 0..9 {
-            let col: Vec<f64> = (0..50).map(|c| d[c * 9 + g] as f64).collect();
+            let col: Vec<f64> = (0..50).map(|c| d[c * 9 + g]).collect();
             assert!((mean[g] - col.iter().sum::<f64>() / 50.0).abs() <= 1e-12);
             let e: Vec<f64> = col.iter().map(|x| x.min(clip[g])).collect();
             assert!((cl.sum[g] - e.iter().sum::<f64>()).abs() <= 1e-12 * cl.sum[g].max(1.0));

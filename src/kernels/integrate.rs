@@ -166,6 +166,7 @@ fn sq_dists(x: &[f64], y: &[f64], d: usize, scale: f64) -> Vec<f64> {
 
 /// Unbalanced entropic OT between the weighted clouds x (a) and y (b), costs
 /// ‖x − y‖²/scale; `init`: the rows' potentials of an earlier solve.
+#[allow(clippy::too_many_arguments)] // the two clouds, their masses, the cost unit, the solver's options and a start
 fn transport(x: &[f64], y: &[f64], d: usize, a: &[f64], b: &[f64], scale: f64, p: &SinkhornParams, init: Option<&[f64]>) -> Result<Transport, KernelError> {
     let (n, m) = (a.len(), b.len());
     let cost = sq_dists(x, y, d, scale);
@@ -309,6 +310,7 @@ struct Problem<'a> {
 /// One pass: every centroid's displacement (float64, row-major). `warm`
 /// holds each batch's last row potentials per kind of solve (against the
 /// reference: false, onto itself: true) and is updated.
+#[allow(clippy::too_many_arguments)] // the pass's inputs and the two things it updates (warm starts, records)
 fn displace(
     x: &[f32],
     pb: &Problem<'_>,
@@ -503,7 +505,7 @@ fn displace(
 }
 
 fn check(x: &[f32], d: usize, codes: &[u32], n_batches: usize, mass: &[f64], p: &IntegrationParams) -> Result<(), KernelError> {
-    if d == 0 || x.len() % d != 0 {
+    if d == 0 || !x.len().is_multiple_of(d) {
         return Err(KernelError::Invalid(format!("centroids: {} values do not make rows of {d}", x.len())));
     }
     let n = x.len() / d;
@@ -526,7 +528,7 @@ fn check(x: &[f32], d: usize, codes: &[u32], n_batches: usize, mass: &[f64], p: 
         return Err(KernelError::Invalid("integration needs at least 2 batches".into()));
     }
     for (name, v) in [("epsilon", p.epsilon), ("reg_m", p.reg_m), ("tol", p.tol)] {
-        if !(v > 0.0) {
+        if v.is_nan() || v <= 0.0 {
             return Err(KernelError::Invalid(format!("{name} must be a positive number, got {v}")));
         }
     }
@@ -572,12 +574,12 @@ pub fn fit_integration(x: &[f32], d: usize, codes: &[u32], n_batches: usize, mas
     for it in 0..p.max_passes {
         let here: Vec<f32> = pos.iter().map(|&v| v as f32).collect();
         let scale = cost_unit(&here, d, &pb.groups, pb.codes)?;
-        if it == 0 && !(scale > 0.0) {
+        if it == 0 && (scale.is_nan() || scale <= 0.0) {
             return Err(KernelError::Invalid("the batches' centroids coincide; there is nothing to integrate".into()));
         }
         let approaching = it == 0 || scale <= APPROACH * scales.last().copied().unwrap_or(f64::INFINITY);
         let local_done = passes.contains(&PassKind::Local);
-        if !(scale > 0.0) || (it >= p.min_passes && local_done && !approaching) {
+        if scale.is_nan() || scale <= 0.0 || (it >= p.min_passes && local_done && !approaching) {
             break; // the batches stopped approaching each other
         }
         // Translate while the batches still approach by translating (or are

@@ -150,7 +150,7 @@ fn check_input(x: &[f32], d: usize, weights: Option<&[f64]>, p: &KMeansParams) -
     if d == 0 {
         return Err(KernelError::Invalid("the embedding has width 0".into()));
     }
-    if x.len() % d != 0 {
+    if !x.len().is_multiple_of(d) {
         return Err(KernelError::Shape { what: "embedding values (a multiple of the width)", expected: d, got: x.len() });
     }
     let n = x.len() / d;

@@ -42,7 +42,7 @@ impl CentroidIndex {
     /// `centres` and `displacement` are row-major, `d` wide, one row per
     /// centre. Both must be finite.
     pub fn new(centres: Vec<f32>, displacement: Option<Vec<f32>>, d: usize) -> Result<Self, KernelError> {
-        if d == 0 || centres.len() % d != 0 {
+        if d == 0 || !centres.len().is_multiple_of(d) {
             return Err(KernelError::Invalid(format!("{} centre values do not make rows of width {d}", centres.len())));
         }
         if let Some(i) = centres.iter().position(|v| !v.is_finite()) {
@@ -416,7 +416,7 @@ pub(crate) fn gpu_candidates(x: &[f32], c: &Centres<'_>, cap: usize) -> Result<V
 
 fn check(x: &[f32], index: &CentroidIndex, k: usize) -> Result<(), KernelError> {
     let d = index.d;
-    if x.len() % d != 0 {
+    if !x.len().is_multiple_of(d) {
         return Err(KernelError::Invalid(format!("{} values do not make rows of width {d}", x.len())));
     }
     if k == 0 || k > index.len() {

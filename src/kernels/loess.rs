@@ -31,7 +31,8 @@ pub fn loess(x: &[f64], y: &[f64], span: f64, cell: f64) -> Result<Vec<f64>, Ker
     if let Some(v) = x.iter().chain(y).find(|v| !v.is_finite()) {
         return Err(KernelError::Invalid(format!("loess needs finite x and y, got {v}")));
     }
-    if !(span > 0.0 && span.is_finite()) || !(cell > 0.0 && cell.is_finite()) {
+    let positive = |v: f64| v.is_finite() && v > 0.0;
+    if !positive(span) || !positive(cell) {
         return Err(KernelError::Invalid(format!("loess needs span > 0 and cell > 0, got span={span}, cell={cell}")));
     }
     let nf = ((n as f64 * span + 1e-5).floor() as usize).min(n);

@@ -77,7 +77,7 @@ pub fn lisi(
     n_categories: usize,
     perplexity: f64,
 ) -> Result<Vec<f64>, KernelError> {
-    if k == 0 || distances.len() % k != 0 {
+    if k == 0 || !distances.len().is_multiple_of(k) {
         return Err(KernelError::Shape { what: "neighbour distances per row", expected: k, got: distances.len() });
     }
     if labels.len() != distances.len() {

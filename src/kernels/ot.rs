@@ -51,8 +51,8 @@ pub struct SinkhornFit {
 fn exp_nonpos(x: f64) -> f64 {
     const LOG2E: f64 = std::f64::consts::LOG2_E;
     // ln 2 split in two so k·LN2_HI is exact for |k| < 2^11.
-    const LN2_HI: f64 = 6.931_471_803_691_238_164_90e-1;
-    const LN2_LO: f64 = 1.908_214_929_270_587_700_02e-10;
+    const LN2_HI: f64 = 6.931_471_803_691_238e-1;
+    const LN2_LO: f64 = 1.908_214_929_270_587_7e-10;
     // Adding 1.5·2^52 rounds to an integer and leaves it in the low mantissa bits.
     const ROUND: f64 = 6_755_399_441_055_744.0;
     let xc = if x < -708.0 { -708.0 } else { x };
@@ -168,7 +168,7 @@ fn exp_nonpos_f32(x: f32) -> f32 {
     let k = kr - ROUND;
     let r = (-k).mul_add(LN2_LO, (-k).mul_add(LN2_HI, xc));
     let mut p = 1.987_569_1e-4f32;
-    for c in [1.398_199_9e-3f32, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 5.000_000_1e-1] {
+    for c in [1.398_199_9e-3f32, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 5e-1] {
         p = p.mul_add(r, c);
     }
     let e = p.mul_add(r * r, r) + 1.0;
@@ -390,7 +390,7 @@ fn check_inputs(a: &[f64], b: &[f64], cost: &[f64], p: &SinkhornParams) -> Resul
     if !(p.epsilon > 0.0 && p.epsilon.is_finite()) {
         return Err(KernelError::Invalid(format!("epsilon must be a positive number, got {}", p.epsilon)));
     }
-    if !(p.reg_m > 0.0) {
+    if p.reg_m.is_nan() || p.reg_m <= 0.0 {
         return Err(KernelError::Invalid(format!("reg_m must be positive (or infinite for balanced OT), got {}", p.reg_m)));
     }
     if p.max_iter == 0 {

@@ -635,7 +635,7 @@ mod tests {
                     if zero_center { ((x - m) / s).clamp(-0.5, 0.5) } else if x == 0.0 { 0.0 } else { (x / s).min(0.5) }
                 })
                 .collect();
-            assert!(z.iter().any(|&v| v == 0.5) && (!zero_center || z.iter().any(|&v| v == -0.5)));
+            assert!(z.contains(&0.5) && (!zero_center || z.iter().any(|&v| v == -0.5)));
             let zm: Vec<f64> = (0..g).map(|j| (0..n).map(|r| z[r * g + j]).sum::<f64>() / n as f64).collect();
             let cov = |a: usize, b: usize| (0..n).map(|r| (z[r * g + a] - zm[a]) * (z[r * g + b] - zm[b])).sum::<f64>() / (n as f64 - 1.0);
             for c in 0..k {

@@ -56,7 +56,7 @@ impl BottomK {
         let key = hash64(self.seed, row);
         if self.heap.len() < self.cap {
             let slot = self.heap.len();
-            if slot % BLOCK == 0 {
+            if slot.is_multiple_of(BLOCK) {
                 // Exactly the rows the block can still be asked to hold.
                 self.blocks.push(Vec::with_capacity(BLOCK.min(self.cap - slot) * self.d));
             }
@@ -215,7 +215,7 @@ mod tests {
         let cap = 1000;
         let mut bk = [BottomK::new(cap, 1, 9), BottomK::new(cap, 1, 9)];
         let mut kc = [KeyCut::new(cap, 9), KeyCut::new(cap, 9)];
-        let which = |i: u64| usize::from(i % 7 == 0);
+        let which = |i: u64| usize::from(i.is_multiple_of(7));
         for i in 0..5000u64 {
             bk[which(i)].offer(i, &[i as f32]);
             kc[which(i)].offer(i);

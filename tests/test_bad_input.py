@@ -7,7 +7,7 @@ indices. Each call must either return exactly what a numpy reference computes
 from the same rows, or raise the documented exception naming the column and
 a row that really is bad. A Rust panic (pyo3's PanicException is a
 BaseException) fails every test here. The table at the end pins the exception
-type and message of each explicit case the README's "Bad input" table lists.
+type and message of each explicit case docs/guarantees.md lists.
 """
 
 from __future__ import annotations
@@ -208,7 +208,7 @@ def test_embedding_expressions_are_finite_or_name_a_bad_row(rows, batches, k, in
     null = {r for r, x in enumerate(rows) if x is None}
     no_batch = {r for r, b in enumerate(batches[: len(rows)]) if b is None}
     cases = {
-        # Expressions on embeddings take every cell (README: a null cell is an error naming its row).
+        # Expressions on embeddings take every cell (docs/guarantees.md: a null cell is an error naming its row).
         "knn_interpolate": (lambda: df.with_columns(psc.knn_interpolate(model=integration, k=k)), nonfinite | no_batch | null),
         "knn": (lambda: df.with_columns(psc.knn(index=integration, k=k)), nonfinite | null),
         "kmeans_centroids": (lambda: df.select(psc.kmeans_centroids(n_centroids=k)), nonfinite | null),

@@ -32,7 +32,8 @@ Algorithm (``reference="barycenter"``):
    plan delivered to them (their total share kept): points of a population
    the batch lacks receive little, so their weight falls instead of pulling
    the batch's nearest population onto them (class proportions estimated
-   as under label shift).
+   as under label shift, an EM step per round; each step over-relaxed,
+   new weights ∝ received² / previous, as the rounds are few).
 4. Raw displacement of centroid i: Σ_j P_ij y_j / Σ_j P_ij − T_i, and its
    kept fraction s_i = min(1, Σ_j P_ij / a_i) (the share of its mass the plan
    did not drop). T_i is i's image under the batch's own entropic map onto

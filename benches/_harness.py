@@ -17,6 +17,19 @@ def peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def hwm_mb() -> float:
+    """This process's own peak RSS (VmHWM: reset by exec, unlike ru_maxrss,
+    which a spawned child inherits from its parent)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+ROOT = Path(__file__).resolve().parents[1]
+METRICS = ["batch_entropy_norm", "ilisi", "label_purity", "clisi", "overall"]
+
+
 def _child(fn, args, q):
     out = fn(*args)
     q.put((out, peak_mb()))

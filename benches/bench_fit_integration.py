@@ -23,19 +23,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _harness import commit, cpu, run
+from _harness import commit, cpu, hwm_mb, run
 
 ROOT = Path(__file__).resolve().parent.parent
 CENTROIDS = ROOT / "bench-data" / "pipeline" / "1000000" / "out" / "centroids.parquet"
-
-
-def _hwm_mb() -> float:
-    """This process's own peak RSS (VmHWM: reset by exec)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def fit(module_path: str | None, centroids: str, batch_key: str, out: str) -> dict:
@@ -52,13 +43,13 @@ def fit(module_path: str | None, centroids: str, batch_key: str, out: str) -> di
         spec.loader.exec_module(mod)
         fit_integration = mod.fit_integration
     table = pl.read_parquet(centroids)
-    before = _hwm_mb()
+    before = hwm_mb()
     t = time.perf_counter()
     model = fit_integration(table, batch_key=batch_key)
     secs = time.perf_counter() - t
     np.save(out, model.table["displacement"].to_numpy())
     m = model.metrics
-    return {"seconds": secs, "peak_mb": _hwm_mb(), "peak_before_fit_mb": before, "passes": m["params"]["passes"],
+    return {"seconds": secs, "peak_mb": hwm_mb(), "peak_before_fit_mb": before, "passes": m["params"]["passes"],
             "iterations": sum(c["iterations"] for c in m["convergence"]), "mix_after": m["after"]["mix"]}
 
 

@@ -27,17 +27,7 @@ from pathlib import Path
 import polars as pl
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _harness import cpu, run
-
-
-def _hwm_mb() -> float:
-    """This process's own peak RSS (VmHWM: reset by exec, unlike ru_maxrss,
-    which a spawned child inherits from its parent)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+from _harness import cpu, hwm_mb, run
 
 ROOT = Path(__file__).resolve().parents[1]
 METRICS = ["batch_entropy_norm", "ilisi", "label_purity", "clisi", "overall"]
@@ -63,7 +53,7 @@ def ours(src: str, out: str, min_cells_per_centroid: int) -> dict:
     t = time.perf_counter()
     report = psc.integrate(src, out, batch_key="plate", min_cells_per_centroid=min_cells_per_centroid, log=None)
     secs = time.perf_counter() - t
-    return {"seconds": secs, "stages": {k: round(v["seconds"], 2) for k, v in report["stages"].items()}, "peak_mb": _hwm_mb()}
+    return {"seconds": secs, "stages": {k: round(v["seconds"], 2) for k, v in report["stages"].items()}, "peak_mb": hwm_mb()}
 
 
 def scanpy_harmony(src: str, out: str) -> dict:
@@ -93,7 +83,7 @@ def scanpy_harmony(src: str, out: str) -> dict:
     stages["harmony"] = time.perf_counter() - t - sum(stages.values())
     secs = time.perf_counter() - t
     pl.DataFrame({"X_pca": adata.obsm["X_pca"].astype(np.float32), "X_harmony": z}).write_parquet(Path(out) / "emb.parquet")
-    return {"seconds": secs, "stages": {k: round(v, 2) for k, v in stages.items()}, "peak_mb": _hwm_mb()}
+    return {"seconds": secs, "stages": {k: round(v, 2) for k, v in stages.items()}, "peak_mb": hwm_mb()}
 
 
 def quality(src: Path, ours_out: Path, ref_out: Path) -> dict:

@@ -43,7 +43,9 @@ pub const FAR_APART: f64 = 100.0;
 /// 0.777 and 0.815, the real labelled sets' criteria still met (CellBench's
 /// batch entropy 0.978× Harmony's); 3 went further on generated data
 /// (0.788, 0.823) but took CellBench's to 0.943×, under the 0.95× its
-/// criterion asks. Same cost per round.
+/// criterion asks (one-off runs of `bench_pipeline.py` / `bench_integration.py`
+/// with the step changed by hand; only ω = 2's results are saved). Same cost
+/// per round.
 const REWEIGH_STEP: f64 = 2.0;
 /// Rows per block of the cost and plan products: fixed, so the split (and the
 /// bits) never depend on the thread count.

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
+import queue
 import resource
 import subprocess
 import tempfile
@@ -42,7 +43,14 @@ def run(fn, *args):
     q = ctx.Queue()
     p = ctx.Process(target=_child, args=(fn, args, q))
     p.start()
-    out, peak = q.get()
+    while True:  # a child that dies (an exception, the OOM killer) puts nothing: say so, don't wait forever
+        try:
+            out, peak = q.get(timeout=1)
+            break
+        except queue.Empty:
+            if not p.is_alive():
+                raise RuntimeError(f"{getattr(fn, '__name__', fn)} failed in its child process (exit code {p.exitcode}); "
+                                   "its traceback is above") from None
     p.join()
     return out, peak
 

@@ -1038,6 +1038,33 @@ fn cuda_available(py: Python<'_>) -> bool {
     py.detach(kernels::cuda_available)
 }
 
+/// Each row group of the Parquet files `paths`, in order, as (rows, entries):
+/// entries is the largest leaf value count among the columns named in
+/// `columns` (a list column's entries, plus a slot for each empty or null
+/// list), 0 where none is in the file.
+/// `record_batches` aligns its row slices to these: a slice that starts
+/// inside a row group makes Polars decode that group from its first row.
+#[pyfunction]
+fn parquet_row_groups(py: Python<'_>, paths: Vec<String>, columns: Vec<String>) -> PyResult<Vec<(u64, u64)>> {
+    py.detach(|| {
+        let mut out = vec![];
+        for path in &paths {
+            let mut file = std::fs::File::open(path).map_err(|e| value_error(format!("{path}: {e}")))?;
+            let meta = polars_parquet::read::read_metadata(&mut file).map_err(|e| value_error(format!("{path}: {e}")))?;
+            for rg in &meta.row_groups {
+                let entries = columns
+                    .iter()
+                    .filter_map(|c| rg.columns_under_root_iter(c))
+                    .flat_map(|leaves| leaves.map(|m| m.num_values().max(0) as u64))
+                    .max()
+                    .unwrap_or(0);
+                out.push((rg.num_rows() as u64, entries));
+            }
+        }
+        Ok(out)
+    })
+}
+
 /// The GPU device="cuda" uses, described; a ValueError saying what is
 /// missing when there is none.
 #[pyfunction]
@@ -1066,6 +1093,7 @@ fn _internal(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(from_csr, m)?)?;
     m.add_function(wrap_pyfunction!(loess, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_available, m)?)?;
+    m.add_function(wrap_pyfunction!(parquet_row_groups, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_device, m)?)?;
     m.add("CUDA_BUILD", cfg!(feature = "cuda"))?;
     Ok(())

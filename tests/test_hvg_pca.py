@@ -298,7 +298,10 @@ def test_record_batches_read_a_scan_slice_by_slice(cellbench, tmp_path, monkeypa
     """The fits read a Parquet scan (with elementwise columns on it) one row
     slice at a time, so a slow fit never lets the reader run ahead (peak RSS
     bounded by a slice, not by the cells); other plans are streamed whole.
-    Either way: every row once, in order."""
+    Each slice is whole row groups (from the files' footers) up to
+    SLICE_ENTRIES entries; a group over that is split evenly; without
+    footers, a probe slice measures the density. Either way: every row
+    once, in order."""
     from polars_singlecell import _frames
     from polars_singlecell import preprocessing as P
 
@@ -307,14 +310,39 @@ def test_record_batches_read_a_scan_slice_by_slice(cellbench, tmp_path, monkeypa
     df = df.with_columns(psc.select_genes(genes=np.arange(n_genes)).struct.unnest())
     path = tmp_path / "cells.parquet"
     df.write_parquet(path, row_group_size=100)
-    # A probe slice of 64 rows, then slices of ~SLICE_ENTRIES entries (by the
-    # probe's density), at most SLICE_ROWS rows.
     monkeypatch.setattr(_frames, "SLICE_ROWS", 500)
     monkeypatch.setattr(_frames, "PROBE_ROWS", 64)
     monkeypatch.setattr(_frames, "SLICE_ENTRIES", 20_000)
     lf = pl.scan_parquet(path).with_columns(psc.normalize())
     want = lf.select("gene_idx", "values").collect()
     assert P._slice_reaches_scan(lf.select("gene_idx", "values"))
+
+    # Whole row groups of 100 rows, as many as fit 20,000 entries.
+    entries = [int(want["gene_idx"][a:a + 100].list.len().sum()) for a in range(0, df.height, 100)]
+    assert max(entries) < 20_000 < sum(entries)
+    expect, rows, used = [], 0, 0
+    for k, e in enumerate(entries):
+        if rows and used + e > 20_000:
+            expect.append(rows)
+            rows = used = 0
+        rows, used = rows + min(100, df.height - 100 * k), used + e
+    expect.append(rows)
+    got = list(P._record_batches(lf, ["gene_idx", "values"]))
+    assert [b.height for b in got] == expect
+    assert all(h % 100 == 0 for h in expect[:-1])
+    assert pl.concat(got).equals(want)
+
+    # A row group over the budget: split into equal slices.
+    monkeypatch.setattr(_frames, "SLICE_ENTRIES", min(entries) // 3)
+    got = list(P._record_batches(lf, ["gene_idx", "values"]))
+    assert pl.concat(got).equals(want)
+    assert all(b.height <= 34 for b in got) and len(got) >= 3 * len(entries)
+
+    # Footers out of reach (a plan Polars shows differently, a remote
+    # source): a probe slice of 64 rows, then slices of ~SLICE_ENTRIES
+    # entries by the probe's density, at most SLICE_ROWS rows.
+    monkeypatch.setattr(_frames, "SLICE_ENTRIES", 20_000)
+    monkeypatch.setattr(_frames, "_scan_paths", lambda q: None)
     got = list(P._record_batches(lf, ["gene_idx", "values"]))
     size = int(min(500, max(64, 20_000 // want["gene_idx"].head(64).list.len().mean())))
     assert 64 < size < 500
@@ -328,3 +356,29 @@ def test_record_batches_read_a_scan_slice_by_slice(cellbench, tmp_path, monkeypa
     whole = psc.fit_pca(df.with_columns(psc.normalize()), n_genes=n_genes, n_comps=5)
     sliced = psc.fit_pca(lf, n_genes=n_genes, n_comps=5)
     np.testing.assert_array_equal(sliced.components, whole.components)
+
+
+def test_row_group_footers_found_for_files_and_globs(tmp_path):
+    """record_batches finds a scan's files (a list or a glob) and their row
+    groups; a frame that is not one Parquet scan, or an unreadable file,
+    gives no plan (then it slices by density) rather than an error."""
+    from polars_singlecell import _frames, _internal
+
+    df = pl.DataFrame({"gene_idx": [[0, 1], [2], [], [0, 1, 2]] * 5, "values": [[1.0, 2.0], [3.0], [], [1.0, 1.0, 1.0]] * 5},
+                      schema={"gene_idx": pl.List(pl.UInt32), "values": pl.List(pl.Float32)})
+    for k in range(2):
+        df.write_parquet(tmp_path / f"part-{k}.parquet", row_group_size=8)
+    files = [str(tmp_path / f"part-{k}.parquet") for k in range(2)]
+    groups = _internal.parquet_row_groups(files, ["gene_idx"])
+    assert [n for n, _ in groups] == [8, 8, 4] * 2
+    # Parquet's leaf count: the entries, plus a slot for each empty list.
+    assert [e for _, e in groups] == [int(df["gene_idx"][a:a + 8].list.len().clip(1).sum()) for a in (0, 8, 16)] * 2
+    for source in (files, str(tmp_path / "part-*.parquet")):
+        q = pl.scan_parquet(source).with_columns(psc.normalize()).select("gene_idx", "values")
+        assert _frames._scan_paths(q) == files
+        assert sum(_frames._aligned_slices(q, ["gene_idx", "values"])) == 2 * df.height
+    assert _frames._scan_paths(df.lazy().select("gene_idx")) is None
+    (tmp_path / "bad.parquet").write_bytes(b"not parquet")
+    with pytest.raises(ValueError, match="bad.parquet"):
+        _internal.parquet_row_groups([str(tmp_path / "bad.parquet")], ["gene_idx"])
+    assert _frames._aligned_slices(pl.LazyFrame({"gene_idx": [[1]]}), ["gene_idx"]) == []

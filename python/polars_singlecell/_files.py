@@ -20,6 +20,18 @@ import polars as pl
 
 from polars_singlecell import _progress
 
+# Entries (non-zeros) per row group of the files we write: a reader's and a
+# writer's memory follows a row group, and at Tahoe's ~1,400 genes a cell a
+# fixed 50k-row group would hold 70M entries (0.6 GB before compression).
+ROW_GROUP_ENTRIES = 4_000_000
+
+
+def rows_per_group(n_rows: int, n_entries: int, budget: int = ROW_GROUP_ENTRIES) -> int:
+    """Rows per Parquet row group for ``n_rows`` cells holding ``n_entries``
+    list entries: about ``budget`` entries a group, 256 to 50,000 rows."""
+    return int(min(50_000, max(256, budget * n_rows // max(n_entries, 1)), max(n_rows, 1)))
+
+
 # Errors that only a write gives: Polars reports them as a ComputeError that
 # names neither the file nor the cause ("File out of specification: underlying
 # IO error: No space left on device (os error 28)").

@@ -3,12 +3,13 @@ a LazyFrame, and streaming a LazyFrame in record batches."""
 
 from __future__ import annotations
 
+import glob
 import os
 from collections.abc import Iterator
 
 import polars as pl
 
-from polars_singlecell import _progress
+from polars_singlecell import _internal, _progress
 from polars_singlecell._checks import positive_int
 from polars_singlecell.io import parquet_files
 
@@ -54,14 +55,27 @@ def record_batches(lf: pl.LazyFrame, columns: list[str]) -> Iterator[pl.DataFram
     if slice_reaches_scan(q):
         # Slices of about SLICE_ENTRIES list entries, whatever the density:
         # 65,536 Tahoe cells (~1,400 genes each, int64 token ids) would be
-        # 1.1 GB as read plus their conversions. The first, small slice
-        # measures the density. Smaller slices cost time (a slice that
-        # straddles row groups decodes them whole): 24M entries keeps the
-        # integrate pipeline at Tahoe density near 1 GB
-        # (benches/results/tahoe-1M.md), at some cost in HVG time.
+        # 1.1 GB as read plus their conversions. Each slice is whole row
+        # groups where the files' footers can be read: a slice that starts
+        # inside a row group makes Polars decode the group from its first
+        # row, so misaligned slices decoded the data ~1.8 times over
+        # (benches/results/counts-*.md). A row group larger than the budget
+        # is split evenly (that re-decode is the price of bounded memory).
         schema = q.collect_schema()
         lists = [c for c in columns if isinstance(schema[c], pl.List)]
-        start, size = 0, (PROBE_ROWS if lists else SLICE_ROWS)
+        start = 0
+        for size in _aligned_slices(q, lists):
+            batch = q.slice(start, size).collect(engine="streaming")
+            if batch.height:
+                if count is not None:
+                    count(batch.height)
+                yield batch
+            if batch.height < size:
+                return
+            start += batch.height
+        # No footers (or rows beyond them): slices sized by the density
+        # that the first, small slice measures.
+        size = PROBE_ROWS if lists else SLICE_ROWS
         while True:
             batch = q.slice(start, size).collect(engine="streaming")
             if batch.height:
@@ -70,7 +84,7 @@ def record_batches(lf: pl.LazyFrame, columns: list[str]) -> Iterator[pl.DataFram
                 yield batch
             if batch.height < size:
                 return
-            if start == 0 and lists:
+            if size == PROBE_ROWS and lists:
                 per_row = max(1.0, float(batch[lists[0]].list.len().mean() or 0.0))
                 size = int(min(SLICE_ROWS, max(PROBE_ROWS, SLICE_ENTRIES // per_row)))
             start += batch.height
@@ -78,6 +92,56 @@ def record_batches(lf: pl.LazyFrame, columns: list[str]) -> Iterator[pl.DataFram
         if count is not None:
             count(batch.height)
         yield batch
+
+
+def _aligned_slices(q: pl.LazyFrame, lists: list[str]) -> list[int]:
+    """Row counts of consecutive slices of ``q``'s one Parquet scan that
+    start and end on row-group boundaries, each about SLICE_ENTRIES entries
+    of the ``lists`` columns (or SLICE_ROWS rows without list columns);
+    ``[]`` where the files' footers cannot be read (remote sources, a plan
+    Polars shows differently): the caller then slices by density alone."""
+    paths = _scan_paths(q)
+    if not paths:
+        return []
+    try:
+        groups = _internal.parquet_row_groups(paths, lists)
+    except (ValueError, OSError):
+        return []
+    slices, rows, entries = [], 0, 0
+    for n, e in groups:
+        if not lists:
+            e = n * SLICE_ENTRIES // SLICE_ROWS  # rows are the budget
+        if rows and entries + e > SLICE_ENTRIES:
+            slices.append(rows)
+            rows, entries = 0, 0
+        if e > SLICE_ENTRIES:  # one group over budget: split it evenly
+            parts = -(-e // SLICE_ENTRIES)
+            slices += [n // parts + (i < n % parts) for i in range(parts)]
+            continue
+        rows, entries = rows + n, entries + e
+    if rows:
+        slices.append(rows)
+    return [s for s in slices if s > 0]
+
+
+def _scan_paths(q: pl.LazyFrame) -> list[str] | None:
+    """The local files of ``q``'s one Parquet scan, from its optimised plan
+    (Polars' plan visitor, the interface its GPU engine reads), or None."""
+    try:
+        nt = q._ldf.visit()
+        node = nt.view_current_node()
+        while type(node).__name__ != "Scan":
+            inputs = nt.get_inputs()
+            if len(inputs) != 1:
+                return None
+            nt.set_node(inputs[0])
+            node = nt.view_current_node()
+        paths = [str(p) for p in node.paths]
+    except Exception:  # noqa: BLE001 (an internal interface: any change means "unknown")
+        return None
+    # A glob stays a pattern in the plan; Polars reads its matches sorted.
+    paths = [f for p in paths for f in ([p] if os.path.isfile(p) else sorted(glob.glob(p)))]
+    return paths if paths and all(os.path.isfile(p) for p in paths) else None
 
 
 def slice_reaches_scan(q: pl.LazyFrame) -> bool:

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from polars_singlecell._files import rows_per_group as _rows_per_group
 from polars_singlecell.io import write_parquet
 
 __all__ = ["synthetic_counts", "tahoe_design", "tahoe_like", "tahoe_like_embedding", "write_synthetic_counts"]
@@ -102,7 +103,7 @@ def write_synthetic_counts(
     for k, start in enumerate(range(0, n_cells, rows_per_file)):
         n = min(rows_per_file, n_cells - start)
         df = synthetic_counts(n, seed=seed, first_cell=start, **kwargs)
-        write_parquet(df, out / f"part-{k:05d}.parquet", row_group_size=min(n, 50_000))
+        write_parquet(df, out / f"part-{k:05d}.parquet", row_group_size=_rows_per_group(n, df["gene_idx"].list.len().sum()))
     return out
 
 
@@ -331,7 +332,7 @@ def tahoe_like(
                 "plate": np.asarray(plates)[plate], "cell_line": line_names[line], "organ": organ_names[line],
             }).with_columns(rows["gene_idx"], rows["values"])
             name = out / f"part-{k:05d}.parquet"
-        write_parquet(df, name, row_group_size=min(stop - start, 50_000))
+        write_parquet(df, name, row_group_size=_rows_per_group(stop - start, int(rows["gene_idx"].list.len().sum())))
     return out
 
 

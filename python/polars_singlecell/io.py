@@ -16,10 +16,11 @@ import numpy as np
 import polars as pl
 
 from polars_singlecell._files import OS_ERROR as _OS_ERROR
+from polars_singlecell._files import ROW_GROUP_ENTRIES, sink_parquet
 from polars_singlecell._files import atomic_path as _atomic_path
 from polars_singlecell._files import expand as _expand
+from polars_singlecell._files import rows_per_group as _rows_per_group
 from polars_singlecell._files import seeded_sample as _seeded_sample
-from polars_singlecell._files import sink_parquet
 from polars_singlecell._files import write_failed as _write_failed
 
 __all__ = ["h5ad_to_parquet", "parquet_files", "sink_parquet", "to_anndata", "write_parquet"]
@@ -148,12 +149,6 @@ def _masked_series(name: str, part) -> pl.Series:
     return pl.select(pl.when(valid).then(data).alias(name)).to_series()
 
 
-# Entries (non-zeros) per row group of an imported file: the reader's and
-# writer's memory follows a row group, and at Tahoe's ~1,400 genes a cell a
-# fixed 50k-row group would hold 70M entries (0.6 GB before compression).
-ROW_GROUP_ENTRIES = 4_000_000
-
-
 def h5ad_to_parquet(
     path: str | os.PathLike,
     out: str | os.PathLike,
@@ -237,8 +232,7 @@ def h5ad_to_parquet(
             for k, start in enumerate(range(0, n_cells, rows_per_file)):
                 stop = min(start + rows_per_file, n_cells)
                 # Rows per group from this file's mean density (indptr: two reads).
-                entries = int(indptr[stop]) - int(indptr[start])
-                group = int(min(50_000, max(256, ROW_GROUP_ENTRIES * (stop - start) // max(entries, 1))))
+                group = _rows_per_group(stop - start, int(indptr[stop]) - int(indptr[start]), ROW_GROUP_ENTRIES)
                 first = rows(start, min(start + 1, stop))
 
                 failed: list[ValueError] = []

@@ -135,8 +135,24 @@ pub fn gene_stats_update(
     values: &Series,
     batch: Option<&StringChunked>,
 ) -> PolarsResult<()> {
-    rows_by_batch(gene_idx, values, n_genes, batch, |key, r| {
-        stats.entry(key.to_string()).or_insert_with(|| GeneStats::new(n_genes, transform)).add(r);
+    check_batch(gene_idx, batch)?;
+    // Each row's batch as an index into the statistics (in label order).
+    let labels: Vec<&str> = match batch {
+        Some(b) => b.iter().map(|x| x.unwrap_or("")).collect(), // no null: checked above
+        None => vec![""; gene_idx.len()],
+    };
+    for &key in &labels {
+        if !stats.contains_key(key) {
+            stats.insert(key.to_string(), GeneStats::new(n_genes, transform));
+        }
+    }
+    let position: std::collections::HashMap<&str, usize> = stats.keys().enumerate().map(|(i, k)| (k.as_str(), i)).collect();
+    let index: Vec<usize> = labels.iter().map(|k| position[k]).collect();
+    drop(position);
+    let mut targets: Vec<&mut GeneStats> = stats.values_mut().collect();
+    convert::with_sparse_rows(gene_idx, values, Some(n_genes), |rows, validity| {
+        convert::reject_null_rows(validity, "highly_variable_genes")?;
+        THREAD_POOL.install(|| kernels::hvg::add_rows(&mut targets, rows, &index));
         Ok(())
     })
 }
@@ -163,13 +179,8 @@ pub fn clipped_sums_update(
 }
 
 /// Validated rows of a chunk with each row's batch label ("" without one).
-fn rows_by_batch(
-    gene_idx: &Series,
-    values: &Series,
-    n_genes: usize,
-    batch: Option<&StringChunked>,
-    mut f: impl FnMut(&str, SparseRow<'_>) -> Result<(), KernelError>,
-) -> PolarsResult<()> {
+/// A batch column, where given, has one label per cell and no null.
+fn check_batch(gene_idx: &Series, batch: Option<&StringChunked>) -> PolarsResult<()> {
     if let Some(b) = batch {
         if b.len() != gene_idx.len() {
             polars_bail!(ComputeError: "batch column '{}' has {} rows but the cells have {}", b.name(), b.len(), gene_idx.len());
@@ -178,6 +189,17 @@ fn rows_by_batch(
             polars_bail!(ComputeError: "batch column '{}' is null at row {i}; fill or drop null batches first", b.name());
         }
     }
+    Ok(())
+}
+
+fn rows_by_batch(
+    gene_idx: &Series,
+    values: &Series,
+    n_genes: usize,
+    batch: Option<&StringChunked>,
+    mut f: impl FnMut(&str, SparseRow<'_>) -> Result<(), KernelError>,
+) -> PolarsResult<()> {
+    check_batch(gene_idx, batch)?;
     convert::with_sparse_rows(gene_idx, values, Some(n_genes), |rows, validity| {
         convert::reject_null_rows(validity, "highly_variable_genes")?;
         for (i, r) in rows.iter().enumerate() {

@@ -9,6 +9,8 @@
 //!   gene's expected deviation, a second pass of sums of the counts clipped at
 //!   `mean + sqrt(n)·σ` ([`ClippedSums`]).
 
+use rayon::prelude::*;
+
 use super::SparseRow;
 
 /// What the statistics are of.
@@ -47,31 +49,8 @@ impl GeneStats {
     /// (`validate_rows`).
     pub fn add(&mut self, row: SparseRow<'_>) {
         self.n_cells += 1;
-        if self.transform != Transform::Expm1 {
-            let exact = self.transform == Transform::Exact;
-            for (&g, &v) in row.gene_idx.iter().zip(row.values) {
-                // scanpy's sparse mean/var: float32 squares summed in float64.
-                let g = g as usize;
-                self.sum[g] += v as f64;
-                self.sumsq[g] += if exact { v as f64 * v as f64 } else { (v * v) as f64 };
-                self.nnz[g] += (v != 0.0) as u64;
-                self.non_integer += (v.fract() != 0.0 || v.is_sign_negative()) as u64;
-            }
-            return;
-        }
-        for (&g, &v) in row.gene_idx.iter().zip(row.values) {
-            // scanpy takes expm1 of the float32 matrix and squares it in
-            // float32 (numba `value * value`), then sums in float64: do the
-            // same, so only the summation order can differ from it. The
-            // float32 expm1 itself is rounded correctly (computed in float64):
-            // numpy's float32 expm1 is not, and differs by CPU (Intel SVML on
-            // AVX-512 hosts, 2 ulp; glibc's expm1f elsewhere, 1 ulp).
-            let e = (v as f64).exp_m1() as f32;
-            let g = g as usize;
-            self.sum[g] += e as f64;
-            self.sumsq[g] += (e * e) as f64;
-            self.nnz[g] += (v != 0.0) as u64;
-        }
+        let GeneStats { transform, sum, sumsq, nnz, non_integer, .. } = self;
+        *non_integer += add_entries(*transform, row.gene_idx, row.values, 0, Sums { sum, sumsq, nnz });
     }
 
     /// Mean and unbiased (ddof=1) variance per gene, computed like scanpy's
@@ -89,6 +68,99 @@ impl GeneStats {
             })
             .collect();
         (mean, var)
+    }
+}
+
+/// One batch's sums over a range of genes (its first gene is the `first`
+/// that [`add_entries`] is given).
+struct Sums<'a> {
+    sum: &'a mut [f64],
+    sumsq: &'a mut [f64],
+    nnz: &'a mut [u64],
+}
+
+/// Add one row's entries with genes in `first..first + sums.sum.len()` (the
+/// row's other entries are skipped); the count of entries that are not
+/// whole numbers ≥ 0 (0 for `Transform::Expm1`, which does not check).
+#[inline]
+fn add_entries(transform: Transform, gene_idx: &[u32], values: &[f32], first: usize, s: Sums<'_>) -> u64 {
+    let end = first + s.sum.len();
+    let start = if first == 0 { 0 } else { gene_idx.partition_point(|&g| (g as usize) < first) };
+    let mut non_integer = 0;
+    for (&g, &v) in gene_idx[start..].iter().zip(&values[start..]) {
+        let g = g as usize;
+        if g >= end {
+            break;
+        }
+        let i = g - first;
+        match transform {
+            Transform::Expm1 => {
+                // scanpy takes expm1 of the float32 matrix and squares it in
+                // float32 (numba `value * value`), then sums in float64: do the
+                // same, so only the summation order can differ from it. The
+                // float32 expm1 itself is rounded correctly (computed in float64):
+                // numpy's float32 expm1 is not, and differs by CPU (Intel SVML on
+                // AVX-512 hosts, 2 ulp; glibc's expm1f elsewhere, 1 ulp).
+                let e = (v as f64).exp_m1() as f32;
+                s.sum[i] += e as f64;
+                s.sumsq[i] += (e * e) as f64;
+            },
+            // scanpy's sparse mean/var: float32 squares summed in float64.
+            Transform::Counts | Transform::Exact => {
+                s.sum[i] += v as f64;
+                s.sumsq[i] += if transform == Transform::Exact { v as f64 * v as f64 } else { (v * v) as f64 };
+                non_integer += (v.fract() != 0.0 || v.is_sign_negative()) as u64;
+            },
+        }
+        s.nnz[i] += (v != 0.0) as u64;
+    }
+    if transform == Transform::Expm1 { 0 } else { non_integer }
+}
+
+/// Genes per range in [`add_rows`]: a range costs each row a binary search,
+/// so ranges stay wide; several per thread balance genes of unequal density.
+const GENE_RANGE_MIN: usize = 512;
+
+/// Add `rows` to the statistics of their batches (`stats[batch[i]]` for row
+/// `i`; all of one `Transform` and width), split over the current rayon
+/// pool by gene range: each thread sums its own genes over all the rows in
+/// row order, so every sum is the one row-by-row `add` gives, bit for bit,
+/// whatever the thread count. Rows must be validated first.
+pub fn add_rows(stats: &mut [&mut GeneStats], rows: &[SparseRow<'_>], batch: &[usize]) {
+    debug_assert_eq!(rows.len(), batch.len());
+    let Some(first) = stats.first() else { return };
+    let (transform, n_genes, n_batches) = (first.transform, first.sum.len(), stats.len());
+    for &b in batch {
+        stats[b].n_cells += 1;
+    }
+    let parts = (4 * rayon::current_num_threads()).min(n_genes.div_ceil(GENE_RANGE_MIN)).max(1);
+    let width = n_genes.div_ceil(parts).max(1);
+    // views[p][b]: batch b's sums over gene range p.
+    let mut views: Vec<Vec<Sums<'_>>> = (0..n_genes.div_ceil(width)).map(|_| Vec::with_capacity(n_batches)).collect();
+    for st in stats.iter_mut() {
+        let GeneStats { sum, sumsq, nnz, .. } = &mut **st;
+        let chunks = sum.chunks_mut(width).zip(sumsq.chunks_mut(width)).zip(nnz.chunks_mut(width));
+        for (view, ((sum, sumsq), nnz)) in views.iter_mut().zip(chunks) {
+            view.push(Sums { sum, sumsq, nnz });
+        }
+    }
+    let non_integer: Vec<Vec<u64>> = views
+        .into_par_iter()
+        .enumerate()
+        .map(|(p, mut view)| {
+            let mut bad = vec![0u64; n_batches];
+            for (r, &b) in rows.iter().zip(batch) {
+                let s = &mut view[b];
+                let sums = Sums { sum: &mut *s.sum, sumsq: &mut *s.sumsq, nnz: &mut *s.nnz };
+                bad[b] += add_entries(transform, r.gene_idx, r.values, p * width, sums);
+            }
+            bad
+        })
+        .collect();
+    for part in non_integer {
+        for (st, n) in stats.iter_mut().zip(part) {
+            st.non_integer += n;
+        }
     }
 }
 
@@ -140,6 +212,49 @@ mod tests {
             assert!((mean[g] - m).abs() <= 1e-12 * m.abs().max(1.0));
             // float32 squares (as scanpy) bound the agreement to ~1e-7 relative
             assert!((var[g] - v).abs() <= 1e-6 * v.abs().max(1.0), "gene {g}: {} vs {v}", var[g]);
+        }
+    }
+
+    /// The gene-range split sums each gene over the rows in row order: the
+    /// same bits as row-by-row `add`, for any thread count and any batches.
+    #[test]
+    fn add_rows_is_row_by_row_add_bit_for_bit() {
+        let n_genes = 3 * GENE_RANGE_MIN + 77; // several ranges, the last one short
+        let rows = Rows::random(300, n_genes, 0.03, 11);
+        let view = rows.view();
+        // Values that are not whole numbers too (non_integer per batch).
+        let fractions: Vec<Vec<f32>> = rows.0.iter().map(|(_, v)| v.iter().map(|x| x * 0.37).collect()).collect();
+        let odd: Vec<SparseRow<'_>> = view.iter().zip(&fractions).map(|(r, v)| SparseRow { gene_idx: r.gene_idx, values: v }).collect();
+        let batch: Vec<usize> = (0..view.len()).map(|i| (i * 7 + i / 13) % 3).collect();
+        for transform in [Transform::Expm1, Transform::Counts, Transform::Exact] {
+            for input in [&view, &odd] {
+                let mut want: Vec<GeneStats> = (0..3).map(|_| GeneStats::new(n_genes, transform)).collect();
+                for (r, &b) in input.iter().zip(&batch) {
+                    want[b].add(*r);
+                }
+                for threads in [1, 2, 3, 8] {
+                    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                    let mut got: Vec<GeneStats> = (0..3).map(|_| GeneStats::new(n_genes, transform)).collect();
+                    // Two calls: a stream of record batches.
+                    let (a, b) = input.split_at(120);
+                    pool.install(|| {
+                        let mut refs: Vec<&mut GeneStats> = got.iter_mut().collect();
+                        add_rows(&mut refs, a, &batch[..120]);
+                        add_rows(&mut refs, b, &batch[120..]);
+                    });
+                    for (g, w) in got.iter().zip(&want) {
+                        assert_eq!(g.n_cells, w.n_cells);
+                        assert_eq!(g.nnz, w.nnz);
+                        assert_eq!(g.non_integer, w.non_integer);
+                        let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                        assert_eq!(bits(&g.sum), bits(&w.sum), "{transform:?}, {threads} threads");
+                        assert_eq!(bits(&g.sumsq), bits(&w.sumsq), "{transform:?}, {threads} threads");
+                    }
+                }
+                if transform != Transform::Expm1 {
+                    assert!(want.iter().map(|w| w.non_integer).sum::<u64>() > 0 || std::ptr::eq(input, &view));
+                }
+            }
         }
     }
 

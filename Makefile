@@ -6,7 +6,7 @@ comma   := ,
 export VIRTUAL_ENV := $(CURDIR)/.venv
 export PATH := $(CURDIR)/.venv/bin:$(PATH)
 
-.PHONY: demo test build bench bench-kmeans bench-knn bench-metrics bench-integration bench-io bench-pipeline bench-tahoe bench-small
+.PHONY: demo test build bench bench-kmeans bench-knn bench-metrics bench-integration bench-io bench-pipeline bench-tahoe bench-small bench-counts
 
 .venv/.base:
 	python3 -m venv .venv
@@ -56,6 +56,9 @@ bench-io: .venv/.test build
 # Tahoe-100M's density and layouts: decode, to_cells, h5ad import, integrate; atlas extrapolation.
 bench-tahoe: .venv/.test build
 	$(PY) benches/bench_tahoe.py $(or $(N),200000)
+
+bench-counts: .venv/.test build
+	$(PY) benches/bench_counts.py
 
 bench-pipeline: .venv/.test build
 	$(PY) benches/bench_pipeline.py

@@ -141,6 +141,9 @@ def compute(cells: str, out: str) -> dict:
     res["gram_updates"] = float((k * (k + 1) / 2).sum())
     res["gram"] = best(lambda: _internal.PcaAccumulator(hv.len(), _frames.n_threads(None), "cpu").update(sel["gene_idx"], sel["values"]))
     res["normalize"] = best(lambda: df.select(psc.normalize()))
+    norm = df.with_columns(psc.normalize())
+    res["hvg_statistics"] = best(lambda: _internal.GeneStatsAccumulator(n_genes).update(norm["gene_idx"], norm["values"], norm["plate"]))
+    res["select_genes"] = best(lambda: norm.select(psc.select_genes(genes=hv).struct.unnest()))
     res["hv_genes"] = int(hv.len())
     return res
 
@@ -210,7 +213,10 @@ def render(r: dict, argv: str) -> str:
             lines.append(f"| {stage} | {s:.1f} | {rate / 1e6:.1f} | {rate * BYTES_PER_ENTRY / 1e6:.0f} | "
                          f"{rate / dec:.0%} | {comp / 1e6:.1f} | {bound / 1e6:.1f} | {rate / bound:.0%} | "
                          f"{d['integrate']['stages'][stage].get('peak_rss_gb', 0):.2f} |")
-        lines.append(f"| (normalize alone, in memory) | | | | | {c['entries'] / c['normalize'] / 1e6:.1f} | | | |")
+        for part, label in (("normalize", "normalize"), ("hvg_statistics", "HVG statistics (of normalized values)"),
+                            ("select_genes", "select_genes (of normalized values)")):
+            if part in c:
+                lines.append(f"| ({label} alone, in memory) | | | | | {c['entries'] / c[part] / 1e6:.1f} | | | |")
         lines += ["", f"pca's exact Gram: {c['gram_updates'] / c['cells']:,.0f} multiply-adds a cell "
                       f"({c['gram_updates'] / c['entries']:.0f} per non-zero read), scattered into a "
                       f"{c['hv_genes']:,}² float64 matrix at {c['gram_updates'] / c['gram'] / 1e9:.2f} G/s in memory "

@@ -161,3 +161,22 @@ def test_a_vocabulary_that_matches_nothing_and_ids_beyond_int64_are_errors():
     big = pl.DataFrame({"g": [[2**63 + 5]], "v": [[1.0]]}, schema={"g": pl.List(pl.UInt64), "v": pl.List(pl.Float32)})
     with pytest.raises(pl.exceptions.ComputeError, match=r"column 'g' holds a gene id above 9223372036854775807"):
         big.select(psc.to_cells("g", "v"))
+
+
+def test_generated_row_groups_hold_about_row_group_entries(tmp_path, monkeypatch):
+    """The generators size row groups by entries, not rows (as h5ad_to_parquet
+    does): readers decode a group at a time, so a dense 50,000-row group
+    would be hundreds of MB. Both layouts."""
+    from polars_singlecell import _files, _internal
+
+    monkeypatch.setattr(_files, "ROW_GROUP_ENTRIES", 20_000)
+    kw = dict(n_genes=120, umis_per_cell=80, rows_per_file=1500, seed=5)
+    for layout, pattern, column in (("cells", "part-*.parquet", "gene_idx"), ("tahoe", "data/*.parquet", "genes")):
+        out = psc.datasets.tahoe_like(3000, tmp_path / layout, layout=layout, **kw)
+        files = sorted(str(f) for f in out.glob(pattern))
+        groups = _internal.parquet_row_groups(files, [column])
+        assert sum(n for n, _ in groups) == 3000
+        assert sum(e for _, e in groups) / len(files) > 3 * 20_000  # a file's rows in one group would be 3x too many
+        # Every group at most ~the budget; all but each file's last one near it.
+        assert max(e for _, e in groups) <= 1.2 * 20_000
+        assert sum(e >= 0.8 * 20_000 for _, e in groups) >= 3 * len(files)

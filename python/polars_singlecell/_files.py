@@ -26,9 +26,11 @@ from polars_singlecell import _progress
 ROW_GROUP_ENTRIES = 4_000_000
 
 
-def rows_per_group(n_rows: int, n_entries: int, budget: int = ROW_GROUP_ENTRIES) -> int:
+def rows_per_group(n_rows: int, n_entries: int, budget: int | None = None) -> int:
     """Rows per Parquet row group for ``n_rows`` cells holding ``n_entries``
-    list entries: about ``budget`` entries a group, 256 to 50,000 rows."""
+    list entries: about ``budget`` (default ``ROW_GROUP_ENTRIES``) entries a
+    group, 256 to 50,000 rows."""
+    budget = ROW_GROUP_ENTRIES if budget is None else budget
     return int(min(50_000, max(256, budget * n_rows // max(n_entries, 1)), max(n_rows, 1)))
 
 

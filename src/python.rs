@@ -1041,7 +1041,9 @@ fn cuda_available(py: Python<'_>) -> bool {
 /// Each row group of the Parquet files `paths`, in order, as (rows, entries):
 /// entries is the largest leaf value count among the columns named in
 /// `columns` (a list column's entries, plus a slot for each empty or null
-/// list), 0 where none is in the file.
+/// list) or, where none of them is in the file (columns computed from
+/// others, as `to_cells` makes `gene_idx` from Tahoe's `genes`), among all
+/// its columns: an upper bound, never 0 for rows with entries.
 /// `record_batches` aligns its row slices to these: a slice that starts
 /// inside a row group makes Polars decode that group from its first row.
 #[pyfunction]
@@ -1052,12 +1054,13 @@ fn parquet_row_groups(py: Python<'_>, paths: Vec<String>, columns: Vec<String>) 
             let mut file = std::fs::File::open(path).map_err(|e| value_error(format!("{path}: {e}")))?;
             let meta = polars_parquet::read::read_metadata(&mut file).map_err(|e| value_error(format!("{path}: {e}")))?;
             for rg in &meta.row_groups {
+                let count = |m: &polars_parquet::parquet::metadata::ColumnChunkMetadata| m.num_values().max(0) as u64;
                 let entries = columns
                     .iter()
                     .filter_map(|c| rg.columns_under_root_iter(c))
-                    .flat_map(|leaves| leaves.map(|m| m.num_values().max(0) as u64))
+                    .flat_map(|leaves| leaves.map(count))
                     .max()
-                    .unwrap_or(0);
+                    .unwrap_or_else(|| rg.parquet_columns().iter().map(count).max().unwrap_or(0));
                 out.push((rg.num_rows() as u64, entries));
             }
         }

@@ -317,16 +317,18 @@ def test_record_batches_read_a_scan_slice_by_slice(cellbench, tmp_path, monkeypa
     want = lf.select("gene_idx", "values").collect()
     assert P._slice_reaches_scan(lf.select("gene_idx", "values"))
 
-    # Whole row groups of 100 rows, as many as fit 20,000 entries.
+    # Whole row groups of 100 rows, as many as fit 20,000 entries and 500 rows.
     entries = [int(want["gene_idx"][a:a + 100].list.len().sum()) for a in range(0, df.height, 100)]
     assert max(entries) < 20_000 < sum(entries)
     expect, rows, used = [], 0, 0
     for k, e in enumerate(entries):
-        if rows and used + e > 20_000:
+        n = min(100, df.height - 100 * k)
+        if rows and (used + e > 20_000 or rows + n > 500):
             expect.append(rows)
             rows = used = 0
-        rows, used = rows + min(100, df.height - 100 * k), used + e
+        rows, used = rows + n, used + e
     expect.append(rows)
+    assert len(set(expect[:-1])) > 1  # both budgets bind somewhere
     got = list(P._record_batches(lf, ["gene_idx", "values"]))
     assert [b.height for b in got] == expect
     assert all(h % 100 == 0 for h in expect[:-1])

@@ -180,3 +180,24 @@ def test_generated_row_groups_hold_about_row_group_entries(tmp_path, monkeypatch
         # Every group at most ~the budget; all but each file's last one near it.
         assert max(e for _, e in groups) <= 1.2 * 20_000
         assert sum(e >= 0.8 * 20_000 for _, e in groups) >= 3 * len(files)
+
+
+def test_slices_of_the_tahoe_layout_stay_within_budget(tmp_path, monkeypatch):
+    """record_batches plans its slices from the files' footers. Through
+    scan_cells the columns it reads (gene_idx, values) are computed from
+    others (genes, expressions): the plan must still bound each slice, not
+    take the files whole (a 1M-cell run once peaked at 16 GB that way)."""
+    from polars_singlecell import _files, _frames
+
+    monkeypatch.setattr(_files, "ROW_GROUP_ENTRIES", 5_000)
+    out = psc.datasets.tahoe_like(3000, tmp_path / "t", layout="tahoe", n_genes=120, umis_per_cell=80, rows_per_file=1500, seed=5)
+    monkeypatch.setattr(_frames, "SLICE_ENTRIES", 20_000)
+    lf = psc.scan_cells(out / "data", counts=("genes", "expressions"), vocabulary=out / "metadata" / "gene_metadata.parquet")
+    q = lf.select("gene_idx", "values")
+    plan = _frames._aligned_slices(q, ["gene_idx", "values"])
+    assert sum(plan) == 3000 and len(plan) >= 3000 * 80 // 20_000
+    got = list(_frames.record_batches(lf, ["gene_idx", "values"]))
+    assert [b.height for b in got] == plan
+    # Footers count the marker token too: at most a row's worth over the budget.
+    assert max(int(b["gene_idx"].list.len().sum()) for b in got) <= 20_000
+    assert pl.concat(got).equals(q.collect())

@@ -96,8 +96,9 @@ def record_batches(lf: pl.LazyFrame, columns: list[str]) -> Iterator[pl.DataFram
 
 def _aligned_slices(q: pl.LazyFrame, lists: list[str]) -> list[int]:
     """Row counts of consecutive slices of ``q``'s one Parquet scan that
-    start and end on row-group boundaries, each about SLICE_ENTRIES entries
-    of the ``lists`` columns (or SLICE_ROWS rows without list columns);
+    start and end on row-group boundaries, each at most SLICE_ENTRIES entries
+    of the ``lists`` columns (as the footers count them) and SLICE_ROWS rows,
+    unless one row group alone is more (one group over the entries is split);
     ``[]`` where the files' footers cannot be read (remote sources, a plan
     Polars shows differently): the caller then slices by density alone."""
     paths = _scan_paths(q)
@@ -111,7 +112,8 @@ def _aligned_slices(q: pl.LazyFrame, lists: list[str]) -> list[int]:
     for n, e in groups:
         if not lists:
             e = n * SLICE_ENTRIES // SLICE_ROWS  # rows are the budget
-        if rows and entries + e > SLICE_ENTRIES:
+        # Whole groups while both budgets hold (rows bound the other columns).
+        if rows and (entries + e > SLICE_ENTRIES or rows + n > SLICE_ROWS):
             slices.append(rows)
             rows, entries = 0, 0
         if e > SLICE_ENTRIES:  # one group over budget: split it evenly

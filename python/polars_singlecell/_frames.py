@@ -59,23 +59,16 @@ def record_batches(lf: pl.LazyFrame, columns: list[str]) -> Iterator[pl.DataFram
         # groups where the files' footers can be read: a slice that starts
         # inside a row group makes Polars decode the group from its first
         # row, so misaligned slices decoded the data ~1.8 times over
-        # (benches/results/counts-*.md). A row group larger than the budget
+        # (docs/benchmarks.md, counts throughput). A row group larger than the budget
         # is split evenly (that re-decode is the price of bounded memory).
         schema = q.collect_schema()
         lists = [c for c in columns if isinstance(schema[c], pl.List)]
-        start = 0
-        for size in _aligned_slices(q, lists):
-            batch = q.slice(start, size).collect(engine="streaming")
-            if batch.height:
-                if count is not None:
-                    count(batch.height)
-                yield batch
-            if batch.height < size:
-                return
-            start += batch.height
-        # No footers (or rows beyond them): slices sized by the density
-        # that the first, small slice measures.
-        size = PROBE_ROWS if lists else SLICE_ROWS
+        # No footers (or rows beyond them): slices sized by the density that
+        # a first, small slice measures.
+        plan = iter(_aligned_slices(q, lists))
+        start, size = 0, next(plan, None)
+        if size is None:
+            plan, size = None, PROBE_ROWS if lists else SLICE_ROWS
         while True:
             batch = q.slice(start, size).collect(engine="streaming")
             if batch.height:
@@ -84,10 +77,15 @@ def record_batches(lf: pl.LazyFrame, columns: list[str]) -> Iterator[pl.DataFram
                 yield batch
             if batch.height < size:
                 return
-            if size == PROBE_ROWS and lists:
+            start += batch.height
+            planned = None if plan is None else next(plan, None)
+            if planned is not None:
+                size = planned
+            elif plan is not None:  # the plan ran out (rows past the footers): probe
+                plan, size = None, PROBE_ROWS if lists else SLICE_ROWS
+            elif size == PROBE_ROWS and lists:
                 per_row = max(1.0, float(batch[lists[0]].list.len().mean() or 0.0))
                 size = int(min(SLICE_ROWS, max(PROBE_ROWS, SLICE_ENTRIES // per_row)))
-            start += batch.height
     for batch in q.collect_batches(maintain_order=True):
         if count is not None:
             count(batch.height)

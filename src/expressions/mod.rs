@@ -136,22 +136,23 @@ pub fn gene_stats_update(
     batch: Option<&StringChunked>,
 ) -> PolarsResult<()> {
     check_batch(gene_idx, batch)?;
-    // Each row's batch as an index into the statistics (in label order).
-    let labels: Vec<&str> = match batch {
-        Some(b) => b.iter().map(|x| x.unwrap_or("")).collect(), // no null: checked above
-        None => vec![""; gene_idx.len()],
-    };
-    for &key in &labels {
-        if !stats.contains_key(key) {
-            stats.insert(key.to_string(), GeneStats::new(n_genes, transform));
-        }
-    }
-    let position: std::collections::HashMap<&str, usize> = stats.keys().enumerate().map(|(i, k)| (k.as_str(), i)).collect();
-    let index: Vec<usize> = labels.iter().map(|k| position[k]).collect();
-    drop(position);
-    let mut targets: Vec<&mut GeneStats> = stats.values_mut().collect();
     convert::with_sparse_rows(gene_idx, values, Some(n_genes), |rows, validity| {
         convert::reject_null_rows(validity, "highly_variable_genes")?;
+        // Only valid rows add batches. Each row's batch as an index into the
+        // statistics, in label order.
+        let labels: Vec<&str> = match batch {
+            Some(b) => b.iter().map(|x| x.unwrap_or("")).collect(), // no null: checked above
+            None => vec![""; rows.len()],
+        };
+        for &key in &labels {
+            if !stats.contains_key(key) {
+                stats.insert(key.to_string(), GeneStats::new(n_genes, transform));
+            }
+        }
+        let position: std::collections::HashMap<&str, usize> = stats.keys().enumerate().map(|(i, k)| (k.as_str(), i)).collect();
+        let index: Vec<usize> = labels.iter().map(|k| position[k]).collect();
+        drop(position);
+        let mut targets: Vec<&mut GeneStats> = stats.values_mut().collect();
         THREAD_POOL.install(|| kernels::hvg::add_rows(&mut targets, rows, &index));
         Ok(())
     })
@@ -178,7 +179,6 @@ pub fn clipped_sums_update(
     })
 }
 
-/// Validated rows of a chunk with each row's batch label ("" without one).
 /// A batch column, where given, has one label per cell and no null.
 fn check_batch(gene_idx: &Series, batch: Option<&StringChunked>) -> PolarsResult<()> {
     if let Some(b) = batch {
@@ -192,6 +192,7 @@ fn check_batch(gene_idx: &Series, batch: Option<&StringChunked>) -> PolarsResult
     Ok(())
 }
 
+/// Validated rows of a chunk with each row's batch label ("" without one).
 fn rows_by_batch(
     gene_idx: &Series,
     values: &Series,

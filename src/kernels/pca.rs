@@ -138,7 +138,7 @@ impl Clip {
 }
 
 /// Cells per block of [`CovAccumulator::add`]: the tile starts of 2,048 cells
-/// (65 tiles of 2,000 genes: 0.5 MB) stay in cache while the tiles read them.
+/// (64 starts for 2,000 genes in 32-gene tiles: 0.5 MB) stay in cache while the tiles read them.
 const ROW_BLOCK: usize = 2048;
 
 /// Add one cell's products to the Gram rows `lo..` held in `tile` (row-major,

@@ -13,11 +13,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-from _harness import run
+from _harness import commit, run
+
+RESULTS = Path(__file__).parent / "results"
 
 
 def _load(folder: str, log: bool = False):
@@ -126,7 +130,18 @@ def main() -> None:
         psc.datasets.write_synthetic_counts(folder, args.n_cells, rows_per_file=100_000)
         print(f"generated {args.n_cells:,} cells in {time.perf_counter() - t:.0f}s -> {folder}")
     nnz = pl.scan_parquet(folder / "*.parquet").select(pl.col("gene_idx").list.len().sum()).collect().item()
-    print(f"{args.n_cells:,} cells x 2000 genes, {nnz / args.n_cells / 2000:.1%} non-zero, "
+    lines: list[str] = []
+
+    def out(line: str = "") -> None:
+        print(line, flush=True)
+        lines.append(line)
+
+    out("# Preprocessing against scanpy")
+    out()
+    out(f"`benches/bench_preprocessing.py {' '.join(sys.argv[1:])}` at commit {commit()}, "
+        f"{platform.processor() or platform.machine()}.")
+    out()
+    out(f"{args.n_cells:,} cells x 2000 genes, {nnz / args.n_cells / 2000:.1%} non-zero, "
           f"POLARS_MAX_THREADS={os.environ.get('POLARS_MAX_THREADS', 'unset')}, {os.cpu_count()} CPUs")
 
     rows = []
@@ -137,12 +152,12 @@ def main() -> None:
     ref = (None, None) if args.skip_reference else run(scanpy_pca, str(folder))
     rows.append(("PCA fit + project, 50 comps", "scanpy.pp.pca (arpack)", t_ours, m_ours, *ref))
 
-    print()
-    print("| step | reference | ours (s) | reference (s) | speed-up | ours peak RSS (MB) | reference peak RSS (MB) |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+    out()
+    out("| step | reference | ours (s) | reference (s) | speed-up | ours peak RSS (MB) | reference peak RSS (MB) |")
+    out("|---|---|---:|---:|---:|---:|---:|")
     for step, refname, t, m, rt, rm in rows:
         sp = f"{rt / t:.1f}x" if rt else "-"
-        print(f"| {step} | {refname} | {t:.2f} | {rt or 0:.2f} | {sp} | {m:.0f} | {rm or 0:.0f} |")
+        out(f"| {step} | {refname} | {t:.2f} | {rt or 0:.2f} | {sp} | {m:.0f} | {rm or 0:.0f} |")
 
     # Streaming: scan -> normalize -> pca_project -> sink, at N and 4N cells.
     model = psc.fit_pca(
@@ -151,15 +166,19 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         mp_path = Path(d) / "pca.parquet"
         model.save(mp_path)
-        print()
-        print("| streaming scan_parquet → normalize → pca_project → sink_parquet | cells | seconds | cells/s | peak RSS (MB) |")
-        print("|---|---:|---:|---:|---:|")
+        out()
+        out("| streaming scan_parquet → normalize → pca_project → sink_parquet | cells | seconds | cells/s | peak RSS (MB) |")
+        out("|---|---:|---:|---:|---:|")
         peaks = []
         for repeat in (1, 4):
             (dt, n), peak = run(ours_stream, str(folder), str(mp_path), repeat)
             peaks.append(peak)
-            print(f"| {repeat}x the files | {n:,} | {dt:.1f} | {n / dt:,.0f} | {peak:.0f} |")
-        print(f"\npeak RSS ratio 4x / 1x cells: {peaks[1] / peaks[0]:.2f}")
+            out(f"| {repeat}x the files | {n:,} | {dt:.1f} | {n / dt:,.0f} | {peak:.0f} |")
+        out()
+        out(f"peak RSS ratio 4x / 1x cells: {peaks[1] / peaks[0]:.2f}")
+    if not args.skip_reference and args.n_cells == 1_000_000:
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / "preprocessing.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

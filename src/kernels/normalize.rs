@@ -4,6 +4,8 @@
 //! `total / target_sum` in float32 and each value is divided by it in float32,
 //! so results agree with scanpy to the last bit or one ulp.
 
+use rayon::prelude::*;
+
 use super::SparseRow;
 use crate::error::{KernelError, Part};
 
@@ -30,6 +32,24 @@ pub fn median_nonzero(totals: &[f32]) -> Option<f32> {
     Some(if t.len() % 2 == 1 { t[m] } else { (t[m - 1] + t[m]) / 2.0 })
 }
 
+/// The first negative value in row order, with its row. A branch-free test
+/// per row (it vectorises) before looking for the value, and large calls
+/// split over the current rayon pool as `validate_rows` does.
+fn first_negative(rows: &[SparseRow<'_>]) -> Option<(usize, f32)> {
+    let scan = |offset: usize, block: &[SparseRow<'_>]| {
+        block.iter().enumerate().find_map(|(i, r)| {
+            let any = r.values.iter().fold(false, |a, &v| a | (v < 0.0));
+            if any { r.values.iter().find(|&&v| v < 0.0).map(|&v| (offset + i, v)) } else { None }
+        })
+    };
+    if !super::parallel(rows.len()) {
+        return scan(0, rows);
+    }
+    let found: Vec<Option<(usize, f32)>> =
+        rows.par_chunks(super::PAR_BLOCK).enumerate().map(|(b, block)| scan(b * super::PAR_BLOCK, block)).collect();
+    found.into_iter().flatten().next()
+}
+
 /// Integer counts below this share one `ln_1p` per cell (see `normalize`).
 const MEMO: usize = 64;
 
@@ -40,15 +60,13 @@ const MEMO: usize = 64;
 /// A cell with zero total counts keeps its (zero) values, as in scanpy.
 /// Negative counts are an error: their totals have no meaning.
 pub fn normalize(rows: &[SparseRow<'_>], target_sum: Option<f32>, log1p: bool) -> Result<Vec<f32>, KernelError> {
-    for (row, r) in rows.iter().enumerate() {
-        if let Some(v) = r.values.iter().find(|&&v| v < 0.0) {
-            return Err(KernelError::Row {
-                part: Part::Values,
-                row,
-                problem: format!("negative count {v}"),
-                fix: "normalize expects raw non-negative counts",
-            });
-        }
+    if let Some((row, v)) = first_negative(rows) {
+        return Err(KernelError::Row {
+            part: Part::Values,
+            row,
+            problem: format!("negative count {v}"),
+            fix: "normalize expects raw non-negative counts",
+        });
     }
     if let Some(t) = target_sum {
         if !(t.is_finite() && t > 0.0) {
@@ -162,6 +180,19 @@ mod tests {
         bad[last] = crate::kernels::SparseRow { gene_idx: &[3, 1], values: &[1.0, 1.0] };
         let e = pool(2).install(|| crate::kernels::validate_rows(&bad, None)).unwrap_err().to_string();
         assert!(e.contains(&format!("at row {last}")), "{e}");
+    }
+
+    /// Split over threads, the error still names the first bad row.
+    #[test]
+    fn first_negative_row_in_a_large_call() {
+        let n = 4 * crate::kernels::PAR_BLOCK + 1000;
+        let mut values = vec![[1.0f32]; n];
+        values[3 * crate::kernels::PAR_BLOCK + 17] = [-2.0];
+        values[n - 1] = [-1.0];
+        let rows: Vec<SparseRow<'_>> = values.iter().map(|v| SparseRow { gene_idx: &[0], values: v }).collect();
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        let e = pool.install(|| normalize(&rows, Some(1e4), true)).unwrap_err().to_string();
+        assert!(e.contains(&format!("negative count -2 at row {}", 3 * crate::kernels::PAR_BLOCK + 17)), "{e}");
     }
 
     #[test]

@@ -33,7 +33,10 @@ METRICS = ["batch_entropy_norm", "ilisi", "label_purity", "clisi", "overall"]
 
 def _child(fn, args, q):
     out = fn(*args)
-    q.put((out, peak_mb()))
+    # VmHWM: ru_maxrss would report the parent's peak when that was higher
+    # (bench_preprocessing's streaming rows showed the parent's PCA fit).
+    hwm = hwm_mb()
+    q.put((out, peak_mb() if hwm != hwm else hwm))
 
 
 def run(fn, *args):

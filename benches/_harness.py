@@ -4,6 +4,7 @@ and report its result with its own peak RSS."""
 from __future__ import annotations
 
 import json
+import math
 import multiprocessing as mp
 import os
 import queue
@@ -36,7 +37,7 @@ def _child(fn, args, q):
     # VmHWM: ru_maxrss would report the parent's peak when that was higher
     # (bench_preprocessing's streaming rows showed the parent's PCA fit).
     hwm = hwm_mb()
-    q.put((out, peak_mb() if hwm != hwm else hwm))
+    q.put((out, peak_mb() if math.isnan(hwm) else hwm))
 
 
 def run(fn, *args):

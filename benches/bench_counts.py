@@ -120,12 +120,12 @@ def compute(cells: str, out: str) -> dict:
 
     def genes():
         norm = df.with_columns(psc.normalize())
-        acc = _internal.GeneStatsAccumulator(n_genes)
+        acc = _internal.GeneStatsFit(n_genes)
         acc.update(norm["gene_idx"], norm["values"], norm["plate"])
 
     def pca():
         sel = df.with_columns(psc.normalize()).select(psc.select_genes(genes=hv).struct.unnest())
-        acc = _internal.PcaAccumulator(hv.len(), _frames.n_threads(None), "cpu")
+        acc = _internal.CovarianceFit(hv.len(), _frames.n_threads(None), "cpu")
         acc.update(sel["gene_idx"], sel["values"])
 
     def project():
@@ -139,10 +139,10 @@ def compute(cells: str, out: str) -> dict:
     sel = df.with_columns(psc.normalize()).select(psc.select_genes(genes=hv).struct.unnest())
     k = sel["gene_idx"].list.len().cast(pl.Float64)
     res["gram_updates"] = float((k * (k + 1) / 2).sum())
-    res["gram"] = best(lambda: _internal.PcaAccumulator(hv.len(), _frames.n_threads(None), "cpu").update(sel["gene_idx"], sel["values"]))
+    res["gram"] = best(lambda: _internal.CovarianceFit(hv.len(), _frames.n_threads(None), "cpu").update(sel["gene_idx"], sel["values"]))
     res["normalize"] = best(lambda: df.select(psc.normalize()))
     norm = df.with_columns(psc.normalize())
-    res["hvg_statistics"] = best(lambda: _internal.GeneStatsAccumulator(n_genes).update(norm["gene_idx"], norm["values"], norm["plate"]))
+    res["hvg_statistics"] = best(lambda: _internal.GeneStatsFit(n_genes).update(norm["gene_idx"], norm["values"], norm["plate"]))
     res["select_genes"] = best(lambda: norm.select(psc.select_genes(genes=hv).struct.unnest()))
     res["hv_genes"] = int(hv.len())
     return res

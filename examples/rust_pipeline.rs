@@ -1,12 +1,13 @@
 //! Using the crate from a Rust Polars pipeline (polars 0.55.x).
 //! Run: cargo run --example rust_pipeline
 use polars::prelude::*;
-use polars_singlecell::expressions::{fit_integration, fit_pca_update, kmeans_centroids, normalize, pca_project};
+use polars_singlecell::expressions::{fit_integration, kmeans_centroids, normalize, pca_project};
 use polars_singlecell::expressions::convert::array_f32;
+use polars_singlecell::expressions::fit::{CovarianceFit, PcaOptions, StreamingFit};
 use polars_singlecell::kernels::integrate::IntegrationParams;
 use polars_singlecell::kernels::kmeans::KMeansParams;
 use polars_singlecell::kernels::Device;
-use polars_singlecell::kernels::pca::{CovAccumulator, PcaProjector};
+use polars_singlecell::kernels::pca::PcaProjector;
 
 fn main() -> PolarsResult<()> {
     // Three cells over three genes, in the project's sparse layout.
@@ -22,10 +23,17 @@ fn main() -> PolarsResult<()> {
     ]);
     let lognorm = normalize(&gene_idx, &values, Some(1e4), true)?;
 
-    // Fit PCA; a streaming pipeline calls fit_pca_update once per batch of rows.
-    let mut acc = CovAccumulator::new(3)?;
-    fit_pca_update(&mut acc, None, &gene_idx, &lognorm)?;
-    let fit = acc.fit(2)?;
+    // Fit PCA: `update` once per record batch. Here two partitions (rows
+    // 0..2 and 2..3), each fitted on its own as a worker would, the second
+    // sent as bytes, merged in row order.
+    let part = |s: &Series, a: i64, n: usize| s.slice(a, n);
+    let mut pca = CovarianceFit::new(3, Device::Cpu, None)?;
+    pca.update(&[part(&gene_idx, 0, 2), part(&lognorm, 0, 2)])?;
+    let mut rest = CovarianceFit::new(3, Device::Cpu, None)?;
+    rest.update(&[part(&gene_idx, 2, 1), part(&lognorm, 2, 1)])?;
+    pca.merge(CovarianceFit::from_bytes(&rest.to_bytes()?)?)?;
+    let fit = pca.finish(&PcaOptions { n_comps: 2, scale: false })?;
+    assert_eq!(fit.n_cells, 3);
     let model = PcaProjector::from_fit(&fit)?;
 
     let x_pca = pca_project(&gene_idx, &lognorm, &model, Device::Cpu)?;

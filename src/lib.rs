@@ -4,6 +4,8 @@
 
 pub mod error;
 pub mod expressions;
+#[cfg(feature = "parquet")]
+pub mod footers;
 pub mod kernels;
 
 #[cfg(feature = "python")]

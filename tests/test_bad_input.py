@@ -210,7 +210,7 @@ def test_embedding_expressions_are_finite_or_name_a_bad_row(rows, batches, k, in
     cases = {
         # Expressions on embeddings take every cell (docs/guarantees.md: a null cell is an error naming its row).
         "knn_interpolate": (lambda: df.with_columns(psc.knn_interpolate(model=integration, k=k)), nonfinite | no_batch | null),
-        "knn": (lambda: df.with_columns(psc.knn(index=integration, k=k)), nonfinite | null),
+        "knn": (lambda: df.with_columns(psc.knn(model=integration, k=k)), nonfinite | null),
         "kmeans_centroids": (lambda: df.select(psc.kmeans_centroids(n_centroids=k)), nonfinite | null),
     }
     for op, (run, bad) in cases.items():

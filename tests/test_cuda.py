@@ -2,7 +2,7 @@
 
 Every test takes the ``device`` fixture (conftest): it runs on the CPU
 everywhere and again on the GPU where one is usable, and compares with the
-CPU path. What must hold (see ``src/kernels/cuda.rs``): ``pca_project``,
+CPU path. What must hold (see ``src/kernels/gpu/cuda.rs``): ``pca_project``,
 ``knn`` and ``knn_interpolate`` give the CPU's bits; ``fit_pca`` agrees to
 float64 rounding; k-means agrees to float32 rounding of its distances.
 Only polars, numpy and scipy are needed, so this file also runs on a bare
@@ -67,8 +67,8 @@ def test_knn_same_bits(device):
     rng = np.random.default_rng(3)
     index = rng.normal(size=(3000, 50)).astype(np.float32)
     cells = pl.DataFrame({"X_pca": _arr(rng.normal(size=(20_000, 50)))})
-    want = cells.select(psc.knn(index=index, k=15)).unnest("knn")
-    got = cells.select(psc.knn(index=index, k=15, device=device)).unnest("knn")
+    want = cells.select(psc.knn(model=index, k=15)).unnest("knn")
+    got = cells.select(psc.knn(model=index, k=15, device=device)).unnest("knn")
     assert np.array_equal(_np(got["indices"]), _np(want["indices"]))
     assert np.array_equal(_np(got["distances"]), _np(want["distances"]))
 
@@ -116,4 +116,4 @@ def test_cuda_unavailable_is_a_clear_error():
         with pytest.raises(ValueError, match="device='cuda'.*(no CUDA backend|not available)"):
             make()
     with pytest.raises(ValueError, match="device must be 'cpu' or 'cuda', got 'gpu'"):
-        psc.knn(index=np.zeros((2, 2)), k=1, device="gpu")
+        psc.knn(model=np.zeros((2, 2)), k=1, device="gpu")

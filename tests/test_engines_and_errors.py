@@ -154,7 +154,7 @@ def test_fits_reject_bad_rows_with_names():
 
 
 def test_gene_stats_reject_a_batch_column_of_another_length():
-    acc = psc._internal.GeneStatsAccumulator(3)
+    acc = psc._internal.GeneStatsFit(3)
     df = sparse_frame([([0], [1.0]), ([1], [1.0])])
     with pytest.raises(ValueError, match="batch column 'b' has 1 rows but the cells have 2"):
         acc.update(df["gene_idx"], df["values"], pl.Series("b", ["x"]))

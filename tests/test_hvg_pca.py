@@ -392,7 +392,7 @@ def test_a_failed_statistics_update_adds_nothing():
     they were: no half-added batch labels."""
     from polars_singlecell import _internal
 
-    acc = _internal.GeneStatsAccumulator(3)
+    acc = _internal.GeneStatsFit(3)
     good = pl.DataFrame({"gene_idx": [[0, 2]], "values": [[1.0, 2.0]], "b": ["x"]},
                         schema={"gene_idx": pl.List(pl.UInt32), "values": pl.List(pl.Float32), "b": pl.String})
     acc.update(good["gene_idx"], good["values"], good["b"])

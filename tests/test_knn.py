@@ -46,7 +46,7 @@ def assert_same_neighbours_as_faiss(x: np.ndarray, c: np.ndarray, k: int) -> Non
     """Ours equal faiss IndexFlatL2 up to exact-distance ties: wherever the index sets
     differ, the exact distances are tied (within float32 rounding of the expansion
     faiss uses); and ours are the exact float64 top-k."""
-    out = pl.DataFrame({"X": arr(x)}).select(psc.knn("X", index=c, k=k)).unnest("knn")
+    out = pl.DataFrame({"X": arr(x)}).select(psc.knn("X", model=c, k=k)).unnest("knn")
     idx, dist = out["indices"].to_numpy().astype(np.int64), out["distances"].to_numpy()
     index = faiss.IndexFlatL2(c.shape[1])
     index.add(np.ascontiguousarray(c, dtype=np.float32))
@@ -78,7 +78,7 @@ def test_knn_matches_faiss_on_harmony_cells_as_their_own_index(harmony):
     # Cells as the index: each cell's nearest point is itself, at distance 0.
     x = harmony["embedding"].to_numpy()
     assert_same_neighbours_as_faiss(x, x, 30)
-    first = pl.DataFrame({"X": arr(x)}).select(psc.knn("X", index=x, k=1)).unnest("knn")
+    first = pl.DataFrame({"X": arr(x)}).select(psc.knn("X", model=x, k=1)).unnest("knn")
     assert (first["distances"].to_numpy()[:, 0] == 0).all()
 
 
@@ -92,7 +92,7 @@ def test_knn_matches_faiss_on_generated_data(d, n_centres):
 
 def test_knn_ties_go_to_the_lower_row():
     c = np.array([[1, 0], [0, 3], [1, 0], [0, 3]], dtype=np.float32)
-    out = pl.DataFrame({"X": arr(np.array([[0.9, 0.1]]))}).select(psc.knn("X", index=c, k=3)).unnest("knn")
+    out = pl.DataFrame({"X": arr(np.array([[0.9, 0.1]]))}).select(psc.knn("X", model=c, k=3)).unnest("knn")
     assert out["indices"].to_list() == [[0, 2, 1]]
 
 
@@ -170,8 +170,8 @@ def test_same_bits_in_every_engine(stream_case):
     for other in (lazy, streaming, sunk):
         assert eager.equals(other)
     # knn too.
-    k_eager = cells.select(psc.knn("X_pca", index=model, k=5))
-    k_stream = pl.scan_parquet(folder / "cells.parquet").select(psc.knn("X_pca", index=model, k=5)).collect(engine="streaming")
+    k_eager = cells.select(psc.knn("X_pca", model=model, k=5))
+    k_stream = pl.scan_parquet(folder / "cells.parquet").select(psc.knn("X_pca", model=model, k=5)).collect(engine="streaming")
     assert k_eager.equals(k_stream)
 
 
@@ -313,10 +313,10 @@ def test_bad_options_and_models(stream_case, tmp_path):
 def test_knn_bad_index():
     x = pl.DataFrame({"X": arr(np.zeros((2, 3)))})
     with pytest.raises(ValueError, match="non-empty 2-D array"):
-        psc.knn("X", index=np.zeros(3))
+        psc.knn("X", model=np.zeros(3))
     with pytest.raises(ValueError, match="cast it"):
-        psc.knn("X", index=pl.Series([[1.0, 2.0]]))
+        psc.knn("X", model=pl.Series([[1.0, 2.0]]))
     with pytest.raises(ValueError, match="k=4 exceeds its maximum 3"):
-        psc.knn("X", index=np.zeros((3, 3)), k=4)
+        psc.knn("X", model=np.zeros((3, 3)), k=4)
     with pytest.raises(pl.exceptions.PolarsError, match="width 3 but the model's centroids have 2"):
-        x.select(psc.knn("X", index=np.zeros((3, 2)), k=1))
+        x.select(psc.knn("X", model=np.zeros((3, 2)), k=1))

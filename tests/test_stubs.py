@@ -19,6 +19,10 @@ def _params(fn: ast.FunctionDef, drop_self: bool) -> list[tuple[str, str | None]
     return [(a.arg, d) for a, d in zip(args, defaults)]
 
 
+def _static(fn: ast.FunctionDef) -> bool:
+    return any(isinstance(d, ast.Name) and d.id == "staticmethod" for d in fn.decorator_list)
+
+
 def _compiled(obj) -> list[tuple[str, str | None]]:
     out = []
     for p in inspect.signature(obj).parameters.values():
@@ -40,7 +44,7 @@ def test_stub_matches_the_compiled_module():
             stubbed[node.name] = ("function", _norm(_params(node, False)))
         elif isinstance(node, ast.ClassDef):
             methods = {n.name: n for n in node.body if isinstance(n, ast.FunctionDef)}
-            stubbed[node.name] = ("class", {name: _norm(_params(f, True)) for name, f in methods.items()})
+            stubbed[node.name] = ("class", {name: _norm(_params(f, not _static(f))) for name, f in methods.items()})
         elif isinstance(node, ast.AnnAssign):
             stubbed[node.target.id] = ("value", None)
     public = {n for n in dir(_internal) if not n.startswith("_") or n == "__version__"}

@@ -170,12 +170,12 @@ def fit_centroids(
     if low_memory:
         long, summ = _fit_spilled(lf, embedding, batch_key, args, params, device, temp_dir, min_cells)
     else:
-        sampler = _internal.CentroidSampler(*args)
+        sampler = _internal.CentroidSampleFit(*args)
         for batch in _record_batches(lf, [embedding, batch_key]):
             sampler.update(batch[embedding], batch[batch_key])
         if sampler.n_rows == 0:
             raise ValueError(f"no cells: column {embedding!r} has no rows, so there is nothing to fit centroids to")
-        long, summ = sampler.fit(*params, device, min_cells)
+        long, summ = sampler.finish(*params, device, min_cells)
     key_dtype = schema[batch_key]
     # Back to the key's own dtype and order (the sampler keys batches by their text).
     long = long.rename({"batch": batch_key}).with_columns(pl.col(batch_key).cast(key_dtype))
@@ -211,15 +211,15 @@ def _fit_spilled(
     min_cells: int = 1,
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
     """``fit_centroids(low_memory=True)``: two reads, one batch's sample in memory."""
-    sampler = _internal.SpillSampler(*args)
+    sampler = _internal.SpillSampleFit(*args)
     with _progress.paused():  # the bar counts the cells of the full read only
         for batch in _record_batches(lf, [batch_key]):
-            sampler.count(batch[batch_key])
+            sampler.update(None, batch[batch_key])
     if sampler.n_rows == 0:
         raise ValueError(f"no cells: column {embedding!r} has no rows, so there is nothing to fit centroids to")
     # Hidden and ending in ".tmp": the pipeline clears what a killed run left.
     with tempfile.TemporaryDirectory(prefix=".centroid-sample.", suffix=".tmp", dir=temp_dir) as spill:
-        sampler.start(spill)
+        sampler.next_pass(spill)
         for batch in _record_batches(lf, [embedding, batch_key]):
             sampler.update(batch[embedding], batch[batch_key])
-        return sampler.fit(*params, device, min_cells)
+        return sampler.finish(*params, device, min_cells)

@@ -17,7 +17,7 @@ is the exact neighbour search behind it.
 >>> cells = pl.DataFrame({"plate": ["a", "b"], "X_pca": arr([[2, 0], [0, 1]])})
 >>> cells.with_columns(psc.knn_interpolate("X_pca", "plate", model=model, k=1))["X_ot"].to_list()
 [[3.0, 0.0], [-1.0, 1.0]]
->>> cells.select(psc.knn("X_pca", index=model, k=2)).unnest("knn")["indices"].to_list()
+>>> cells.select(psc.knn("X_pca", model=model, k=2)).unnest("knn")["indices"].to_list()
 [[0, 2], [0, 2]]
 """
 
@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -277,30 +278,46 @@ def _as_index(index: object) -> IntegrationModel:
     raise TypeError(f"index must be an IntegrationModel, a model path, a 2-D numpy array or an Array(Float32, d) Series, got {type(index).__name__}")
 
 
-def knn(embedding: IntoExpr = "X_pca", *, index: object, k: int = 8, device: Literal["cpu", "cuda"] = "cpu") -> pl.Expr:
-    """Exact k nearest neighbours of each cell among the points of ``index``.
+def knn(
+    embedding: IntoExpr = "X_pca",
+    *,
+    model: object = None,
+    k: int = 8,
+    device: Literal["cpu", "cuda"] = "cpu",
+    index: object = None,
+) -> pl.Expr:
+    """Exact k nearest neighbours of each cell among the points of ``model``.
 
     Returns ``Struct{indices: Array(UInt32, k), distances: Array(Float32, k)}``
     named ``knn``: row numbers of the index and Euclidean (not squared)
     distances, ascending; equal distances go to the lower row. Elementwise and
     streaming, like :func:`knn_interpolate`, and like it on ``device="cuda"``.
 
-    ``index`` is an :class:`IntegrationModel` (or its Parquet path: its
+    ``model`` is an :class:`IntegrationModel` (or its Parquet path: its
     centroids, in table order), a 2-D numpy array, or an
-    ``Array(Float32, d)`` Series.
+    ``Array(Float32, d)`` Series: the same keyword as :func:`knn_interpolate`
+    and :func:`pca_project`. ``index=`` is its old name, still accepted with
+    a ``DeprecationWarning``.
 
     Examples
     --------
     >>> import numpy as np, polars as pl, polars_singlecell as psc
     >>> cells = pl.DataFrame({"X_pca": np.array([[0.1, 0.0]], dtype=np.float32)},
     ...                      schema={"X_pca": pl.Array(pl.Float32, 2)})
-    >>> out = cells.select(psc.knn(index=np.array([[5, 5], [0, 0], [1, 0]]), k=2)).unnest("knn")
+    >>> out = cells.select(psc.knn(model=np.array([[5, 5], [0, 0], [1, 0]]), k=2)).unnest("knn")
     >>> out["indices"].to_list(), [round(v, 3) for v in out["distances"][0]]
     ([[1, 2]], [0.1, 0.9])
     """
-    m = _as_index(index)
+    if index is not None:
+        if model is not None:
+            raise TypeError("knn() takes model= (index= is its old name), not both")
+        warnings.warn("knn(index=...) is now knn(model=...)", DeprecationWarning, stacklevel=2)
+        model = index
+    if model is None:
+        raise TypeError("knn() needs model=: an IntegrationModel, its Parquet path, or an array of points")
+    m = _as_index(model)
     k = _positive_int("k", k, upper=m.n_centroids)
-    kwargs = {"index": m._register(), "d": m.d, "k": k, "device": check_device(device)}
+    kwargs = {"model": m._register(), "d": m.d, "k": k, "device": check_device(device)}
     return call("knn", [_col(embedding)], kwargs).alias("knn")
 
 

@@ -6,6 +6,7 @@ LazyFrame, stream it once in record batches and return a small result.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -303,7 +304,7 @@ def highly_variable_genes(
     cutoffs = {"min_mean": min_mean, "max_mean": max_mean, "min_disp": min_disp, "max_disp": max_disp}
 
     lf = _lazy(data)
-    acc = _internal.GeneStatsAccumulator(n_genes)
+    acc = _internal.GeneStatsFit(n_genes)
     cols = [gene_idx, values] + ([batch_key] if batch_key else [])
     for df in _record_batches(lf, cols):
         acc.update(df[gene_idx], df[values], df[batch_key] if batch_key else None)
@@ -376,7 +377,7 @@ def _seurat_v3(data: Frame, *, n_genes: int, n_top_genes: int | None, batch_key:
         raise ValueError(f"span must be in (0, 1], got {span!r}")
     lf = _lazy(data)
     cols = [gene_idx, values] + ([batch_key] if batch_key else [])
-    acc = _internal.GeneStatsAccumulator(n_genes, "counts")
+    acc = _internal.GeneStatsFit(n_genes, "counts")
     for df in _record_batches(lf, cols):
         acc.update(df[gene_idx], df[values], df[batch_key] if batch_key else None)
     if acc.non_integer:
@@ -401,7 +402,7 @@ def _seurat_v3(data: Frame, *, n_genes: int, n_top_genes: int | None, batch_key:
         reg_std = np.sqrt(10**est)
         clip.append((label, (reg_std * np.sqrt(n) + mean).tolist()))
         fitted[label] = (n, mean, reg_std)
-    clipped = _internal.ClippedSumsAccumulator(clip)
+    clipped = _internal.ClippedSumsFit(clip)
     for df in _record_batches(lf, cols):
         clipped.update(df[gene_idx], df[values], df[batch_key] if batch_key else None)
     sums = clipped.finish()
@@ -489,6 +490,27 @@ class PcaModel:
     @property
     def n_comps(self) -> int:
         return self.components.shape[0]
+
+    def _register(self) -> str:
+        """Hand the arrays to the plugin's model registry once per process;
+        return their key, a digest of the contents (equal models share one
+        copy, and a changed array is a new model)."""
+        arrays = {"mean": self.mean, "components": self.components, "std": self.std}
+        if self.max_value is not None:
+            # The PCA's centre is the scaled genes' mean; the raw means clip.
+            arrays.update(mean=self.scaled_mean, clip_mean=self.mean)
+        arrays = {k: None if v is None else np.ascontiguousarray(v, dtype=np.float64) for k, v in arrays.items()}
+        h = hashlib.blake2b(digest_size=16)
+        h.update(f"{self.n_comps}\0{self.max_value}\0{self.zero_center}\0".encode())
+        for name, a in arrays.items():
+            h.update(name.encode() + (b"-" if a is None else a.tobytes()))
+        key = "pca:" + h.hexdigest()
+        series = {k: None if v is None else pl.Series(k, v.ravel()) for k, v in arrays.items()}
+        _internal.register_pca_model(
+            key, self.n_comps, series["mean"], series["components"], series["std"], series.get("clip_mean"),
+            None if self.max_value is None else float(self.max_value), bool(self.zero_center),
+        )
+        return key
 
     def save(self, path: str | os.PathLike) -> None:
         """Write as Parquet: one row per gene (``gene_idx``, ``mean``,
@@ -587,7 +609,7 @@ def fit_pca(
     if max_value is not None:
         return _fit_pca_clipped(_lazy(data), n_genes, n_comps, [gene_idx, values], _n_threads(n_threads),
                                 check_device(device), max_value, zero_center)
-    acc = _internal.PcaAccumulator(n_genes, _n_threads(n_threads), check_device(device))
+    acc = _internal.CovarianceFit(n_genes, _n_threads(n_threads), check_device(device))
     for df in _record_batches(_lazy(data), [gene_idx, values]):
         acc.update(df[gene_idx], df[values])
     n_cells, mean, comps, ev, evr, std = acc.finish(n_comps, scale)
@@ -607,14 +629,14 @@ def _fit_pca_clipped(lf: pl.LazyFrame, n_genes: int, n_comps: int, cols: list[st
     of the clipped scaled cells (see fit_pca)."""
     # Exact moments, as the unclipped scaled fit's (scanpy squares float32
     # values in float32: its std differs from these by ~1e-8, relative).
-    first = _internal.GeneStatsAccumulator(n_genes, "exact")
+    first = _internal.GeneStatsFit(n_genes, "exact")
     for df in _record_batches(lf, cols):
         first.update(df[cols[0]], df[cols[1]])
     stats = first.finish()
     if stats.height == 0:
         raise ValueError("no cells: fit_pca needs at least 2")
     mean, std = stats["mean"].to_numpy(), stats["std"].to_numpy()  # sc.pp.scale's: ddof=1, a constant gene's 1
-    acc = _internal.PcaAccumulator(n_genes, n_threads, device, (mean.tolist(), std.tolist(), float(max_value), zero_center))
+    acc = _internal.CovarianceFit(n_genes, n_threads, device, (mean.tolist(), std.tolist(), float(max_value), zero_center))
     for df in _record_batches(lf, cols):
         acc.update(df[cols[0]], df[cols[1]])
     n_cells, scaled_mean, comps, ev, evr, _ = acc.finish(n_comps)
@@ -658,20 +680,5 @@ def pca_project(
     """
     if not isinstance(model, PcaModel):
         model = PcaModel.load(model)
-    return call(
-        "pca_project",
-        [_col(gene_idx), _col(values)],
-        {
-            "n_comps": model.n_comps,
-            "mean": np.ascontiguousarray(model.mean, dtype="<f8").tobytes(),
-            "components": np.ascontiguousarray(model.components, dtype="<f8").tobytes(),
-            "std": None if model.std is None else np.ascontiguousarray(model.std, dtype="<f8").tobytes(),
-            **({} if model.max_value is None else {
-                "mean": np.ascontiguousarray(model.scaled_mean, dtype="<f8").tobytes(),
-                "clip_mean": np.ascontiguousarray(model.mean, dtype="<f8").tobytes(),
-                "max_value": float(model.max_value),
-                "zero_center": bool(model.zero_center),
-            }),
-            "device": check_device(device),
-        },
-    ).alias("X_pca")
+    kwargs = {"model": model._register(), "n_comps": model.n_comps, "device": check_device(device)}
+    return call("pca_project", [_col(gene_idx), _col(values)], kwargs).alias("X_pca")

@@ -165,6 +165,25 @@ pub fn knn_dtype(k: usize) -> DataType {
     ])
 }
 
+/// Exact `k` nearest rows of `index` for every row of `queries` (both
+/// `Array(Float32, d)`), without a registered model (the metrics search a
+/// sample once and drop it). Returns (indices `Array(UInt32, k)`, distances
+/// `Array(Float32, k)`), ascending, Euclidean, ties to the lower row.
+pub fn knn_search(queries: &Series, index: &Series, k: usize, device: Device) -> PolarsResult<(Series, Series)> {
+    let (q, d) = convert::embedding_rows(queries)?;
+    let (c, dc) = convert::embedding_rows(index)?;
+    polars_ensure!(d == dc, ComputeError: "column '{}' has width {d} but the index '{}' has {dc}", queries.name(), index.name());
+    let c = c.into_owned(); // the index keeps its centres; the queries are only read
+    let n = q.len() / d;
+    let (idx, dist) = THREAD_POOL.install(|| {
+        let ix = CentroidIndex::new(c, None, d)?;
+        let (mut idx, mut dist) = (vec![0u32; n * k], vec![0f32; n * k]);
+        knn::knn(&q, &ix, k, &mut idx, &mut dist, device)?;
+        Ok::<_, KernelError>((idx, dist))
+    })?;
+    Ok((convert::array_of("indices", k, idx, None)?, convert::array_of("distances", k, dist, None)?))
+}
+
 /// Each cell's `k` nearest rows of the model (pooled, model row numbers) and
 /// their Euclidean distances, ascending; ties go to the lower row.
 pub fn knn(embedding: &Series, model: &InterpolationModel, k: usize, device: Device) -> PolarsResult<Series> {

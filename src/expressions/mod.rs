@@ -4,16 +4,18 @@
 //! kernels.
 
 pub mod convert;
+pub mod fit;
 pub mod integration;
+pub mod spill;
 
-pub use integration::{check_model_width, fit_integration, knn, knn_dtype, knn_interpolate, IntegrationOutput, InterpolationModel};
+pub use integration::{check_model_width, fit_integration, knn, knn_dtype, knn_interpolate, knn_search, IntegrationOutput, InterpolationModel};
 
 use polars::prelude::*;
 use polars_core::runtime::THREAD_POOL;
 
 use crate::kernels::hvg::{ClippedSums, GeneStats, Transform};
 use crate::kernels::kmeans::{KMeansFit, KMeansParams};
-use crate::kernels::sample::{BottomK, Cut, KeyCut};
+use crate::kernels::sample::BottomK;
 use crate::kernels::pca::{Clip, CovAccumulator, PcaProjector};
 use crate::kernels::cells::Genes;
 use crate::error::KernelError;
@@ -112,7 +114,7 @@ pub fn pca_project(gene_idx: &Series, values: &Series, model: &PcaProjector, dev
 /// cannot leave them out silently.
 /// With `clip` (`sc.pp.scale(max_value=...)`'s second pass), each entry is
 /// clipped and scaled first.
-pub fn fit_pca_update(acc: &mut CovAccumulator, clip: Option<&Clip>, gene_idx: &Series, values: &Series) -> PolarsResult<()> {
+pub(crate) fn fit_pca_update(acc: &mut CovAccumulator, clip: Option<&Clip>, gene_idx: &Series, values: &Series) -> PolarsResult<()> {
     convert::with_sparse_rows(gene_idx, values, Some(acc.n_genes()), |rows, validity| {
         convert::reject_null_rows(validity, "fit_pca")?;
         match clip {
@@ -127,7 +129,7 @@ pub fn fit_pca_update(acc: &mut CovAccumulator, clip: Option<&Clip>, gene_idx: &
 
 /// Add a batch of cells to per-batch gene statistics (of `transform`);
 /// `batch[i]` names the batch of row `i` (`None`: one batch).
-pub fn gene_stats_update(
+pub(crate) fn gene_stats_update(
     stats: &mut std::collections::BTreeMap<String, GeneStats>,
     n_genes: usize,
     transform: Transform,
@@ -161,7 +163,7 @@ pub fn gene_stats_update(
 /// seurat_v3's second pass: add a batch of raw counts to each batch's clipped
 /// sums. A batch label the first pass did not see is an error (the data
 /// changed between the passes).
-pub fn clipped_sums_update(
+pub(crate) fn clipped_sums_update(
     sums: &mut std::collections::BTreeMap<String, ClippedSums>,
     n_genes: usize,
     gene_idx: &Series,
@@ -258,7 +260,7 @@ fn centroids_row(d: usize, centroids: Vec<f32>, mass: Vec<f64>) -> PolarsResult<
 
 /// Offer a record batch of cells to per-batch bottom-k samplers. `row0` is
 /// the global number of the first row (sampling keys hash it).
-pub fn centroid_sample_update(
+pub(crate) fn centroid_sample_update(
     samplers: &mut std::collections::BTreeMap<String, BottomK>,
     cap: usize,
     seed: u64,
@@ -286,7 +288,7 @@ pub struct BatchCentroids {
     pub fit: KMeansFit,
 }
 
-pub fn fit_sampled_centroids(sampler: &BottomK, params: &KMeansParams, min_cells_per_centroid: usize) -> PolarsResult<BatchCentroids> {
+pub(crate) fn fit_sampled_centroids(sampler: &BottomK, params: &KMeansParams, min_cells_per_centroid: usize) -> PolarsResult<BatchCentroids> {
     let (x, _) = sampler.finish();
     fit_sample(&x, sampler.d(), sampler.n_seen, params, min_cells_per_centroid)
 }
@@ -312,119 +314,8 @@ pub fn fit_sample(x: &[f32], d: usize, n_cells: u64, params: &KMeansParams, min_
     Ok(BatchCentroids { n_cells, n_sampled, fit })
 }
 
-/// Pass one of the low-memory centroid sample: offer a record batch's rows
-/// (the batch column only) to per-batch key cuts.
-pub fn centroid_cut_update(
-    cuts: &mut std::collections::BTreeMap<String, KeyCut>,
-    cap: usize,
-    seed: u64,
-    row0: u64,
-    batch: &StringChunked,
-) -> PolarsResult<usize> {
-    check_no_null_batch(batch, row0)?;
-    for (i, b) in batch.iter().enumerate() {
-        let b = b.expect("checked: no null batch");
-        let c = match cuts.get_mut(b) {
-            Some(c) => c,
-            None => cuts.entry(b.to_string()).or_insert_with(|| KeyCut::new(cap, seed)),
-        };
-        c.offer(row0 + i as u64);
-    }
-    Ok(batch.len())
-}
-
-/// One batch's sample in pass two of the low-memory centroid sample: the rows
-/// its [`Cut`] keeps, in row order, buffered and appended to a file (raw
-/// little-endian float32) so that only one batch's sample is ever in memory.
-pub struct SpilledSample {
-    pub cut: Cut,
-    path: std::path::PathBuf,
-    buf: Vec<u8>,
-    flush_at: usize,
-    /// Rows of this batch seen in pass two (must equal `cut.n_seen`).
-    pub n_seen: u64,
-    pub n_kept: usize,
-}
-
-impl SpilledSample {
-    pub fn new(cut: Cut, path: std::path::PathBuf, flush_at: usize) -> Self {
-        SpilledSample { cut, path, buf: Vec::new(), flush_at, n_seen: 0, n_kept: 0 }
-    }
-
-    fn push(&mut self, row: u64, values: &[f32]) -> PolarsResult<()> {
-        self.n_seen += 1;
-        if self.cut.keeps(row) {
-            self.n_kept += 1;
-            self.buf.extend(values.iter().flat_map(|v| v.to_le_bytes()));
-            if self.buf.len() >= self.flush_at {
-                self.flush()?;
-            }
-        }
-        Ok(())
-    }
-
-    pub fn flush(&mut self) -> PolarsResult<()> {
-        use std::io::Write;
-        if self.buf.is_empty() {
-            return Ok(());
-        }
-        // Open, append, close: no file handle per batch stays open.
-        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&self.path)?;
-        f.write_all(&self.buf)?;
-        self.buf.clear();
-        Ok(())
-    }
-
-    /// The sample back, `n_kept × d` values in row order; the file is removed.
-    pub fn load(mut self, d: usize) -> PolarsResult<Vec<f32>> {
-        use std::io::Read;
-        self.flush()?;
-        let want = self.n_kept * d;
-        let mut x = Vec::with_capacity(want);
-        if self.n_kept > 0 {
-            let mut f = std::fs::File::open(&self.path)?;
-            let len = f.metadata()?.len();
-            polars_ensure!(len == 4 * want as u64, ComputeError:
-                "the centroid sample file {} holds {len} bytes, expected {}; was it changed while the fit ran?",
-                self.path.display(), 4 * want);
-            // 1 MiB at a time, so the bytes are never held next to the floats.
-            let mut chunk = vec![0u8; 1 << 20];
-            let mut left = 4 * want;
-            while left > 0 {
-                let piece = &mut chunk[..left.min(1 << 20)];
-                f.read_exact(piece)?;
-                x.extend(piece.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])));
-                left -= piece.len();
-            }
-            std::fs::remove_file(&self.path)?;
-        }
-        Ok(x)
-    }
-}
-
-/// Pass two of the low-memory centroid sample: each kept row of a record
-/// batch goes to its batch's [`SpilledSample`].
-pub fn centroid_spill_update(
-    samples: &mut std::collections::BTreeMap<String, SpilledSample>,
-    width: usize,
-    row0: u64,
-    embedding: &Series,
-    batch: &StringChunked,
-) -> PolarsResult<usize> {
-    let (x, d) = checked_sample_rows(width, row0, embedding, batch)?;
-    for (i, (b, row)) in batch.iter().zip(x.chunks_exact(d)).enumerate() {
-        let b = b.expect("checked: no null batch");
-        let Some(s) = samples.get_mut(b) else {
-            polars_bail!(ComputeError: "batch '{b}' at row {} was not in the first read of the data; \
-                the data must give the same rows each time it is read (low_memory reads it twice)", row0 + i as u64);
-        };
-        s.push(row0 + i as u64, row)?;
-    }
-    Ok(batch.len())
-}
-
 /// The first null of a batch column is an error naming its row.
-fn check_no_null_batch(batch: &StringChunked, row0: u64) -> PolarsResult<()> {
+pub(crate) fn check_no_null_batch(batch: &StringChunked, row0: u64) -> PolarsResult<()> {
     if let Some(i) = batch.iter().position(|b| b.is_none()) {
         polars_bail!(ComputeError: "batch column '{}' is null at row {}; fill or drop null batches first", batch.name(), row0 + i as u64);
     }
@@ -432,7 +323,7 @@ fn check_no_null_batch(batch: &StringChunked, row0: u64) -> PolarsResult<()> {
 }
 
 /// A record batch's embedding rows, checked as the centroid fit needs them.
-fn checked_sample_rows<'a>(width: usize, row0: u64, embedding: &'a Series, batch: &StringChunked) -> PolarsResult<(std::borrow::Cow<'a, [f32]>, usize)> {
+pub(crate) fn checked_sample_rows<'a>(width: usize, row0: u64, embedding: &'a Series, batch: &StringChunked) -> PolarsResult<(std::borrow::Cow<'a, [f32]>, usize)> {
     let (x, d) = convert::embedding_rows(embedding)
         .map_err(|e| polars_err!(ComputeError: "{e} (row numbers count from {row0}, the first row of this record batch)"))?;
     if batch.len() * d != x.len() {

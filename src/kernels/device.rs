@@ -44,18 +44,7 @@ pub fn cuda_available() -> bool {
 
 /// `Ok(description of the GPU)`, or why CUDA cannot be used.
 pub fn cuda_status() -> Result<String, KernelError> {
-    #[cfg(feature = "cuda")]
-    {
-        super::cuda::gpu().map(|g| g.describe())
-    }
-    #[cfg(not(feature = "cuda"))]
-    {
-        Err(KernelError::Invalid(
-            "device='cuda': this build of polars-singlecell has no CUDA backend; rebuild with the `cuda` feature \
-             (make build CUDA=1, or maturin develop --release --features python,cuda) or use device='cpu'"
-                .into(),
-        ))
-    }
+    super::gpu::status()
 }
 
 /// Run `f` once per device this process can use: always `Cpu`, plus `Cuda`

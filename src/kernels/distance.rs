@@ -10,6 +10,12 @@ use faer::linalg::matmul::matmul;
 use faer::{Accum, MatMut, MatRef, Par};
 use rayon::prelude::*;
 
+/// Distances below this floor weigh as if they were this far in
+/// interpolation (a cell sitting on a centroid would otherwise take all of
+/// the weight, or divide by zero). Here, not in `knn`, because both the CPU
+/// interpolation and the GPU's gather kernel use it.
+pub const MIN_DIST: f64 = 1e-3;
+
 /// Rows per GEMM call: 128 rows × 2048 centres of float32 scratch is 1 MiB,
 /// about one core's L2 share (measured: 128 rows beat 256–1024 at d = 50).
 pub const GEMM_ROWS: usize = 128;

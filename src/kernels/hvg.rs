@@ -14,7 +14,7 @@ use rayon::prelude::*;
 use super::SparseRow;
 
 /// What the statistics are of.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Transform {
     /// `expm1(x)` of log-normalised values (flavor "seurat").
     Expm1,
@@ -28,7 +28,7 @@ pub enum Transform {
 }
 
 /// Running sums for one batch: n cells, Σ t(x) and Σ t(x)² per gene.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct GeneStats {
     pub transform: Transform,
     pub n_cells: u64,
@@ -51,6 +51,16 @@ impl GeneStats {
         self.n_cells += 1;
         let GeneStats { transform, sum, sumsq, nnz, non_integer, .. } = self;
         *non_integer += add_entries(*transform, row.gene_idx, row.values, 0, Sums { sum, sumsq, nnz });
+    }
+
+    /// Add the sums of the rows that follow (same genes and transform,
+    /// checked by the caller): each sum is this one's plus the later one's.
+    pub fn merge(&mut self, later: &GeneStats) {
+        self.n_cells += later.n_cells;
+        self.non_integer += later.non_integer;
+        add_into(&mut self.sum, &later.sum);
+        add_into(&mut self.sumsq, &later.sumsq);
+        self.nnz.iter_mut().zip(&later.nnz).for_each(|(a, b)| *a += b);
     }
 
     /// Mean and unbiased (ddof=1) variance per gene, computed like scanpy's
@@ -172,10 +182,15 @@ pub fn add_rows(stats: &mut [&mut GeneStats], rows: &[SparseRow<'_>], batch: &[u
     }
 }
 
+/// `a[i] += b[i]`: two partial sums of consecutive rows joined.
+fn add_into(a: &mut [f64], b: &[f64]) {
+    a.iter_mut().zip(b).for_each(|(a, b)| *a += b);
+}
+
 /// seurat_v3's second pass for one batch: Σ min(x, clip) and its square per
 /// gene, in float64 as scanpy's `_sum_and_sum_squares_clipped`. Zeros add
 /// nothing (clip values are ≥ the mean ≥ 0), so the sparse entries suffice.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct ClippedSums {
     pub clip: Vec<f64>,  // (n_genes,)
     pub sum: Vec<f64>,   // (n_genes,)
@@ -186,6 +201,13 @@ impl ClippedSums {
     pub fn new(clip: Vec<f64>) -> Self {
         let n = clip.len();
         ClippedSums { clip, sum: vec![0.0; n], sumsq: vec![0.0; n] }
+    }
+
+    /// Add the sums of the rows that follow (same clip values, checked by
+    /// the caller).
+    pub fn merge(&mut self, later: &ClippedSums) {
+        add_into(&mut self.sum, &later.sum);
+        add_into(&mut self.sumsq, &later.sumsq);
     }
 
     pub fn add(&mut self, row: SparseRow<'_>) {

@@ -16,7 +16,7 @@ use rayon::prelude::*;
 
 use super::distance::{nearest, sq_dist, sq_dist_f64, sq_dists_to, sq_norm, Centres, TASK_ROWS};
 use super::rng::Rng;
-use super::Device;
+use super::{gpu, Device};
 use crate::error::KernelError;
 
 #[derive(Debug, Clone)]
@@ -397,7 +397,8 @@ fn assign(
     let mut fresh = vec![0u32; labels.len()];
     match device {
         Device::Cpu => nearest(x, &c, &mut fresh),
-        Device::Cuda => fresh = super::knn::gpu_candidates(x, &c, 1)?,
+        // Centres change every step: uploaded for this search only.
+        Device::Cuda => fresh = gpu::candidates(x, &gpu::upload_centres(c.data, &c.norms, None, d)?, 1)?,
     }
     labels.par_chunks_mut(TASK_ROWS).zip(dist.par_chunks_mut(TASK_ROWS)).zip(fresh.par_chunks(TASK_ROWS)).enumerate().for_each(
         |(b, ((lb, db), fb))| {

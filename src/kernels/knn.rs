@@ -10,7 +10,7 @@
 use rayon::prelude::*;
 
 use super::distance::{dot_block, sq_dist_f64, Centres, GEMM_CENTRES, GEMM_ROWS, TASK_ROWS};
-use super::Device;
+use super::{gpu, Device};
 use crate::error::KernelError;
 
 /// Candidates kept beyond `k` from the float32 ranking before the exact
@@ -20,9 +20,7 @@ use crate::error::KernelError;
 /// unless more than this many centres sit inside that error band.
 pub const RERANK_EXTRA: usize = 4;
 
-/// Distances below this floor weigh as if they were this far (a cell sitting
-/// on a centroid would otherwise take all of the weight, or divide by zero).
-pub const MIN_DIST: f64 = 1e-3;
+pub use super::distance::MIN_DIST;
 
 /// One set of centres to search, with their squared norms precomputed and,
 /// for interpolation, one displacement per centre.
@@ -34,8 +32,7 @@ pub struct CentroidIndex {
     displacement: Option<Vec<f32>>,
     /// The centres on the GPU, uploaded on the first device='cuda' search and
     /// shared by clones (the same centres).
-    #[cfg(feature = "cuda")]
-    on_gpu: std::sync::Arc<std::sync::Mutex<Option<std::sync::Arc<super::cuda::DeviceCentres>>>>,
+    on_gpu: std::sync::Arc<std::sync::Mutex<Option<std::sync::Arc<gpu::DeviceCentres>>>>,
 }
 
 impl CentroidIndex {
@@ -71,7 +68,6 @@ impl CentroidIndex {
             centres,
             norms,
             displacement,
-            #[cfg(feature = "cuda")]
             on_gpu: Default::default(),
         })
     }
@@ -352,14 +348,6 @@ fn rerank_rows(block_rows: usize) -> usize {
     block_rows.div_ceil(4 * rayon::current_num_threads()).max(256)
 }
 
-/// One block of rows back from the GPU: `cap` candidates per row, or (when
-/// the GPU also re-ranked and gathered) the moved rows.
-#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-enum GpuBlock<'a> {
-    Candidates(&'a [u32]),
-    Moved(&'a [f32]),
-}
-
 /// The GPU half of a search against an index, handed to `each(first_row,
 /// block)` block by block; the centres (and displacements) are uploaded once
 /// per index. `gather = Some(k)` asks the GPU to re-rank and gather too; it
@@ -369,49 +357,21 @@ fn index_search_each(
     index: &CentroidIndex,
     cap: usize,
     gather: Option<usize>,
-    mut each: impl FnMut(usize, GpuBlock<'_>),
+    each: impl FnMut(usize, gpu::Block<'_>),
 ) -> Result<(), KernelError> {
-    #[cfg(feature = "cuda")]
-    {
-        let gpu = super::cuda::gpu()?;
-        let on_gpu = {
-            let mut slot = index.on_gpu.lock().map_err(|_| KernelError::Invalid("a GPU index is poisoned by an earlier panic".into()))?;
-            match &*slot {
-                Some(c) => c.clone(),
-                None => {
-                    let disp = index.displacement.as_deref();
-                    let c = std::sync::Arc::new(gpu.upload_centres(&index.centres, &index.norms, disp, index.d)?);
-                    *slot = Some(c.clone());
-                    c
-                },
-            }
-        };
-        let gather = gather.filter(|_| gpu.gathers());
-        gpu.search_each(x, &on_gpu, cap, gather, |row0, block| match block {
-            super::cuda::Block::Candidates(c) => each(row0, GpuBlock::Candidates(c)),
-            super::cuda::Block::Moved(y) => each(row0, GpuBlock::Moved(y)),
-        })
-    }
-    #[cfg(not(feature = "cuda"))]
-    {
-        let _ = (x, index, cap, gather, &mut each);
-        Err(super::cuda_status().expect_err("no cuda feature"))
-    }
-}
-
-/// The GPU half of a search against centres used once (a k-means step).
-pub(crate) fn gpu_candidates(x: &[f32], c: &Centres<'_>, cap: usize) -> Result<Vec<u32>, KernelError> {
-    #[cfg(feature = "cuda")]
-    {
-        let gpu = super::cuda::gpu()?;
-        let on_gpu = gpu.upload_centres(c.data, &c.norms, None, c.d)?;
-        gpu.candidates(x, &on_gpu, cap)
-    }
-    #[cfg(not(feature = "cuda"))]
-    {
-        let _ = (x, c, cap);
-        Err(super::cuda_status().expect_err("no cuda feature"))
-    }
+    let on_gpu = {
+        let mut slot = index.on_gpu.lock().map_err(|_| KernelError::Invalid("a GPU index is poisoned by an earlier panic".into()))?;
+        match &*slot {
+            Some(c) => c.clone(),
+            None => {
+                let disp = index.displacement.as_deref();
+                let c = std::sync::Arc::new(gpu::upload_centres(&index.centres, &index.norms, disp, index.d)?);
+                *slot = Some(c.clone());
+                c
+            },
+        }
+    };
+    gpu::search_each(x, &on_gpu, cap, gather.filter(|_| gpu::gathers()), each)
 }
 
 fn check(x: &[f32], index: &CentroidIndex, k: usize) -> Result<(), KernelError> {
@@ -497,7 +457,7 @@ pub fn knn(
         // searches the next block.
         let cap = (k + RERANK_EXTRA).min(index.len());
         return index_search_each(x, index, cap, None, |row0, block| {
-            let GpuBlock::Candidates(cands) = block else { unreachable!("no gather asked for") };
+            let gpu::Block::Candidates(cands) = block else { unreachable!("no gather asked for") };
             let b = cands.len() / cap;
             let rows = rerank_rows(b);
             let tasks = x[row0 * d..(row0 + b) * d]
@@ -543,11 +503,11 @@ fn run_interpolation(parts: Vec<(&[f32], &CentroidIndex, &mut [f32])>, k: usize,
             let displacement = index.displacement.as_deref().expect("checked: the index has displacements");
             index_search_each(x, index, cap, Some(k), |row0, block| match block {
                 // The GPU re-ranked and gathered (the same bits): copy out.
-                GpuBlock::Moved(y) => {
+                gpu::Block::Moved(y) => {
                     let pieces: Vec<_> = out[row0 * d..row0 * d + y.len()].chunks_mut(1 << 18).zip(y.chunks(1 << 18)).collect();
                     super::scoped_for_each(pieces, |(o, y)| o.copy_from_slice(y));
                 },
-                GpuBlock::Candidates(cands) => {
+                gpu::Block::Candidates(cands) => {
                     let b = cands.len() / cap;
                     let rows = rerank_rows(b);
                     let tasks = x[row0 * d..(row0 + b) * d]

@@ -1,11 +1,10 @@
 //! Numerical kernels. They take slices and matrices, never a Series: the
 //! expression glue (`crate::expressions`) converts and validates.
 
-#[cfg(feature = "cuda")]
-pub mod cuda;
 pub mod cells;
 pub mod device;
 pub mod distance;
+pub mod gpu;
 pub mod hvg;
 pub mod integrate;
 pub mod kmeans;

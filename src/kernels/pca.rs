@@ -30,8 +30,7 @@ pub struct CovAccumulator {
     sum: Vec<f64>,  // (n_genes,)
     gram: Vec<f64>, // (n_genes, n_genes) row-major; lower triangle used (empty on the GPU)
     /// device='cuda': XᵀX accumulates on the GPU instead of in `gram`.
-    #[cfg(feature = "cuda")]
-    on_gpu: Option<super::cuda::DeviceGram>,
+    on_gpu: Option<super::gpu::DeviceGram>,
 }
 
 /// A fitted PCA, in scikit-learn's conventions.
@@ -93,6 +92,11 @@ impl Clip {
 
     pub fn n_genes(&self) -> usize {
         self.mean.len()
+    }
+
+    /// What it was built from: (mean, std, max_value, zero_center).
+    pub fn parts(&self) -> (&[f64], &[f64], f64, bool) {
+        (&self.mean, &self.std, self.max_value, self.zero_center)
     }
 
     /// z(0) per gene: the scaled value of a zero count.
@@ -199,10 +203,9 @@ impl CovAccumulator {
             n_cells: 0,
             sum: vec![0.0; n_genes],
             gram,
-            #[cfg(feature = "cuda")]
             on_gpu: match device {
                 Device::Cpu => None,
-                Device::Cuda => Some(super::cuda::gpu()?.new_gram(n_genes)?),
+                Device::Cuda => Some(super::gpu::new_gram(n_genes)?),
             },
         })
     }
@@ -215,13 +218,72 @@ impl CovAccumulator {
         self.n_genes
     }
 
+    /// Bring a GPU-held XᵀX to the host; afterwards the accumulator adds
+    /// rows on the CPU. Merging and serialising work on the host copy.
+    fn to_host(&mut self) -> Result<(), KernelError> {
+        if let Some(acc) = self.on_gpu.take() {
+            self.gram = super::gpu::read_gram(&acc)?;
+        }
+        Ok(())
+    }
+
+    /// XᵀX's lower triangle, row by row (`g(g+1)/2` values): all a
+    /// serialised accumulator needs to carry.
+    pub fn lower_triangle(&mut self) -> Result<Vec<f64>, KernelError> {
+        self.to_host()?;
+        let g = self.n_genes;
+        Ok((0..g).flat_map(|i| self.gram[i * g..=i * g + i].iter().copied()).collect())
+    }
+
+    /// The sums of a serialised accumulator (see [`lower_triangle`](Self::lower_triangle)); on the CPU.
+    pub fn sums(&self) -> &[f64] {
+        &self.sum
+    }
+
+    /// An accumulator from its parts: `sum` (n_genes,), `lower` the lower
+    /// triangle of XᵀX row by row.
+    pub fn from_parts(n_genes: usize, n_cells: u64, sum: Vec<f64>, lower: &[f64]) -> Result<Self, KernelError> {
+        let mut acc = Self::new(n_genes)?;
+        if sum.len() != n_genes {
+            return Err(KernelError::Shape { what: "sum (n_genes)", expected: n_genes, got: sum.len() });
+        }
+        if lower.len() != n_genes * (n_genes + 1) / 2 {
+            return Err(KernelError::Shape { what: "lower triangle (n_genes·(n_genes+1)/2)", expected: n_genes * (n_genes + 1) / 2, got: lower.len() });
+        }
+        let mut at = 0;
+        for i in 0..n_genes {
+            acc.gram[i * n_genes..=i * n_genes + i].copy_from_slice(&lower[at..at + i + 1]);
+            at += i + 1;
+        }
+        acc.n_cells = n_cells;
+        acc.sum = sum;
+        Ok(acc)
+    }
+
+    /// Add the sums of the rows that follow: each sum is this one's plus the
+    /// later one's (one float64 addition per entry), on the host.
+    pub fn merge(&mut self, mut later: CovAccumulator) -> Result<(), KernelError> {
+        if later.n_genes != self.n_genes {
+            return Err(KernelError::Invalid(format!("cannot merge a covariance of {} genes into one of {}", later.n_genes, self.n_genes)));
+        }
+        self.to_host()?;
+        later.to_host()?;
+        let g = self.n_genes;
+        self.n_cells += later.n_cells;
+        self.sum.iter_mut().zip(&later.sum).for_each(|(a, b)| *a += b);
+        for i in 0..g {
+            let row = i * g..=i * g + i;
+            self.gram[row.clone()].iter_mut().zip(&later.gram[row]).for_each(|(a, b)| *a += b);
+        }
+        Ok(())
+    }
+
     /// Add validated rows (indices sorted and `< n_genes`). Fails only on
     /// the GPU (a CUDA error).
     pub fn add(&mut self, rows: &[SparseRow<'_>]) -> Result<(), KernelError> {
         let g = self.n_genes;
-        #[cfg(feature = "cuda")]
         if let Some(acc) = &mut self.on_gpu {
-            super::cuda::gpu()?.add_gram(acc, rows)?;
+            super::gpu::add_gram(acc, rows)?;
         }
         self.n_cells += rows.len() as u64;
         for r in rows {
@@ -268,13 +330,7 @@ impl CovAccumulator {
         let g = self.n_genes;
         let n = self.n_cells as f64;
         let mean: Vec<f64> = self.sum.iter().map(|s| s / n).collect();
-        #[cfg(feature = "cuda")]
-        let from_gpu = match &self.on_gpu {
-            Some(acc) => Some(super::cuda::gpu()?.read_gram(acc)?),
-            None => None,
-        };
-        #[cfg(not(feature = "cuda"))]
-        let from_gpu: Option<Vec<f64>> = None;
+        let from_gpu = self.on_gpu.as_ref().map(super::gpu::read_gram).transpose()?;
         let gram = from_gpu.as_deref().unwrap_or(&self.gram);
         Ok(Mat::from_fn(g, g, |i, j| {
             let (i, j) = if i >= j { (i, j) } else { (j, i) };
@@ -391,6 +447,9 @@ pub struct PcaProjector {
     offset: Vec<f32>,   // (n_comps,): mean · componentsᵀ
     /// A model of clipped scaled genes: each entry becomes its `d` first.
     clip: Option<Clip>,
+    /// The loadings on the GPU, uploaded on the first device='cuda' call and
+    /// kept (the plugin's registry keeps the model for the process).
+    on_gpu: std::sync::Arc<std::sync::Mutex<Option<std::sync::Arc<super::gpu::DeviceLoadings>>>>,
 }
 
 impl PcaProjector {
@@ -422,7 +481,7 @@ impl PcaProjector {
                 offset[k] += mean[g] * w;
             }
         }
-        Ok(PcaProjector { n_genes, n_comps, loadings, offset: offset.into_iter().map(|x| x as f32).collect(), clip: None })
+        Ok(PcaProjector { n_genes, n_comps, loadings, offset: offset.into_iter().map(|x| x as f32).collect(), clip: None, on_gpu: Default::default() })
     }
 
     /// A model fitted on `clip`ped scaled genes: `scaled_mean` is the PCA's
@@ -459,10 +518,14 @@ pub fn pca_project(rows: &[SparseRow<'_>], p: &PcaProjector, device: Device) -> 
 fn project(rows: &[SparseRow<'_>], p: &PcaProjector, device: Device) -> Result<Vec<f32>, KernelError> {
     let k = p.n_comps;
     if device == Device::Cuda {
-        #[cfg(feature = "cuda")]
-        return super::cuda::gpu()?.project(rows, &p.loadings, &p.offset, k);
-        #[cfg(not(feature = "cuda"))]
-        return Err(super::cuda_status().expect_err("no cuda feature"));
+        let on_gpu = {
+            let mut slot = p.on_gpu.lock().map_err(|_| KernelError::Invalid("a GPU PCA model is poisoned by an earlier panic".into()))?;
+            match &*slot {
+                Some(m) => m.clone(),
+                None => slot.insert(std::sync::Arc::new(super::gpu::upload_loadings(&p.loadings, &p.offset, k)?)).clone(),
+            }
+        };
+        return super::gpu::project(rows, &on_gpu);
     }
     let mut out = vec![0f32; rows.len() * k];
     super::for_row_blocks(rows, &mut out, |_| k, |block, dst| {

@@ -46,10 +46,44 @@ impl BottomK {
         self.d
     }
 
+    pub fn cap(&self) -> usize {
+        self.cap
+    }
+
+    pub fn seed(&self) -> u64 {
+        self.seed
+    }
+
     /// Offer one row (`d` values) with its global row number.
     pub fn offer(&mut self, row: u64, values: &[f32]) {
         debug_assert_eq!(values.len(), self.d);
         self.n_seen += 1;
+        self.keep_if_small(row, values);
+    }
+
+    /// Join the sample of the rows that follow (same cap, width and seed,
+    /// checked by the caller): the bottom-k of the union is the bottom-k of
+    /// the two bottom-k's, so the result is the one stream's exactly.
+    pub fn merge(&mut self, later: &BottomK) {
+        let (values, rows) = later.finish();
+        for (row, v) in rows.iter().zip(values.chunks_exact(self.d.max(1))) {
+            self.keep_if_small(*row, v);
+        }
+        self.n_seen += later.n_seen;
+    }
+
+    /// A sample from its parts ([`BottomK::finish`]'s rows and the count of
+    /// rows seen): what a serialised sample is read back into.
+    pub fn from_parts(cap: usize, d: usize, seed: u64, n_seen: u64, values: &[f32], rows: &[u64]) -> Self {
+        let mut s = BottomK::new(cap, d, seed);
+        for (row, v) in rows.iter().zip(values.chunks_exact(d.max(1))) {
+            s.keep_if_small(*row, v);
+        }
+        s.n_seen = n_seen;
+        s
+    }
+
+    fn keep_if_small(&mut self, row: u64, values: &[f32]) {
         if self.cap == 0 {
             return;
         }
@@ -109,6 +143,26 @@ impl KeyCut {
     /// Offer the row with global row number `row`.
     pub fn offer(&mut self, row: u64) {
         self.n_seen += 1;
+        self.keep_if_small(row);
+    }
+
+    /// Join the cut of the rows that follow (same cap and seed): as
+    /// [`BottomK::merge`].
+    pub fn merge(&mut self, later: &KeyCut) {
+        for row in later.rows() {
+            self.keep_if_small(row);
+        }
+        self.n_seen += later.n_seen;
+    }
+
+    /// The kept rows' numbers, ascending.
+    pub fn rows(&self) -> Vec<u64> {
+        let mut rows: Vec<u64> = self.heap.iter().map(|&(_, row)| row).collect();
+        rows.sort_unstable();
+        rows
+    }
+
+    fn keep_if_small(&mut self, row: u64) {
         if self.cap == 0 {
             return;
         }

@@ -15,6 +15,8 @@
 //!   a float64 GEMM accumulates XᵀX on the device. Products of float32 values
 //!   are exact in float64; only the order of the sums differs from the CPU.
 //!
+//! Reached through [`super`]'s free functions, never directly by a kernel.
+//!
 //! cudarc loads libcuda, libcublas and libnvrtc at run time, so this builds
 //! without a CUDA toolkit. `gpu()` probes for the driver before touching it
 //! (cudarc panics without one) and turns any failure, panics included, into
@@ -27,8 +29,9 @@ use cudarc::cublas::{sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig};
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PinnedHostSlice, PushKernelArg};
 use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
 
-use super::SparseRow;
+use super::Block;
 use crate::error::KernelError;
+use crate::kernels::SparseRow;
 
 /// Candidates per row the top-k kernel can keep (registers/local memory per
 /// lane); `knn` asks for k + RERANK_EXTRA.
@@ -490,7 +493,7 @@ impl Gpu {
                         .arg(&d_i)
                         .arg(&cap_i)
                         .arg(k)
-                        .arg(&super::knn::MIN_DIST)
+                        .arg(&crate::kernels::distance::MIN_DIST)
                         .arg(&mut yb[j]);
                     // SAFETY: arguments match the kernel; candidates are < m,
                     // so every centre/displacement read is inside m × d.
@@ -526,7 +529,16 @@ impl Gpu {
 
     /// `pca_project` on the GPU: rows validated against `n_genes`,
     /// `loadings` (n_genes × k) and `offset` (k) as the CPU projector holds them.
-    pub fn project(&self, rows: &[SparseRow<'_>], loadings: &[f32], offset: &[f32], k: usize) -> Result<Vec<f32>, KernelError> {
+    /// A PCA model's loadings (n_genes × k, gene-major) and offset (k,) on
+    /// the device, kept with the model.
+    pub fn upload_loadings(&self, loadings: &[f32], offset: &[f32], k: usize) -> Result<DeviceLoadings, KernelError> {
+        let g = self.lock()?;
+        let up = |v: &[f32]| g.stream.clone_htod(v).map_err(driver_err("upload"));
+        Ok(DeviceLoadings { k, loadings: up(loadings)?, offset: up(offset)? })
+    }
+
+    pub fn project(&self, rows: &[SparseRow<'_>], m: &DeviceLoadings) -> Result<Vec<f32>, KernelError> {
+        let k = m.k;
         let n = rows.len();
         let mut out = vec![0f32; n * k];
         if n == 0 {
@@ -537,11 +549,10 @@ impl Gpu {
         let s = &g.stream;
         let up = |e| driver_err("upload")(e);
         let (ip, gi, va) = (s.clone_htod(&indptr).map_err(up)?, s.clone_htod(&gidx).map_err(up)?, s.clone_htod(&vals).map_err(up)?);
-        let (w, off) = (s.clone_htod(loadings).map_err(up)?, s.clone_htod(offset).map_err(up)?);
         let mut y = unsafe { s.alloc::<f32>(n * k) }.map_err(driver_err("allocation"))?;
         let (n_i, k_i) = (int(n, "rows")?, int(k, "n_comps")?);
         let mut launch = s.launch_builder(&g.project);
-        launch.arg(&ip).arg(&gi).arg(&va).arg(&w).arg(&off).arg(&n_i).arg(&k_i).arg(&mut y);
+        launch.arg(&ip).arg(&gi).arg(&va).arg(&m.loadings).arg(&m.offset).arg(&n_i).arg(&k_i).arg(&mut y);
         // SAFETY: arguments match the kernel; indptr has n + 1 entries bounding gidx/vals.
         unsafe { launch.launch(warps(n)) }.map_err(driver_err("projection kernel"))?;
         s.memcpy_dtoh(&y, &mut out[..]).map_err(driver_err("download"))?;
@@ -601,13 +612,6 @@ impl Gpu {
     }
 }
 
-/// One block of a `search_each`: candidate indices (rows × cap) or the moved
-/// rows (rows × d).
-pub enum Block<'a> {
-    Candidates(&'a [u32]),
-    Moved(&'a [f32]),
-}
-
 impl SearchBuffers {
     fn new(ctx: &Arc<CudaContext>, s: &Arc<CudaStream>, rows: usize, d: usize, m: usize, cap: usize) -> Result<Self, KernelError> {
         let err = driver_err("allocation");
@@ -636,6 +640,19 @@ impl SearchBuffers {
     }
 }
 
+/// A PCA model's projection operands on the device.
+pub struct DeviceLoadings {
+    k: usize,
+    loadings: CudaSlice<f32>,
+    offset: CudaSlice<f32>,
+}
+
+impl std::fmt::Debug for DeviceLoadings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "DeviceLoadings({} components)", self.k)
+    }
+}
+
 /// XᵀX accumulated on the device.
 pub struct DeviceGram {
     n_genes: usize,
@@ -659,4 +676,47 @@ fn csr(rows: &[SparseRow<'_>]) -> (Vec<u64>, Vec<u32>, Vec<f32>) {
         vals.push(0.0);
     }
     (indptr, gidx, vals)
+}
+
+// The seam's functions (`super` re-exports them; `stub.rs` has the same).
+
+/// A description of the GPU, or why CUDA cannot be used.
+pub fn status() -> Result<String, KernelError> {
+    gpu().map(|g| g.describe())
+}
+
+pub fn upload_centres(centres: &[f32], norms: &[f32], displacement: Option<&[f32]>, d: usize) -> Result<DeviceCentres, KernelError> {
+    gpu()?.upload_centres(centres, norms, displacement, d)
+}
+
+pub fn gathers() -> bool {
+    gpu().is_ok_and(|g| g.gathers())
+}
+
+pub fn candidates(x: &[f32], c: &DeviceCentres, cap: usize) -> Result<Vec<u32>, KernelError> {
+    gpu()?.candidates(x, c, cap)
+}
+
+pub fn search_each(x: &[f32], c: &DeviceCentres, cap: usize, gather: Option<usize>, each: impl FnMut(usize, Block<'_>)) -> Result<(), KernelError> {
+    gpu()?.search_each(x, c, cap, gather, each)
+}
+
+pub fn upload_loadings(loadings: &[f32], offset: &[f32], k: usize) -> Result<DeviceLoadings, KernelError> {
+    gpu()?.upload_loadings(loadings, offset, k)
+}
+
+pub fn project(rows: &[SparseRow<'_>], m: &DeviceLoadings) -> Result<Vec<f32>, KernelError> {
+    gpu()?.project(rows, m)
+}
+
+pub fn new_gram(n_genes: usize) -> Result<DeviceGram, KernelError> {
+    gpu()?.new_gram(n_genes)
+}
+
+pub fn add_gram(acc: &mut DeviceGram, rows: &[SparseRow<'_>]) -> Result<(), KernelError> {
+    gpu()?.add_gram(acc, rows)
+}
+
+pub fn read_gram(acc: &DeviceGram) -> Result<Vec<f64>, KernelError> {
+    gpu()?.read_gram(acc)
 }

@@ -42,6 +42,7 @@ from polars_singlecell.preprocessing import (
     select_genes,
     total_counts,
 )
+from polars_singlecell.scanpy_api import integrate_anndata
 
 __version__: str = _internal.__version__
 
@@ -57,6 +58,7 @@ __all__ = [
     "fit_pca",
     "highly_variable_genes",
     "integrate",
+    "integrate_anndata",
     "io",
     "kmeans_centroids",
     "knn",

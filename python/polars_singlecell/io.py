@@ -268,12 +268,21 @@ def to_anndata(
     obs: list[str] | None = None,
     max_cells: int | None = 100_000,
     seed: int = 0,
+    genes: pl.DataFrame | str | os.PathLike | None = None,
+    pca: Any = None,
 ):
     """An ``anndata.AnnData`` of (a seeded sample of) integrated cells, for
     scanpy's neighbours/UMAP/leiden: ``obsm[name]`` for each embedding column
-    in ``obsm``, ``obs`` from the other non-list columns (or ``obs``), no ``X``
-    (an empty n × 0 matrix). ``max_cells`` draws the same seeded sample as
-    :func:`metrics.evaluate`, in the streaming engine; ``None`` keeps all.
+    in ``obsm``, ``obs`` from the other non-list columns (or ``obs``), no ``X``.
+    ``max_cells`` draws the same seeded sample as :func:`metrics.evaluate`,
+    in the streaming engine; ``None`` keeps every cell.
+
+    With ``genes`` (a ``genes.parquet`` of :func:`integrate`, or its table)
+    the genes become ``var`` (indexed by the ``gene`` column, else by
+    ``gene_idx``), HVG statistics and ``highly_variable`` included. With
+    ``pca`` (a :class:`PcaModel` or its Parquet path) ``uns["pca"]`` and
+    ``varm["PCs"]`` are written as ``sc.pp.pca(adata, mask_var="highly_variable")``
+    writes them: the loadings of the highly variable genes, zeros elsewhere.
 
     >>> import polars_singlecell as psc
     >>> cells = pl.DataFrame({"batch": ["a", "b", "a"], "X_ot": pl.Series([[0.0, 1.0]] * 3, dtype=pl.Array(pl.Float32, 2))})
@@ -281,8 +290,7 @@ def to_anndata(
     >>> a.shape, a.obsm["X_ot"].shape, list(a.obs.columns)
     ((3, 0), (3, 2), ['batch'])
     """
-    import anndata
-    import numpy as np
+    anndata = _needs("h5ad", "anndata")
     import pandas as pd
 
     lf = pl.scan_parquet(parquet_files(cells)) if isinstance(cells, (str, os.PathLike)) else cells.lazy()
@@ -294,6 +302,7 @@ def to_anndata(
             raise ValueError(f"column '{c}' is {schema[c]}, expected Array(Float32, d)")
     if obs is None:
         obs = [c for c in schema.names() if c not in obsm and not isinstance(schema[c], (pl.List, pl.Array, pl.Struct))]
+    var, varm, uns = _genes_and_pca(genes, pca)
     if max_cells is not None:
         lf = _seeded_sample(lf, max_cells, seed)
     df = lf.select(*obs, *obsm).collect(engine="streaming")
@@ -302,4 +311,254 @@ def to_anndata(
         frame.index = frame["cell_id"].astype(str).to_numpy()
     else:
         frame.index = np.arange(df.height).astype(str)
-    return anndata.AnnData(obs=frame, obsm={c: df[c].to_numpy() for c in obsm})
+    return anndata.AnnData(obs=frame, var=var, obsm={c: df[c].to_numpy() for c in obsm}, varm=varm, uns=uns)
+
+
+def _genes_and_pca(genes: Any, pca: Any) -> tuple[Any, dict, dict]:
+    """``var``, ``varm`` and ``uns`` of :func:`to_anndata` from a genes table
+    and a PCA model (either may be None)."""
+    import pandas as pd
+
+    from polars_singlecell.preprocessing import PcaModel
+
+    table = None
+    if genes is not None:
+        table = genes if isinstance(genes, pl.DataFrame) else pl.read_parquet(genes)
+        if "gene_idx" not in table.columns:
+            raise ValueError(f"the genes table has no 'gene_idx' column (columns: {table.columns}); pass integrate's genes.parquet")
+        table = table.sort("gene_idx")
+    if pca is None:
+        if table is None:
+            return None, {}, {}
+        return _var_frame(table, pd), {}, {}
+    model = pca if isinstance(pca, PcaModel) else PcaModel.load(pca)
+    loadings = np.ascontiguousarray(model.components.T)  # (n_genes of the model, n_comps)
+    if table is None:
+        var = pd.DataFrame(index=np.arange(model.n_genes).astype(str))
+        pcs, mask = loadings, None
+    elif "highly_variable" in table.columns and int(table["highly_variable"].sum()) == model.n_genes:
+        rows = table.with_row_index("row").filter("highly_variable")["row"].to_numpy()
+        pcs = np.zeros((table.height, model.n_comps), dtype=loadings.dtype)
+        pcs[rows] = loadings
+        var, mask = _var_frame(table, pd), "highly_variable"
+    elif table.height == model.n_genes:
+        var, pcs, mask = _var_frame(table, pd), loadings, None
+    else:
+        hv = int(table["highly_variable"].sum()) if "highly_variable" in table.columns else None
+        raise ValueError(f"the PCA model has {model.n_genes} genes but the genes table has {table.height}"
+                         + ("" if hv is None else f" ({hv} highly variable)") + "; pass the genes.parquet of the same run")
+    params = {"zero_center": bool(model.zero_center), "use_highly_variable": mask is not None}
+    if mask is not None:
+        params["mask_var"] = mask
+    uns = {"pca": {"params": params, "variance": np.asarray(model.explained_variance),
+                   "variance_ratio": np.asarray(model.explained_variance_ratio)}}
+    return var, {"PCs": pcs}, uns
+
+
+def _var_frame(table: pl.DataFrame, pd: Any) -> Any:
+    """A genes table as AnnData's ``var``: scalar columns, indexed by gene name."""
+    cols = [c for c in table.columns if not isinstance(table.schema[c], (pl.List, pl.Array, pl.Struct))]
+    frame = pd.DataFrame({c: table[c].to_numpy() for c in cols})
+    frame.index = (table["gene"] if "gene" in table.columns else table["gene_idx"]).cast(pl.String).to_numpy().astype(str)
+    return frame
+
+
+def _obs_series(name: str, col: Any) -> pl.Series:
+    """A pandas ``obs`` column as a Polars Series, missing values as nulls:
+    categoricals and text as String, pandas' nullable numbers and booleans
+    with their dtype, numpy columns as they are (without pyarrow)."""
+    import pandas as pd
+
+    if isinstance(col.dtype, pd.CategoricalDtype) or col.dtype.kind in "OSU" or str(col.dtype).startswith("string"):
+        missing = np.asarray(col.isna(), dtype=bool)
+        text = pl.Series(name, col.astype(str).to_numpy(dtype=object), dtype=pl.String)
+        return text.set(pl.Series(missing), None) if missing.any() else text
+    if isinstance(col.dtype, pd.api.extensions.ExtensionDtype):
+        return _masked_series(name, col.array)
+    return pl.Series(name, col.to_numpy())
+
+
+def from_anndata(
+    adata: Any,
+    out: str | os.PathLike,
+    *,
+    obs: Any = None,
+    var_names: Any = None,
+    layer: str | None = None,
+    obs_columns: list[str] | None = None,
+    rows_per_file: int = 100_000,
+) -> Path:
+    """Write an in-memory ``AnnData`` (or a CSR matrix with ``obs``) in the
+    project's layout, as :func:`h5ad_to_parquet` writes a file:
+    ``out/part-*.parquet`` with ``cell_id`` (obs names), the ``obs`` columns
+    (all, or ``obs_columns``), ``gene_idx`` and ``values``, and
+    ``out/genes.parquet`` (``gene_idx``, ``gene``). The matrix (``X``, or
+    ``layers[layer]``; CSR, CSC or dense) is converted one row group at a
+    time, so memory beyond the AnnData stays bounded. Written into a
+    temporary folder renamed to ``out`` at the end. Returns ``out``.
+
+    >>> import tempfile, numpy as np, pandas as pd, scipy.sparse as sp, polars_singlecell as psc
+    >>> X = sp.csr_matrix(np.array([[0, 2, 0], [1, 0, 3]], dtype=np.float32))
+    >>> out = psc.io.from_anndata(X, tempfile.mkdtemp() + "/cells", obs=pd.DataFrame({"plate": ["p1", "p2"]}))
+    >>> pl.read_parquet(out / "part-*.parquet").select("cell_id", "plate", "gene_idx").rows()
+    [('0', 'p1', [1]), ('1', 'p2', [0, 2])]
+    """
+    import pandas as pd
+    import scipy.sparse as sp
+
+    from polars_singlecell import _internal
+
+    if isinstance(rows_per_file, bool) or not isinstance(rows_per_file, int) or rows_per_file < 1:
+        raise ValueError(f"rows_per_file must be a positive integer, got {rows_per_file!r}")
+    if hasattr(adata, "obs") and hasattr(adata, "X"):
+        if obs is not None or var_names is not None:
+            raise ValueError("obs= and var_names= are for a bare matrix; an AnnData carries its own")
+        if layer is not None and layer not in adata.layers:
+            raise ValueError(f"adata.layers has no {layer!r} (layers: {list(adata.layers.keys())})")
+        x = adata.layers[layer] if layer is not None else adata.X
+        obs, var_names = adata.obs, adata.var_names
+        where = f"adata.layers[{layer!r}]" if layer is not None else "adata.X"
+    else:
+        x, where = adata, "the matrix"
+    if x is None or len(getattr(x, "shape", ())) != 2:
+        raise ValueError(f"{where} is not a cells × genes matrix (got {type(x).__name__})")
+    n_cells, n_genes = x.shape
+    obs = pd.DataFrame(index=pd.RangeIndex(n_cells).astype(str)) if obs is None else obs
+    if len(obs) != n_cells:
+        raise ValueError(f"obs has {len(obs)} rows but {where} has {n_cells} cells")
+    columns = list(obs.columns) if obs_columns is None else obs_columns
+    if missing := [c for c in columns if c not in obs.columns]:
+        raise ValueError(f"obs has no column {missing[0]!r} (columns: {list(obs.columns)})")
+    names = pd.RangeIndex(n_genes).astype(str) if var_names is None else var_names
+    if len(names) != n_genes:
+        raise ValueError(f"var_names has {len(names)} names but {where} has {n_genes} genes")
+    x = x.tocsr() if sp.issparse(x) else x
+    out = Path(out)
+    if out.exists():
+        raise FileExistsError(f"{out} exists; remove it or choose another folder")
+    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.mkdir(parents=True)
+    try:
+        write_parquet(pl.DataFrame({"gene_idx": np.arange(n_genes, dtype=np.uint32),
+                                    "gene": pl.Series([str(g) for g in names], dtype=pl.String)}), tmp / "genes.parquet")
+        cell_id = np.asarray(obs.index).astype(str)
+
+        def rows(a: int, b: int) -> pl.DataFrame:
+            m = x[a:b] if sp.issparse(x) else sp.csr_matrix(np.asarray(x[a:b]))
+            try:
+                gene_idx, values = _internal.from_csr(pl.Series(m.indptr.astype(np.int64)), pl.Series(m.indices),
+                                                      pl.Series(m.data), n_genes)
+            except ValueError as e:
+                raise ValueError(f"{where}, rows {a}..{b}: {e}") from e
+            cols = [pl.Series("cell_id", cell_id[a:b], dtype=pl.String)]
+            cols += [_obs_series(c, obs[c].iloc[a:b]) for c in columns]
+            return pl.DataFrame(cols).with_columns(gene_idx, values)
+
+        indptr = x.indptr if sp.issparse(x) else None
+        for k, start in enumerate(range(0, n_cells, rows_per_file)):
+            stop = min(start + rows_per_file, n_cells)
+            nnz = int(indptr[stop] - indptr[start]) if indptr is not None else int(np.count_nonzero(x[start:stop]))
+            group = _rows_per_group(stop - start, nnz, ROW_GROUP_ENTRIES)
+            parts = (rows(a, min(a + group, stop)) for a in range(start, stop, group))
+            with _atomic_path(tmp / f"part-{k:05d}.parquet") as part:
+                _write_groups(parts, part, group)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return out
+
+
+def _write_groups(frames: Any, path: Path, group: int) -> None:
+    """Frames of ``group`` rows (the last may be shorter) streamed into one
+    file as its row groups, one frame in memory at a time."""
+    from polars.io.plugins import register_io_source
+
+    first = next(frames)
+
+    def source(with_columns, predicate, n_rows, batch_size):
+        yield first
+        yield from frames
+
+    register_io_source(source, schema=first.schema).sink_parquet(path, row_group_size=group)
+
+
+def write_obsm(
+    h5ad_paths: str | os.PathLike | list,
+    cells: pl.DataFrame | pl.LazyFrame | str | os.PathLike,
+    *,
+    key: str = "X_pca_ot",
+    column: str = "X_ot",
+    rows_per_chunk: int = 262_144,
+) -> list[Path]:
+    """Put an embedding of ``cells`` (``column``, e.g. :func:`integrate`'s
+    ``X_ot``) into each plate's ``.h5ad`` as ``obsm[key]``, without rewriting
+    ``X``: the files in order (a list, a folder, a glob: as :func:`integrate`
+    read them), each taking the next ``n_obs`` rows of ``cells``.
+
+    Every file's cell count is checked against ``cells`` first, and where
+    ``cells`` has ``cell_id`` (integrate keeps the obs names) each file's obs
+    names are compared with it; on a mismatch nothing is written. Each array
+    is written ``rows_per_chunk`` rows at a time under a temporary name and
+    renamed over ``obsm[key]`` once complete, so a file never holds a partial
+    embedding under ``key``. Returns the files written.
+    """
+    h5py = _needs("h5ad", "h5py")
+    files = [Path(f) for f in h5ad_paths] if isinstance(h5ad_paths, (list, tuple)) else _expand(h5ad_paths, ".h5ad")
+    if not files or any(not f.is_file() for f in files):
+        raise FileNotFoundError(f"no .h5ad file at {[str(f) for f in files if not f.is_file()] or h5ad_paths}")
+    lf = pl.scan_parquet(parquet_files(cells)) if isinstance(cells, (str, os.PathLike)) else cells.lazy()
+    schema = lf.collect_schema()
+    if not isinstance(schema.get(column), pl.Array):
+        raise ValueError(f"the cells have no embedding column {column!r} (columns: {schema.names()})")
+    d = schema[column].size
+    has_id = "cell_id" in schema
+    total = lf.select(pl.len()).collect().item()
+
+    def obs_names(f) -> Any:
+        obs = f["obs"]
+        return obs[obs.attrs.get("_index", "_index")]
+
+    sizes = []
+    for path in files:
+        with h5py.File(path, "r") as f:
+            sizes.append(len(obs_names(f)))
+    if sum(sizes) != total:
+        raise ValueError(f"the files hold {sum(sizes)} cells ({dict(zip([f.name for f in files], sizes))}) "
+                         f"but the cells have {total} rows; pass the same files, in the order integrate read them")
+
+    def chunks(offset: int, n: int):
+        for a in range(0, n, rows_per_chunk):
+            b = min(a + rows_per_chunk, n)
+            yield a, b, lf.slice(offset + a, b - a).select(column, *(["cell_id"] if has_id else [])).collect()
+
+    if has_id:  # every file's names before any file is touched
+        offset = 0
+        for path, n in zip(files, sizes):
+            with h5py.File(path, "r") as f:
+                names = obs_names(f)
+                for a, b, part in chunks(offset, n):
+                    theirs, ours = names.asstr()[a:b], part["cell_id"].cast(pl.String).to_numpy()
+                    if (bad := np.flatnonzero(theirs != ours)).size:
+                        i = int(bad[0])
+                        raise ValueError(f"{path.name} row {a + i} is cell {theirs[i]!r} but the cells have {ours[i]!r} there; "
+                                         "pass the same files, in the order integrate read them")
+            offset += n
+    offset = 0
+    for path, n in zip(files, sizes):
+        with h5py.File(path, "r+") as f:
+            obsm = f.require_group("obsm")
+            obsm.attrs.setdefault("encoding-type", "dict")
+            obsm.attrs.setdefault("encoding-version", "0.1.0")
+            tmp = f".{key}.tmp"
+            if tmp in obsm:
+                del obsm[tmp]
+            ds = obsm.create_dataset(tmp, shape=(n, d), dtype=np.float32)
+            for a, b, part in chunks(offset, n):
+                ds[a:b] = part[column].to_numpy()
+            ds.attrs["encoding-type"], ds.attrs["encoding-version"] = "array", "0.2.0"
+            if key in obsm:
+                del obsm[key]
+            obsm.move(tmp, key)
+        offset += n
+    return files

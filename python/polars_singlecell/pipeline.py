@@ -225,10 +225,12 @@ def integrate(
             raise ValueError(f"n_genes={n_genes} but the vocabulary has {genes_of_vocabulary.height} genes; leave n_genes out")
         n_genes = genes_of_vocabulary.height
     scan = scan_cells(files, counts=counts, vocabulary=vocabulary, n_genes=n_genes)
+    # The genes table beside the cells (an h5ad import's var names, the
+    # generators'): it sets n_genes where not given and names genes.parquet's genes.
+    genes_file = None if remote or vocabulary is not None else next(
+        (g for g in (Path(source) / "genes.parquet", files[0].parent / "genes.parquet",
+                     files[0].parent.parent / f"{files[0].parent.name}_genes.parquet") if g.is_file()), None)
     if n_genes is None:
-        genes_file = None if remote else next((g for g in (Path(source) / "genes.parquet", files[0].parent / "genes.parquet",
-                                                           files[0].parent.parent / f"{files[0].parent.name}_genes.parquet")
-                                               if g.is_file()), None)
         if genes_file is not None:
             n_genes = pl.scan_parquet(genes_file).select(pl.len()).collect().item()
         else:
@@ -289,8 +291,16 @@ def integrate(
     def genes() -> dict:
         var = highly_variable_genes(scan if hvg_flavor == "seurat_v3" else norm, n_genes=n_genes,
                                         n_top_genes=n_top_genes, batch_key=batch_key, flavor=hvg_flavor)
-        if genes_of_vocabulary is not None:
-            var = genes_of_vocabulary.join(var, on="gene_idx", how="left", maintain_order="left")
+        names = genes_of_vocabulary
+        if names is None and genes_file is not None:
+            names = pl.read_parquet(genes_file)
+            # Only a table of these very genes names them (not one of another gene space).
+            if "gene_idx" not in names.columns or names.height != n_genes or not names["gene_idx"].equals(
+                    pl.Series("gene_idx", range(n_genes)), check_dtypes=False):
+                names = None
+        if names is not None:
+            names = names.select("gene_idx", *[c for c in names.columns if c not in var.columns])
+            var = names.join(var, on="gene_idx", how="left", maintain_order="left")
         write_parquet(var, out / "genes.parquet")
         return {"n_genes": n_genes, "highly_variable": int(var["highly_variable"].sum())}
 

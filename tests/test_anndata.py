@@ -186,3 +186,9 @@ def test_to_anndata_carries_var_pcs_and_pca_as_scanpy_writes_them(plates):
     sc.pp.neighbors(a, use_rep="X_ot")  # scanpy takes it from here
     with pytest.raises(ValueError, match="the PCA model has 100 genes but the genes table has 5"):
         psc.io.to_anndata(out / "cells.parquet", genes=genes.head(5).drop("highly_variable"), pca=model)
+
+
+def test_integrate_checks_the_h5ad_keys_before_importing(plates, tmp_path):
+    with pytest.raises(ValueError, match=r"has no obs column 'batch' \(columns: \['plate'\]\)"):
+        psc.integrate(plates[0][0].parent, tmp_path / "out", log=None)
+    assert not (tmp_path / "out" / "source").exists()  # nothing imported

@@ -150,6 +150,27 @@ def test_command_line(raw, tmp_path, capsys):
     assert "no column 'plate'" in capsys.readouterr().err
 
 
+def test_command_line_documents_itself_and_passes_integration_options(raw, tmp_path, capsys, monkeypatch):
+    from polars_singlecell.__main__ import main
+
+    monkeypatch.setenv("COLUMNS", "400")  # one line per option: no wrapping inside "(default: ...)"
+    with pytest.raises(SystemExit):
+        main(["integrate", "--help"])
+    text = capsys.readouterr().out
+    for option, default in [("--n-comps", "50"), ("--epsilon", "0.05"), ("--reg-m", "2.0"), ("--device {cpu,cuda}", "cpu")]:
+        assert option in text and f"(default: {default})" in text, option
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.startswith(f"polars-singlecell {psc.__version__} (")
+    with pytest.raises(SystemExit):
+        main(["integrate", str(raw), str(tmp_path / "x"), "--device", "gpu"])
+    assert "invalid choice: 'gpu'" in capsys.readouterr().err
+    assert main(["integrate", str(raw), str(tmp_path / "eps"), "--n-top-genes", "200", "--n-comps", "15",
+                 "--n-centroids", "32", "--epsilon", "0.1", "--reg-m", "inf", "--no-progress"]) == 0
+    report = json.loads((tmp_path / "eps" / "report.json").read_text())
+    assert report["parameters"]["integration"] == {"epsilon": 0.1, "reg_m": float("inf")}
+
+
 def test_tahoe_like_counts_follow_the_design(tmp_path):
     out = psc.datasets.tahoe_like(20_000, tmp_path / "t", n_genes=300, rows_per_file=7000, seed=5)
     df = pl.read_parquet(out / "part-*.parquet")

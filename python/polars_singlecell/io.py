@@ -149,6 +149,18 @@ def _masked_series(name: str, part) -> pl.Series:
     return pl.select(pl.when(valid).then(data).alias(name)).to_series()
 
 
+def h5ad_obs_columns(path: str | os.PathLike) -> list[str]:
+    """The ``obs`` columns of an ``.h5ad`` file, read from its header only
+    (what a run can check before importing anything)."""
+    h5py = _needs("h5ad", "h5py")
+    try:
+        with h5py.File(path, "r") as f:
+            obs = f["obs"]
+            return [str(c) for c in obs.attrs.get("column-order", [])] or [k for k in obs if k != obs.attrs.get("_index", "_index")]
+    except (OSError, KeyError) as e:
+        raise ValueError(f"cannot read the obs of {path}: not an AnnData .h5ad file, or cut short: {e}") from e
+
+
 def h5ad_to_parquet(
     path: str | os.PathLike,
     out: str | os.PathLike,

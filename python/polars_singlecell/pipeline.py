@@ -32,7 +32,7 @@ from polars_singlecell._device import check_device
 from polars_singlecell._files import atomic_path, expand, sink_bounded
 from polars_singlecell.centroids import fit_centroids
 from polars_singlecell.integration import IntegrationModel, knn_interpolate
-from polars_singlecell.io import check_writable, write_parquet
+from polars_singlecell.io import check_writable, h5ad_obs_columns, write_parquet
 from polars_singlecell.layout import (
     COUNTS,
     cell_files,
@@ -215,6 +215,12 @@ def integrate(
             shutil.rmtree(stale, ignore_errors=True)
     say = log or (lambda _msg: None)
     if h5ads:
+        # The keys before any import: a wrong --batch-key costs nothing.
+        for f in h5ads:
+            cols = h5ad_obs_columns(f)
+            for key in (batch_key, label_key):
+                if key and key not in cols:
+                    raise ValueError(f"{f.name} has no obs column '{key}' (columns: {cols})")
         files = _import_h5ad(h5ads, out / "source", say)
     schema = pl.scan_parquet(files).collect_schema()
     for c in (batch_key, *counts) + ((label_key,) if label_key else ()):

@@ -69,7 +69,7 @@ def generated(n_cells: int = 50_000, **effect):
     affine plate effect; the truth is returned beside it."""
     import polars_singlecell as psc
 
-    df = psc.datasets.tahoe_like_embedding(n_cells, seed=0, **effect)
+    df = psc.datasets.tahoe_like_embedding(n_cells, random_state=0, **effect)
     truth = df["X_true"].to_numpy().astype(np.float64)
     return df.select(pl.col("plate").alias("batch"), pl.col("cell_line").alias("label"), "X_pca"), truth
 

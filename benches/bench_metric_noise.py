@@ -39,7 +39,7 @@ def main() -> None:
              f"k = {cells['cell_line'].n_unique()}", "",
              "| embedding | NMI, seeds 0-4 | ARI, seeds 0-4 | NMI range | ARI range |", "|---|---|---|---|---|"]
     for name, e in embeddings.items():
-        r = [psc.metrics.nmi_ari_cluster_labels_kmeans(e.to_numpy(), cells["cell_line"], seed=s) for s in SEEDS]
+        r = [psc.metrics.nmi_ari_cluster_labels_kmeans(e.to_numpy(), cells["cell_line"], random_state=s) for s in SEEDS]
         nmi, ari = np.array([x["nmi"] for x in r]), np.array([x["ari"] for x in r])
         lines.append(f"| {name} | {', '.join(f'{v:.3f}' for v in nmi)} | {', '.join(f'{v:.3f}' for v in ari)} | "
                      f"{nmi.max() - nmi.min():.3f} | {ari.max() - ari.min():.3f} |")

@@ -72,7 +72,7 @@ def generate(n: int, where: Path, regime: str = "tahoe") -> dict:
         return json.loads(done.read_text()) | {"reused": True}
     shutil.rmtree(where, ignore_errors=True)
     kw = "".join(f", {k}={v!r}" for k, v in REGIMES[regime].items())
-    code = f"import polars_singlecell as psc; psc.datasets.tahoe_like({n}, {str(where / 'cells')!r}, seed=0{kw})"
+    code = f"import polars_singlecell as psc; psc.datasets.tahoe_like({n}, {str(where / 'cells')!r}, random_state=0{kw})"
     secs, rss = run([sys.executable, "-c", code])
     info = {"n_cells": n, "regime": regime, "seconds": round(secs, 1), "peak_rss_gb": round(rss, 2),
             "bytes_on_disk": sum(f.stat().st_size for f in (where / "cells").glob("*.parquet"))}
@@ -100,7 +100,7 @@ def evaluate(path: Path, embeddings: list[str]) -> dict:
     import polars_singlecell as psc
 
     t = psc.metrics.evaluate(pl.scan_parquet(path), embeddings, batch_key="plate", label_key="cell_line",
-                             max_cells=100_000, seed=0)
+                             max_cells=100_000, random_state=0)
     return {(r["embedding"], r["metric"]): r["value"] for r in t.iter_rows(named=True)}
 
 

@@ -38,7 +38,7 @@ def make(n: int, where: Path) -> Path:
 
     # 14 plates in the generator; keep the first three (n cells in all).
     total = int(n * 14 / 3 * 1.2)
-    src = psc.datasets.tahoe_like(total, where / "all", n_genes=20_000, umis_per_cell=2_500, seed=0)
+    src = psc.datasets.tahoe_like(total, where / "all", n_genes=20_000, umis_per_cell=2_500, random_state=0)
     cells = pl.scan_parquet(src / "part-*.parquet").filter(pl.col("plate").is_in(["plate1", "plate2", "plate3"])).head(n).collect()
     (where / "cells").mkdir()
     cells.write_parquet(where / "cells" / "cells.parquet")

@@ -119,7 +119,7 @@ def test_from_anndata_bare_matrix_and_bad_input(tmp_path):
 def plates(tmp_path_factory):
     """Three plates as .h5ad files, integrated from the files by psc.integrate."""
     tmp = tmp_path_factory.mktemp("plates")
-    counts = psc.datasets.synthetic_counts(3000, n_genes=300, umis_per_cell=60, seed=5)
+    counts = psc.datasets.synthetic_counts(3000, n_genes=300, umis_per_cell=60, random_state=5)
     folder = tmp / "plates"
     folder.mkdir()
     files = []

@@ -355,7 +355,7 @@ for name, write in [("w", lambda p: psc.io.write_parquet(df, p)), ("s", lambda p
 
 def test_integrate_on_a_full_disk_says_so_and_the_rerun_finishes(tmp_path):
     src = tmp_path / "cells.parquet"
-    psc.datasets.synthetic_counts(3000, n_genes=200, umis_per_cell=30, seed=4).write_parquet(src)
+    psc.datasets.synthetic_counts(3000, n_genes=200, umis_per_cell=30, random_state=4).write_parquet(src)
     out = tmp_path / "out"
     cli = [sys.executable, "-m", "polars_singlecell", "integrate", str(src), str(out), "--n-top-genes", "100",
            "--n-comps", "10", "--n-centroids", "20"]

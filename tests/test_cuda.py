@@ -19,7 +19,7 @@ import polars_singlecell as psc
 
 
 def _counts(n: int, n_genes: int, seed: int) -> pl.DataFrame:
-    raw = psc.datasets.synthetic_counts(n, n_genes=n_genes, umis_per_cell=120, seed=seed)
+    raw = psc.datasets.synthetic_counts(n, n_genes=n_genes, umis_per_cell=120, random_state=seed)
     return raw.with_columns(psc.normalize("gene_idx", "values", target_sum=1e4))
 
 

@@ -14,7 +14,7 @@ from polars_singlecell._plugin import check_polars_version
 
 @pytest.fixture(scope="module")
 def counts():
-    return psc.datasets.synthetic_counts(3000, n_genes=300, umis_per_cell=40, seed=1)
+    return psc.datasets.synthetic_counts(3000, n_genes=300, umis_per_cell=40, random_state=1)
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +162,7 @@ def test_gene_stats_reject_a_batch_column_of_another_length():
 
 def test_eager_frames_large_enough_to_split_match_row_by_row(model):
     """Calls of >= 4 * 65,536 rows run in parallel blocks: same bits as small calls."""
-    big = psc.datasets.synthetic_counts(300_000, n_genes=300, umis_per_cell=8, seed=2)
+    big = psc.datasets.synthetic_counts(300_000, n_genes=300, umis_per_cell=8, random_state=2)
     whole = big.with_columns(psc.normalize()).with_columns(psc.pca_project(model=model))
     parts = pl.concat([p.with_columns(psc.normalize()).with_columns(psc.pca_project(model=model)) for p in big.iter_slices(50_000)])
     assert_frame_equal(whole, parts)
@@ -198,10 +198,10 @@ def test_polars_version_gate_names_both_versions():
 
 
 def test_synthetic_counts_follow_the_layout():
-    df = psc.datasets.synthetic_counts(2000, seed=3)
+    df = psc.datasets.synthetic_counts(2000, random_state=3)
     assert df.schema == pl.Schema({"cell_id": pl.String, "batch": pl.String, "label": pl.String, **SPARSE})
     density = df["gene_idx"].list.len().mean() / 2000
     assert 0.08 < density < 0.13
     assert df["values"].explode().min() >= 1
-    again = psc.datasets.synthetic_counts(2000, seed=3)
+    again = psc.datasets.synthetic_counts(2000, random_state=3)
     assert df.equals(again)

@@ -134,3 +134,18 @@ def test_knn_takes_model_like_the_other_plugins():
         psc.knn("X", model=points, index=points)
     with pytest.raises(TypeError, match="needs model="):
         psc.knn("X")
+
+
+def test_seed_is_now_random_state_as_in_scanpy():
+    """scanpy's name everywhere; the old one still works for a release, with
+    a DeprecationWarning, and both at once is an error."""
+    new = psc.datasets.synthetic_counts(50, n_genes=20, random_state=3)
+    with pytest.warns(DeprecationWarning, match=r"synthetic_counts\(seed=...\) is now synthetic_counts\(random_state=...\)"):
+        old = psc.datasets.synthetic_counts(50, n_genes=20, seed=3)
+    assert old.equals(new)
+    with pytest.raises(TypeError, match="not both"):
+        psc.datasets.synthetic_counts(50, n_genes=20, seed=3, random_state=3)
+    import inspect
+
+    for fn in (psc.metrics.evaluate, psc.io.to_anndata, psc.plot.embedding, psc.datasets.tahoe_like):
+        assert "random_state" in inspect.signature(fn).parameters and "seed" not in inspect.signature(fn).parameters

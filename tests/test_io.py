@@ -112,7 +112,7 @@ def test_integrate_reads_h5ad_plates_directly_and_resumes(tmp_path):
     integrating the Parquet it converts them to; a re-run converts nothing again."""
     import scipy.sparse as sp
 
-    counts = psc.datasets.synthetic_counts(3000, n_genes=300, umis_per_cell=60, seed=5)
+    counts = psc.datasets.synthetic_counts(3000, n_genes=300, umis_per_cell=60, random_state=5)
     genes = pd.DataFrame(index=[f"g{i}" for i in range(300)])
     folder = tmp_path / "plates"
     folder.mkdir()

@@ -94,7 +94,7 @@ def test_to_cells_bad_input_names_column_and_row():
 
 
 def test_tahoe_layout_reads_as_the_same_cells(tmp_path):
-    kw = dict(n_genes=120, umis_per_cell=80, rows_per_file=700, seed=5)
+    kw = dict(n_genes=120, umis_per_cell=80, rows_per_file=700, random_state=5)
     cells = psc.datasets.tahoe_like(2000, tmp_path / "cells", **kw)
     tahoe = psc.datasets.tahoe_like(2000, tmp_path / "tahoe", layout="tahoe", **kw)
     raw = pl.read_parquet(tahoe / "data" / "*.parquet")
@@ -114,7 +114,7 @@ def test_tahoe_layout_reads_as_the_same_cells(tmp_path):
 
 
 def test_integrate_reads_the_tahoe_layout_like_the_project_layout(tmp_path):
-    kw = dict(n_genes=150, umis_per_cell=90, rows_per_file=1500, seed=2)
+    kw = dict(n_genes=150, umis_per_cell=90, rows_per_file=1500, random_state=2)
     cells = psc.datasets.tahoe_like(4000, tmp_path / "cells", **kw)
     tahoe = psc.datasets.tahoe_like(4000, tmp_path / "tahoe", layout="tahoe", **kw)
     opts = dict(batch_key="plate", n_top_genes=60, n_comps=8, n_centroids=8, log=None)
@@ -170,7 +170,7 @@ def test_generated_row_groups_hold_about_row_group_entries(tmp_path, monkeypatch
     from polars_singlecell import _files, _internal
 
     monkeypatch.setattr(_files, "ROW_GROUP_ENTRIES", 20_000)
-    kw = dict(n_genes=120, umis_per_cell=80, rows_per_file=1500, seed=5)
+    kw = dict(n_genes=120, umis_per_cell=80, rows_per_file=1500, random_state=5)
     for layout, pattern, column in (("cells", "part-*.parquet", "gene_idx"), ("tahoe", "data/*.parquet", "genes")):
         out = psc.datasets.tahoe_like(3000, tmp_path / layout, layout=layout, **kw)
         files = sorted(str(f) for f in out.glob(pattern))
@@ -190,7 +190,7 @@ def test_slices_of_the_tahoe_layout_stay_within_budget(tmp_path, monkeypatch):
     from polars_singlecell import _files, _frames
 
     monkeypatch.setattr(_files, "ROW_GROUP_ENTRIES", 5_000)
-    out = psc.datasets.tahoe_like(3000, tmp_path / "t", layout="tahoe", n_genes=120, umis_per_cell=80, rows_per_file=1500, seed=5)
+    out = psc.datasets.tahoe_like(3000, tmp_path / "t", layout="tahoe", n_genes=120, umis_per_cell=80, rows_per_file=1500, random_state=5)
     monkeypatch.setattr(_frames, "SLICE_ENTRIES", 20_000)
     lf = psc.scan_cells(out / "data", counts=("genes", "expressions"), vocabulary=out / "metadata" / "gene_metadata.parquet")
     q = lf.select("gene_idx", "values")

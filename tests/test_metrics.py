@@ -165,7 +165,7 @@ def test_trustworthiness_equals_scikit_learn(harmony):
         assert ours == pytest.approx(trustworthiness(x, y, n_neighbors=30), abs=1e-7)
     # the sample: 1000 of the 2370 cells, the same as scikit-learn on those rows
     rows = np.sort(np.random.default_rng(0).choice(len(x), 1000, replace=False))
-    assert M.trustworthiness(x, y, 30, n_cells=1000, seed=0) == pytest.approx(trustworthiness(x[rows], y[rows], n_neighbors=30), abs=1e-7)
+    assert M.trustworthiness(x, y, 30, n_cells=1000, random_state=0) == pytest.approx(trustworthiness(x[rows], y[rows], n_neighbors=30), abs=1e-7)
 
 
 def test_overlap0_and_strain_equal_numpy(harmony):
@@ -208,7 +208,7 @@ def test_evaluate_tidy_and_engine_independent(tmp_path, harmony):
     assert got["X_pca", "silhouette_label"] == pytest.approx(M.silhouette_label(x, lab), rel=1e-12)
     assert got["X_pca", "silhouette_batch"] == pytest.approx(M.silhouette_batch(x, lab, bat), rel=1e-12)
     assert got["X_pca", "isolated_labels"] == pytest.approx(M.isolated_labels(x, lab, bat), rel=1e-12)
-    clusters = M.nmi_ari_cluster_labels_kmeans(x, lab, seed=0)
+    clusters = M.nmi_ari_cluster_labels_kmeans(x, lab, random_state=0)
     assert (got["X_pca", "nmi"], got["X_pca", "ari"]) == (clusters["nmi"], clusters["ari"])
     for e in ("X_pca", "X_ot"):
         agg = M.aggregate({m: v for (e2, m), v in got.items() if e2 == e})
@@ -222,9 +222,9 @@ def test_evaluate_tidy_and_engine_independent(tmp_path, harmony):
 
 def test_evaluate_samples_the_same_cells_deterministically(harmony):
     cells = harmony.select("batch", pl.col("embedding").alias("X_pca"))
-    a = psc.metrics.evaluate(cells, ["X_pca"], max_cells=1000, seed=5)
-    b = psc.metrics.evaluate(cells, ["X_pca"], max_cells=1000, seed=5)
-    c = psc.metrics.evaluate(cells, ["X_pca"], max_cells=1000, seed=6)
+    a = psc.metrics.evaluate(cells, ["X_pca"], max_cells=1000, random_state=5)
+    b = psc.metrics.evaluate(cells, ["X_pca"], max_cells=1000, random_state=5)
+    c = psc.metrics.evaluate(cells, ["X_pca"], max_cells=1000, random_state=6)
     assert a.equals(b) and not a.equals(c)
     assert a.filter(metric="n_cells")["value"].item() == 1000
 
@@ -370,7 +370,7 @@ def test_nmi_ari_equal_scikit_learn(real):
     for seed in (0, 1):
         ref = KMeans(n_clusters=2, n_init=1, random_state=seed).fit(x.astype(np.float64)).labels_
         assert adjusted_rand_score(ref, M._kmeans_labels(x, 2, seed)) == 1.0  # the same partition
-        ours = M.nmi_ari_cluster_labels_kmeans(x, label, seed=seed)
+        ours = M.nmi_ari_cluster_labels_kmeans(x, label, random_state=seed)
         assert ours["nmi"] == pytest.approx(normalized_mutual_info_score(lab, ref, average_method="arithmetic"), abs=1e-12)
         assert ours["ari"] == pytest.approx(adjusted_rand_score(lab, ref), abs=1e-12)
         assert 0.99 < ours["nmi"] < 1 and 0.99 < ours["ari"] < 1  # a few cells sit with the other line
@@ -410,7 +410,7 @@ def test_aggregate_is_scib_weighting():
 
 def test_evaluate_silhouettes_on_a_sub_sample(harmony):
     cells = harmony.select("batch", "label", pl.col("embedding").alias("X_pca"))
-    table = psc.metrics.evaluate(cells, ["X_pca"], label_key="label", silhouette_cells=800, seed=3)
+    table = psc.metrics.evaluate(cells, ["X_pca"], label_key="label", silhouette_cells=800, random_state=3)
     got = dict(zip(table["metric"], table["value"]))
     rows = M._sample(harmony.height, 800, 3)
     x = harmony["embedding"].to_numpy().astype(np.float32)
@@ -420,7 +420,7 @@ def test_evaluate_silhouettes_on_a_sub_sample(harmony):
     assert got["isolated_labels"] == pytest.approx(M.isolated_labels(x[rows], lab, bat), rel=1e-12)
     assert got["silhouette_label"] != pytest.approx(M.silhouette_label(x, harmony["label"]), rel=1e-9)
     # k-means clusters every sampled cell, not the sub-sample
-    assert got["nmi"] == M.nmi_ari_cluster_labels_kmeans(x, harmony["label"], seed=3)["nmi"]
+    assert got["nmi"] == M.nmi_ari_cluster_labels_kmeans(x, harmony["label"], random_state=3)["nmi"]
     with pytest.raises(ValueError, match="silhouette_cells must be an integer ≥ 2, got 1"):
         psc.metrics.evaluate(cells, ["X_pca"], label_key="label", silhouette_cells=1)
 
@@ -459,5 +459,5 @@ def test_new_metrics_bad_input():
         M.silhouette_batch(x, ["a"] * 10 + ["b"] * 10, bat)  # each label in one batch
     with pytest.raises(ValueError, match="column 'labels' is null at row 2"):
         M.silhouette_label(x, ["a", "b", None] + ["a"] * 17)
-    with pytest.raises(ValueError, match=r"seed must be an integer in \[0, 2\*\*64\), got -1"):
-        M.nmi_ari_cluster_labels_kmeans(x, lab, seed=-1)
+    with pytest.raises(ValueError, match=r"random_state must be an integer in \[0, 2\*\*64\), got -1"):
+        M.nmi_ari_cluster_labels_kmeans(x, lab, random_state=-1)

@@ -172,7 +172,7 @@ def test_regime_2048_centroids_per_batch():
     centroids each: ours mixes them and keeps the lines. (n_reference and tol
     are lowered from their defaults only to keep CI short.)"""
     cells = (
-        psc.datasets.tahoe_like_embedding(120_000, n_dims=20, seed=1)
+        psc.datasets.tahoe_like_embedding(120_000, n_dims=20, random_state=1)
         .filter(pl.col("plate").is_in(["plate1", "plate2"]))
         .select(pl.col("plate").alias("batch"), pl.col("cell_line").alias("label"), "X_pca")
     )
@@ -224,7 +224,7 @@ def test_tahoe_like_plate_effect_is_recovered():
     plate) and a known affine plate effect: the corrected embedding is closer
     to the truth than the input (RMS error after the best global affine map,
     as in benches/bench_integration.py)."""
-    cells = psc.datasets.tahoe_like_embedding(20_000, n_dims=10, seed=2).rename({"plate": "batch", "cell_line": "label"})
+    cells = psc.datasets.tahoe_like_embedding(20_000, n_dims=10, random_state=2).rename({"plate": "batch", "cell_line": "label"})
     _model, out, m = _judge(cells, 64)
     truth = out["X_true"].to_numpy().astype(np.float64)
 
@@ -349,15 +349,15 @@ def test_hard_regime_generator_skews_and_drops_lines():
     """datasets' hard regime (issue 26): 15 of 50 lines missing per plate and
     line shares differing up to 5-fold between plates; line_skew=1 keeps the
     default draws; a skew below 1 is refused."""
-    base = psc.datasets.tahoe_like_embedding(20_000, n_dims=4, seed=5)
-    same = psc.datasets.tahoe_like_embedding(20_000, n_dims=4, seed=5, line_skew=1.0)
+    base = psc.datasets.tahoe_like_embedding(20_000, n_dims=4, random_state=5)
+    same = psc.datasets.tahoe_like_embedding(20_000, n_dims=4, random_state=5, line_skew=1.0)
     assert base.equals(same)
-    hard = psc.datasets.tahoe_like_embedding(200_000, n_dims=4, seed=5, missing_lines_per_plate=15, line_skew=5.0)
+    hard = psc.datasets.tahoe_like_embedding(200_000, n_dims=4, random_state=5, missing_lines_per_plate=15, line_skew=5.0)
     per_plate = hard.group_by("plate").agg(pl.col("cell_line").n_unique())["cell_line"]
     assert per_plate.max() <= 35
     share = (hard.group_by("plate", "cell_line").len()
              .with_columns(share=pl.col("len") / pl.col("len").sum().over("plate")))
-    base_share = (psc.datasets.tahoe_like_embedding(200_000, n_dims=4, seed=5, missing_lines_per_plate=15)
+    base_share = (psc.datasets.tahoe_like_embedding(200_000, n_dims=4, random_state=5, missing_lines_per_plate=15)
                   .group_by("plate", "cell_line").len().with_columns(share=pl.col("len") / pl.col("len").sum().over("plate")))
     joined = share.join(base_share, on=["plate", "cell_line"], suffix="_base").filter(pl.col("len_base") > 200)
     ratio = (joined["share"] / joined["share_base"]).to_numpy()

@@ -19,7 +19,7 @@ SMALL = dict(n_top_genes=200, n_comps=15, n_centroids=32, log=None)
 @pytest.fixture(scope="module")
 def raw(tmp_path_factory):
     d = tmp_path_factory.mktemp("pipe")
-    return psc.datasets.write_synthetic_counts(d / "raw", 6000, n_genes=500, umis_per_cell=200, seed=4, rows_per_file=2500)
+    return psc.datasets.write_synthetic_counts(d / "raw", 6000, n_genes=500, umis_per_cell=200, random_state=4, rows_per_file=2500)
 
 
 def test_integrates_and_reports(raw, tmp_path):
@@ -84,7 +84,7 @@ def test_a_killed_run_leaves_only_complete_files_and_resumes(tmp_path):
     import sys
     import time
 
-    raw = psc.datasets.write_synthetic_counts(tmp_path / "raw", 40_000, n_genes=500, umis_per_cell=200, seed=5,
+    raw = psc.datasets.write_synthetic_counts(tmp_path / "raw", 40_000, n_genes=500, umis_per_cell=200, random_state=5,
                                               rows_per_file=10_000)
     out = tmp_path / "out"
     args = ["--n-top-genes", "200", "--n-comps", "15", "--n-centroids", "64"]
@@ -172,7 +172,7 @@ def test_command_line_documents_itself_and_passes_integration_options(raw, tmp_p
 
 
 def test_tahoe_like_counts_follow_the_design(tmp_path):
-    out = psc.datasets.tahoe_like(20_000, tmp_path / "t", n_genes=300, rows_per_file=7000, seed=5)
+    out = psc.datasets.tahoe_like(20_000, tmp_path / "t", n_genes=300, rows_per_file=7000, random_state=5)
     df = pl.read_parquet(out / "part-*.parquet")
     assert df.height == 20_000 and df["cell_id"].n_unique() == 20_000
     assert len(list(out.glob("part-*.parquet"))) == 3
@@ -188,13 +188,13 @@ def test_tahoe_like_counts_follow_the_design(tmp_path):
     assert df["values"].list.min().min() >= 1 and df["gene_idx"].list.max().max() < 300
     effects = pl.read_parquet(out / "plate_effects.parquet")
     assert effects.height == 14 * 300 and (effects["factor"] > 0).all()
-    again = psc.datasets.tahoe_like(20_000, tmp_path / "u", n_genes=300, rows_per_file=7000, seed=5)
+    again = psc.datasets.tahoe_like(20_000, tmp_path / "u", n_genes=300, rows_per_file=7000, random_state=5)
     assert pl.read_parquet(again / "part-*.parquet").equals(df)
 
 
 def test_integrate_tahoe_like_counts(tmp_path):
     """The pipeline on Tahoe-shaped counts: plates mix, lines stay apart."""
-    raw = psc.datasets.tahoe_like(30_000, tmp_path / "raw", n_genes=500, seed=1)
+    raw = psc.datasets.tahoe_like(30_000, tmp_path / "raw", n_genes=500, random_state=1)
     report = psc.integrate(raw, tmp_path / "out", batch_key="plate", label_key="cell_line", n_top_genes=300,
                            n_comps=20, n_centroids=64, log=None)
     m = {(r["embedding"], r["metric"]): r["value"] for r in report["stages"]["interpolate"]["evaluate"]}

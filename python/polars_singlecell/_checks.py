@@ -41,3 +41,26 @@ def check_scale(scale: object, max_value: object, zero_center: object) -> None:
     if max_value is not None and (isinstance(max_value, bool) or not isinstance(max_value, numbers.Real)
                                   or not (0 < float(max_value) < math.inf)):
         raise ValueError(f"max_value must be a finite number > 0 (sc.pp.scale's), got {max_value!r}")
+
+
+def renamed(**old_to_new: str):
+    """Accept a parameter's old name for one release, with a
+    ``DeprecationWarning`` saying the new one (scanpy's names replace ours:
+    ``seed`` is now ``random_state``); both at once is a ``TypeError``."""
+    import functools
+    import warnings
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def inner(*args, **kwargs):
+            for old, new in old_to_new.items():
+                if old in kwargs:
+                    if new in kwargs:
+                        raise TypeError(f"{fn.__name__}() takes {new}= ({old}= is its old name), not both")
+                    warnings.warn(f"{fn.__name__}({old}=...) is now {fn.__name__}({new}=...)", DeprecationWarning, stacklevel=2)
+                    kwargs[new] = kwargs.pop(old)
+            return fn(*args, **kwargs)
+
+        return inner
+
+    return wrap

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from polars_singlecell._checks import renamed
 from polars_singlecell._files import rows_per_group as _rows_per_group
 from polars_singlecell.io import write_parquet
 
@@ -46,6 +47,7 @@ def _draw_rows(rng: np.random.Generator, n_umi: np.ndarray, group: np.ndarray, r
     return entries.group_by("cell", maintain_order=True).agg("gene_idx", "values").sort("cell")
 
 
+@renamed(seed="random_state")
 def synthetic_counts(
     n_cells: int,
     *,
@@ -53,7 +55,7 @@ def synthetic_counts(
     n_batches: int = 3,
     n_types: int = 4,
     umis_per_cell: int = 230,
-    seed: int = 0,
+    random_state: int = 0,
     first_cell: int = 0,
 ) -> pl.DataFrame:
     """``n_cells`` cells of raw UMI counts: ``cell_id``, ``batch``, ``label``,
@@ -61,12 +63,12 @@ def synthetic_counts(
 
     Each cell draws ~``umis_per_cell`` UMIs (Poisson) from its type's gene
     distribution scaled by its batch's effect; with the defaults about 10% of
-    entries are non-zero. The gene programme depends only on ``seed``; cells
-    depend on ``seed`` and ``first_cell``, so chunks can be generated apart.
+    entries are non-zero. The gene programme depends only on ``random_state``; cells
+    depend on ``random_state`` and ``first_cell``, so chunks can be generated apart.
     """
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(random_state)
     base, types, batches = _gene_rates(rng, n_genes, n_types, n_batches)
-    crng = np.random.default_rng([seed, first_cell])
+    crng = np.random.default_rng([random_state, first_cell])
     label = crng.integers(0, n_types, n_cells)
     batch = crng.integers(0, n_batches, n_cells)
     n_umi = np.maximum(crng.poisson(umis_per_cell, n_cells), 1)
@@ -82,12 +84,13 @@ def synthetic_counts(
     ).with_columns(rows["gene_idx"], rows["values"])
 
 
+@renamed(seed="random_state")
 def write_synthetic_counts(
     out: str | os.PathLike,
     n_cells: int,
     *,
     rows_per_file: int = 100_000,
-    seed: int = 0,
+    random_state: int = 0,
     **kwargs,
 ) -> Path:
     """Write :func:`synthetic_counts` into a folder of Parquet files
@@ -102,7 +105,7 @@ def write_synthetic_counts(
     )
     for k, start in enumerate(range(0, n_cells, rows_per_file)):
         n = min(rows_per_file, n_cells - start)
-        df = synthetic_counts(n, seed=seed, first_cell=start, **kwargs)
+        df = synthetic_counts(n, random_state=random_state, first_cell=start, **kwargs)
         write_parquet(df, out / f"part-{k:05d}.parquet", row_group_size=_rows_per_group(n, df["gene_idx"].list.len().sum()))
     return out
 
@@ -153,6 +156,7 @@ def _plate_effect(rng: np.random.Generator, d: int, shift: float, scaling: float
     return rng.uniform(1 - scaling, 1 + scaling, d), q, rng.normal(size=d) * shift
 
 
+@renamed(seed="random_state")
 def tahoe_like_embedding(
     n_cells: int,
     *,
@@ -162,7 +166,7 @@ def tahoe_like_embedding(
     shift: float = 1.5,
     scaling: float = 0.15,
     rotation: float = 0.05,
-    seed: int = 0,
+    random_state: int = 0,
 ) -> pl.DataFrame:
     """A PCA-like embedding shaped like Tahoe-100M, with a known plate effect.
 
@@ -195,7 +199,7 @@ def tahoe_like_embedding(
     if not isinstance(missing_lines_per_plate, int) or not 0 <= missing_lines_per_plate < 50:
         raise ValueError(f"missing_lines_per_plate must be an integer in [0, 49], got {missing_lines_per_plate!r}")
     design = tahoe_design()
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(random_state)
     lines = design["cell_line"].unique(maintain_order=True).to_list()
     organ_of = dict(zip(design["cell_line"], design["organ"]))
     organs = sorted(set(organ_of.values()))
@@ -224,6 +228,7 @@ def tahoe_like_embedding(
     return pl.concat(parts)
 
 
+@renamed(seed="random_state")
 def tahoe_like(
     n_cells: int,
     out: str | os.PathLike,
@@ -234,7 +239,7 @@ def tahoe_like(
     line_skew: float = 1.0,
     plate_effect: float = 0.3,
     rows_per_file: int = 50_000,
-    seed: int = 0,
+    random_state: int = 0,
     layout: str = "cells",
 ) -> Path:
     """Raw counts shaped like Tahoe-100M, streamed to ``out/part-*.parquet``
@@ -287,7 +292,7 @@ def tahoe_like(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     design = tahoe_design()
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(random_state)
     plates = design["plate"].unique(maintain_order=True).to_list()
     lines = design["cell_line"].unique(maintain_order=True).to_list()
     organ_of = dict(zip(design["cell_line"], design["organ"]))
@@ -303,7 +308,7 @@ def tahoe_like(
     genes = pl.DataFrame({"gene_idx": np.arange(n_genes, dtype=np.uint32), "gene": [f"G{i}" for i in range(n_genes)]})
     if layout == "tahoe":
         # Drawn after every other generator call, so the counts equal layout="cells"'s.
-        tokens = np.random.default_rng([seed, 1 << 20]).permutation(n_genes).astype(np.int64) + _FIRST_GENE_TOKEN
+        tokens = np.random.default_rng([random_state, 1 << 20]).permutation(n_genes).astype(np.int64) + _FIRST_GENE_TOKEN
         write_parquet(pl.DataFrame({"token_id": tokens, "ensembl_id": [f"ENSG{i:011d}" for i in range(n_genes)],
                                     "gene_symbol": genes["gene"]}), out / "metadata" / "gene_metadata.parquet")
     else:
@@ -317,7 +322,7 @@ def tahoe_like(
     n_files = -(-n_cells // rows_per_file)
     for k, start in enumerate(range(0, n_cells, rows_per_file)):
         stop = min(start + rows_per_file, n_cells)
-        crng = np.random.default_rng([seed, k])
+        crng = np.random.default_rng([random_state, k])
         group = np.searchsorted(ends, np.arange(start, stop), side="right")
         group = group[np.lexsort((crng.random(group.size), group // len(lines)))]  # shuffle lines within a plate
         plate, line = np.divmod(group, len(lines))

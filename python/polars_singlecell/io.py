@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from polars_singlecell._checks import renamed
 from polars_singlecell._files import OS_ERROR as _OS_ERROR
 from polars_singlecell._files import ROW_GROUP_ENTRIES, sink_parquet
 from polars_singlecell._files import atomic_path as _atomic_path
@@ -273,13 +274,14 @@ def h5ad_to_parquet(
     return out
 
 
+@renamed(seed="random_state")
 def to_anndata(
     cells: pl.DataFrame | pl.LazyFrame | str | os.PathLike,
     *,
     obsm: tuple[str, ...] = ("X_pca", "X_ot"),
     obs: list[str] | None = None,
     max_cells: int | None = 100_000,
-    seed: int = 0,
+    random_state: int = 0,
     genes: pl.DataFrame | str | os.PathLike | None = None,
     pca: Any = None,
 ):
@@ -316,7 +318,7 @@ def to_anndata(
         obs = [c for c in schema.names() if c not in obsm and not isinstance(schema[c], (pl.List, pl.Array, pl.Struct))]
     var, varm, uns = _genes_and_pca(genes, pca)
     if max_cells is not None:
-        lf = _seeded_sample(lf, max_cells, seed)
+        lf = _seeded_sample(lf, max_cells, random_state)
     df = lf.select(*obs, *obsm).collect(engine="streaming")
     frame = pd.DataFrame({c: df[c].to_numpy() for c in obs})
     if "cell_id" in frame:

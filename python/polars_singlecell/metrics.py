@@ -111,6 +111,7 @@ from polars_singlecell._arrays import categories as _categories
 from polars_singlecell._arrays import codes as _codes
 from polars_singlecell._arrays import matrix as _matrix
 from polars_singlecell._arrays import series as _series
+from polars_singlecell._checks import renamed
 
 __all__ = [
     "BATCH_CORRECTION",
@@ -485,18 +486,19 @@ def _kmeans_labels(a: np.ndarray, k: int, seed: int) -> np.ndarray:
     return idx.to_numpy().astype(np.int64).ravel()
 
 
-def nmi_ari_cluster_labels_kmeans(x: object, labels: object, seed: int = 0) -> dict[str, float]:
+@renamed(seed="random_state")
+def nmi_ari_cluster_labels_kmeans(x: object, labels: object, random_state: int = 0) -> dict[str, float]:
     """scib-metrics' ``nmi_ari_cluster_labels_kmeans``: k-means of ``x`` with
     k = the number of labels; ``{"nmi": NMI, "ari": ARI}`` of the clusters
     against the labels (scikit-learn's definitions, arithmetic NMI).
 
     The k-means is our :func:`polars_singlecell.kmeans_centroids` (greedy
-    k-means++ seeding from ``seed``, Lloyd passes to tolerance 1e-4 × the mean
+    k-means++ seeding from ``random_state``, Lloyd passes to tolerance 1e-4 × the mean
     per-feature variance, at most 300, one initialisation), each cell then
     assigned to its nearest centre: scikit-learn is not a runtime dependency,
     and this is the algorithm of scikit-learn's ``KMeans(n_init=1)`` and of
     scib-metrics' own JAX ``KMeans`` (k-means++ with 2 + ln k local trials,
-    n_init=1, seed 0, same tolerance), deterministic at any thread count.
+    n_init=1, random_state 0, same tolerance), deterministic at any thread count.
     Above max(3k, 10 000) cells its seeding runs on a random subset with a
     short warm-up (see ``kmeans_centroids``). k-means++ seeds differ between
     the three implementations, so the clusters (and scores) agree exactly only
@@ -508,9 +510,9 @@ def nmi_ari_cluster_labels_kmeans(x: object, labels: object, seed: int = 0) -> d
     {'nmi': 1.0, 'ari': 1.0}
     """
     a, codes, cats = _labelled(x, labels, "nmi_ari_cluster_labels_kmeans")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**64:
-        raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
-    pred = _kmeans_labels(a, len(cats), int(seed))
+    if isinstance(random_state, bool) or not isinstance(random_state, (int, np.integer)) or not 0 <= random_state < 2**64:
+        raise ValueError(f"random_state must be an integer in [0, 2**64), got {random_state!r}")
+    pred = _kmeans_labels(a, len(cats), int(random_state))
     return {"nmi": _nmi(codes, pred), "ari": _ari(codes, pred)}
 
 
@@ -540,11 +542,12 @@ def _sample(n: int, size: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n, size, replace=False))
 
 
-def overlap0(start: object, result: object, n_neighbors: int = 30, n_cells: int = 5000, seed: int = 0) -> float:
+@renamed(seed="random_state")
+def overlap0(start: object, result: object, n_neighbors: int = 30, n_cells: int = 5000, random_state: int = 0) -> float:
     """Mean fraction of shared ``n_neighbors``-NN between two embeddings of the
     same cells, on ``n_cells`` seeded sampled cells (neighbours among them)."""
     a, b = _pair(start, result)
-    rows = _sample(a.shape[0], n_cells, seed)
+    rows = _sample(a.shape[0], n_cells, random_state)
     ia, _ = neighbors(a[rows], n_neighbors)
     ib, _ = neighbors(b[rows], n_neighbors)
     shared = (ia[:, :, None] == ib[:, None, :]).any(axis=2).sum(axis=1)
@@ -569,11 +572,12 @@ def strain(start: object, result: object, n_neighbors: int = 20) -> float:
     return float((r * r).mean())
 
 
-def trustworthiness(start: object, result: object, n_neighbors: int = 30, n_cells: int = 2500, seed: int = 0) -> float:
+@renamed(seed="random_state")
+def trustworthiness(start: object, result: object, n_neighbors: int = 30, n_cells: int = 2500, random_state: int = 0) -> float:
     """scikit-learn's ``trustworthiness(start, result, n_neighbors)`` on
     ``n_cells`` seeded sampled cells (all of them when fewer)."""
     a, b = _pair(start, result)
-    rows = _sample(a.shape[0], n_cells, seed)
+    rows = _sample(a.shape[0], n_cells, random_state)
     a, b = a[rows].astype(np.float64), b[rows]
     m = a.shape[0]
     _check_k(n_neighbors, m)
@@ -601,6 +605,7 @@ def _pair(start: object, result: object) -> tuple[np.ndarray, np.ndarray]:
 # -------------------------------------------------------------- one call
 
 
+@renamed(seed="random_state")
 def evaluate(
     cells: pl.DataFrame | pl.LazyFrame,
     embeddings: Sequence[str] = ("X_pca", "X_ot"),
@@ -611,7 +616,7 @@ def evaluate(
     perplexity: float = 30,
     max_cells: int = 100_000,
     silhouette_cells: int = 10_000,
-    seed: int = 0,
+    random_state: int = 0,
 ) -> pl.DataFrame:
     """All metrics for several embeddings of the same cells, as a tidy frame
     (``embedding``, ``metric``, ``value``).
@@ -649,13 +654,13 @@ def evaluate(
             raise pl.exceptions.ColumnNotFoundError(f"column '{c}' is not in the cells (columns: {names})")
     from polars_singlecell._files import seeded_sample
 
-    df = seeded_sample(lf.select(wanted), max_cells, seed).collect(engine="streaming")
+    df = seeded_sample(lf.select(wanted), max_cells, random_state).collect(engine="streaming")
     batch = df[batch_key]
     _, n_b = _codes(batch, batch_key)
     labels = df[label_key] if label_key else None
     n_c = _codes(labels, label_key)[1] if label_key else 0
     if labels is not None:  # the silhouettes' sub-sample, with its own codes
-        sil_rows = _sample(df.height, silhouette_cells, seed)
+        sil_rows = _sample(df.height, silhouette_cells, random_state)
         sil_lab, sil_n_c = _codes(labels.gather(sil_rows), label_key)
         sil_b, sil_n_b = _codes(batch.gather(sil_rows), batch_key)
     if not (isinstance(perplexity, (int, float)) and perplexity >= 1):
@@ -691,13 +696,13 @@ def evaluate(
             iso = _isolated(sil_lab, sil_n_c, sil_b, sil_n_b)
             out["isolated_labels"] = _isolated_score(sil, sil_lab, iso) if sil is not None else nan
             if n_c > 1:
-                out.update(nmi_ari_cluster_labels_kmeans(x, labels, seed))
+                out.update(nmi_ari_cluster_labels_kmeans(x, labels, random_state))
             else:
                 out["nmi"] = out["ari"] = nan
         if x is not start:
-            out["overlap0"] = overlap0(start, x, 30, 5000, seed)
+            out["overlap0"] = overlap0(start, x, 30, 5000, random_state)
             out["strain"] = strain(start, x, 20)
-            out["tw"] = trustworthiness(start, x, 30, 2500, seed)
+            out["tw"] = trustworthiness(start, x, 30, 2500, random_state)
         if labels is not None:
             out.update(aggregate(out))
         rows += [(name, k, float(v)) for k, v in out.items()]

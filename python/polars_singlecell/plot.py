@@ -11,9 +11,12 @@ from pathlib import Path
 
 import polars as pl
 
+from polars_singlecell._checks import renamed
+
 __all__ = ["embedding"]
 
 
+@renamed(seed="random_state")
 def embedding(
     cells: pl.DataFrame | pl.LazyFrame | str | os.PathLike,
     *,
@@ -21,7 +24,7 @@ def embedding(
     color: Sequence[str] = ("batch", "label"),
     components: tuple[int, int] = (0, 1),
     max_cells: int = 20_000,
-    seed: int = 0,
+    random_state: int = 0,
     path: str | os.PathLike | None = None,
     point_size: float = 2.0,
 ):
@@ -65,8 +68,8 @@ def embedding(
         dt = schema[b]
         if not isinstance(dt, pl.Array) or not max(components) < dt.size or min(components) < 0:
             raise ValueError(f"column '{b}' is {dt}: components {components} need an Array with more than {max(components)} entries")
-    df = seeded_sample(lf.select(basis + color), max_cells, seed).collect(engine="streaming")
-    df = df.sample(fraction=1.0, shuffle=True, seed=seed)  # the drawing order: no batch always on top
+    df = seeded_sample(lf.select(basis + color), max_cells, random_state).collect(engine="streaming")
+    df = df.sample(fraction=1.0, shuffle=True, seed=random_state)  # the drawing order: no batch always on top
     fig = Figure(figsize=(4.2 * len(color), 3.8 * len(basis)))
     axes = fig.subplots(len(basis), len(color), squeeze=False)
     for j, c in enumerate(color):

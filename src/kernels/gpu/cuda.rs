@@ -452,7 +452,7 @@ impl Gpu {
             let dst = buf.pin_x[i % 2].as_mut_slice().map_err(driver_err("pinned staging"))?;
             // Scoped threads, not rayon: see `kernels::scoped_for_each`.
             let pieces: Vec<_> = dst[..blocks[i].len()].chunks_mut(1 << 18).zip(blocks[i].chunks(1 << 18)).collect();
-            super::scoped_for_each(pieces, |(a, b)| a.copy_from_slice(b));
+            crate::kernels::scoped_for_each(pieces, |(a, b)| a.copy_from_slice(b));
             Ok(())
         };
         let enqueue = |buf: &mut SearchBuffers, i: usize| -> Result<(), KernelError> {

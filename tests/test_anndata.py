@@ -192,3 +192,13 @@ def test_integrate_checks_the_h5ad_keys_before_importing(plates, tmp_path):
     with pytest.raises(ValueError, match=r"has no obs column 'batch' \(columns: \['plate'\]\)"):
         psc.integrate(plates[0][0].parent, tmp_path / "out", log=None)
     assert not (tmp_path / "out" / "source").exists()  # nothing imported
+
+
+@pytest.mark.parametrize("missing", ["anndata", "pandas"])
+def test_anndata_paths_without_the_extra_name_it(missing, monkeypatch, tmp_path):
+    import sys
+
+    monkeypatch.setitem(sys.modules, missing, None)
+    cells = pl.DataFrame({"X_ot": pl.Series([[0.0, 1.0]], dtype=pl.Array(pl.Float32, 2))})
+    with pytest.raises(ImportError, match=rf"needs {missing}: pip install 'polars-singlecell\[h5ad\]'"):
+        psc.io.to_anndata(cells, obsm=("X_ot",))

@@ -10,7 +10,10 @@ from polars.plugins import register_plugin_function
 
 LIB = Path(__file__).parent
 
-# Python polars versions this build is tested with; pyproject.toml says the same.
+# Python polars versions this build is tested with. Below POLARS_MIN the
+# plugin ABI is known to differ: a refusal. From POLARS_BELOW on it is only
+# untested: a warning, so a new polars release neither breaks the import nor
+# makes pip downgrade a user's polars (pyproject.toml has the lower bound only).
 POLARS_MIN = (2, 0)
 POLARS_BELOW = (2, 2)
 SUPPORTED = ">=2.0,<2.2"
@@ -25,14 +28,18 @@ def _parse(version: str) -> tuple[int, int]:
 
 
 def check_polars_version(version: str, plugin_polars: str) -> None:
-    """Raise ImportError naming both versions when ``version`` is unsupported."""
-    if not (POLARS_MIN <= _parse(version) < POLARS_BELOW):
-        msg = (
-            f"polars-singlecell needs Python polars {SUPPORTED} (its plugin is built against "
-            f"Rust polars {plugin_polars}), but polars {version} is installed. "
-            f"Fix: pip install 'polars{SUPPORTED}'"
-        )
-        raise ImportError(msg)
+    """ImportError below the supported polars, a warning above the tested
+    range; both name the two versions."""
+    v = _parse(version)
+    said = (f"polars-singlecell's plugin is built against Rust polars {plugin_polars} and tested with Python "
+            f"polars {SUPPORTED}, but polars {version} is installed")
+    if v < POLARS_MIN:
+        raise ImportError(f"{said}. Fix: pip install 'polars{SUPPORTED}'")
+    if v >= POLARS_BELOW:
+        import warnings
+
+        warnings.warn(f"{said}: untested. If plugin calls fail, pip install 'polars{SUPPORTED}' "
+                      "or a polars-singlecell release built for it", RuntimeWarning, stacklevel=3)
 
 
 def call(

@@ -91,7 +91,7 @@ def _needs(extra: str, module: str):
             found = f" ({top} {importlib.import_module(top).__version__} is installed; {module} needs a newer one)"
         except Exception:  # noqa: BLE001 (any failure to tell the version: say nothing of it)
             found = ""
-        raise ImportError(f"reading .h5ad files needs {module}{found}: pip install 'polars-singlecell[{extra}]'") from e
+        raise ImportError(f"AnnData and .h5ad support needs {module}{found}: pip install 'polars-singlecell[{extra}]'") from e
 
 
 def _obs_readers(obs, columns: list[str] | None) -> dict[str, Any]:
@@ -305,7 +305,7 @@ def to_anndata(
     ((3, 0), (3, 2), ['batch'])
     """
     anndata = _needs("h5ad", "anndata")
-    import pandas as pd
+    pd = _needs("h5ad", "pandas")
 
     lf = pl.scan_parquet(parquet_files(cells)) if isinstance(cells, (str, os.PathLike)) else cells.lazy()
     schema = lf.collect_schema()
@@ -417,9 +417,8 @@ def from_anndata(
     >>> pl.read_parquet(out / "part-*.parquet").select("cell_id", "plate", "gene_idx").rows()
     [('0', 'p1', [1]), ('1', 'p2', [0, 2])]
     """
-    import pandas as pd
-    import scipy.sparse as sp
-
+    pd = _needs("h5ad", "pandas")
+    sp = _needs("h5ad", "scipy.sparse")
     from polars_singlecell import _internal
 
     if isinstance(rows_per_file, bool) or not isinstance(rows_per_file, int) or rows_per_file < 1:

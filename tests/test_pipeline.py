@@ -270,6 +270,26 @@ def test_progress_bars_count_every_cell_and_change_no_output(raw, tmp_path, caps
     assert capsys.readouterr().err == ""
 
 
+def test_stage_lines_go_to_the_package_logger_and_notebooks_get_tqdm(raw, tmp_path, capsys, caplog, monkeypatch):
+    """By default each stage's line is an INFO record of the package's logger,
+    bars only when someone watches (here stderr is no terminal: none); in a
+    notebook the bars are tqdm.auto's."""
+    import logging
+
+    opts = {k: v for k, v in SMALL.items() if k != "log"}
+    with caplog.at_level(logging.INFO, logger="polars_singlecell"):
+        psc.integrate(raw, tmp_path / "a", **opts)
+    stages = [r.getMessage().split(":")[0] for r in caplog.records if r.name == "polars_singlecell"]
+    assert stages == ["genes", "pca", "project", "centroids", "integration", "interpolate"], stages
+    assert capsys.readouterr().err == ""  # progress=None and no terminal, no notebook: no bars
+    pytest.importorskip("tqdm")
+    monkeypatch.setattr(psc._progress, "in_notebook", lambda: True)
+    psc.integrate(raw, tmp_path / "b", **SMALL)
+    err = capsys.readouterr().err
+    for stage in ("genes", "pca", "project", "centroids", "interpolate"):
+        assert re.search(rf"{stage}: 100%.*6000/6000", err), (stage, err[-500:])
+
+
 def test_sink_bounded_writes_what_one_sink_writes(tmp_path, monkeypatch):
     # The pipeline's project and interpolate stages sink with one row group
     # of read-ahead (bounded memory, pola-rs/polars#28569): same rows, same

@@ -126,7 +126,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         demo(args.out, args.n_cells)
     elif args.command == "integrate":
+        import logging
+
         import polars as pl
+
+        # integrate's stage lines go to the package's logger: on the console, as printed lines.
+        logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stdout)
+        logging.getLogger("polars_singlecell").setLevel(logging.INFO)
 
         from polars_singlecell.pipeline import integrate
 

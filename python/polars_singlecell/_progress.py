@@ -1,5 +1,8 @@
 """Progress of the long stages of :func:`polars_singlecell.integrate`: cells
-processed / total and the rate, one bar per stage on stderr.
+processed / total and the rate, one bar per stage on stderr. In a Jupyter
+notebook the bar is ``tqdm.auto``'s (a widget, or text redrawn in place)
+where tqdm is installed (scanpy depends on it); elsewhere our own line,
+redrawn on a terminal and written once, final, to a log.
 
 A stage's bar is found through a context variable, so the functions that read
 cells (``_record_batches``: the HVG, PCA and centroid fits) and
@@ -64,19 +67,63 @@ class Bar:
         self.stream.flush()
 
 
+def in_notebook() -> bool:
+    """Whether this runs in a Jupyter kernel (where stderr is no terminal but
+    redraws in place)."""
+    shell = sys.modules.get("IPython")
+    ip = shell.get_ipython() if shell is not None and hasattr(shell, "get_ipython") else None
+    return ip is not None and ip.__class__.__name__ == "ZMQInteractiveShell"
+
+
+def interactive() -> bool:
+    """Whether someone watches: a terminal on stderr, or a notebook."""
+    return bool(getattr(sys.stderr, "isatty", lambda: False)()) or in_notebook()
+
+
+class NotebookBar:
+    """``tqdm.auto`` behind the same counter interface as :class:`Bar`."""
+
+    def __init__(self, name: str, total: int, tqdm) -> None:
+        self.bar = tqdm(total=total, desc=name, unit=" cells", unit_scale=False, mininterval=0.25, leave=True)
+        self.done = 0
+        self.finished = False
+        self.lock = threading.Lock()
+
+    def __call__(self, n: int) -> None:
+        with self.lock:
+            self.done += n
+            self.bar.update(n)
+
+    def draw(self, end: str) -> None:
+        self.bar.close()
+
+
+def _bar(name: str, total: int, stream: IO[str] | None) -> Bar | NotebookBar:
+    if stream is None and in_notebook():
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:
+            pass
+        else:
+            return NotebookBar(name, total, tqdm)
+    return Bar(name, total, stream or sys.stderr)
+
+
 @contextmanager
-def track(name: str, total: int | None, stream: IO[str] | None = None) -> Iterator[Bar | None]:
+def track(name: str, total: int | None, stream: IO[str] | None = None) -> Iterator[Bar | NotebookBar | None]:
     """Count the rows read or written while the block runs; ``total=None``: no bar."""
     if total is None:
         yield None
         return
-    bar = Bar(name, total, stream or sys.stderr)
+    bar = _bar(name, total, stream)
     token = _current.set(bar)
     try:
         yield bar
     finally:
         _current.reset(token)
-        if bar.done and not bar.finished:
+        if isinstance(bar, NotebookBar):
+            bar.draw(end="")
+        elif bar.done and not bar.finished:
             bar.draw(end="\n")
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import platform
 import shutil
@@ -108,6 +109,16 @@ def _fingerprint(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+logger = logging.getLogger("polars_singlecell")
+
+
+def log_stage(message: str) -> None:
+    """``integrate``'s default ``log``: each stage's line to the package's
+    logger (``logging.getLogger("polars_singlecell")``, level INFO; the
+    command line prints them)."""
+    logger.info(message)
+
+
 def _write_json(path: Path, obj: Any) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, default=str))
@@ -135,8 +146,8 @@ def integrate(
     random_state: int = 0,
     integration: dict[str, Any] | None = None,
     evaluate_cells: int = 100_000,
-    log: Callable[[str], None] | None = print,
-    progress: bool = False,
+    log: Callable[[str], None] | None = log_stage,
+    progress: bool | None = None,
     counts: tuple[str, str] = COUNTS,
     vocabulary: pl.DataFrame | str | os.PathLike | None = None,
 ) -> dict[str, Any]:
@@ -181,9 +192,13 @@ def integrate(
     defaults to the row count of a ``genes.parquet`` beside the cells (in the
     folder, or next to the file), else to the largest gene index + 1.
     ``integration`` passes options to :func:`fit_integration`. ``log`` gets
-    one line per stage (``None``: silent). ``progress=True`` draws a bar per
-    stage that reads the cells on stderr (cells processed / total, rate; on a
-    terminal redrawn in place, elsewhere its final line only). Returns the report.
+    one line per stage: by default the package's logger
+    (``logging.getLogger("polars_singlecell")``, INFO), or any callable such
+    as ``print``; ``None``: silent. ``progress`` draws a bar per stage that
+    reads the cells on stderr (cells processed / total, rate): ``None`` (the
+    default) when someone watches (a terminal or a Jupyter notebook, where
+    it is ``tqdm.auto``'s), ``True`` always (in a log: its final line only),
+    ``False`` never. Returns the report.
 
     >>> import tempfile, polars_singlecell as psc
     >>> d = tempfile.mkdtemp()
@@ -269,6 +284,8 @@ def integrate(
         "versions": {"polars_singlecell": _internal.__version__, "polars": pl.__version__, "python": platform.python_version()},
         "stages": {},
     }
+    if progress is None:
+        progress = _progress.interactive()
     n_cells = scan.select(pl.len()).collect().item() if progress else None  # from the Parquet footers
     keep = [c for c in scan.collect_schema().names() if c not in COUNTS]
     norm = scan.with_columns(normalize(*COUNTS, target_sum=target_sum))

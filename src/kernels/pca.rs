@@ -220,7 +220,7 @@ impl CovAccumulator {
 
     /// Bring a GPU-held XᵀX to the host; afterwards the accumulator adds
     /// rows on the CPU. Merging and serialising work on the host copy.
-    fn to_host(&mut self) -> Result<(), KernelError> {
+    fn bring_to_host(&mut self) -> Result<(), KernelError> {
         if let Some(acc) = self.on_gpu.take() {
             self.gram = super::gpu::read_gram(&acc)?;
         }
@@ -230,7 +230,7 @@ impl CovAccumulator {
     /// XᵀX's lower triangle, row by row (`g(g+1)/2` values): all a
     /// serialised accumulator needs to carry.
     pub fn lower_triangle(&mut self) -> Result<Vec<f64>, KernelError> {
-        self.to_host()?;
+        self.bring_to_host()?;
         let g = self.n_genes;
         Ok((0..g).flat_map(|i| self.gram[i * g..=i * g + i].iter().copied()).collect())
     }
@@ -266,8 +266,8 @@ impl CovAccumulator {
         if later.n_genes != self.n_genes {
             return Err(KernelError::Invalid(format!("cannot merge a covariance of {} genes into one of {}", later.n_genes, self.n_genes)));
         }
-        self.to_host()?;
-        later.to_host()?;
+        self.bring_to_host()?;
+        later.bring_to_host()?;
         let g = self.n_genes;
         self.n_cells += later.n_cells;
         self.sum.iter_mut().zip(&later.sum).for_each(|(a, b)| *a += b);

@@ -101,8 +101,8 @@ impl GeneStatsFit {
         py.detach(|| fit.finish(&())).map(PyDataFrame).map_err(value_error)
     }
 
-    fn to_bytes<'py>(&mut self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
-        bytes(py, &mut self.fit)
+    fn to_bytes<'py>(mut slf: PyRefMut<'py, Self>) -> PyResult<Bound<'py, PyBytes>> {
+        bytes(slf.py(), &mut slf.fit)
     }
 
     #[staticmethod]
@@ -147,8 +147,8 @@ impl ClippedSumsFit {
         py.detach(|| fit.finish(&())).map(PyDataFrame).map_err(value_error)
     }
 
-    fn to_bytes<'py>(&mut self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
-        bytes(py, &mut self.fit)
+    fn to_bytes<'py>(mut slf: PyRefMut<'py, Self>) -> PyResult<Bound<'py, PyBytes>> {
+        bytes(slf.py(), &mut slf.fit)
     }
 
     #[staticmethod]
@@ -216,8 +216,8 @@ impl CovarianceFit {
         Ok(state(&mut self.fit)?.n_cells())
     }
 
-    fn to_bytes<'py>(&mut self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
-        bytes(py, &mut self.fit)
+    fn to_bytes<'py>(mut slf: PyRefMut<'py, Self>) -> PyResult<Bound<'py, PyBytes>> {
+        bytes(slf.py(), &mut slf.fit)
     }
 
     /// A state from `to_bytes`, on the CPU, fitting with `n_threads`.
@@ -308,8 +308,8 @@ impl CentroidSampleFit {
         tables(fit.d(), &fits)
     }
 
-    fn to_bytes<'py>(&mut self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
-        bytes(py, &mut self.fit)
+    fn to_bytes<'py>(mut slf: PyRefMut<'py, Self>) -> PyResult<Bound<'py, PyBytes>> {
+        bytes(slf.py(), &mut slf.fit)
     }
 
     /// A state from `to_bytes`, fitting with `n_threads`.

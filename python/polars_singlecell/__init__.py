@@ -18,7 +18,7 @@ from polars_singlecell._plugin import check_polars_version as _check_polars_vers
 
 _check_polars_version(_pl.__version__, _internal.POLARS_CRATE_VERSION)
 
-from polars_singlecell import datasets, io, layout, metrics, pipeline, plot
+from polars_singlecell import datasets, distributed, io, layout, metrics, pipeline, plot
 from polars_singlecell._device import cuda_available
 from polars_singlecell.centroids import fit_centroids, kmeans_centroids
 from polars_singlecell.integration import (
@@ -53,6 +53,7 @@ __all__ = [
     "consensus_genes",
     "cuda_available",
     "datasets",
+    "distributed",
     "fit_centroids",
     "fit_integration",
     "fit_pca",

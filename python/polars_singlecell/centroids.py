@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import tempfile
 import warnings
+from typing import Any
 
 import polars as pl
 
@@ -36,6 +37,7 @@ from polars_singlecell._frames import lazy as _lazy
 from polars_singlecell._frames import n_threads as _n_threads
 from polars_singlecell._frames import record_batches as _record_batches
 from polars_singlecell._plugin import call
+from polars_singlecell.distributed import source_paths
 
 __all__ = ["fit_centroids", "kmeans_centroids"]
 
@@ -109,6 +111,7 @@ def fit_centroids(
     device: str = "cpu",
     low_memory: bool = False,
     temp_dir: str | os.PathLike | None = None,
+    engine: Any = None,
 ) -> pl.DataFrame | tuple[pl.DataFrame, pl.DataFrame]:
     """Per-batch centroids of a cell embedding of any size, streaming.
 
@@ -142,6 +145,11 @@ def fit_centroids(
     batch is summarised rather than copied cell by cell. An ``Enum`` batch
     column's categories with no cells are skipped with a warning and listed
     in the summary with ``n_cells == 0``.
+    ``engine``: a :class:`polars_singlecell.distributed.DaskEngine` samples
+    the Parquet files at ``data`` on its cluster, one task per partition of
+    whole row groups, and merges the samples here in row order: the same
+    sample and centroids, bit for bit, as the local path (then k-means runs
+    here; ``low_memory`` does not apply).
     """
     lf = _lazy(data)
     schema = lf.collect_schema()
@@ -167,7 +175,12 @@ def fit_centroids(
     device = check_device(device)
     args = (dtype.size, _positive_int("max_samples_per_batch", max_samples_per_batch), _seed(random_state),
             _n_threads(n_threads))
-    if low_memory:
+    if engine is not None:
+        sampler = engine.fit_centroid_sample(source_paths(data), embedding, batch_key, args)
+        if sampler.n_rows == 0:
+            raise ValueError(f"no cells: column {embedding!r} has no rows, so there is nothing to fit centroids to")
+        long, summ = sampler.finish(*params, device, min_cells)
+    elif low_memory:
         long, summ = _fit_spilled(lf, embedding, batch_key, args, params, device, temp_dir, min_cells)
     else:
         sampler = _internal.CentroidSampleFit(*args)

@@ -31,7 +31,7 @@ fn main() -> PolarsResult<()> {
     pca.update(&[part(&gene_idx, 0, 2), part(&lognorm, 0, 2)])?;
     let mut rest = CovarianceFit::new(3, Device::Cpu, None)?;
     rest.update(&[part(&gene_idx, 2, 1), part(&lognorm, 2, 1)])?;
-    pca.merge(CovarianceFit::from_bytes(&rest.to_bytes()?)?)?;
+    pca.merge(&CovarianceFit::from_bytes(&rest.to_bytes()?)?)?;
     let fit = pca.finish(&PcaOptions { n_comps: 2, scale: false })?;
     assert_eq!(fit.n_cells, 3);
     let model = PcaProjector::from_fit(&fit)?;

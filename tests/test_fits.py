@@ -86,18 +86,27 @@ def test_centroid_samples_merge_to_the_one_stream(harmony):
         m.merge(late)
 
 
-def test_a_merged_state_is_spent_and_bytes_are_checked(cellbench):
+def test_merge_reads_the_later_state_and_a_failed_merge_changes_nothing(cellbench):
     df, n_genes = cellbench
-    a, b = _internal.GeneStatsFit(n_genes), _internal.GeneStatsFit(n_genes)
+    a, b = _internal.GeneStatsFit(n_genes, "counts"), _internal.GeneStatsFit(n_genes, "counts")
+    a.update(df["gene_idx"][:100], df["values"][:100], df["batch"][:100])
+    b.update(df["gene_idx"][100:], df["values"][100:], df["batch"][100:])
+    b_before = b.to_bytes()
     a.merge(b)
-    with pytest.raises(ValueError, match="merged into another"):
-        b.update(df["gene_idx"], df["values"])
-    with pytest.raises(ValueError, match="merged into another already"):
-        a.merge(b)
-    with pytest.raises(ValueError, match="not a CovarianceFit state .*GeneStatsFit"):
-        _internal.CovarianceFit.from_bytes(a.to_bytes())
+    assert b.to_bytes() == b_before  # the later state is only read
+    a_before = a.to_bytes()
     with pytest.raises(ValueError, match="different n_genes"):
         a.merge(_internal.GeneStatsFit(n_genes + 1))
+    with pytest.raises(ValueError, match="cannot merge itself"):
+        a.merge(a)
+    assert a.to_bytes() == a_before
+    with pytest.raises(ValueError, match="not a CovarianceFit state .*GeneStatsFit"):
+        _internal.CovarianceFit.from_bytes(a.to_bytes())
+    late = _internal.CentroidSampleFit(2, 10, 0, 1, first_row=7)
+    first = _internal.CentroidSampleFit(2, 10, 0, 1)
+    with pytest.raises(ValueError, match="must start at row 0"):
+        first.merge(late)
+    assert late.to_bytes() == _internal.CentroidSampleFit(2, 10, 0, 1, first_row=7).to_bytes()
 
 
 def test_pca_project_builds_its_model_once_per_process(cellbench, tmp_path):

@@ -282,6 +282,11 @@ def test_stage_lines_go_to_the_package_logger_and_notebooks_get_tqdm(raw, tmp_pa
     stages = [r.getMessage().split(":")[0] for r in caplog.records if r.name == "polars_singlecell"]
     assert stages == ["genes", "pca", "project", "centroids", "integration", "interpolate"], stages
     assert capsys.readouterr().err == ""  # progress=None and no terminal, no notebook: no bars
+    # With no logging set up anywhere, the lines are printed (as before the logger).
+    monkeypatch.setattr(psc.pipeline.logger, "hasHandlers", lambda: False)
+    psc.integrate(raw, tmp_path / "a", **opts)
+    assert capsys.readouterr().out.splitlines()[0].startswith("genes: done before, kept")
+    monkeypatch.undo()
     pytest.importorskip("tqdm")
     monkeypatch.setattr(psc._progress, "in_notebook", lambda: True)
     psc.integrate(raw, tmp_path / "b", **SMALL)

@@ -132,9 +132,11 @@ class DaskEngine:
                                   pure=False)
         n_threads = args[3]
         merged = _internal.CentroidSampleFit(*args)
-        # In partition order, whatever order the tasks finished in.
-        for part, state in zip(parts, self.client.gather(futures)):
-            later = _internal.CentroidSampleFit.from_bytes(state, n_threads)
+        # In partition order, whatever order the tasks finished in, one state
+        # at a time: the others wait on their workers, not here.
+        for part, future in zip(parts, futures):
+            later = _internal.CentroidSampleFit.from_bytes(future.result(), n_threads)
+            future.release()
             if later.n_rows != part.n_rows:
                 raise RuntimeError(f"{part.path}: rows {part.offset}..{part.offset + part.n_rows} gave {later.n_rows} rows; "
                                    "was the file changed while the fit ran?")

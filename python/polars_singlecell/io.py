@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from polars_singlecell._checks import renamed
+from polars_singlecell._checks import positive_int, renamed
 from polars_singlecell._files import OS_ERROR as _OS_ERROR
 from polars_singlecell._files import ROW_GROUP_ENTRIES, sink_parquet
 from polars_singlecell._files import atomic_path as _atomic_path
@@ -407,8 +407,10 @@ def from_anndata(
     ``out/part-*.parquet`` with ``cell_id`` (obs names), the ``obs`` columns
     (all, or ``obs_columns``), ``gene_idx`` and ``values``, and
     ``out/genes.parquet`` (``gene_idx``, ``gene``). The matrix (``X``, or
-    ``layers[layer]``; CSR, CSC or dense) is converted one row group at a
-    time, so memory beyond the AnnData stays bounded. Written into a
+    ``layers[layer]``; CSR, CSC, COO or dense) is converted one row group at
+    a time, so memory beyond the AnnData stays bounded (a COO matrix is
+    first made CSC, a copy). A backed AnnData is an error pointing to
+    :func:`h5ad_to_parquet`, which streams the file. Written into a
     temporary folder renamed to ``out`` at the end. Returns ``out``.
 
     >>> import tempfile, numpy as np, pandas as pd, scipy.sparse as sp, polars_singlecell as psc
@@ -424,6 +426,9 @@ def from_anndata(
     if isinstance(rows_per_file, bool) or not isinstance(rows_per_file, int) or rows_per_file < 1:
         raise ValueError(f"rows_per_file must be a positive integer, got {rows_per_file!r}")
     if hasattr(adata, "obs") and hasattr(adata, "X"):
+        if getattr(adata, "isbacked", False):
+            raise ValueError(f"this AnnData is backed by {adata.filename}: read the file with "
+                             "psc.io.h5ad_to_parquet(path, out), which streams it")
         if obs is not None or var_names is not None:
             raise ValueError("obs= and var_names= are for a bare matrix; an AnnData carries its own")
         if layer is not None and layer not in adata.layers:
@@ -445,7 +450,8 @@ def from_anndata(
     names = pd.RangeIndex(n_genes).astype(str) if var_names is None else var_names
     if len(names) != n_genes:
         raise ValueError(f"var_names has {len(names)} names but {where} has {n_genes} genes")
-    x = x.tocsr() if sp.issparse(x) else x
+    # CSR rows are sliced where they lie; CSC and COO chunks are converted one at a time.
+    x = x.tocsc() if sp.issparse(x) and x.format not in ("csr", "csc") else x
     out = Path(out)
     if out.exists():
         raise FileExistsError(f"{out} exists; remove it or choose another folder")
@@ -457,7 +463,7 @@ def from_anndata(
         cell_id = np.asarray(obs.index).astype(str)
 
         def rows(a: int, b: int) -> pl.DataFrame:
-            m = x[a:b] if sp.issparse(x) else sp.csr_matrix(np.asarray(x[a:b]))
+            m = x[a:b].tocsr() if sp.issparse(x) else sp.csr_matrix(np.asarray(x[a:b]))
             try:
                 gene_idx, values = _internal.from_csr(pl.Series(m.indptr.astype(np.int64)), pl.Series(m.indices),
                                                       pl.Series(m.data), n_genes)
@@ -467,10 +473,12 @@ def from_anndata(
             cols += [_obs_series(c, obs[c].iloc[a:b]) for c in columns]
             return pl.DataFrame(cols).with_columns(gene_idx, values)
 
-        indptr = x.indptr if sp.issparse(x) else None
         for k, start in enumerate(range(0, n_cells, rows_per_file)):
             stop = min(start + rows_per_file, n_cells)
-            nnz = int(indptr[stop] - indptr[start]) if indptr is not None else int(np.count_nonzero(x[start:stop]))
+            if sp.issparse(x) and x.format == "csr":
+                nnz = int(x.indptr[stop] - x.indptr[start])
+            else:
+                nnz = int(x[start:stop].nnz if sp.issparse(x) else np.count_nonzero(x[start:stop]))
             group = _rows_per_group(stop - start, nnz, ROW_GROUP_ENTRIES)
             parts = (rows(a, min(a + group, stop)) for a in range(start, stop, group))
             with _atomic_path(tmp / f"part-{k:05d}.parquet") as part:
@@ -514,7 +522,12 @@ def write_obsm(
     names are compared with it; on a mismatch nothing is written. Each array
     is written ``rows_per_chunk`` rows at a time under a temporary name and
     renamed over ``obsm[key]`` once complete, so a file never holds a partial
-    embedding under ``key``. Returns the files written.
+    embedding under ``key``; files are updated one after another, so an
+    error in a later file leaves the earlier ones updated (each whole). An
+    interrupted HDF5 write can damage the file it was writing: keep a copy
+    of plates you cannot regenerate. HDF5 does not give back the space of a
+    replaced array: ``h5repack`` a file after many rewrites. Returns the
+    files written.
     """
     h5py = _needs("h5ad", "h5py")
     files = [Path(f) for f in h5ad_paths] if isinstance(h5ad_paths, (list, tuple)) else _expand(h5ad_paths, ".h5ad")
@@ -525,8 +538,11 @@ def write_obsm(
     if not isinstance(schema.get(column), pl.Array):
         raise ValueError(f"the cells have no embedding column {column!r} (columns: {schema.names()})")
     d = schema[column].size
+    rows_per_chunk = positive_int("rows_per_chunk", rows_per_chunk)
     has_id = "cell_id" in schema
-    total = lf.select(pl.len()).collect().item()
+    total, nulls = lf.select(pl.len(), pl.col(column).null_count()).collect().row(0)
+    if nulls:
+        raise ValueError(f"column {column!r} has {nulls} null rows; an embedding in obsm needs every cell's vector")
 
     def obs_names(f) -> Any:
         obs = f["obs"]

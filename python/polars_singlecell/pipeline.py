@@ -114,9 +114,14 @@ logger = logging.getLogger("polars_singlecell")
 
 def log_stage(message: str) -> None:
     """``integrate``'s default ``log``: each stage's line to the package's
-    logger (``logging.getLogger("polars_singlecell")``, level INFO; the
-    command line prints them)."""
-    logger.info(message)
+    logger (``logging.getLogger("polars_singlecell")``, level INFO) where
+    logging is set up (a handler on it or above), else printed, as before
+    there was a logger: a script or notebook with no logging set up still
+    sees its stages."""
+    if logger.hasHandlers():
+        logger.info(message)
+    else:
+        print(message)
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -193,8 +198,8 @@ def integrate(
     folder, or next to the file), else to the largest gene index + 1.
     ``integration`` passes options to :func:`fit_integration`. ``log`` gets
     one line per stage: by default the package's logger
-    (``logging.getLogger("polars_singlecell")``, INFO), or any callable such
-    as ``print``; ``None``: silent. ``progress`` draws a bar per stage that
+    (``logging.getLogger("polars_singlecell")``, INFO) where logging is set
+    up, else printed; or any callable; ``None``: silent. ``progress`` draws a bar per stage that
     reads the cells on stderr (cells processed / total, rate): ``None`` (the
     default) when someone watches (a terminal or a Jupyter notebook, where
     it is ``tqdm.auto``'s), ``True`` always (in a log: its final line only),

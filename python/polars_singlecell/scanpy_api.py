@@ -78,6 +78,11 @@ def integrate_anndata(
     x = np.asarray(adata.obsm[basis])
     if x.ndim != 2 or x.shape[1] == 0:
         raise ValueError(f"adata.obsm[{basis!r}] has shape {x.shape}; expected (n_obs, n_comps)")
+    finite = np.isfinite(x).all(axis=1)
+    if not finite.all():
+        first = int(np.argmin(finite))
+        raise ValueError(f"adata.obsm[{basis!r}] holds a non-finite value for cell {adata.obs_names[first]!r} (row {first}); "
+                         "drop or repair those cells first")
     batch = obs_column(adata, batch_key)
     if batch.null_count():
         first = int(batch.is_null().arg_true()[0])

@@ -41,12 +41,13 @@ pub trait StreamingFit: Sized {
 
     /// Add one record batch: its columns in the order the fit documents.
     fn update(&mut self, columns: &[Series]) -> PolarsResult<()>;
-    /// Join the state of the rows that follow this state's.
-    fn merge(&mut self, later: Self) -> PolarsResult<()>;
+    /// Join the state of the rows that follow this state's (`later` is
+    /// only read). On an error nothing has changed.
+    fn merge(&mut self, later: &Self) -> PolarsResult<()>;
     /// The model of every row added so far (the state is kept).
     fn finish(&self, options: &Self::Options) -> PolarsResult<Self::Model>;
-    /// The state as bytes (a GPU-held state is brought to the host first).
-    fn to_bytes(&mut self) -> PolarsResult<Vec<u8>>;
+    /// The state as bytes (a GPU-held state is read, and stays on the GPU).
+    fn to_bytes(&self) -> PolarsResult<Vec<u8>>;
     /// A state from [`to_bytes`](Self::to_bytes); on the CPU.
     fn from_bytes(bytes: &[u8]) -> PolarsResult<Self>;
 }
@@ -142,14 +143,14 @@ impl StreamingFit for GeneStatsFit {
         super::gene_stats_update(&mut self.batches, self.n_genes, self.transform, g, v, b.as_ref())
     }
 
-    fn merge(&mut self, later: Self) -> PolarsResult<()> {
+    fn merge(&mut self, later: &Self) -> PolarsResult<()> {
         check_same(Self::KIND, "n_genes", self.n_genes, later.n_genes)?;
         check_same(Self::KIND, "transforms", self.transform, later.transform)?;
-        for (label, st) in later.batches {
-            match self.batches.get_mut(&label) {
-                Some(mine) => mine.merge(&st),
+        for (label, st) in &later.batches {
+            match self.batches.get_mut(label) {
+                Some(mine) => mine.merge(st),
                 None => {
-                    self.batches.insert(label, st);
+                    self.batches.insert(label.clone(), st.clone());
                 },
             }
         }
@@ -185,8 +186,8 @@ impl StreamingFit for GeneStatsFit {
         ])
     }
 
-    fn to_bytes(&mut self) -> PolarsResult<Vec<u8>> {
-        encode(Self::KIND, &*self)
+    fn to_bytes(&self) -> PolarsResult<Vec<u8>> {
+        encode(Self::KIND, self)
     }
 
     fn from_bytes(bytes: &[u8]) -> PolarsResult<Self> {
@@ -228,13 +229,15 @@ impl StreamingFit for ClippedSumsFit {
         super::clipped_sums_update(&mut self.batches, self.n_genes, g, v, b.as_ref())
     }
 
-    fn merge(&mut self, later: Self) -> PolarsResult<()> {
+    fn merge(&mut self, later: &Self) -> PolarsResult<()> {
         check_same(Self::KIND, "n_genes", self.n_genes, later.n_genes)?;
         check_same(Self::KIND, "batches", self.batches.keys().collect::<Vec<_>>(), later.batches.keys().collect())?;
+        // Every batch checked before any is added: a failed merge changes nothing.
+        if let Some(label) = later.batches.iter().find(|(l, st)| self.batches[*l].clip != st.clip).map(|(l, _)| l) {
+            polars_bail!(ComputeError: "cannot merge ClippedSumsFit states with different clip values (batch {label:?})");
+        }
         for (label, st) in &later.batches {
-            let mine = self.batches.get_mut(label).expect("same batches: checked");
-            polars_ensure!(mine.clip == st.clip, ComputeError: "cannot merge ClippedSumsFit states with different clip values (batch {label:?})");
-            mine.merge(st);
+            self.batches.get_mut(label).expect("same batches: checked").merge(st);
         }
         Ok(())
     }
@@ -256,8 +259,8 @@ impl StreamingFit for ClippedSumsFit {
         ])
     }
 
-    fn to_bytes(&mut self) -> PolarsResult<Vec<u8>> {
-        encode(Self::KIND, &*self)
+    fn to_bytes(&self) -> PolarsResult<Vec<u8>> {
+        encode(Self::KIND, self)
     }
 
     fn from_bytes(bytes: &[u8]) -> PolarsResult<Self> {
@@ -318,9 +321,9 @@ impl StreamingFit for CovarianceFit {
         super::fit_pca_update(&mut self.acc, self.clip.as_ref(), g, v)
     }
 
-    fn merge(&mut self, later: Self) -> PolarsResult<()> {
+    fn merge(&mut self, later: &Self) -> PolarsResult<()> {
         check_same(Self::KIND, "clips", self.clip.as_ref().map(Clip::parts), later.clip.as_ref().map(Clip::parts))?;
-        Ok(self.acc.merge(later.acc)?)
+        Ok(self.acc.merge(&later.acc)?)
     }
 
     fn finish(&self, options: &PcaOptions) -> PolarsResult<PcaFit> {
@@ -331,7 +334,7 @@ impl StreamingFit for CovarianceFit {
         Ok(fit)
     }
 
-    fn to_bytes(&mut self) -> PolarsResult<Vec<u8>> {
+    fn to_bytes(&self) -> PolarsResult<Vec<u8>> {
         let wire = CovarianceWire {
             n_genes: self.acc.n_genes(),
             n_cells: self.acc.n_cells(),
@@ -425,7 +428,7 @@ impl StreamingFit for CentroidSampleFit {
         Ok(())
     }
 
-    fn merge(&mut self, later: Self) -> PolarsResult<()> {
+    fn merge(&mut self, later: &Self) -> PolarsResult<()> {
         check_same(Self::KIND, "widths", self.d, later.d)?;
         check_same(Self::KIND, "max_samples_per_batch", self.cap, later.cap)?;
         check_same(Self::KIND, "random_state", self.seed, later.seed)?;
@@ -433,11 +436,11 @@ impl StreamingFit for CentroidSampleFit {
         polars_ensure!(later.first_row == next, ComputeError:
             "{}: the state merged must start at row {next}, where this one ends, but starts at row {}; merge partitions in row order",
             Self::KIND, later.first_row);
-        for (label, s) in later.samplers {
-            match self.samplers.get_mut(&label) {
-                Some(mine) => mine.merge(&s),
+        for (label, s) in &later.samplers {
+            match self.samplers.get_mut(label) {
+                Some(mine) => mine.merge(s),
                 None => {
-                    self.samplers.insert(label, s);
+                    self.samplers.insert(label.clone(), s.clone());
                 },
             }
         }
@@ -452,7 +455,7 @@ impl StreamingFit for CentroidSampleFit {
             .collect()
     }
 
-    fn to_bytes(&mut self) -> PolarsResult<Vec<u8>> {
+    fn to_bytes(&self) -> PolarsResult<Vec<u8>> {
         let batches = self
             .samplers
             .iter()
@@ -561,7 +564,7 @@ mod tests {
         });
         let mut first = parts.next().unwrap();
         for p in parts {
-            first.merge(p).unwrap();
+            first.merge(&p).unwrap();
         }
         first
     }
@@ -584,7 +587,7 @@ mod tests {
             for transform in [Transform::Counts, Transform::Exact] {
                 let mut one = GeneStatsFit::new(12, transform).unwrap();
                 one.update(&cols).unwrap();
-                let mut merged = split(&cols, &cut_points(150, &raw), |_| GeneStatsFit::new(12, transform).unwrap());
+                let merged = split(&cols, &cut_points(150, &raw), |_| GeneStatsFit::new(12, transform).unwrap());
                 prop_assert_eq!(merged.to_bytes().unwrap(), one.to_bytes().unwrap());
                 prop_assert!(merged.finish(&()).unwrap().equals_missing(&one.finish(&()).unwrap()));
             }
@@ -596,7 +599,7 @@ mod tests {
             let cols = [g, v];
             let mut one = CovarianceFit::new(9, Device::Cpu, None).unwrap();
             one.update(&cols).unwrap();
-            let mut merged = split(&cols, &cut_points(150, &raw), |_| CovarianceFit::new(9, Device::Cpu, None).unwrap());
+            let merged = split(&cols, &cut_points(150, &raw), |_| CovarianceFit::new(9, Device::Cpu, None).unwrap());
             prop_assert_eq!(merged.to_bytes().unwrap(), one.to_bytes().unwrap());
         }
 
@@ -608,7 +611,7 @@ mod tests {
             let cols = [x, b];
             let mut one = CentroidSampleFit::new(3, 40, seed, 0).unwrap();
             one.update(&cols).unwrap();
-            let mut merged = split(&cols, &cut_points(300, &raw), |row0| CentroidSampleFit::new(3, 40, seed, row0 as u64).unwrap());
+            let merged = split(&cols, &cut_points(300, &raw), |row0| CentroidSampleFit::new(3, 40, seed, row0 as u64).unwrap());
             prop_assert_eq!(merged.to_bytes().unwrap(), one.to_bytes().unwrap());
             let opts = CentroidOptions { params: KMeansParams::new(4), min_cells_per_centroid: 1 };
             let (a, b) = (merged.finish(&opts).unwrap(), one.finish(&opts).unwrap());
@@ -656,7 +659,7 @@ mod tests {
         let mut cov = CovarianceFit::new(6, Device::Cpu, Some(clip)).unwrap();
         cov.update(&[g, v]).unwrap();
         let bytes = cov.to_bytes().unwrap();
-        let mut back = CovarianceFit::from_bytes(&bytes).unwrap();
+        let back = CovarianceFit::from_bytes(&bytes).unwrap();
         assert_eq!(back.to_bytes().unwrap(), bytes);
         let opts = PcaOptions { n_comps: 2, scale: false };
         let (a, b) = (back.finish(&opts).unwrap(), cov.finish(&opts).unwrap());
@@ -670,17 +673,29 @@ mod tests {
         first.update(&[x.clone(), b.clone()]).unwrap();
         let mut gap = CentroidSampleFit::new(2, 10, 0, 60).unwrap();
         gap.update(&[x, b]).unwrap();
-        let e = first.clone().merge(gap).unwrap_err().to_string();
+        let e = first.clone().merge(&gap).unwrap_err().to_string();
         assert!(e.contains("must start at row 50") && e.contains("starts at row 60"), "{e}");
-        let e = first.merge(CentroidSampleFit::new(2, 10, 1, 50).unwrap()).unwrap_err().to_string();
+        let e = first.merge(&CentroidSampleFit::new(2, 10, 1, 50).unwrap()).unwrap_err().to_string();
         assert!(e.contains("random_state"), "{e}");
 
-        let e = GeneStatsFit::new(3, Transform::Counts).unwrap().merge(GeneStatsFit::new(4, Transform::Counts).unwrap()).unwrap_err();
+        let e = GeneStatsFit::new(3, Transform::Counts).unwrap().merge(&GeneStatsFit::new(4, Transform::Counts).unwrap()).unwrap_err();
         assert!(e.to_string().contains("n_genes"), "{e}");
-        let mut stats = GeneStatsFit::new(3, Transform::Counts).unwrap();
+        let stats = GeneStatsFit::new(3, Transform::Counts).unwrap();
         let e = CovarianceFit::from_bytes(&stats.to_bytes().unwrap()).err().unwrap().to_string();
         assert!(e.contains("not a CovarianceFit state") && e.contains("GeneStatsFit"), "{e}");
         let e = GeneStatsFit::from_bytes(b"junk").unwrap_err().to_string();
         assert!(e.contains("not a GeneStatsFit state"), "{e}");
+
+        // A clip that differs in a later batch: refused before any batch is added.
+        let (g, v, b) = cells(60, 4, 9, true);
+        let clips = |c: f64| vec![("a".to_string(), vec![5.0; 4]), ("b".to_string(), vec![5.0; 4]), ("c".to_string(), vec![c; 4])];
+        let mut mine = ClippedSumsFit::new(clips(5.0)).unwrap();
+        mine.update(&[g.clone(), v.clone(), b.clone()]).unwrap();
+        let mut other = ClippedSumsFit::new(clips(6.0)).unwrap();
+        other.update(&[g, v, b]).unwrap();
+        let before = mine.to_bytes().unwrap();
+        let e = mine.merge(&other).unwrap_err().to_string();
+        assert!(e.contains("different clip values (batch \"c\")"), "{e}");
+        assert_eq!(mine.to_bytes().unwrap(), before);
     }
 }

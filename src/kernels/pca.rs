@@ -218,38 +218,38 @@ impl CovAccumulator {
         self.n_genes
     }
 
-    /// Bring a GPU-held XᵀX to the host; afterwards the accumulator adds
-    /// rows on the CPU. Merging and serialising work on the host copy.
-    fn bring_to_host(&mut self) -> Result<(), KernelError> {
-        if let Some(acc) = self.on_gpu.take() {
-            self.gram = super::gpu::read_gram(&acc)?;
-        }
-        Ok(())
+    /// XᵀX, full g × g row-major (lower triangle valid): the host copy, or
+    /// a read of the GPU's, which stays where it is.
+    fn gram_on_host(&self) -> Result<std::borrow::Cow<'_, [f64]>, KernelError> {
+        Ok(match &self.on_gpu {
+            Some(acc) => super::gpu::read_gram(acc)?.into(),
+            None => (&self.gram[..]).into(),
+        })
     }
 
     /// XᵀX's lower triangle, row by row (`g(g+1)/2` values): all a
-    /// serialised accumulator needs to carry.
-    pub fn lower_triangle(&mut self) -> Result<Vec<f64>, KernelError> {
-        self.bring_to_host()?;
+    /// serialised accumulator needs to carry. A GPU-held state stays on the GPU.
+    pub fn lower_triangle(&self) -> Result<Vec<f64>, KernelError> {
         let g = self.n_genes;
-        Ok((0..g).flat_map(|i| self.gram[i * g..=i * g + i].iter().copied()).collect())
+        let gram = self.gram_on_host()?;
+        Ok((0..g).flat_map(|i| gram[i * g..=i * g + i].iter().copied()).collect())
     }
 
-    /// The sums of a serialised accumulator (see [`lower_triangle`](Self::lower_triangle)); on the CPU.
+    /// The per-gene sums (see [`lower_triangle`](Self::lower_triangle)).
     pub fn sums(&self) -> &[f64] {
         &self.sum
     }
 
-    /// An accumulator from its parts: `sum` (n_genes,), `lower` the lower
-    /// triangle of XᵀX row by row.
+    /// An accumulator from its parts, on the CPU: `sum` (n_genes,), `lower`
+    /// the lower triangle of XᵀX row by row.
     pub fn from_parts(n_genes: usize, n_cells: u64, sum: Vec<f64>, lower: &[f64]) -> Result<Self, KernelError> {
-        let mut acc = Self::new(n_genes)?;
         if sum.len() != n_genes {
             return Err(KernelError::Shape { what: "sum (n_genes)", expected: n_genes, got: sum.len() });
         }
         if lower.len() != n_genes * (n_genes + 1) / 2 {
             return Err(KernelError::Shape { what: "lower triangle (n_genes·(n_genes+1)/2)", expected: n_genes * (n_genes + 1) / 2, got: lower.len() });
         }
+        let mut acc = Self::new(n_genes)?;
         let mut at = 0;
         for i in 0..n_genes {
             acc.gram[i * n_genes..=i * n_genes + i].copy_from_slice(&lower[at..at + i + 1]);
@@ -261,19 +261,27 @@ impl CovAccumulator {
     }
 
     /// Add the sums of the rows that follow: each sum is this one's plus the
-    /// later one's (one float64 addition per entry), on the host.
-    pub fn merge(&mut self, mut later: CovAccumulator) -> Result<(), KernelError> {
+    /// later one's (one float64 addition per entry). The sum is formed on
+    /// the host: a GPU-held state is read back first and goes on on the CPU
+    /// (the GPU adds rows; states are merged once per partition). Nothing
+    /// changes when it fails.
+    pub fn merge(&mut self, later: &CovAccumulator) -> Result<(), KernelError> {
         if later.n_genes != self.n_genes {
             return Err(KernelError::Invalid(format!("cannot merge a covariance of {} genes into one of {}", later.n_genes, self.n_genes)));
         }
-        self.bring_to_host()?;
-        later.bring_to_host()?;
+        let theirs = later.gram_on_host()?;
+        if self.on_gpu.is_some() {
+            // Read before dropping the device copy: a failed read keeps the state.
+            let mine = self.gram_on_host()?.into_owned();
+            self.gram = mine;
+            self.on_gpu = None;
+        }
         let g = self.n_genes;
         self.n_cells += later.n_cells;
         self.sum.iter_mut().zip(&later.sum).for_each(|(a, b)| *a += b);
         for i in 0..g {
             let row = i * g..=i * g + i;
-            self.gram[row.clone()].iter_mut().zip(&later.gram[row]).for_each(|(a, b)| *a += b);
+            self.gram[row.clone()].iter_mut().zip(&theirs[row]).for_each(|(a, b)| *a += b);
         }
         Ok(())
     }

@@ -1,7 +1,7 @@
 //! The streaming fits as Python classes, one per
 //! [`StreamingFit`](crate::expressions::fit::StreamingFit), with one verb
-//! set: `update(...)` per record batch, `merge(later)` (takes the later
-//! state: the one merged from is empty afterwards), `finish(...)`,
+//! set: `update(...)` per record batch, `merge(later)` (reads the later
+//! state; a failed merge changes nothing), `finish(...)`,
 //! `to_bytes()` / `from_bytes(b)`, and pickling through them. The
 //! low-memory sampler reads the data twice and spills to files, so it has
 //! `update`, `next_pass` and `finish` only.
@@ -18,25 +18,27 @@ use crate::expressions::spill;
 use crate::kernels::hvg::Transform;
 use crate::kernels::pca::Clip;
 
-/// The state inside a class; `None` once merged into another.
-fn state<F>(s: &mut Option<F>) -> PyResult<&mut F> {
-    s.as_mut().ok_or_else(|| value_error("this fit was merged into another (merge takes the later state); use the one it was merged into"))
+/// `mine.merge(later)` for two Python objects of one fit class.
+fn merge_objects<T: pyo3::PyClass<Frozen = pyo3::pyclass::boolean_struct::False>, F: StreamingFit>(
+    mine: &Bound<'_, T>,
+    later: &Bound<'_, T>,
+    fit: impl Fn(&T) -> &F,
+    fit_mut: impl Fn(&mut T) -> &mut F,
+) -> PyResult<()> {
+    if mine.as_ptr() == later.as_ptr() {
+        return Err(value_error("a fit cannot merge itself; pass the state of the rows that follow"));
+    }
+    let later = later.borrow();
+    fit_mut(&mut mine.borrow_mut()).merge(fit(&later)).map_err(value_error)
 }
 
-/// `mine.merge(later)`, taking `later`'s state.
-fn merge_states<F: StreamingFit>(mine: &mut Option<F>, later: &mut Option<F>) -> PyResult<()> {
-    let later = later.take().ok_or_else(|| value_error("the fit passed to merge was merged into another already"))?;
-    state(mine)?.merge(later).map_err(value_error)
-}
-
-fn bytes<'py, F: StreamingFit + Send>(py: Python<'py>, s: &mut Option<F>) -> PyResult<Bound<'py, PyBytes>> {
-    let fit = state(s)?;
+fn bytes<'py, F: StreamingFit + Sync>(py: Python<'py>, fit: &F) -> PyResult<Bound<'py, PyBytes>> {
     let b = py.detach(|| fit.to_bytes()).map_err(value_error)?;
     Ok(PyBytes::new(py, &b))
 }
 
-fn read<F: StreamingFit + Send>(py: Python<'_>, b: &[u8]) -> PyResult<Option<F>> {
-    py.detach(|| F::from_bytes(b)).map(Some).map_err(value_error)
+fn read<F: StreamingFit + Send>(py: Python<'_>, b: &[u8]) -> PyResult<F> {
+    py.detach(|| F::from_bytes(b)).map_err(value_error)
 }
 
 /// `(cls.from_bytes, (bytes, *extra))` for `__reduce__`.
@@ -57,7 +59,7 @@ fn columns(first: &[&PySeries], batch: Option<PySeries>) -> Vec<Series> {
 /// Per-batch gene statistics for `highly_variable_genes`.
 #[pyclass(module = "polars_singlecell._internal")]
 struct GeneStatsFit {
-    fit: Option<fit::GeneStatsFit>,
+    fit: fit::GeneStatsFit,
 }
 
 #[pymethods]
@@ -74,35 +76,35 @@ impl GeneStatsFit {
             "exact" => Transform::Exact,
             t => return Err(value_error(format!("transform must be 'expm1', 'counts' or 'exact', got {t:?}"))),
         };
-        Ok(GeneStatsFit { fit: Some(fit::GeneStatsFit::new(n_genes, transform).map_err(value_error)?) })
+        Ok(GeneStatsFit { fit: fit::GeneStatsFit::new(n_genes, transform).map_err(value_error)? })
     }
 
     /// Entries seen that are not whole numbers (raw counts are).
     #[getter]
-    fn non_integer(&mut self) -> PyResult<u64> {
-        Ok(state(&mut self.fit)?.non_integer())
+    fn non_integer(&self) -> u64 {
+        self.fit.non_integer()
     }
 
     /// `batch`: a Series of batch labels (or None for one batch).
     #[pyo3(signature = (gene_idx, values, batch=None))]
     fn update(&mut self, py: Python<'_>, gene_idx: PySeries, values: PySeries, batch: Option<PySeries>) -> PyResult<()> {
-        let (fit, cols) = (state(&mut self.fit)?, columns(&[&gene_idx, &values], batch));
+        let (fit, cols) = (&mut self.fit, columns(&[&gene_idx, &values], batch));
         py.detach(|| fit.update(&cols)).map_err(value_error)
     }
 
-    fn merge(&mut self, later: &mut Self) -> PyResult<()> {
-        merge_states(&mut self.fit, &mut later.fit)
+    fn merge(slf: &Bound<'_, Self>, later: &Bound<'_, Self>) -> PyResult<()> {
+        merge_objects(slf, later, |o: &Self| &o.fit, |o: &mut Self| &mut o.fit)
     }
 
     /// One row per (batch, gene): n_cells, mean, var (ddof=1), nnz, sum,
     /// sumsq, and std as `sc.pp.scale` divides by.
-    fn finish(&mut self, py: Python<'_>) -> PyResult<PyDataFrame> {
-        let fit = state(&mut self.fit)?;
+    fn finish(&self, py: Python<'_>) -> PyResult<PyDataFrame> {
+        let fit = &self.fit;
         py.detach(|| fit.finish(&())).map(PyDataFrame).map_err(value_error)
     }
 
-    fn to_bytes<'py>(mut slf: PyRefMut<'py, Self>) -> PyResult<Bound<'py, PyBytes>> {
-        bytes(slf.py(), &mut slf.fit)
+    fn to_bytes<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
+        bytes(py, &self.fit)
     }
 
     #[staticmethod]
@@ -111,7 +113,7 @@ impl GeneStatsFit {
     }
 
     fn __reduce__<'py>(slf: &Bound<'py, Self>) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>)> {
-        let b = bytes(slf.py(), &mut slf.borrow_mut().fit)?;
+        let b = bytes(slf.py(), &slf.borrow().fit)?;
         reduce(slf.as_any(), b, None)
     }
 }
@@ -120,7 +122,7 @@ impl GeneStatsFit {
 /// per gene.
 #[pyclass(module = "polars_singlecell._internal")]
 struct ClippedSumsFit {
-    fit: Option<fit::ClippedSumsFit>,
+    fit: fit::ClippedSumsFit,
 }
 
 #[pymethods]
@@ -128,27 +130,27 @@ impl ClippedSumsFit {
     /// `clip`: (batch label, clip value per gene) for every batch.
     #[new]
     fn new(clip: Vec<(String, Vec<f64>)>) -> PyResult<Self> {
-        Ok(ClippedSumsFit { fit: Some(fit::ClippedSumsFit::new(clip).map_err(value_error)?) })
+        Ok(ClippedSumsFit { fit: fit::ClippedSumsFit::new(clip).map_err(value_error)? })
     }
 
     #[pyo3(signature = (gene_idx, values, batch=None))]
     fn update(&mut self, py: Python<'_>, gene_idx: PySeries, values: PySeries, batch: Option<PySeries>) -> PyResult<()> {
-        let (fit, cols) = (state(&mut self.fit)?, columns(&[&gene_idx, &values], batch));
+        let (fit, cols) = (&mut self.fit, columns(&[&gene_idx, &values], batch));
         py.detach(|| fit.update(&cols)).map_err(value_error)
     }
 
-    fn merge(&mut self, later: &mut Self) -> PyResult<()> {
-        merge_states(&mut self.fit, &mut later.fit)
+    fn merge(slf: &Bound<'_, Self>, later: &Bound<'_, Self>) -> PyResult<()> {
+        merge_objects(slf, later, |o: &Self| &o.fit, |o: &mut Self| &mut o.fit)
     }
 
     /// One row per (batch, gene): sum, sumsq.
-    fn finish(&mut self, py: Python<'_>) -> PyResult<PyDataFrame> {
-        let fit = state(&mut self.fit)?;
+    fn finish(&self, py: Python<'_>) -> PyResult<PyDataFrame> {
+        let fit = &self.fit;
         py.detach(|| fit.finish(&())).map(PyDataFrame).map_err(value_error)
     }
 
-    fn to_bytes<'py>(mut slf: PyRefMut<'py, Self>) -> PyResult<Bound<'py, PyBytes>> {
-        bytes(slf.py(), &mut slf.fit)
+    fn to_bytes<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
+        bytes(py, &self.fit)
     }
 
     #[staticmethod]
@@ -157,7 +159,7 @@ impl ClippedSumsFit {
     }
 
     fn __reduce__<'py>(slf: &Bound<'py, Self>) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>)> {
-        let b = bytes(slf.py(), &mut slf.borrow_mut().fit)?;
+        let b = bytes(slf.py(), &slf.borrow().fit)?;
         reduce(slf.as_any(), b, None)
     }
 }
@@ -165,7 +167,7 @@ impl ClippedSumsFit {
 /// Exact float64 covariance of sparse cells: `fit_pca`'s state.
 #[pyclass(module = "polars_singlecell._internal")]
 struct CovarianceFit {
-    fit: Option<fit::CovarianceFit>,
+    fit: fit::CovarianceFit,
     pool: rayon::ThreadPool,
 }
 
@@ -178,16 +180,16 @@ impl CovarianceFit {
     fn new(n_genes: usize, n_threads: usize, device: &str, clip: Option<(Vec<f64>, Vec<f64>, f64, bool)>) -> PyResult<Self> {
         let dev = super::device(device).map_err(value_error)?;
         let clip = clip.map(|(m, s, v, z)| Clip::new(m, s, v, z)).transpose().map_err(value_error)?;
-        Ok(CovarianceFit { fit: Some(fit::CovarianceFit::new(n_genes, dev, clip).map_err(value_error)?), pool: fit_pool(n_threads)? })
+        Ok(CovarianceFit { fit: fit::CovarianceFit::new(n_genes, dev, clip).map_err(value_error)?, pool: fit_pool(n_threads)? })
     }
 
     fn update(&mut self, py: Python<'_>, gene_idx: PySeries, values: PySeries) -> PyResult<()> {
-        let (fit, pool, cols) = (state(&mut self.fit)?, &self.pool, columns(&[&gene_idx, &values], None));
+        let (fit, pool, cols) = (&mut self.fit, &self.pool, columns(&[&gene_idx, &values], None));
         py.detach(|| pool.install(|| fit.update(&cols))).map_err(value_error)
     }
 
-    fn merge(&mut self, later: &mut Self) -> PyResult<()> {
-        merge_states(&mut self.fit, &mut later.fit)
+    fn merge(slf: &Bound<'_, Self>, later: &Bound<'_, Self>) -> PyResult<()> {
+        merge_objects(slf, later, |o: &Self| &o.fit, |o: &mut Self| &mut o.fit)
     }
 
     /// (n_cells, mean, components flattened (n_comps × n_genes), explained
@@ -196,8 +198,8 @@ impl CovarianceFit {
     /// (else None). With a clip, `mean` is the scaled genes' mean.
     #[pyo3(signature = (n_comps, scale = false))]
     #[allow(clippy::type_complexity)]
-    fn finish(&mut self, py: Python<'_>, n_comps: usize, scale: bool) -> PyResult<(u64, PySeries, PySeries, PySeries, PySeries, Option<PySeries>)> {
-        let (fit, pool) = (state(&mut self.fit)?, &self.pool);
+    fn finish(&self, py: Python<'_>, n_comps: usize, scale: bool) -> PyResult<(u64, PySeries, PySeries, PySeries, PySeries, Option<PySeries>)> {
+        let (fit, pool) = (&self.fit, &self.pool);
         let out = py.detach(|| pool.install(|| fit.finish(&PcaOptions { n_comps, scale }))).map_err(value_error)?;
         let comps = out.components_row_major();
         let s = |name: &str, v: Vec<f64>| PySeries(Series::new(name.into(), v));
@@ -212,12 +214,12 @@ impl CovarianceFit {
     }
 
     #[getter]
-    fn n_cells(&mut self) -> PyResult<u64> {
-        Ok(state(&mut self.fit)?.n_cells())
+    fn n_cells(&self) -> u64 {
+        self.fit.n_cells()
     }
 
-    fn to_bytes<'py>(mut slf: PyRefMut<'py, Self>) -> PyResult<Bound<'py, PyBytes>> {
-        bytes(slf.py(), &mut slf.fit)
+    fn to_bytes<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
+        bytes(py, &self.fit)
     }
 
     /// A state from `to_bytes`, on the CPU, fitting with `n_threads`.
@@ -228,8 +230,8 @@ impl CovarianceFit {
     }
 
     fn __reduce__<'py>(slf: &Bound<'py, Self>) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>)> {
-        let mut me = slf.borrow_mut();
-        let b = bytes(slf.py(), &mut me.fit)?;
+        let me = slf.borrow();
+        let b = bytes(slf.py(), &me.fit)?;
         reduce(slf.as_any(), b, Some(me.pool.current_num_threads()))
     }
 }
@@ -258,7 +260,7 @@ fn tables(d: usize, fits: &[(String, crate::expressions::BatchCentroids)]) -> Py
 /// global row number), then k-means per batch.
 #[pyclass(module = "polars_singlecell._internal")]
 struct CentroidSampleFit {
-    fit: Option<fit::CentroidSampleFit>,
+    fit: fit::CentroidSampleFit,
     seed: u64,
     pool: rayon::ThreadPool,
 }
@@ -271,21 +273,21 @@ impl CentroidSampleFit {
     #[pyo3(signature = (d, max_samples_per_batch, random_state, n_threads, first_row = 0))]
     fn new(d: usize, max_samples_per_batch: usize, random_state: u64, n_threads: usize, first_row: u64) -> PyResult<Self> {
         let fit = fit::CentroidSampleFit::new(d, max_samples_per_batch, random_state, first_row).map_err(value_error)?;
-        Ok(CentroidSampleFit { fit: Some(fit), seed: random_state, pool: fit_pool(n_threads)? })
+        Ok(CentroidSampleFit { fit, seed: random_state, pool: fit_pool(n_threads)? })
     }
 
     fn update(&mut self, py: Python<'_>, embedding: PySeries, batch: PySeries) -> PyResult<()> {
-        let (fit, cols) = (state(&mut self.fit)?, columns(&[&embedding], Some(batch)));
+        let (fit, cols) = (&mut self.fit, columns(&[&embedding], Some(batch)));
         py.detach(|| fit.update(&cols)).map_err(value_error)
     }
 
-    fn merge(&mut self, later: &mut Self) -> PyResult<()> {
-        merge_states(&mut self.fit, &mut later.fit)
+    fn merge(slf: &Bound<'_, Self>, later: &Bound<'_, Self>) -> PyResult<()> {
+        merge_objects(slf, later, |o: &Self| &o.fit, |o: &mut Self| &mut o.fit)
     }
 
     #[getter]
-    fn n_rows(&mut self) -> PyResult<u64> {
-        Ok(state(&mut self.fit)?.n_rows())
+    fn n_rows(&self) -> u64 {
+        self.fit.n_rows()
     }
 
     /// k-means per batch (batches in sorted label order). Returns the long
@@ -293,7 +295,7 @@ impl CentroidSampleFit {
     #[pyo3(signature = (n_centroids, max_iter, tol, init_size, device = "cpu", min_cells_per_centroid = 1))]
     #[allow(clippy::too_many_arguments)] // Python's keyword arguments, one each
     fn finish(
-        &mut self,
+        &self,
         py: Python<'_>,
         n_centroids: usize,
         max_iter: usize,
@@ -303,27 +305,27 @@ impl CentroidSampleFit {
         min_cells_per_centroid: usize,
     ) -> PyResult<(PyDataFrame, PyDataFrame)> {
         let options = centroid_options(n_centroids, max_iter, tol, init_size, device, min_cells_per_centroid, self.seed)?;
-        let (fit, pool) = (state(&mut self.fit)?, &self.pool);
+        let (fit, pool) = (&self.fit, &self.pool);
         let fits = py.detach(|| pool.install(|| fit.finish(&options))).map_err(value_error)?;
         tables(fit.d(), &fits)
     }
 
-    fn to_bytes<'py>(mut slf: PyRefMut<'py, Self>) -> PyResult<Bound<'py, PyBytes>> {
-        bytes(slf.py(), &mut slf.fit)
+    fn to_bytes<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
+        bytes(py, &self.fit)
     }
 
     /// A state from `to_bytes`, fitting with `n_threads`.
     #[staticmethod]
     #[pyo3(signature = (b, n_threads = 1))]
     fn from_bytes(py: Python<'_>, b: &[u8], n_threads: usize) -> PyResult<Self> {
-        let fit: Option<fit::CentroidSampleFit> = read(py, b)?;
-        let seed = fit.as_ref().map_or(0, |f| f.seed());
+        let fit: fit::CentroidSampleFit = read(py, b)?;
+        let seed = fit.seed();
         Ok(CentroidSampleFit { fit, seed, pool: fit_pool(n_threads)? })
     }
 
     fn __reduce__<'py>(slf: &Bound<'py, Self>) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>)> {
-        let mut me = slf.borrow_mut();
-        let b = bytes(slf.py(), &mut me.fit)?;
+        let me = slf.borrow();
+        let b = bytes(slf.py(), &me.fit)?;
         reduce(slf.as_any(), b, Some(me.pool.current_num_threads()))
     }
 }

@@ -58,8 +58,14 @@ fn known(key: &str) -> PyResult<bool> {
     Ok(MODELS.read().map_err(value_error)?.contains_key(key))
 }
 
+/// Keep `model` under `key` unless another thread kept one first (then this
+/// one is dropped and nothing counts as built).
 fn insert(key: String, model: Model) -> PyResult<bool> {
-    MODELS.write().map_err(value_error)?.insert(key, model);
+    let mut models = MODELS.write().map_err(value_error)?;
+    if models.contains_key(&key) {
+        return Ok(false);
+    }
+    models.insert(key, model);
     MODEL_BUILDS.fetch_add(1, Ordering::Relaxed);
     Ok(true)
 }

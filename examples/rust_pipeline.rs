@@ -1,63 +1,141 @@
-//! Using the crate from a Rust Polars pipeline (polars 0.55.x).
-//! Run: cargo run --example rust_pipeline
+//! The pipeline a Rust Polars user writes (feature `lazy`): scan Parquet →
+//! normalize → HVG → select genes → PCA → project → centroids → integration →
+//! interpolate → sink Parquet, lazily and streaming.
+//!
+//!     cargo run --features lazy --example rust_pipeline                 # generated cells
+//!     cargo run --features lazy --example rust_pipeline -- CELLS PSC OUT
+//!
+//! With arguments it runs on `CELLS` (a folder of the layout's Parquet:
+//! `gene_idx`, `values`, `batch`, its genes table beside it) with
+//! `psc.integrate`'s defaults, writing to `OUT`: `genes.parquet` (the HVG
+//! table), `pca.parquet`, `centroids.parquet`, `integration.parquet` (its
+//! own fits, in the files Python reads) and `cells.parquet` (`X_pca`,
+//! `X_ot`), and `cells_psc_models.parquet`: the cells projected and moved
+//! with the models and genes Python wrote in `PSC` (`psc.integrate`'s output).
+//! `tests/test_rust_pipeline.py` runs it and compares every file with
+//! `psc.integrate`'s.
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
 use polars::prelude::*;
-use polars_singlecell::expressions::{fit_integration, kmeans_centroids, normalize, pca_project};
-use polars_singlecell::expressions::convert::array_f32;
-use polars_singlecell::expressions::fit::{CovarianceFit, PcaOptions, StreamingFit};
-use polars_singlecell::kernels::integrate::IntegrationParams;
-use polars_singlecell::kernels::kmeans::KMeansParams;
-use polars_singlecell::kernels::Device;
-use polars_singlecell::kernels::pca::PcaProjector;
+use polars_singlecell::prelude::*;
+
+/// `psc.integrate`'s settings.
+const TARGET_SUM: f64 = 1e4;
+const N_COMPS: usize = 50;
+const MIN_CELLS_PER_CENTROID: usize = 16;
+const K: usize = 8;
 
 fn main() -> PolarsResult<()> {
-    // Three cells over three genes, in the project's sparse layout.
-    let gene_idx = Series::new("gene_idx".into(), [
-        Series::new("".into(), [0u32, 2]),
-        Series::new("".into(), [1u32]),
-        Series::new("".into(), [0u32, 1, 2]),
-    ]);
-    let values = Series::new("values".into(), [
-        Series::new("".into(), [1f32, 3.0]),
-        Series::new("".into(), [5f32]),
-        Series::new("".into(), [2f32, 2.0, 2.0]),
-    ]);
-    let lognorm = normalize(&gene_idx, &values, Some(1e4), true)?;
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.as_slice() {
+        [] => generated(),
+        [cells, psc, out] => {
+            std::fs::create_dir_all(out)?;
+            let n_genes = n_genes_of(Path::new(cells))?;
+            let hvg = highly_variable_genes(counts(Path::new(cells))?, n_genes, &HvgOptions { batch_key: Some("batch".into()), ..Default::default() })?;
+            write(hvg.clone(), &Path::new(out).join("genes.parquet"))?;
+            pipeline(Path::new(cells), highly_variable(&hvg)?, Path::new(out))?;
+            with_models(Path::new(cells), Path::new(psc), Path::new(out))
+        },
+        _ => polars_bail!(InvalidOperation: "usage: rust_pipeline [CELLS PSC_OUT OUT]"),
+    }
+}
 
-    // Fit PCA: `update` once per record batch. Here two partitions (rows
-    // 0..2 and 2..3), each fitted on its own as a worker would, the second
-    // sent as bytes, merged in row order.
-    let part = |s: &Series, a: i64, n: usize| s.slice(a, n);
-    let mut pca = CovarianceFit::new(3, Device::Cpu, None)?;
-    pca.update(&[part(&gene_idx, 0, 2), part(&lognorm, 0, 2)])?;
-    let mut rest = CovarianceFit::new(3, Device::Cpu, None)?;
-    rest.update(&[part(&gene_idx, 2, 1), part(&lognorm, 2, 1)])?;
-    pca.merge(&CovarianceFit::from_bytes(&rest.to_bytes()?)?)?;
-    let fit = pca.finish(&PcaOptions { n_comps: 2, scale: false })?;
-    assert_eq!(fit.n_cells, 3);
-    let model = PcaProjector::from_fit(&fit)?;
+/// The genes table beside a folder of cells (`psc.datasets`' `<folder>_genes.parquet`): its rows.
+fn n_genes_of(cells: &Path) -> PolarsResult<usize> {
+    let name = format!("{}_genes.parquet", cells.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
+    Ok(scan_parquet(cells.with_file_name(name))?.collect()?.height())
+}
 
-    let x_pca = pca_project(&gene_idx, &lognorm, &model, Device::Cpu)?;
-    let df = DataFrame::new_infer_height(vec![x_pca.clone().into()])?;
-    println!("{df}");
-    assert_eq!(df.column("X_pca")?.dtype(), &DataType::Array(Box::new(DataType::Float32), 2));
+fn write(mut df: DataFrame, path: &Path) -> PolarsResult<()> {
+    ParquetWriter::new(std::fs::File::create(path)?).finish(&mut df)?;
+    Ok(())
+}
 
-    // Two centroids of the embedding with their masses (an aggregation: one row).
-    let mut params = KMeansParams::new(2);
-    params.seed = 0;
-    let centroids = kmeans_centroids(&x_pca, None, &params)?;
-    println!("{centroids}");
-    let mass = centroids.struct_()?.field_by_name("mass")?;
-    assert_eq!(mass.list()?.get_as_series(0).unwrap().sum::<f64>()?, 3.0);
+fn counts(cells: &Path) -> PolarsResult<LazyFrame> {
+    let norm = NormalizeOptions { target_sum: Some(TARGET_SUM), log1p: true };
+    Ok(scan_parquet(cells)?.with_columns([normalize(col("gene_idx"), col("values"), norm)]))
+}
 
-    // Integration of a centroid table: two batches of the same two
-    // populations, batch "b" shifted by 5 along the first axis.
-    let x: Vec<f32> = [0.0f32, 0.1, 3.0, 3.1].iter().flat_map(|&v| [v, v * 0.5]).collect();
-    let both: Vec<f32> = x.iter().copied().chain(x.chunks(2).flat_map(|r| [r[0] + 5.0, r[1]])).collect();
-    let centroid = array_f32("centroid", 2, both, None)?;
-    let batch = Series::new("batch".into(), ["a", "a", "a", "a", "b", "b", "b", "b"]);
-    let out = fit_integration(&centroid, &batch, None, None, &IntegrationParams::default())?;
-    println!("{}: passes {:?}", out.displacement, out.fit.passes);
-    let dx: Vec<f32> = out.fit.displacement.chunks(2).map(|r| r[0]).collect();
-    assert!(dx[..4].iter().all(|&v| v > 1.0) && dx[4..].iter().all(|&v| v < -1.0)); // they meet near the middle
+/// Normalised, selected counts: the input of the PCA.
+fn selected(cells: &Path, genes: Arc<[u32]>) -> PolarsResult<LazyFrame> {
+    Ok(counts(cells)?
+        .with_columns([select_genes(col("gene_idx"), col("values"), genes).struct_().field_by_names(["*"])]))
+}
+
+fn pipeline(cells: &Path, genes: Arc<[u32]>, out: &Path) -> PolarsResult<()> {
+    let n_genes = genes.len();
+    let lf = selected(cells, genes)?;
+    let pca = fit_pca(lf.clone(), n_genes, &FitPcaOptions { n_comps: N_COMPS.min(n_genes), ..Default::default() })?;
+    pca.write_parquet(out.join("pca.parquet"))?;
+
+    let x_pca = out.join("cells_pca.parquet");
+    let projector = pca.projector()?; // built once for every record batch
+    sink_parquet(lf.select([col("batch"), pca_project(col("gene_idx"), col("values"), projector, Device::Cpu)]), &x_pca)?;
+
+    let options = FitCentroidsOptions { min_cells_per_centroid: MIN_CELLS_PER_CENTROID, ..Default::default() };
+    let (centroids, _) = fit_centroids(scan_parquet(&x_pca)?, &options)?;
+    write(centroids.clone(), &out.join("centroids.parquet"))?;
+
+    let model = fit_integration(&centroids, "batch", None, &IntegrationParams::default())?;
+    model.write_parquet(out.join("integration.parquet"))?;
+    let interpolation = model.interpolation()?;
+    let moved = scan_parquet(&x_pca)?.with_columns([knn_interpolate(
+        col("X_pca"),
+        col("batch"),
+        interpolation,
+        InterpolateOptions { k: K, ..Default::default() },
+    )]);
+    sink_parquet(moved, out.join("cells.parquet"))
+}
+
+/// The cells projected and moved with the models Python wrote.
+fn with_models(cells: &Path, psc: &Path, out: &Path) -> PolarsResult<()> {
+    let pca = PcaModel::read_parquet(psc.join("pca.parquet"))?;
+    let model = IntegrationModel::read_parquet(psc.join("integration.parquet"))?;
+    let genes = highly_variable(&scan_parquet(psc.join("genes.parquet"))?.collect()?)?;
+    let lf = selected(cells, genes)?
+        .select([col("batch"), pca_project(col("gene_idx"), col("values"), pca.projector()?, Device::Cpu)])
+        .with_columns([knn_interpolate(col("X_pca"), col("batch"), model.interpolation()?, InterpolateOptions { k: K, ..Default::default() })]);
+    sink_parquet(lf, out.join("cells_psc_models.parquet"))
+}
+
+/// Without arguments: generated cells (three batches, the third shifted),
+/// every gene kept, in a temporary folder.
+fn generated() -> PolarsResult<()> {
+    let dir: PathBuf = std::env::temp_dir().join(format!("psc-rust-pipeline-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let (n, g) = (3000usize, 60u32);
+    let mut state = 42u64;
+    let mut next = || {
+        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (state >> 33) as u32
+    };
+    let (mut idx, mut val, mut batch) = (vec![], vec![], vec![]);
+    for i in 0..n {
+        let (pop, b) = (i % 2, i % 3);
+        // Two populations with their own genes; batch 2 has extra counts on genes 0..10.
+        let genes: Vec<u32> = (0..g).filter(|&j| (j as usize % 2 == pop || next() % 4 == 0) && next() % 3 != 0).collect();
+        let counts: Vec<f32> = genes.iter().map(|&j| (1 + next() % 3 + if b == 2 && j < 10 { 6 } else { 0 }) as f32).collect();
+        idx.push(Series::new("".into(), genes));
+        val.push(Series::new("".into(), counts));
+        batch.push(["a", "b", "c"][b]);
+    }
+    let mut df = df!("gene_idx" => idx, "values" => val, "batch" => batch)?;
+    let cells = dir.join("cells.parquet");
+    ParquetWriter::new(std::fs::File::create(&cells)?).with_row_group_size(Some(500)).finish(&mut df)?;
+
+    pipeline(&cells, (0..g).collect(), &dir)?;
+    let out = scan_parquet(dir.join("cells.parquet"))?.collect()?;
+    println!("{} cells with X_pca and X_ot ({} dimensions)", out.height(), N_COMPS);
+    assert_eq!(out.height(), n);
+    assert_eq!(out.column("X_ot")?.dtype(), &DataType::Array(Box::new(DataType::Float32), N_COMPS));
+    let back = PcaModel::read_parquet(dir.join("pca.parquet"))?;
+    assert_eq!(back.n_cells, n as u64);
+    let model = IntegrationModel::read_parquet(dir.join("integration.parquet"))?;
+    let batches = model.table.column("batch")?.n_unique()?;
+    println!("{} centroids in {batches} batches; fit {:?}", model.table.height(), model.metrics.get("params"));
+    std::fs::remove_dir_all(&dir)?;
     Ok(())
 }

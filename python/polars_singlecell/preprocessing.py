@@ -169,75 +169,6 @@ def select_genes(
 # --------------------------------------------------------------------------- HVG
 
 
-def _bin_mean_std(x: np.ndarray, bins: np.ndarray, n_bins: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per-bin mean and std (ddof=1) of `x`, NaN skipped, with pandas' groupby
-    arithmetic: a Kahan-compensated sum for the mean and Welford's update for
-    the variance. A bin of identical values then has std exactly 0 and mean
-    exactly that value, so its normalised dispersions are 0/0 = NaN as in
-    scanpy; a plain two-pass numpy std leaves rounding noise (±inf) instead.
-    One pass over the genes, so O(n_genes) Python steps per batch."""
-    total = np.zeros(n_bins)
-    comp = np.zeros(n_bins)
-    count = np.zeros(n_bins)
-    mean = np.zeros(n_bins)
-    m2 = np.zeros(n_bins)
-    for v, b in zip(x.tolist(), bins.tolist()):
-        if math.isnan(v):
-            continue
-        count[b] += 1
-        y = v - comp[b]
-        t = total[b] + y
-        comp[b] = t - total[b] - y
-        if comp[b] != comp[b]:
-            comp[b] = 0.0
-        total[b] = t
-        old = mean[b]
-        mean[b] += (v - old) / count[b]
-        m2[b] += (v - mean[b]) * (v - old)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        avg = np.where(count > 0, total / count, np.nan)
-        std = np.where(count > 1, np.sqrt(m2 / (count - 1)), np.nan)
-    return avg, std
-
-
-def _seurat_single(stats: pl.DataFrame, n_bins: int, n_top_genes: int | None, cutoffs: dict) -> dict:
-    """scanpy's flavor="seurat" on per-gene mean/var of expm1(x) (one batch)."""
-    mean = stats["mean"].to_numpy().copy()
-    var = stats["var"].to_numpy()
-    mean[mean == 0] = 1e-12
-    with np.errstate(divide="ignore", invalid="ignore"):
-        disp = var / mean
-        disp[disp == 0] = np.nan
-        disp = np.log(disp)
-    mean = np.log1p(mean)
-    # pandas.cut(means, n_bins): equal-width bins, right-closed, the lowest edge
-    # pulled down by 0.1% of the range.
-    lo, hi = mean.min(), mean.max()
-    if lo == hi:
-        lo, hi = lo - 0.001 * abs(lo) if lo else -0.001, hi + 0.001 * abs(hi) if hi else 0.001
-        edges = np.linspace(lo, hi, n_bins + 1)
-    else:
-        edges = np.linspace(lo, hi, n_bins + 1)
-        edges[0] -= (hi - lo) * 0.001
-    bins = np.clip(np.searchsorted(edges, mean, side="left") - 1, 0, n_bins - 1)
-    avg, dev = _bin_mean_std(disp, bins, n_bins)
-    # One gene in a bin (std undefined): scanpy sets its normalised dispersion to 1.
-    single = np.isnan(dev)
-    dev[single] = avg[single]
-    avg[single] = 0
-    with np.errstate(divide="ignore", invalid="ignore"):
-        norm = (disp - avg[bins]) / dev[bins]
-    if n_top_genes is None:
-        n0 = np.nan_to_num(norm)
-        hv = (mean > cutoffs["min_mean"]) & (mean < cutoffs["max_mean"]) & (n0 > cutoffs["min_disp"]) & (n0 < cutoffs["max_disp"])
-    else:
-        finite = norm[~np.isnan(norm)]
-        n = min(n_top_genes, finite.size)
-        cut = np.sort(finite)[::-1][n - 1] if n else np.inf
-        hv = np.nan_to_num(norm, nan=-np.inf) >= cut
-    return {"means": mean, "dispersions": disp, "dispersions_norm": norm, "highly_variable": hv}
-
-
 def highly_variable_genes(
     data: Frame,
     *,
@@ -308,63 +239,10 @@ def highly_variable_genes(
     cols = [gene_idx, values] + ([batch_key] if batch_key else [])
     for df in _record_batches(lf, cols):
         acc.update(df[gene_idx], df[values], df[batch_key] if batch_key else None)
-    stats = acc.finish()
-    if stats.height == 0:
-        raise ValueError("no cells: highly_variable_genes needs at least one row")
-
-    gene = np.arange(n_genes, dtype=np.uint32)
-    if batch_key is None:
-        res = _seurat_single(stats, n_bins, n_top_genes, cutoffs)
-        return pl.DataFrame({"gene_idx": gene, **res})
-
-    per_batch = []
-    for (_,), st in stats.group_by("batch", maintain_order=True):
-        expressed = (st["nnz"] > 0).to_numpy()
-        res = _seurat_single(st.filter(pl.Series(expressed)), n_bins, n_top_genes, cutoffs)
-        full = {k: np.zeros(n_genes) for k in ("means", "dispersions", "dispersions_norm", "highly_variable")}
-        for k, v in res.items():
-            full[k][expressed] = v
-        per_batch.append(full)
-    n_batches = len(per_batch)
-
-    def nanmean(key: str) -> np.ndarray:
-        stack = np.vstack([b[key] for b in per_batch])
-        with warnings.catch_warnings():  # an all-NaN gene ("Mean of empty slice") stays NaN
-            warnings.simplefilter("ignore", RuntimeWarning)
-            return np.nanmean(stack, axis=0)
-
-    nbatches = np.vstack([b["highly_variable"] for b in per_batch]).sum(axis=0).astype(np.int64)
-    out = pl.DataFrame(
-        {
-            "gene_idx": gene,
-            "means": nanmean("means"),
-            "dispersions": nanmean("dispersions"),
-            "dispersions_norm": nanmean("dispersions_norm"),
-            "highly_variable_nbatches": nbatches,
-            "highly_variable_intersection": nbatches == n_batches,
-        }
-    )
-    if n_top_genes is None:
-        out = out.with_columns(pl.col("dispersions_norm").fill_nan(0.0))  # as scanpy (and Seurat)
-        dn = out["dispersions_norm"].to_numpy()
-        m = out["means"].to_numpy()
-        hv = (m > min_mean) & (m < max_mean) & (dn > min_disp) & (dn < max_disp)
-    else:
-        # rank by (nbatches, mean normalised dispersion), both descending, NaN
-        # last as in pandas (Polars sorts NaN above every number: make it null)
-        order = (
-            out.with_row_index("_i")
-            .with_columns(pl.col("dispersions_norm").fill_nan(None))
-            .sort(["highly_variable_nbatches", "dispersions_norm"], descending=True, nulls_last=True, maintain_order=True)
-            .get_column("_i")
-            .to_numpy()
-        )
-        hv = np.zeros(n_genes, dtype=bool)
-        hv[order[:n_top_genes]] = True
-    return out.with_columns(highly_variable=pl.Series(hv)).select(
-        "gene_idx", "means", "dispersions", "dispersions_norm", "highly_variable",
-        "highly_variable_nbatches", "highly_variable_intersection",
-    )
+    # The ranking runs in Rust (kernels::seurat), as Rust pipelines' does:
+    # numpy's and pandas' arithmetic in their order, so a bin of identical
+    # dispersions gives NaN as in scanpy.
+    return acc.seurat(batch_key is not None, n_bins, n_top_genes, **cutoffs)
 
 
 def _seurat_v3(data: Frame, *, n_genes: int, n_top_genes: int | None, batch_key: str | None, span: float,

@@ -16,6 +16,17 @@ fn err(msg: String) -> PolarsError {
     PolarsError::ComputeError(msg.into())
 }
 
+/// A numeric column's values as float64; a null is an error naming it.
+pub fn f64_values(s: &Series) -> PolarsResult<Vec<f64>> {
+    polars_ensure!(s.dtype().is_primitive_numeric(), ComputeError: "column '{}' has dtype {}, expected numbers", s.name(), s.dtype());
+    let v = s.cast(&DataType::Float64)?;
+    let v = v.f64()?;
+    if let Some(i) = v.iter().position(|x| x.is_none()) {
+        polars_bail!(ComputeError: "column '{}' is null at row {i}", s.name());
+    }
+    Ok(v.into_no_null_iter().collect())
+}
+
 /// Schema-time check of a sparse pair: `List(UInt32)` and `List(Float32)`.
 /// Runs when the query is planned, so a wrong dtype fails before any data moves.
 pub fn check_sparse_fields(fields: &[Field]) -> PolarsResult<()> {

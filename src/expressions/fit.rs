@@ -27,6 +27,7 @@ use crate::kernels::hvg::{ClippedSums, GeneStats, Transform};
 use crate::kernels::kmeans::KMeansParams;
 use crate::kernels::pca::{Clip, CovAccumulator, PcaFit};
 use crate::kernels::sample::BottomK;
+use crate::kernels::seurat;
 use crate::kernels::{self, Device};
 
 /// A fit that streams over record batches, merges and serialises.
@@ -128,6 +129,47 @@ impl GeneStatsFit {
     /// Entries seen that are not whole numbers (raw counts are).
     pub fn non_integer(&self) -> u64 {
         self.batches.values().map(|b| b.non_integer).sum()
+    }
+
+    /// scanpy's `highly_variable_genes(flavor="seurat")` on these
+    /// statistics (of log-normalised values, `Transform::Expm1`): one row per
+    /// gene, `gene_idx`, `means`, `dispersions`, `dispersions_norm`,
+    /// `highly_variable` and, fitted `batched` (with a batch column),
+    /// `highly_variable_nbatches` and `highly_variable_intersection`.
+    pub fn seurat(&self, batched: bool, n_bins: usize, n_top_genes: Option<usize>, cutoffs: &seurat::Cutoffs) -> PolarsResult<DataFrame> {
+        polars_ensure!(self.transform == Transform::Expm1, ComputeError: "flavor='seurat' needs the statistics of log-normalised values (transform 'expm1'), these are {:?}", self.transform);
+        polars_ensure!(n_bins > 0, ComputeError: "n_bins must be at least 1");
+        polars_ensure!(n_top_genes != Some(0), ComputeError: "n_top_genes must be at least 1");
+        polars_ensure!(!self.batches.is_empty(), ComputeError: "no cells: highly_variable_genes needs at least one row");
+        let gene = Column::new("gene_idx".into(), (0..self.n_genes as u32).collect::<Vec<_>>());
+        let moments: Vec<(Vec<f64>, Vec<f64>, &[u64])> = self.batches.values().map(|st| {
+            let (m, v) = st.mean_var();
+            (m, v, &st.nnz[..])
+        }).collect();
+        if !batched {
+            let [(m, v, _)] = &moments[..] else {
+                polars_bail!(ComputeError: "these statistics hold {} batches; rank them with batched = true", moments.len());
+            };
+            let r = seurat::seurat_single(m, v, n_bins, n_top_genes, cutoffs);
+            return DataFrame::new_infer_height(vec![
+                gene,
+                Column::new("means".into(), r.means),
+                Column::new("dispersions".into(), r.dispersions),
+                Column::new("dispersions_norm".into(), r.dispersions_norm),
+                Column::new("highly_variable".into(), r.highly_variable),
+            ]);
+        }
+        let stats: Vec<seurat::BatchStats<'_>> = moments.iter().map(|(m, v, nnz)| seurat::BatchStats { mean: m, var: v, nnz }).collect();
+        let r = seurat::seurat_batched(&stats, n_bins, n_top_genes, cutoffs);
+        DataFrame::new_infer_height(vec![
+            gene,
+            Column::new("means".into(), r.means),
+            Column::new("dispersions".into(), r.dispersions),
+            Column::new("dispersions_norm".into(), r.dispersions_norm),
+            Column::new("highly_variable".into(), r.highly_variable),
+            Column::new("highly_variable_nbatches".into(), r.nbatches),
+            Column::new("highly_variable_intersection".into(), r.intersection),
+        ])
     }
 }
 

@@ -6,6 +6,7 @@
 pub mod convert;
 pub mod fit;
 pub mod integration;
+pub mod schema;
 pub mod spill;
 
 pub use integration::{check_model_width, fit_integration, knn, knn_dtype, knn_interpolate, knn_search, IntegrationOutput, InterpolationModel};
@@ -57,6 +58,12 @@ pub fn select_genes(gene_idx: &Series, values: &Series, genes: &[u32]) -> Polars
         convert::list_series(gene_idx.name(), lens.iter().copied(), idx, validity.as_ref())?,
         convert::list_series(values.name(), lens.iter().copied(), val, validity.as_ref())?,
     ))
+}
+
+/// Two columns of one row count as a struct column named `name` (the
+/// struct outputs of `select_genes` and `to_cells`).
+pub fn pair_struct(name: &PlSmallStr, a: Series, b: Series) -> PolarsResult<Series> {
+    Ok(StructChunked::from_series(name.clone(), a.len(), [a, b].iter())?.into_series())
 }
 
 /// Cells in the layout from a published (gene ids, values) pair of any

@@ -17,6 +17,7 @@ pub mod pca;
 pub mod rng;
 pub mod sample;
 pub mod select_genes;
+pub mod seurat;
 
 use rayon::prelude::*;
 

@@ -506,6 +506,21 @@ impl PcaProjector {
         Ok(p)
     }
 
+    /// A model from its saved parts: `centre` is the PCA's centre (the
+    /// scaled genes' mean for a clipped fit), `components` row-major
+    /// `n_comps × n_genes`; `clip` = (the genes' means before scaling,
+    /// max_value, zero_center) of a clipped scaled fit, which needs `std`.
+    pub fn from_parts(centre: &[f64], components: &[f64], n_comps: usize, std: Option<&[f64]>, clip: Option<(&[f64], f64, bool)>) -> Result<Self, KernelError> {
+        match (clip, std) {
+            (Some((clip_mean, max_value, zero_center)), Some(std)) => {
+                let clip = Clip::new(clip_mean.to_vec(), std.to_vec(), max_value, zero_center)?;
+                Self::clipped(centre, components, n_comps, clip)
+            },
+            (Some(_), None) => Err(KernelError::Invalid("a clipped PCA model needs its std; reload it with PcaModel.load".into())),
+            (None, std) => Self::new(centre, components, n_comps, std),
+        }
+    }
+
     pub fn from_fit(fit: &PcaFit) -> Result<Self, KernelError> {
         Self::new(&fit.mean, &fit.components_row_major(), fit.components.nrows(), fit.std.as_deref())
     }

@@ -6,7 +6,7 @@ use pyo3_polars::derive::polars_expr;
 use serde::Deserialize;
 
 use super::registry;
-use crate::expressions::{self, convert};
+use crate::expressions::{self, schema};
 use crate::kernels;
 use crate::kernels::kmeans::KMeansParams;
 
@@ -31,11 +31,7 @@ struct NormalizeKwargs {
 /// Inputs are (values, gene_idx): the output takes the name of the first
 /// input, so `with_columns(psc.normalize(...))` replaces `values`.
 fn normalize_output(fields: &[Field]) -> PolarsResult<Field> {
-    let [values, gene_idx] = fields else {
-        polars_bail!(ComputeError: "normalize takes 2 inputs (gene_idx, values), got {}", fields.len());
-    };
-    convert::check_sparse_fields(&[gene_idx.clone(), values.clone()])?;
-    Ok(Field::new(fields[0].name().clone(), DataType::List(Box::new(DataType::Float32))))
+    schema::normalize(fields)
 }
 
 #[polars_expr(output_type_func = normalize_output)]
@@ -44,8 +40,7 @@ fn normalize(inputs: &[Series], kwargs: NormalizeKwargs) -> PolarsResult<Series>
 }
 
 fn total_counts_output(fields: &[Field]) -> PolarsResult<Field> {
-    convert::check_sparse_fields(fields)?;
-    Ok(Field::new("total_counts".into(), DataType::Float32))
+    schema::total_counts(fields)
 }
 
 #[polars_expr(output_type_func = total_counts_output)]
@@ -62,18 +57,13 @@ struct SelectGenesKwargs {
 }
 
 fn select_genes_output(fields: &[Field]) -> PolarsResult<Field> {
-    convert::check_sparse_fields(fields)?;
-    Ok(Field::new(
-        fields[0].name().clone(),
-        DataType::Struct(vec![fields[0].clone(), fields[1].clone()]),
-    ))
+    schema::select_genes(fields)
 }
 
 #[polars_expr(output_type_func = select_genes_output)]
 fn select_genes(inputs: &[Series], kwargs: SelectGenesKwargs) -> PolarsResult<Series> {
     let (idx, val) = expressions::select_genes(&inputs[0], &inputs[1], &kwargs.genes)?;
-    let len = idx.len();
-    Ok(StructChunked::from_series(inputs[0].name().clone(), len, [idx, val].iter())?.into_series())
+    expressions::pair_struct(inputs[0].name(), idx, val)
 }
 
 // ---------------------------------------------------------------- to_cells
@@ -89,9 +79,7 @@ struct ToCellsKwargs {
 }
 
 fn to_cells_output(fields: &[Field]) -> PolarsResult<Field> {
-    convert::check_token_fields(fields)?;
-    let (idx, val) = (DataType::List(Box::new(DataType::UInt32)), DataType::List(Box::new(DataType::Float32)));
-    Ok(Field::new("cells".into(), DataType::Struct(vec![Field::new("gene_idx".into(), idx), Field::new("values".into(), val)])))
+    schema::to_cells(fields)
 }
 
 /// The vocabulary is re-read per record batch: 62,710 tokens are 0.5 MB of
@@ -112,7 +100,7 @@ fn to_cells(inputs: &[Series], kwargs: ToCellsKwargs) -> PolarsResult<Series> {
         None => kernels::cells::Genes::Indices(kwargs.n_genes),
     };
     let (idx, val) = expressions::to_cells(&inputs[0], &inputs[1], &how)?;
-    Ok(StructChunked::from_series("cells".into(), idx.len(), [idx, val].iter())?.into_series())
+    expressions::pair_struct(&"cells".into(), idx, val)
 }
 
 // -------------------------------------------------------------- pca_project
@@ -128,8 +116,7 @@ struct PcaProjectKwargs {
 }
 
 fn pca_project_output(fields: &[Field], kwargs: PcaProjectKwargs) -> PolarsResult<Field> {
-    convert::check_sparse_fields(fields)?;
-    Ok(Field::new("X_pca".into(), DataType::Array(Box::new(DataType::Float32), kwargs.n_comps)))
+    schema::pca_project(fields, kwargs.n_comps)
 }
 
 #[polars_expr(output_type_func_with_kwargs = pca_project_output)]
@@ -176,16 +163,7 @@ pub(super) fn kmeans_params(n_centroids: usize, max_iter: usize, tol: f64, rando
 }
 
 fn kmeans_centroids_output(fields: &[Field]) -> PolarsResult<Field> {
-    let Some(embedding) = fields.first() else {
-        polars_bail!(ComputeError: "kmeans_centroids takes an embedding column");
-    };
-    let d = convert::check_embedding_field(embedding)?;
-    if let Some(w) = fields.get(1) {
-        if !w.dtype().is_primitive_numeric() {
-            polars_bail!(ComputeError: "weights column '{}' has dtype {}, expected a number per cell", w.name(), w.dtype());
-        }
-    }
-    Ok(Field::new("centroids".into(), expressions::centroids_dtype(d)))
+    schema::kmeans_centroids(fields)
 }
 
 #[polars_expr(output_type_func = kmeans_centroids_output)]
@@ -222,23 +200,8 @@ struct KnnInterpolateKwargs {
     device: String,
 }
 
-/// Schema-time check: the embedding is `Array(Float32, d)` of the model's `d`.
-fn embedding_for_model(op: &str, f: &Field, d: usize) -> PolarsResult<()> {
-    let width = convert::check_embedding_field(f)?;
-    expressions::check_model_width(op, f.name(), width, d)
-}
-
 fn knn_interpolate_output(fields: &[Field], kwargs: KnnInterpolateKwargs) -> PolarsResult<Field> {
-    let Some(embedding) = fields.first() else {
-        polars_bail!(ComputeError: "knn_interpolate takes an embedding column");
-    };
-    embedding_for_model("knn_interpolate", embedding, kwargs.d)?;
-    if let Some(b) = fields.get(1) {
-        if b.dtype().is_nested() {
-            polars_bail!(ComputeError: "knn_interpolate: batch column '{}' has dtype {}, expected one label per cell (string, categorical or integer)", b.name(), b.dtype());
-        }
-    }
-    Ok(Field::new(embedding.name().clone(), DataType::Array(Box::new(DataType::Float32), kwargs.d)))
+    schema::knn_interpolate(fields, kwargs.d)
 }
 
 #[polars_expr(output_type_func_with_kwargs = knn_interpolate_output)]
@@ -259,11 +222,7 @@ struct KnnKwargs {
 }
 
 fn knn_output(fields: &[Field], kwargs: KnnKwargs) -> PolarsResult<Field> {
-    let Some(embedding) = fields.first() else {
-        polars_bail!(ComputeError: "knn takes an embedding column");
-    };
-    embedding_for_model("knn", embedding, kwargs.d)?;
-    Ok(Field::new(embedding.name().clone(), expressions::knn_dtype(kwargs.k)))
+    schema::knn(fields, kwargs.d, kwargs.k)
 }
 
 #[polars_expr(output_type_func_with_kwargs = knn_output)]

@@ -17,6 +17,7 @@ use crate::expressions::fit::{self, CentroidOptions, PcaOptions, StreamingFit};
 use crate::expressions::spill;
 use crate::kernels::hvg::Transform;
 use crate::kernels::pca::Clip;
+use crate::kernels::seurat::Cutoffs;
 
 /// `mine.merge(later)` for two Python objects of one fit class.
 fn merge_objects<T: pyo3::PyClass<Frozen = pyo3::pyclass::boolean_struct::False>, F: StreamingFit>(
@@ -101,6 +102,15 @@ impl GeneStatsFit {
     fn finish(&self, py: Python<'_>) -> PyResult<PyDataFrame> {
         let fit = &self.fit;
         py.detach(|| fit.finish(&())).map(PyDataFrame).map_err(value_error)
+    }
+
+    /// scanpy's flavor="seurat" ranking of these statistics (see
+    /// `fit::GeneStatsFit::seurat`): the HVG table.
+    #[pyo3(signature = (batched, n_bins, n_top_genes, min_mean, max_mean, min_disp, max_disp))]
+    #[allow(clippy::too_many_arguments)] // Python's keyword arguments, one each
+    fn seurat(&self, py: Python<'_>, batched: bool, n_bins: usize, n_top_genes: Option<usize>, min_mean: f64, max_mean: f64, min_disp: f64, max_disp: f64) -> PyResult<PyDataFrame> {
+        let (fit, cut) = (&self.fit, Cutoffs { min_mean, max_mean, min_disp, max_disp });
+        py.detach(|| fit.seurat(batched, n_bins, n_top_genes, &cut)).map(PyDataFrame).map_err(value_error)
     }
 
     fn to_bytes<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {

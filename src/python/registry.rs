@@ -15,7 +15,7 @@ use pyo3_polars::PySeries;
 
 use super::{flat_values, value_error};
 use crate::expressions::{convert, InterpolationModel};
-use crate::kernels::pca::{Clip, PcaProjector};
+use crate::kernels::pca::PcaProjector;
 
 #[derive(Clone)]
 enum Model {
@@ -122,13 +122,9 @@ fn register_pca_model(
     let std = std.as_ref().map(f64s).transpose()?;
     let clip_mean = clip_mean.as_ref().map(f64s).transpose()?;
     let model = py
-        .detach(|| match (max_value, clip_mean, std) {
-            (Some(max_value), Some(clip_mean), Some(std)) => {
-                let clip = Clip::new(clip_mean, std, max_value, zero_center)?;
-                PcaProjector::clipped(&mean, &components, n_comps, clip)
-            },
-            (Some(_), _, _) => Err(crate::KernelError::Invalid("a clipped PCA model needs its std and clip_mean; reload it with PcaModel.load".into())),
-            (None, _, std) => PcaProjector::new(&mean, &components, n_comps, std.as_deref()),
+        .detach(|| match (max_value, &clip_mean) {
+            (Some(_), None) => Err(crate::KernelError::Invalid("a clipped PCA model needs its std and clip_mean; reload it with PcaModel.load".into())),
+            (m, c) => PcaProjector::from_parts(&mean, &components, n_comps, std.as_deref(), m.zip(c.as_deref()).map(|(m, c)| (c, m, zero_center))),
         })
         .map_err(value_error)?;
     insert(key, Model::Pca(Arc::new(model)))

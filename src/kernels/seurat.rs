@@ -1,0 +1,269 @@
+//! scanpy's `highly_variable_genes(flavor="seurat")` ranking on per-gene
+//! statistics ([`super::hvg`]'s mean and variance of `expm1(x)`), one batch
+//! or several (Satija et al. 2015; scanpy's `_highly_variable_genes_single_batch`
+//! and its `batch_key` combination).
+//!
+//! Rounding contract: every step is the numpy/pandas operation scanpy runs,
+//! in its order — `np.linspace` edges (`i·step + lo`, the last `hi`),
+//! `pd.cut`'s right-closed bins, pandas' groupby mean (Kahan-compensated sum)
+//! and std (Welford, ddof=1), `np.nanmean` over batches as a sequential sum —
+//! so a bin of identical dispersions has std exactly 0 and its genes NaN, as
+//! in scanpy. `ln`/`ln_1p` are the platform libm's, which numpy's may differ
+//! from by an ulp; the ranking is the same unless two genes tie to the ulp.
+
+/// The cut-offs used when no `n_top_genes` is given.
+#[derive(Debug, Clone, Copy)]
+pub struct Cutoffs {
+    pub min_mean: f64,
+    pub max_mean: f64,
+    pub min_disp: f64,
+    pub max_disp: f64,
+}
+
+impl Default for Cutoffs {
+    /// scanpy's.
+    fn default() -> Self {
+        Cutoffs { min_mean: 0.0125, max_mean: 3.0, min_disp: 0.5, max_disp: f64::INFINITY }
+    }
+}
+
+/// One batch's ranking, per gene.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Single {
+    /// `log1p` of the mean.
+    pub means: Vec<f64>,
+    /// `ln(var / mean)` (NaN where it is 0).
+    pub dispersions: Vec<f64>,
+    pub dispersions_norm: Vec<f64>,
+    pub highly_variable: Vec<bool>,
+}
+
+/// numpy's `nan_to_num`: NaN → 0, ±inf → ±f64::MAX.
+fn nan_to_num(x: f64) -> f64 {
+    if x.is_nan() {
+        0.0
+    } else {
+        x.clamp(f64::MIN, f64::MAX)
+    }
+}
+
+/// `np.linspace(lo, hi, n + 1)`.
+fn linspace(lo: f64, hi: f64, n: usize) -> Vec<f64> {
+    let step = (hi - lo) / n as f64;
+    let mut e: Vec<f64> = if step == 0.0 {
+        (0..=n).map(|i| i as f64 / n as f64 * (hi - lo) + lo).collect()
+    } else {
+        (0..=n).map(|i| i as f64 * step + lo).collect()
+    };
+    e[n] = hi;
+    e
+}
+
+/// Per-bin mean and std (ddof=1) of `x` with NaN skipped, as pandas'
+/// groupby: a Kahan sum for the mean, Welford's update for the variance.
+fn bin_mean_std(x: &[f64], bins: &[usize], n_bins: usize) -> (Vec<f64>, Vec<f64>) {
+    let (mut total, mut comp, mut count, mut mean, mut m2) = (vec![0.0; n_bins], vec![0.0; n_bins], vec![0.0; n_bins], vec![0.0; n_bins], vec![0.0; n_bins]);
+    for (&v, &b) in x.iter().zip(bins) {
+        if v.is_nan() {
+            continue;
+        }
+        count[b] += 1.0;
+        let y = v - comp[b];
+        let t = total[b] + y;
+        comp[b] = t - total[b] - y;
+        if comp[b].is_nan() {
+            comp[b] = 0.0;
+        }
+        total[b] = t;
+        let old = mean[b];
+        mean[b] += (v - old) / count[b];
+        m2[b] += (v - mean[b]) * (v - old);
+    }
+    let avg = (0..n_bins).map(|b| if count[b] > 0.0 { total[b] / count[b] } else { f64::NAN }).collect();
+    let std = (0..n_bins).map(|b| if count[b] > 1.0 { (m2[b] / (count[b] - 1.0)).sqrt() } else { f64::NAN }).collect();
+    (avg, std)
+}
+
+/// scanpy's flavor="seurat" on one batch: `mean`, `var` of `expm1(x)` per gene.
+pub fn seurat_single(mean: &[f64], var: &[f64], n_bins: usize, n_top_genes: Option<usize>, cut: &Cutoffs) -> Single {
+    let mean0: Vec<f64> = mean.iter().map(|&m| if m == 0.0 { 1e-12 } else { m }).collect();
+    let dispersions: Vec<f64> = mean0
+        .iter()
+        .zip(var)
+        .map(|(&m, &v)| {
+            let d = v / m;
+            if d == 0.0 {
+                f64::NAN
+            } else {
+                d.ln()
+            }
+        })
+        .collect();
+    let means: Vec<f64> = mean0.iter().map(|m| m.ln_1p()).collect();
+    // pandas.cut(means, n_bins): equal-width, right-closed bins, the lowest
+    // edge pulled down by 0.1% of the range.
+    let lo = means.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = means.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let edges = if lo == hi {
+        let l = if lo != 0.0 { lo - 0.001 * lo.abs() } else { -0.001 };
+        let h = if hi != 0.0 { hi + 0.001 * hi.abs() } else { 0.001 };
+        linspace(l, h, n_bins)
+    } else {
+        let mut e = linspace(lo, hi, n_bins);
+        e[0] -= (hi - lo) * 0.001;
+        e
+    };
+    // searchsorted(side="left") − 1, clipped to the bins.
+    let bins: Vec<usize> = means.iter().map(|&m| edges.partition_point(|&e| e < m).saturating_sub(1).min(n_bins - 1)).collect();
+    let (mut avg, mut dev) = bin_mean_std(&dispersions, &bins, n_bins);
+    // One gene in a bin (std undefined): scanpy sets its normalised dispersion to 1.
+    for b in 0..n_bins {
+        if dev[b].is_nan() {
+            dev[b] = avg[b];
+            avg[b] = 0.0;
+        }
+    }
+    let norm: Vec<f64> = dispersions.iter().zip(&bins).map(|(&d, &b)| (d - avg[b]) / dev[b]).collect();
+    let highly_variable = match n_top_genes {
+        None => means
+            .iter()
+            .zip(&norm)
+            .map(|(&m, &n)| {
+                let n0 = nan_to_num(n);
+                m > cut.min_mean && m < cut.max_mean && n0 > cut.min_disp && n0 < cut.max_disp
+            })
+            .collect(),
+        Some(top) => {
+            let mut finite: Vec<f64> = norm.iter().copied().filter(|v| !v.is_nan()).collect();
+            finite.sort_by(|a, b| b.total_cmp(a));
+            let n = top.min(finite.len());
+            let cut = if n > 0 { finite[n - 1] } else { f64::INFINITY };
+            // numpy: nan_to_num(norm, nan=-inf) >= cut, so an infinite
+            // dispersion (clamped to f64::MAX) falls short of an infinite cut.
+            norm.iter().map(|&v| if v.is_nan() { f64::NEG_INFINITY } else { nan_to_num(v) } >= cut).collect()
+        },
+    };
+    Single { means, dispersions, dispersions_norm: norm, highly_variable }
+}
+
+/// The ranking over batches, per gene (scanpy's `batch_key` path).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Batched {
+    pub means: Vec<f64>,
+    pub dispersions: Vec<f64>,
+    pub dispersions_norm: Vec<f64>,
+    pub highly_variable: Vec<bool>,
+    pub nbatches: Vec<i64>,
+    pub intersection: Vec<bool>,
+}
+
+/// One batch's statistics: per gene mean, var and the cells expressing it.
+pub struct BatchStats<'a> {
+    pub mean: &'a [f64],
+    pub var: &'a [f64],
+    pub nnz: &'a [u64],
+}
+
+/// Each batch ranked on the genes it expresses (the others count as not
+/// variable there, 0 in its columns), then genes ranked by the number of
+/// batches in which they are variable and their mean normalised dispersion
+/// (NaN last, ties in gene order); without `n_top_genes`, the cut-offs on
+/// the batch-mean statistics.
+pub fn seurat_batched(batches: &[BatchStats<'_>], n_bins: usize, n_top_genes: Option<usize>, cut: &Cutoffs) -> Batched {
+    let g = batches.first().map_or(0, |b| b.mean.len());
+    let per: Vec<[Vec<f64>; 4]> = batches
+        .iter()
+        .map(|b| {
+            let expressed: Vec<usize> = (0..g).filter(|&j| b.nnz[j] > 0).collect();
+            let pick = |x: &[f64]| expressed.iter().map(|&j| x[j]).collect::<Vec<_>>();
+            let s = seurat_single(&pick(b.mean), &pick(b.var), n_bins, n_top_genes, cut);
+            let mut full = [vec![0.0; g], vec![0.0; g], vec![0.0; g], vec![0.0; g]];
+            for (i, &j) in expressed.iter().enumerate() {
+                full[0][j] = s.means[i];
+                full[1][j] = s.dispersions[i];
+                full[2][j] = s.dispersions_norm[i];
+                full[3][j] = if s.highly_variable[i] { 1.0 } else { 0.0 };
+            }
+            full
+        })
+        .collect();
+    // np.nanmean over batches (axis 0: a sum in batch order); all-NaN stays NaN.
+    let nanmean = |k: usize| -> Vec<f64> {
+        (0..g)
+            .map(|j| {
+                let (mut s, mut n) = (0.0, 0usize);
+                for b in &per {
+                    if !b[k][j].is_nan() {
+                        s += b[k][j];
+                        n += 1;
+                    }
+                }
+                if n == 0 {
+                    f64::NAN
+                } else {
+                    s / n as f64
+                }
+            })
+            .collect()
+    };
+    let (means, dispersions, mut dispersions_norm) = (nanmean(0), nanmean(1), nanmean(2));
+    let nbatches: Vec<i64> = (0..g).map(|j| per.iter().filter(|b| b[3][j] != 0.0).count() as i64).collect();
+    let intersection: Vec<bool> = nbatches.iter().map(|&n| n as usize == batches.len()).collect();
+    let highly_variable = match n_top_genes {
+        None => {
+            dispersions_norm.iter_mut().filter(|v| v.is_nan()).for_each(|v| *v = 0.0); // as scanpy (and Seurat)
+            means
+                .iter()
+                .zip(&dispersions_norm)
+                .map(|(&m, &d)| m > cut.min_mean && m < cut.max_mean && d > cut.min_disp && d < cut.max_disp)
+                .collect()
+        },
+        Some(top) => {
+            let mut order: Vec<usize> = (0..g).collect();
+            // Descending by (nbatches, dispersions_norm), NaN last; stable.
+            order.sort_by(|&a, &b| {
+                nbatches[b].cmp(&nbatches[a]).then_with(|| match (dispersions_norm[a].is_nan(), dispersions_norm[b].is_nan()) {
+                    (true, true) => std::cmp::Ordering::Equal,
+                    (true, false) => std::cmp::Ordering::Greater,
+                    (false, true) => std::cmp::Ordering::Less,
+                    (false, false) => dispersions_norm[b].total_cmp(&dispersions_norm[a]),
+                })
+            });
+            let mut hv = vec![false; g];
+            order.iter().take(top).for_each(|&j| hv[j] = true);
+            hv
+        },
+    };
+    Batched { means, dispersions, dispersions_norm, highly_variable, nbatches, intersection }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn linspace_is_numpys() {
+        // np.linspace(0.1, 0.7, 4) = [0.1, 0.30000000000000004, 0.5, 0.7]
+        let e = linspace(0.1, 0.7, 3);
+        assert_eq!(e, vec![0.1, 0.30000000000000004, 0.5, 0.7]);
+    }
+
+    #[test]
+    fn identical_dispersions_in_a_bin_give_nan_as_scanpy() {
+        // Two genes of one bin with the same dispersion: std exactly 0, 0/0.
+        let mean = [1.0, 1.0, 5.0];
+        let var = [2.0, 2.0, 3.0];
+        let s = seurat_single(&mean, &var, 1, Some(1), &Cutoffs::default());
+        assert!(s.dispersions_norm[0].is_nan() && s.dispersions_norm[1].is_nan());
+    }
+
+    #[test]
+    fn top_genes_are_the_most_dispersed() {
+        let mean: Vec<f64> = (0..40).map(|i| 1.0 + (i % 4) as f64).collect();
+        let var: Vec<f64> = (0..40).map(|i| mean[i] * (1.0 + i as f64 / 10.0)).collect();
+        let s = seurat_single(&mean, &var, 4, Some(5), &Cutoffs::default());
+        assert_eq!(s.highly_variable.iter().filter(|&&h| h).count(), 5);
+        // Within the bin of the highest means, the most dispersed genes win.
+        assert!(s.highly_variable[39] && !s.highly_variable[3]);
+    }
+}

@@ -1,0 +1,472 @@
+//! Rust Polars pipelines: every expression of the Python package as a lazy
+//! [`Expr`], the fits over a [`LazyFrame`], and the models' files.
+//!
+//! ```no_run
+//! use polars::prelude::*;
+//! use polars_singlecell::prelude::*;
+//!
+//! # fn main() -> PolarsResult<()> {
+//! let pca = PcaModel::read_parquet("pca.parquet")?.projector()?; // built once, shared by every batch
+//! let cells = scan_parquet("cells.parquet")?
+//!     .with_columns([normalize(col("gene_idx"), col("values"), NormalizeOptions::default())])
+//!     .select([pca_project(col("gene_idx"), col("values"), pca, Device::Cpu), col("batch")])
+//!     .collect()?;
+//! # Ok(()) }
+//! ```
+//!
+//! Each builder returns an `Expr` with the same output name, dtype and
+//! plan-time checks as Python's (`expressions::schema`), runs the same
+//! Series function as the plugin, and takes options with Python's defaults.
+//! Elementwise ones stream in Polars' streaming engine; models are shared
+//! handles ([`PcaModel::projector`], [`IntegrationModel::interpolation`]),
+//! never re-read per batch. The fits stream a `LazyFrame` once (twice for a
+//! clipped PCA) through [`StreamingFit`] in row order, so they hold the
+//! fit's state and one record batch, and give Python's numbers bit for bit.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use polars::prelude::*;
+use polars_plan::prelude::FunctionOptions;
+
+use crate::expressions::fit::{CentroidOptions, CentroidSampleFit, CovarianceFit, GeneStatsFit, PcaOptions};
+use crate::kernels::hvg::Transform;
+use crate::expressions::{self, schema};
+pub use crate::expressions::fit::StreamingFit;
+pub use crate::expressions::{IntegrationOutput, InterpolationModel};
+pub use crate::kernels::integrate::IntegrationParams;
+pub use crate::kernels::kmeans::KMeansParams;
+pub use crate::kernels::pca::PcaProjector;
+pub use crate::kernels::seurat::Cutoffs;
+pub use crate::kernels::Device;
+pub use crate::models::{IntegrationModel, PcaModel};
+
+/// An expression running `f` on its inputs' Series. `op` names it in
+/// `explain()`.
+fn udf<F, O>(op: &'static str, inputs: Vec<Expr>, options: FunctionOptions, f: F, output: O) -> Expr
+where
+    F: Fn(&[Series]) -> PolarsResult<Series> + Send + Sync + 'static,
+    O: Fn(&[Field]) -> PolarsResult<Field> + Send + Sync + 'static,
+{
+    let function = move |columns: &mut [Column]| {
+        let series: Vec<Series> = columns.iter().map(|c| c.as_materialized_series().clone()).collect();
+        f(&series).map(Column::from)
+    };
+    let output = move |_: &Schema, fields: &[Field]| output(fields);
+    Expr::AnonymousFunction {
+        input: inputs,
+        function: new_column_udf(BaseColumnUdf::new(function, output)),
+        options,
+        fmt_str: Box::new(op.into()),
+    }
+}
+
+// ---------------------------------------------------------------- normalize
+
+/// [`normalize`]'s options; `Default` is Python's (`target_sum=1e4`, `log1p=True`).
+#[derive(Debug, Clone, Copy)]
+pub struct NormalizeOptions {
+    /// Total counts of each cell after scaling; `None`: the median of the
+    /// non-zero totals of the whole column (not streamed: it needs every row).
+    pub target_sum: Option<f64>,
+    pub log1p: bool,
+}
+
+impl Default for NormalizeOptions {
+    fn default() -> Self {
+        NormalizeOptions { target_sum: Some(1e4), log1p: true }
+    }
+}
+
+/// `normalize_total` + `log1p` of each cell: `List(Float32)` named like
+/// `values`, so `with_columns` replaces the counts.
+pub fn normalize(gene_idx: Expr, values: Expr, options: NormalizeOptions) -> Expr {
+    let NormalizeOptions { target_sum, log1p } = options;
+    // The median needs the whole column: not elementwise, as in Python.
+    let how = if target_sum.is_some() { FunctionOptions::elementwise() } else { FunctionOptions::length_preserving() };
+    udf("normalize", vec![values, gene_idx], how, move |s| expressions::normalize(&s[1], &s[0], target_sum, log1p), schema::normalize)
+}
+
+/// Each cell's total counts: `Float32` named `total_counts`.
+pub fn total_counts(gene_idx: Expr, values: Expr) -> Expr {
+    udf("total_counts", vec![gene_idx, values], FunctionOptions::elementwise(), |s| expressions::total_counts(&s[0], &s[1]), schema::total_counts)
+        .alias("total_counts")
+}
+
+/// Keep `genes` (old indices, each once) renumbered `0..genes.len()`: a
+/// struct named like `gene_idx` with both columns;
+/// `.struct_().field_by_names(["*"])` inside `with_columns` replaces them.
+pub fn select_genes(gene_idx: Expr, values: Expr, genes: Arc<[u32]>) -> Expr {
+    udf(
+        "select_genes",
+        vec![gene_idx, values],
+        FunctionOptions::elementwise(),
+        move |s| {
+            let (idx, val) = expressions::select_genes(&s[0], &s[1], &genes)?;
+            expressions::pair_struct(s[0].name(), idx, val)
+        },
+        schema::select_genes,
+    )
+}
+
+/// A published layout's (gene ids, values) as the layout's cells: a struct
+/// `cells{gene_idx, values}`. `tokens`: the vocabulary's token ids in gene
+/// order (Tahoe's `gene_metadata.token_id`); `None`: the ids are gene
+/// indices, below `n_genes` if given.
+pub fn to_cells(genes: Expr, values: Expr, tokens: Option<Arc<[i64]>>, n_genes: Option<usize>) -> Expr {
+    udf(
+        "to_cells",
+        vec![genes, values],
+        FunctionOptions::elementwise(),
+        move |s| {
+            use crate::kernels::cells::{Genes, TokenMap};
+            let map = tokens.as_deref().map(TokenMap::new).transpose()?;
+            let how = match &map {
+                Some(m) => Genes::Vocabulary(m),
+                None => Genes::Indices(n_genes),
+            };
+            let (idx, val) = expressions::to_cells(&s[0], &s[1], &how)?;
+            expressions::pair_struct(&"cells".into(), idx, val)
+        },
+        schema::to_cells,
+    )
+}
+
+/// Cells projected on a PCA model's axes: `Array(Float32, n_comps)` named `X_pca`.
+pub fn pca_project(gene_idx: Expr, values: Expr, model: Arc<PcaProjector>, device: Device) -> Expr {
+    let n_comps = model.n_comps;
+    udf(
+        "pca_project",
+        vec![gene_idx, values],
+        FunctionOptions::elementwise(),
+        move |s| expressions::pca_project(&s[0], &s[1], &model, device),
+        move |f| schema::pca_project(f, n_comps),
+    )
+    .alias("X_pca")
+}
+
+// ---------------------------------------------------------------- k-means
+
+/// The column name of `e` when it is a plain `col(name)`: inside
+/// `group_by().agg` Polars hands each group unnamed, and errors name it.
+fn column_name(e: &Expr) -> Option<PlSmallStr> {
+    match e {
+        Expr::Column(name) => Some(name.clone()),
+        _ => None,
+    }
+}
+
+/// k-means centroids of an `Array(Float32, d)` column and their masses: an
+/// aggregation (one row: `centroids{centroid: List(Array), mass: List(Float64)}`),
+/// for `group_by(batch).agg([...])` or `select`. `KMeansParams::new(k)`
+/// holds Python's defaults (`max_iter=300`, `tol=1e-4`, `random_state=0`).
+pub fn kmeans_centroids(embedding: Expr, weights: Option<Expr>, params: KMeansParams) -> Expr {
+    let names: Vec<Option<PlSmallStr>> = std::iter::once(&embedding).chain(weights.as_ref()).map(column_name).collect();
+    let inputs = std::iter::once(embedding).chain(weights).collect();
+    udf(
+        "kmeans_centroids",
+        inputs,
+        FunctionOptions::aggregation(),
+        move |s| {
+            let in_group = s.iter().any(|x| x.name().is_empty());
+            let named: Vec<Series> = s
+                .iter()
+                .zip(&names)
+                .map(|(x, n)| match n {
+                    Some(n) if x.name().is_empty() => x.clone().with_name(n.clone()),
+                    _ => x.clone(),
+                })
+                .collect();
+            expressions::kmeans_centroids(&named[0], named.get(1), &params).map_err(|e| match e {
+                PolarsError::ComputeError(m) if in_group => {
+                    PolarsError::ComputeError(format!("{m} (in a group_by group: rows count from the group's first)").into())
+                },
+                e => e,
+            })
+        },
+        schema::kmeans_centroids,
+    )
+    .alias("centroids")
+}
+
+// ------------------------------------------------------ knn, knn_interpolate
+
+/// Which centroids a cell's neighbours come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Mode {
+    /// Its own batch's (Python's `mode="own_batch"`).
+    #[default]
+    OwnBatch,
+    /// Every batch's (`mode="pooled"`).
+    Pooled,
+}
+
+/// [`knn_interpolate`]'s options; `Default` is Python's.
+#[derive(Debug, Clone, Copy)]
+pub struct InterpolateOptions {
+    pub k: usize,
+    pub mode: Mode,
+    /// A cell whose batch the model lacks: an error (`false`, Python's
+    /// `unknown_batch="error"`) or pooled neighbours (`true`).
+    pub unknown_pooled: bool,
+    pub device: Device,
+}
+
+impl Default for InterpolateOptions {
+    fn default() -> Self {
+        InterpolateOptions { k: 8, mode: Mode::OwnBatch, unknown_pooled: false, device: Device::Cpu }
+    }
+}
+
+/// Each cell moved by the weighted displacement of its `k` nearest
+/// centroids: `Array(Float32, d)` named `X_ot`. `batch` is the cells'
+/// batch column (ignored with `Mode::Pooled`).
+pub fn knn_interpolate(embedding: Expr, batch: Expr, model: Arc<InterpolationModel>, options: InterpolateOptions) -> Expr {
+    let d = model.d();
+    let InterpolateOptions { k, mode, unknown_pooled, device } = options;
+    let inputs = match mode {
+        Mode::OwnBatch => vec![embedding, batch],
+        Mode::Pooled => vec![embedding],
+    };
+    udf(
+        "knn_interpolate",
+        inputs,
+        FunctionOptions::elementwise(),
+        move |s| expressions::knn_interpolate(&s[0], s.get(1), &model, k, unknown_pooled, device),
+        move |f| schema::knn_interpolate(f, d),
+    )
+    .alias("X_ot")
+}
+
+/// Exact k nearest neighbours among `index`'s points
+/// ([`IntegrationModel::index`]): `Struct{indices: Array(UInt32, k),
+/// distances: Array(Float32, k)}` named `knn`.
+pub fn knn(embedding: Expr, index: Arc<InterpolationModel>, k: usize, device: Device) -> Expr {
+    let d = index.d();
+    udf(
+        "knn",
+        vec![embedding],
+        FunctionOptions::elementwise(),
+        move |s| expressions::knn(&s[0], &index, k, device),
+        move |f| schema::knn(f, d, k),
+    )
+    .alias("knn")
+}
+
+// ---------------------------------------------------------------- files
+
+/// A Parquet file, or a folder's `*.parquet` files in name order (as
+/// `psc.datasets.write_synthetic_counts` writes cells), to scan lazily.
+pub fn scan_parquet(path: impl AsRef<Path>) -> PolarsResult<LazyFrame> {
+    let p = path.as_ref();
+    polars_ensure!(p.exists(), ComputeError: "no file or folder at {}", p.display());
+    let files: Vec<PlRefPath> = if p.is_dir() {
+        let mut found: Vec<_> = std::fs::read_dir(p)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|f| f.extension().is_some_and(|x| x == "parquet") && !f.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')))
+            .collect();
+        found.sort();
+        polars_ensure!(!found.is_empty(), ComputeError: "no .parquet files in the folder {}", p.display());
+        found.iter().map(|f| PlRefPath::new(f.to_string_lossy().as_ref())).collect()
+    } else {
+        vec![PlRefPath::new(p.to_string_lossy().as_ref())]
+    };
+    LazyFrame::scan_parquet_files(files.into_iter().collect(), Default::default())
+}
+
+/// Run `lf` in the streaming engine (bounded memory) into `path`: a
+/// temporary file beside it, renamed when complete, so a failed or killed
+/// run leaves no half-written output (Python's `io.sink_parquet`).
+pub fn sink_parquet(lf: LazyFrame, path: impl AsRef<Path>) -> PolarsResult<()> {
+    let path = path.as_ref();
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
+    let target = SinkTarget::Path(PlRefPath::new(tmp.to_string_lossy().as_ref()));
+    let format = FileWriteFormat::Parquet(Arc::new(ParquetWriteOptions::default()));
+    let run = lf
+        .sink(SinkDestination::File { target }, format, UnifiedSinkArgs::default())
+        .and_then(|q| q.collect_with_engine(Engine::Streaming))
+        .and_then(|_| Ok(std::fs::rename(&tmp, path)?));
+    if run.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    run.map_err(|e| polars_err!(ComputeError: "cannot write {}: {e}", path.display()))
+}
+
+// ---------------------------------------------------------------- fits
+
+/// Stream `columns` of `lf` in row order through `fit`: the streaming
+/// engine hands each record batch to `update`, one at a time. The first
+/// error stops the query and is returned.
+pub fn stream_fit<T: StreamingFit + Send + 'static>(lf: LazyFrame, columns: &[&str], fit: T) -> PolarsResult<T> {
+    let poisoned = || polars_err!(ComputeError: "a fit's state is poisoned by an earlier panic");
+    // The callback lives in the plan; the state comes back out through the
+    // shared slot whether or not the engine has dropped the plan yet.
+    let state = Arc::new(Mutex::new((Some(fit), None::<PolarsError>)));
+    let shared = state.clone();
+    let names: Vec<PlSmallStr> = columns.iter().map(|c| PlSmallStr::from(*c)).collect();
+    let sink = PlanCallback::new(move |df: DataFrame| {
+        let mut guard = shared.lock().map_err(|_| poisoned())?;
+        let (slot, failed) = &mut *guard;
+        let Some(fit) = slot.as_mut() else { return Ok(true) };
+        let batch: PolarsResult<Vec<Series>> = names.iter().map(|n| Ok(df.column(n)?.as_materialized_series().clone())).collect();
+        if let Err(e) = batch.and_then(|b| fit.update(&b)) {
+            *failed = Some(e);
+            return Ok(true); // stop the query
+        }
+        Ok(false)
+    });
+    let cols: Vec<Expr> = columns.iter().map(|c| col(*c)).collect();
+    lf.select(cols).sink_batches(sink, true, None)?.collect_with_engine(Engine::Streaming)?;
+    let mut guard = state.lock().map_err(|_| poisoned())?;
+    if let Some(e) = guard.1.take() {
+        return Err(e);
+    }
+    guard.0.take().ok_or_else(|| polars_err!(ComputeError: "a fit's state was taken twice"))
+}
+
+/// [`highly_variable_genes`]' options; `Default` is Python's.
+#[derive(Debug, Clone)]
+pub struct HvgOptions {
+    pub n_top_genes: Option<usize>,
+    /// Rank within each batch of this column, then across batches.
+    pub batch_key: Option<String>,
+    pub cutoffs: Cutoffs,
+    pub n_bins: usize,
+    pub gene_idx: String,
+    pub values: String,
+}
+
+impl Default for HvgOptions {
+    fn default() -> Self {
+        HvgOptions { n_top_genes: Some(2000), batch_key: None, cutoffs: Cutoffs::default(), n_bins: 20, gene_idx: "gene_idx".into(), values: "values".into() }
+    }
+}
+
+/// Highly variable genes of log-normalised cells (after [`normalize`]):
+/// Python's `highly_variable_genes(flavor="seurat")`, scanpy's, in one
+/// streaming pass. One row per gene (`gene_idx`, `means`, `dispersions`,
+/// `dispersions_norm`, `highly_variable`, and with a `batch_key`
+/// `highly_variable_nbatches`, `highly_variable_intersection`).
+/// `flavor="seurat_v3"` is Python-only for now.
+pub fn highly_variable_genes(lf: LazyFrame, n_genes: usize, options: &HvgOptions) -> PolarsResult<DataFrame> {
+    let mut cols = vec![options.gene_idx.as_str(), options.values.as_str()];
+    cols.extend(options.batch_key.as_deref());
+    let stats = stream_fit(lf, &cols, GeneStatsFit::new(n_genes, Transform::Expm1)?)?;
+    stats.seurat(options.batch_key.is_some(), options.n_bins, options.n_top_genes, &options.cutoffs)
+}
+
+/// The genes a [`highly_variable_genes`] table marks, for [`select_genes`].
+pub fn highly_variable(table: &DataFrame) -> PolarsResult<Arc<[u32]>> {
+    let hv = table.filter(table.column("highly_variable")?.bool()?)?;
+    Ok(hv.column("gene_idx")?.u32()?.into_no_null_iter().collect())
+}
+
+/// [`fit_pca`]'s options; `Default` is Python's.
+#[derive(Debug, Clone)]
+pub struct FitPcaOptions {
+    pub n_comps: usize,
+    pub gene_idx: String,
+    pub values: String,
+    pub device: Device,
+    /// `sc.pp.scale` first (unit variance; the model keeps `std`).
+    pub scale: bool,
+}
+
+impl Default for FitPcaOptions {
+    fn default() -> Self {
+        FitPcaOptions { n_comps: 50, gene_idx: "gene_idx".into(), values: "values".into(), device: Device::Cpu, scale: false }
+    }
+}
+
+/// PCA of the cells of `lf` over `n_genes` genes, out of core: Python's
+/// `fit_pca` (the exact float64 covariance, then its eigendecomposition;
+/// bit-identical for any batching and thread count).
+pub fn fit_pca(lf: LazyFrame, n_genes: usize, options: &FitPcaOptions) -> PolarsResult<PcaModel> {
+    polars_ensure!(options.n_comps >= 1 && options.n_comps <= n_genes, ComputeError: "n_comps must be between 1 and n_genes={n_genes}, got {}", options.n_comps);
+    let acc = CovarianceFit::new(n_genes, options.device, None)?;
+    let acc = stream_fit(lf, &[&options.gene_idx, &options.values], acc)?;
+    let fit = acc.finish(&PcaOptions { n_comps: options.n_comps, scale: options.scale })?;
+    Ok(PcaModel::from_fit(&fit))
+}
+
+/// [`fit_centroids`]'s options; `Default` is Python's.
+#[derive(Debug, Clone)]
+pub struct FitCentroidsOptions {
+    pub embedding: String,
+    pub batch_key: String,
+    pub n_centroids: usize,
+    pub min_cells_per_centroid: usize,
+    pub max_samples_per_batch: usize,
+    pub max_iter: usize,
+    pub tol: f64,
+    pub random_state: u64,
+    pub init_size: Option<usize>,
+    pub device: Device,
+}
+
+impl Default for FitCentroidsOptions {
+    fn default() -> Self {
+        FitCentroidsOptions {
+            embedding: "X_pca".into(),
+            batch_key: "batch".into(),
+            n_centroids: 2048,
+            min_cells_per_centroid: 1,
+            max_samples_per_batch: 500_000,
+            max_iter: 3,
+            tol: 1e-4,
+            random_state: 0,
+            init_size: None,
+            device: Device::Cpu,
+        }
+    }
+}
+
+/// Per-batch centroids of an embedding of any size, streaming: Python's
+/// `fit_centroids` (seeded bottom-k samples per batch, then k-means on
+/// each). Returns the centroid table (`batch_key`, `centroid_id`,
+/// `centroid`, `mass`) and the per-batch summary.
+pub fn fit_centroids(lf: LazyFrame, options: &FitCentroidsOptions) -> PolarsResult<(DataFrame, DataFrame)> {
+    let schema = lf.clone().collect_schema()?;
+    let field = schema
+        .get_field(&options.embedding)
+        .ok_or_else(|| polars_err!(ColumnNotFound: "no column '{}' (columns: {:?})", options.embedding, schema.iter_names().collect::<Vec<_>>()))?;
+    let d = crate::expressions::convert::check_embedding_field(&field)?;
+    let fit = CentroidSampleFit::new(d, options.max_samples_per_batch, options.random_state, 0)?;
+    let fit = stream_fit(lf, &[&options.embedding, &options.batch_key], fit)?;
+    polars_ensure!(fit.n_rows() > 0, ComputeError: "no cells: fit_centroids needs at least one row");
+    let mut params = KMeansParams::new(options.n_centroids);
+    params.max_iter = options.max_iter;
+    params.tol = options.tol;
+    params.seed = options.random_state;
+    params.init_size = options.init_size;
+    params.device = options.device;
+    let fits = fit.finish(&CentroidOptions { params, min_cells_per_centroid: options.min_cells_per_centroid })?;
+    let (centroids, summary) = expressions::fit::centroid_tables(d, &fits)?;
+    // Back to the key's own name, dtype and order (the sampler keys batches
+    // by their text), as Python does.
+    let key = options.batch_key.as_str();
+    let key_dtype = schema.get(key).cloned().unwrap_or(DataType::String);
+    let restore = |mut t: DataFrame| -> PolarsResult<DataFrame> {
+        t.rename("batch", key.into())?;
+        let typed = t.column(key)?.cast(&key_dtype)?;
+        t.with_column(typed)?;
+        t.sort([key], SortMultipleOptions::default().with_maintain_order(true))
+    };
+    Ok((restore(centroids)?, restore(summary)?))
+}
+
+/// The integration of a centroid table (`batch_key`, `centroid`, `mass`
+/// columns, as [`fit_centroids`] returns): Python's `fit_integration` with
+/// `reference="barycenter"` unless `reference` names a batch.
+pub fn fit_integration(centroids: &DataFrame, batch_key: &str, reference: Option<&str>, params: &IntegrationParams) -> PolarsResult<IntegrationModel> {
+    let get = |n: &str| -> PolarsResult<&Series> {
+        Ok(centroids
+            .column(n)
+            .map_err(|_| polars_err!(ColumnNotFound: "the centroid table has no column '{n}' (columns: {:?})", centroids.get_column_names()))?
+            .as_materialized_series())
+    };
+    let mass = centroids.column("mass").ok().map(|c| c.as_materialized_series());
+    let out = expressions::fit_integration(get("centroid")?, get(batch_key)?, mass, reference, params)?;
+    IntegrationModel::from_fit(centroids, batch_key, "centroid", &out)
+}

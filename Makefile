@@ -28,12 +28,14 @@ demo: build
 
 # --features cuda: the CUDA code compiles in CI (no GPU there: the GPU half of
 # each kernel test is skipped, with the reason printed). --features lazy: the
-# Rust pipelines' prelude; the example it builds is compared with
-# psc.integrate by tests/test_rust_pipeline.py (required here, skipped by a
-# bare pytest without the build).
+# Rust pipelines' prelude (linted apart from python: see Cargo.toml); the
+# example it builds is compared with psc.integrate by
+# tests/test_rust_pipeline.py (required here, skipped by a bare pytest
+# without the build).
 test: .venv/.test build
 	$(PY) -m ruff check python tests benches examples
-	cargo clippy --all-targets --features python,cuda,lazy --quiet -- -D warnings
+	cargo clippy --all-targets --features python,cuda --quiet -- -D warnings
+	cargo clippy --all-targets --features cuda,lazy --quiet -- -D warnings
 	cargo test --quiet --features cuda,lazy
 	cargo run --quiet --features cuda,lazy --example rust_pipeline
 	PSC_REQUIRE_RUST_EXAMPLE=1 $(PY) -m pytest -q

@@ -243,18 +243,24 @@ mod tests {
 
     #[test]
     fn linspace_is_numpys() {
-        // np.linspace(0.1, 0.7, 4) = [0.1, 0.30000000000000004, 0.5, 0.7]
-        let e = linspace(0.1, 0.7, 3);
-        assert_eq!(e, vec![0.1, 0.30000000000000004, 0.5, 0.7]);
+        // np.linspace(0.013, 2.9, 21)[:6]: i·step + lo, where lo + (hi − lo)·i/n
+        // differs in the last bit at 5 of the 21 edges.
+        let e = linspace(0.013, 2.9, 20);
+        assert_eq!(e[..6], [0.013, 0.15735000000000002, 0.3017, 0.44605000000000006, 0.5904, 0.73475]);
+        assert_eq!(e[20], 2.9);
     }
 
     #[test]
     fn identical_dispersions_in_a_bin_give_nan_as_scanpy() {
-        // Two genes of one bin with the same dispersion: std exactly 0, 0/0.
-        let mean = [1.0, 1.0, 5.0];
-        let var = [2.0, 2.0, 3.0];
-        let s = seurat_single(&mean, &var, 1, Some(1), &Cutoffs::default());
+        // The first bin holds two genes of the same dispersion: std exactly
+        // 0, so 0/0; the second bin's single gene gets 1. (The old numpy
+        // version's output on these numbers.)
+        let s = seurat_single(&[1.0, 1.0, 5.0], &[2.0, 2.0, 3.0], 2, Some(1), &Cutoffs::default());
         assert!(s.dispersions_norm[0].is_nan() && s.dispersions_norm[1].is_nan());
+        assert_eq!(s.dispersions_norm[2], 1.0);
+        let ln2 = std::f64::consts::LN_2; // ln(2 / 1)
+        assert_eq!(s.dispersions, [ln2, ln2, -0.5108256237659907]);
+        assert_eq!(s.highly_variable, [false, false, true]);
     }
 
     #[test]

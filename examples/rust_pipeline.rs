@@ -8,7 +8,7 @@
 //! With arguments it runs on `CELLS` (a folder of the layout's Parquet:
 //! `gene_idx`, `values`, `batch`, its genes table beside it) with
 //! `psc.integrate`'s defaults, writing to `OUT`: `genes.parquet` (the HVG
-//! table), `pca.parquet`, `centroids.parquet`, `integration.parquet` (its
+//! table), `pca.parquet` (and `pca_clipped.parquet`: `scale`, `max_value=10`), `centroids.parquet`, `integration.parquet` (its
 //! own fits, in the files Python reads) and `cells.parquet` (`X_pca`,
 //! `X_ot`), and `cells_psc_models.parquet`: the cells projected and moved
 //! with the models and genes Python wrote in `PSC` (`psc.integrate`'s output).
@@ -35,7 +35,11 @@ fn main() -> PolarsResult<()> {
             let n_genes = n_genes_of(Path::new(cells))?;
             let hvg = highly_variable_genes(counts(Path::new(cells))?, n_genes, &HvgOptions { batch_key: Some("batch".into()), ..Default::default() })?;
             write(hvg.clone(), &Path::new(out).join("genes.parquet"))?;
-            pipeline(Path::new(cells), highly_variable(&hvg)?, Path::new(out))?;
+            let genes = highly_variable(&hvg)?;
+            // psc.fit_pca(scale=True, max_value=10) on the same cells: the clipped fit's two passes.
+            let clipped = FitPcaOptions { n_comps: N_COMPS.min(genes.len()), scale: true, max_value: Some(10.0), ..Default::default() };
+            fit_pca(selected(Path::new(cells), genes.clone())?, genes.len(), &clipped)?.write_parquet(Path::new(out).join("pca_clipped.parquet"))?;
+            pipeline(Path::new(cells), genes, Path::new(out))?;
             with_models(Path::new(cells), Path::new(psc), Path::new(out))
         },
         _ => polars_bail!(InvalidOperation: "usage: rust_pipeline [CELLS PSC_OUT OUT]"),

@@ -77,7 +77,7 @@ impl PcaModel {
     /// Read a file written by Python's `PcaModel.save` or [`write_parquet`](Self::write_parquet).
     pub fn read_parquet(path: impl AsRef<Path>) -> PolarsResult<Self> {
         let path = path.as_ref();
-        let (df, meta) = read_with_meta(path, PCA_META_KEY)?;
+        let (df, meta, text) = read_with_meta(path, PCA_META_KEY)?;
         let meta = meta.unwrap_or_default();
         if meta.get("kind").and_then(Value::as_str) != Some(PCA_KIND) {
             polars_bail!(ComputeError: "{} is not a polars-singlecell PCA model (written by PcaModel.save or PcaModel::write_parquet)", path.display());
@@ -102,10 +102,7 @@ impl PcaModel {
         polars_ensure!(by_gene.len() == g * n_comps, ComputeError: "{}: 'loadings' holds {} values, expected {g} genes × {n_comps}", path.display(), by_gene.len());
         let components = (0..n_comps).flat_map(|c| by_gene.iter().skip(c).step_by(n_comps).copied().collect::<Vec<_>>()).collect();
         let numbers = |key: &str| -> PolarsResult<Vec<f64>> {
-            meta.get(key)
-                .and_then(Value::as_array)
-                .map(|a| a.iter().map(|v| v.as_f64().unwrap_or(f64::NAN)).collect())
-                .ok_or_else(|| polars_err!(ComputeError: "{}: the metadata has no '{key}'", path.display()))
+            exact_floats(&text, key).ok_or_else(|| polars_err!(ComputeError: "{}: the metadata has no list of numbers '{key}'", path.display()))
         };
         Ok(PcaModel {
             mean,
@@ -115,7 +112,7 @@ impl PcaModel {
             explained_variance_ratio: numbers("explained_variance_ratio")?,
             n_cells: meta.get("n_cells").and_then(Value::as_u64).unwrap_or(0),
             std: f64s("std")?,
-            max_value: meta.get("max_value").and_then(Value::as_f64),
+            max_value: exact_floats(&text, "max_value").and_then(|v| v.first().copied()),
             zero_center: meta.get("zero_center").and_then(Value::as_bool).unwrap_or(true),
             scaled_mean: f64s("scaled_mean")?,
         })
@@ -222,7 +219,7 @@ impl IntegrationModel {
     /// columns; then the first column is the batch key).
     pub fn read_parquet(path: impl AsRef<Path>) -> PolarsResult<Self> {
         let path = path.as_ref();
-        let (table, meta) = read_with_meta(path, INTEGRATION_META_KEY)?;
+        let (table, meta, _) = read_with_meta(path, INTEGRATION_META_KEY)?;
         let meta = meta.unwrap_or_default();
         let format = meta.get("format").and_then(Value::as_u64).unwrap_or(INTEGRATION_FORMAT);
         polars_ensure!(format <= INTEGRATION_FORMAT, ComputeError: "{} was written by a newer polars-singlecell (model format {format}); upgrade", path.display());
@@ -257,8 +254,26 @@ impl IntegrationModel {
     }
 }
 
-/// A Parquet file's table and the JSON under `key` in its metadata.
-fn read_with_meta(path: &Path, key: &str) -> PolarsResult<(DataFrame, Option<Map<String, Value>>)> {
+/// The numbers of a top-level `"key": [x, ...]` or `"key": x` of a JSON
+/// text, parsed by Rust's correctly rounded `str::parse`: serde_json's
+/// default float parsing can be an ulp off (its exact mode is a feature that
+/// would rebuild every polars crate depending on serde_json), and a model
+/// read from Python must carry Python's bits.
+fn exact_floats(text: &str, key: &str) -> Option<Vec<f64>> {
+    let at = text.find(&format!("\"{key}\""))? + key.len() + 2;
+    let rest = text[at..].trim_start().strip_prefix(':')?.trim_start();
+    let body = match rest.strip_prefix('[') {
+        Some(list) => &list[..list.find(']')?],
+        None => &rest[..rest.find([',', '}']).unwrap_or(rest.len())],
+    };
+    if body.trim().is_empty() {
+        return Some(vec![]);
+    }
+    body.split(',').map(|x| x.trim().parse::<f64>().ok()).collect()
+}
+
+/// A Parquet file's table, the JSON under `key` in its metadata, and that text.
+fn read_with_meta(path: &Path, key: &str) -> PolarsResult<(DataFrame, Option<Map<String, Value>>, String)> {
     let cannot = |e: &dyn std::fmt::Display| polars_err!(ComputeError: "cannot read the model file {}: {e}", path.display());
     let mut file = File::open(path).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => polars_err!(ComputeError: "no model file at {}", path.display()),
@@ -268,14 +283,14 @@ fn read_with_meta(path: &Path, key: &str) -> PolarsResult<(DataFrame, Option<Map
     let meta = reader.get_metadata().map_err(|e| cannot(&e))?.clone();
     let text = meta.key_value_metadata().as_ref().and_then(|kv| kv.iter().find(|k| k.key == key)).and_then(|k| k.value.clone());
     let df = reader.finish().map_err(|e| cannot(&e))?;
-    let json = match text {
-        Some(t) => match serde_json::from_str::<Value>(&t) {
+    let json = match &text {
+        Some(t) => match serde_json::from_str::<Value>(t) {
             Ok(Value::Object(m)) => Some(m),
             Ok(_) | Err(_) => polars_bail!(ComputeError: "{}: the metadata '{key}' is not a JSON object", path.display()),
         },
         None => None,
     };
-    Ok((df, json))
+    Ok((df, json, text.unwrap_or_default()))
 }
 
 /// Write `df` to `path` with `meta` under `key`: a temporary file beside

@@ -31,6 +31,7 @@ use polars_plan::prelude::FunctionOptions;
 
 use crate::expressions::fit::{CentroidOptions, CentroidSampleFit, CovarianceFit, GeneStatsFit, PcaOptions};
 use crate::kernels::hvg::Transform;
+use crate::kernels::pca::Clip;
 use crate::expressions::{self, schema};
 pub use crate::expressions::fit::StreamingFit;
 pub use crate::expressions::{IntegrationOutput, InterpolationModel};
@@ -371,23 +372,57 @@ pub struct FitPcaOptions {
     pub device: Device,
     /// `sc.pp.scale` first (unit variance; the model keeps `std`).
     pub scale: bool,
+    /// With `scale`: the scaled values clipped to `±max_value` (two passes).
+    pub max_value: Option<f64>,
+    /// With `scale` and `max_value`: `false` scales the non-zeros without
+    /// centring them and clips them above (`sc.pp.scale(zero_center=False)`).
+    pub zero_center: bool,
 }
 
 impl Default for FitPcaOptions {
     fn default() -> Self {
-        FitPcaOptions { n_comps: 50, gene_idx: "gene_idx".into(), values: "values".into(), device: Device::Cpu, scale: false }
+        FitPcaOptions {
+            n_comps: 50,
+            gene_idx: "gene_idx".into(),
+            values: "values".into(),
+            device: Device::Cpu,
+            scale: false,
+            max_value: None,
+            zero_center: true,
+        }
     }
 }
 
 /// PCA of the cells of `lf` over `n_genes` genes, out of core: Python's
 /// `fit_pca` (the exact float64 covariance, then its eigendecomposition;
-/// bit-identical for any batching and thread count).
+/// bit-identical for any batching and thread count). With `max_value`, a
+/// first pass takes the genes' exact moments and a second the covariance
+/// of the scaled, clipped cells, without the dense scaled matrix.
 pub fn fit_pca(lf: LazyFrame, n_genes: usize, options: &FitPcaOptions) -> PolarsResult<PcaModel> {
-    polars_ensure!(options.n_comps >= 1 && options.n_comps <= n_genes, ComputeError: "n_comps must be between 1 and n_genes={n_genes}, got {}", options.n_comps);
-    let acc = CovarianceFit::new(n_genes, options.device, None)?;
-    let acc = stream_fit(lf, &[&options.gene_idx, &options.values], acc)?;
-    let fit = acc.finish(&PcaOptions { n_comps: options.n_comps, scale: options.scale })?;
-    Ok(PcaModel::from_fit(&fit))
+    let FitPcaOptions { n_comps, device, scale, max_value, zero_center, .. } = options.clone();
+    polars_ensure!(n_comps >= 1 && n_comps <= n_genes, ComputeError: "n_comps must be between 1 and n_genes={n_genes}, got {n_comps}");
+    polars_ensure!(scale || (max_value.is_none() && zero_center), ComputeError:
+        "max_value and zero_center=false are options of the scaling (sc.pp.scale's): set scale=true with them (PCA itself always centres)");
+    let cols = [options.gene_idx.as_str(), options.values.as_str()];
+    let Some(max_value) = max_value else {
+        let acc = stream_fit(lf, &cols, CovarianceFit::new(n_genes, device, None)?)?;
+        return Ok(PcaModel::from_fit(&acc.finish(&PcaOptions { n_comps, scale })?));
+    };
+    let stats = stream_fit(lf.clone(), &cols, GeneStatsFit::new(n_genes, Transform::Exact)?)?.finish(&())?;
+    polars_ensure!(stats.height() > 0, ComputeError: "no cells: fit_pca needs at least 2");
+    let moment = |name: &str| crate::expressions::convert::f64_values(stats.column(name)?.as_materialized_series());
+    let (mean, std) = (moment("mean")?, moment("std")?);
+    let clip = Clip::new(mean.clone(), std.clone(), max_value, zero_center)?;
+    let acc = stream_fit(lf, &cols, CovarianceFit::new(n_genes, device, Some(clip))?)?;
+    let fit = acc.finish(&PcaOptions { n_comps, scale: false })?;
+    Ok(PcaModel {
+        mean,
+        std: Some(std),
+        max_value: Some(max_value),
+        zero_center,
+        scaled_mean: Some(fit.mean.clone()),
+        ..PcaModel::from_fit(&fit)
+    })
 }
 
 /// [`fit_centroids`]'s options; `Default` is Python's.

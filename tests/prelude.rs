@@ -244,3 +244,67 @@ fn an_unknown_batch_is_an_error_unless_pooled() {
     assert!(err.contains('z'), "{err}");
     assert_eq!(q(true).unwrap().height(), 4);
 }
+
+#[test]
+fn clipped_pca_is_two_passes_and_survives_its_file() {
+    let df = cells(300, 20, 8);
+    let lognorm = df.lazy().with_columns([normalize(col("gene_idx"), col("values"), NormalizeOptions::default())]);
+    let opts = FitPcaOptions { n_comps: 4, scale: true, max_value: Some(1.5), ..Default::default() };
+    let model = fit_pca(lognorm.clone(), 20, &opts).unwrap();
+    assert_eq!((model.max_value, model.zero_center, model.n_cells), (Some(1.5), true, 300));
+    assert!(model.scaled_mean.is_some() && model.std.is_some());
+    // Clipping changes the axes.
+    let unclipped = fit_pca(lognorm.clone(), 20, &FitPcaOptions { max_value: None, ..opts.clone() }).unwrap();
+    assert_ne!(model.components, unclipped.components);
+    let path = temp("clipped.parquet");
+    model.write_parquet(&path).unwrap();
+    let back = PcaModel::read_parquet(&path).unwrap();
+    assert_eq!(back, model);
+    // The projector clips as it projects: the same numbers from the saved model.
+    let a = lognorm.clone().select([pca_project(col("gene_idx"), col("values"), model.projector().unwrap(), Device::Cpu)]).collect().unwrap();
+    let b = lognorm.select([pca_project(col("gene_idx"), col("values"), back.projector().unwrap(), Device::Cpu)]).collect().unwrap();
+    assert!(a.equals(&b));
+    let err = fit_pca(cells(5, 20, 8).lazy(), 20, &FitPcaOptions { n_comps: 2, max_value: Some(1.0), ..Default::default() }).unwrap_err().to_string();
+    assert!(err.contains("scale=true"), "{err}");
+}
+
+/// Bad input gives a `PolarsError` naming the column and the row (the
+/// Python suite's cases that apply to Rust), never a panic.
+#[test]
+fn bad_input_is_an_error_naming_column_and_row() {
+    let x = convert::array_f32("X_pca", 2, vec![0.0, 1.0, f32::NAN, 2.0, 3.0, 4.0], None).unwrap();
+    let df = DataFrame::new_infer_height(vec![x.into(), Column::new("batch".into(), ["a", "a", "b"])]).unwrap();
+    let err = fit_centroids(df.lazy(), &FitCentroidsOptions::default()).unwrap_err().to_string();
+    assert!(err.contains("X_pca") && err.contains("row 1"), "{err}");
+
+    let x = convert::array_f32("X_pca", 2, vec![0.0, 1.0, 2.0, 2.0, 3.0, 4.0], None).unwrap();
+    let df = DataFrame::new_infer_height(vec![x.into(), Column::new("batch".into(), [Some("a"), None, Some("b")])]).unwrap();
+    let err = fit_centroids(df.clone().lazy(), &FitCentroidsOptions::default()).unwrap_err().to_string();
+    assert!(err.contains("batch") && err.contains("row 1"), "{err}");
+
+    // A model of another width: refused when the plan is built.
+    let table = df!("batch" => ["a", "a", "b", "b"]).unwrap().hstack(&[convert::array_f32("centroid", 3, vec![0.0; 12], None).unwrap().into()]).unwrap();
+    let wide = IntegrationModel::new(table.clone().hstack(&[convert::array_f32("displacement", 3, vec![0.0; 12], None).unwrap().into()]).unwrap(), None, Default::default()).unwrap();
+    let err = df
+        .clone()
+        .lazy()
+        .select([knn_interpolate(col("X_pca"), col("batch"), wide.interpolation().unwrap(), InterpolateOptions::default())])
+        .collect_schema()
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("X_pca") && err.contains('3'), "{err}");
+
+    // Null weights in the k-means aggregation.
+    let w = Series::new("w".into(), [Some(1.0f64), None, Some(1.0)]);
+    let err = df.lazy().with_column(lit(w).alias("w")).select([kmeans_centroids(col("X_pca"), Some(col("w")), KMeansParams::new(2))]).collect().unwrap_err().to_string();
+    assert!(err.contains("'w'") && err.contains("row 1"), "{err}");
+
+    // A model table with a non-finite displacement.
+    let bad = table.hstack(&[convert::array_f32("displacement", 3, [0.0].repeat(11).into_iter().chain([f32::INFINITY]).collect(), None).unwrap().into()]).unwrap();
+    let err = IntegrationModel::new(bad, None, Default::default()).unwrap_err().to_string();
+    assert!(err.contains("displacement") && err.contains("row 3"), "{err}");
+
+    // No rows at all.
+    let empty = cells(0, 5, 1);
+    assert!(fit_pca(empty.lazy(), 5, &FitPcaOptions { n_comps: 2, ..Default::default() }).is_err());
+}

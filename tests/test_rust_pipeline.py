@@ -56,6 +56,19 @@ def test_rust_fits_the_same_pca_model(runs):
         np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
 
 
+def test_rust_clipped_pca_equals_pythons(runs):
+    py, rs = runs
+    raw = py.parent / "raw"
+    hv = pl.read_parquet(py / "genes.parquet").filter("highly_variable")["gene_idx"]
+    lf = pl.scan_parquet(raw / "*.parquet").with_columns(psc.normalize()).with_columns(
+        psc.select_genes(genes=hv).struct.unnest())
+    a = psc.fit_pca(lf, n_genes=hv.len(), n_comps=50, scale=True, max_value=10)
+    b = psc.PcaModel.load(rs / "pca_clipped.parquet")
+    assert (b.max_value, b.zero_center) == (10, True)
+    for name in ("mean", "std", "scaled_mean", "components", "explained_variance"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
+
+
 def test_rust_centroids_and_integration_equal_pythons(runs):
     py, rs = runs
     a, b = pl.read_parquet(py / "centroids.parquet"), pl.read_parquet(rs / "centroids.parquet")

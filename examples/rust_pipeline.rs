@@ -8,7 +8,8 @@
 //! With arguments it runs on `CELLS` (a folder of the layout's Parquet:
 //! `gene_idx`, `values`, `batch`, its genes table beside it) with
 //! `psc.integrate`'s defaults, writing to `OUT`: `genes.parquet` (the HVG
-//! table), `pca.parquet` (and `pca_clipped.parquet`: `scale`, `max_value=10`), `centroids.parquet`, `integration.parquet` (its
+//! table; `genes_v3.parquet`: flavor seurat_v3), `pca.parquet` (and
+//! `pca_clipped.parquet`: `scale`, `max_value=10`), `centroids.parquet`, `integration.parquet` (its
 //! own fits, in the files Python reads) and `cells.parquet` (`X_pca`,
 //! `X_ot`), and `cells_psc_models.parquet`: the cells projected and moved
 //! with the models and genes Python wrote in `PSC` (`psc.integrate`'s output).
@@ -35,6 +36,9 @@ fn main() -> PolarsResult<()> {
             let n_genes = n_genes_of(Path::new(cells))?;
             let hvg = highly_variable_genes(counts(Path::new(cells))?, n_genes, &HvgOptions { batch_key: Some("batch".into()), ..Default::default() })?;
             write(hvg.clone(), &Path::new(out).join("genes.parquet"))?;
+            // flavor seurat_v3 on the raw counts (two passes), as psc.highly_variable_genes(n_top_genes=100, flavor="seurat_v3").
+            let v3 = HvgOptions { n_top_genes: Some(100), batch_key: Some("batch".into()), flavor: Flavor::SeuratV3 { span: 0.3 }, ..Default::default() };
+            write(highly_variable_genes(scan_parquet(cells)?, n_genes, &v3)?, &Path::new(out).join("genes_v3.parquet"))?;
             let genes = highly_variable(&hvg)?;
             // psc.fit_pca(scale=True, max_value=10) on the same cells: the clipped fit's two passes.
             let clipped = FitPcaOptions { n_comps: N_COMPS.min(genes.len()), scale: true, max_value: Some(10.0), ..Default::default() };

@@ -29,7 +29,7 @@ use std::sync::{Arc, Mutex};
 use polars::prelude::*;
 use polars_plan::prelude::FunctionOptions;
 
-use crate::expressions::fit::{CentroidOptions, CentroidSampleFit, CovarianceFit, GeneStatsFit, PcaOptions};
+use crate::expressions::fit::{CentroidOptions, CentroidSampleFit, ClippedSumsFit, CovarianceFit, GeneStatsFit, PcaOptions};
 use crate::kernels::hvg::Transform;
 use crate::kernels::pca::Clip;
 use crate::expressions::{self, schema};
@@ -326,12 +326,25 @@ pub fn stream_fit<T: StreamingFit + Send + 'static>(lf: LazyFrame, columns: &[&s
     guard.0.take().ok_or_else(|| polars_err!(ComputeError: "a fit's state was taken twice"))
 }
 
+/// scanpy's HVG flavors.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub enum Flavor {
+    /// Log-normalised values (after [`normalize`]), one pass.
+    #[default]
+    Seurat,
+    /// Raw counts, two passes; `span` is the loess' (scanpy's 0.3).
+    SeuratV3 { span: f64 },
+}
+
 /// [`highly_variable_genes`]' options; `Default` is Python's.
 #[derive(Debug, Clone)]
 pub struct HvgOptions {
+    /// `None`: flavor seurat's cut-offs; seurat_v3 takes 2000.
     pub n_top_genes: Option<usize>,
     /// Rank within each batch of this column, then across batches.
     pub batch_key: Option<String>,
+    pub flavor: Flavor,
+    /// Flavor seurat's cut-offs and bins.
     pub cutoffs: Cutoffs,
     pub n_bins: usize,
     pub gene_idx: String,
@@ -340,21 +353,38 @@ pub struct HvgOptions {
 
 impl Default for HvgOptions {
     fn default() -> Self {
-        HvgOptions { n_top_genes: Some(2000), batch_key: None, cutoffs: Cutoffs::default(), n_bins: 20, gene_idx: "gene_idx".into(), values: "values".into() }
+        HvgOptions {
+            n_top_genes: Some(2000),
+            batch_key: None,
+            flavor: Flavor::Seurat,
+            cutoffs: Cutoffs::default(),
+            n_bins: 20,
+            gene_idx: "gene_idx".into(),
+            values: "values".into(),
+        }
     }
 }
 
-/// Highly variable genes of log-normalised cells (after [`normalize`]):
-/// Python's `highly_variable_genes(flavor="seurat")`, scanpy's, in one
-/// streaming pass. One row per gene (`gene_idx`, `means`, `dispersions`,
-/// `dispersions_norm`, `highly_variable`, and with a `batch_key`
-/// `highly_variable_nbatches`, `highly_variable_intersection`).
-/// `flavor="seurat_v3"` is Python-only for now.
+/// Highly variable genes: Python's `highly_variable_genes`, scanpy's, on
+/// the same Rust ranking (`kernels::seurat`). Flavor seurat streams
+/// log-normalised cells once; seurat_v3 streams raw counts twice. One row
+/// per gene, the columns of Python's table.
 pub fn highly_variable_genes(lf: LazyFrame, n_genes: usize, options: &HvgOptions) -> PolarsResult<DataFrame> {
     let mut cols = vec![options.gene_idx.as_str(), options.values.as_str()];
     cols.extend(options.batch_key.as_deref());
-    let stats = stream_fit(lf, &cols, GeneStatsFit::new(n_genes, Transform::Expm1)?)?;
-    stats.seurat(options.batch_key.is_some(), options.n_bins, options.n_top_genes, &options.cutoffs)
+    let batched = options.batch_key.is_some();
+    match options.flavor {
+        Flavor::Seurat => {
+            let stats = stream_fit(lf, &cols, GeneStatsFit::new(n_genes, Transform::Expm1)?)?;
+            stats.seurat(batched, options.n_bins, options.n_top_genes, &options.cutoffs)
+        },
+        Flavor::SeuratV3 { span } => {
+            let stats = stream_fit(lf.clone(), &cols, GeneStatsFit::new(n_genes, Transform::Counts)?)?;
+            let reg_std = stats.seurat_v3_loess(span, batched)?;
+            let sums = stream_fit(lf, &cols, ClippedSumsFit::new(stats.seurat_v3_clips(&reg_std)?)?)?;
+            stats.seurat_v3(&sums, &reg_std, options.n_top_genes.unwrap_or(2000), batched)
+        },
+    }
 }
 
 /// The genes a [`highly_variable_genes`] table marks, for [`select_genes`].

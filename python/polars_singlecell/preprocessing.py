@@ -262,63 +262,14 @@ def _seurat_v3(data: Frame, *, n_genes: int, n_top_genes: int | None, batch_key:
         warnings.warn(f"`flavor='seurat_v3'` expects raw count data, but non-integers were found ({acc.non_integer} "
                       f"values in '{values}' are not whole numbers ≥ 0: log-normalised values? pass the counts)",
                       UserWarning, stacklevel=3)
-    stats = acc.finish()
-    if stats.height == 0:
-        raise ValueError("no cells: highly_variable_genes needs at least one row")
-
-    clip, fitted = [], {}
-    for (label,), st in stats.group_by("batch", maintain_order=True):
-        n = int(st["n_cells"][0])
-        mean, var = st["mean"].to_numpy(), st["var"].to_numpy()
-        not_const = var > 0
-        est = np.zeros(n_genes)
-        try:
-            est[not_const] = _internal.loess(np.log10(mean[not_const]).tolist(), np.log10(var[not_const]).tolist(), span)
-        except ValueError as e:
-            where = f"batch {label!r} ({n} cells)" if batch_key else f"the data ({n} cells)"
-            raise ValueError(f"seurat_v3's loess failed on {where}: {e}") from None
-        reg_std = np.sqrt(10**est)
-        clip.append((label, (reg_std * np.sqrt(n) + mean).tolist()))
-        fitted[label] = (n, mean, reg_std)
-    clipped = _internal.ClippedSumsFit(clip)
+    # The loess, the clip and the ranking run in Rust (kernels::seurat), as
+    # Rust pipelines' do.
+    batched = batch_key is not None
+    reg_std = acc.seurat_v3_loess(span, batched)
+    clipped = _internal.ClippedSumsFit(acc.seurat_v3_clips(reg_std))
     for df in _record_batches(lf, cols):
         clipped.update(df[gene_idx], df[values], df[batch_key] if batch_key else None)
-    sums = clipped.finish()
-
-    norm_vars = []
-    for (label,), st in sums.group_by("batch", maintain_order=True):
-        n, mean, reg_std = fitted[label]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            norm_vars.append((1 / ((n - 1) * np.square(reg_std)))
-                             * (n * np.square(mean) + st["sumsq"].to_numpy() - 2 * st["sum"].to_numpy() * mean))
-    norm_vars = np.vstack(norm_vars)
-    # Ranks within each batch, 0 = most variable; ties by gene index.
-    ranks = np.argsort(np.argsort(-norm_vars, axis=1, kind="stable"), axis=1, kind="stable").astype(np.float32)
-    nbatches = (ranks < n_top_genes).sum(axis=0).astype(np.int64)
-    ranks[ranks >= n_top_genes] = np.nan
-    with warnings.catch_warnings():  # a gene top-ranked in no batch: NaN, as scanpy's masked median
-        warnings.simplefilter("ignore", RuntimeWarning)
-        median_rank = np.nanmedian(ranks, axis=0)
-
-    # Whole-data means/variances (scanpy reports these, not the batches').
-    n_all = sum(f[0] for f in fitted.values())
-    tot = stats.group_by("gene_idx").agg(pl.col("sum", "sumsq").sum()).sort("gene_idx")
-    means = tot["sum"].to_numpy() / n_all
-    variances = (tot["sumsq"].to_numpy() / n_all - means**2) * (n_all / (n_all - 1) if n_all > 1 else 1.0)
-    order = np.lexsort((-nbatches, np.where(np.isnan(median_rank), np.inf, median_rank)))
-    hv = np.zeros(n_genes, dtype=bool)
-    hv[order[:n_top_genes]] = True
-    out = {
-        "gene_idx": np.arange(n_genes, dtype=np.uint32),
-        "means": means,
-        "variances": variances,
-        "variances_norm": norm_vars.mean(axis=0),
-        "highly_variable_rank": median_rank,
-        "highly_variable": hv,
-    }
-    if batch_key:
-        out["highly_variable_nbatches"] = nbatches
-    return pl.DataFrame(out)
+    return acc.seurat_v3(clipped, reg_std, n_top_genes, batched)
 
 
 def consensus_genes(var: pl.DataFrame, *, more_than: int) -> pl.Series:

@@ -171,6 +171,84 @@ impl GeneStatsFit {
             Column::new("highly_variable_intersection".into(), r.intersection),
         ])
     }
+
+    /// seurat_v3's first step (statistics of raw counts, `Transform::Counts`):
+    /// per batch, in label order, the genes' expected standard deviation
+    /// from the loess (`span`). A loess that fails names the batch.
+    pub fn seurat_v3_loess(&self, span: f64, batched: bool) -> PolarsResult<Vec<(String, Vec<f64>)>> {
+        polars_ensure!(self.transform == Transform::Counts, ComputeError: "flavor='seurat_v3' needs the statistics of raw counts (transform 'counts'), these are {:?}", self.transform);
+        polars_ensure!(span > 0.0 && span <= 1.0, ComputeError: "span must be in (0, 1], got {span}");
+        polars_ensure!(!self.batches.is_empty(), ComputeError: "no cells: highly_variable_genes needs at least one row");
+        self.batches
+            .iter()
+            .map(|(label, st)| {
+                let (mean, var) = st.mean_var();
+                let where_ = if batched { format!("batch '{label}' ({} cells)", st.n_cells) } else { format!("the data ({} cells)", st.n_cells) };
+                seurat::v3_reg_std(&mean, &var, span)
+                    .map(|r| (label.clone(), r))
+                    .map_err(|e| polars_err!(ComputeError: "seurat_v3's loess failed on {where_}: {e}"))
+            })
+            .collect()
+    }
+
+    /// The second pass's clip per batch: `mean + sqrt(n)·reg_std`.
+    pub fn seurat_v3_clips(&self, reg_std: &[(String, Vec<f64>)]) -> PolarsResult<Vec<(String, Vec<f64>)>> {
+        reg_std
+            .iter()
+            .map(|(label, r)| {
+                let st = self.batches.get(label).ok_or_else(|| polars_err!(ComputeError: "seurat_v3: no statistics of batch {label:?}"))?;
+                polars_ensure!(r.len() == self.n_genes, ComputeError: "seurat_v3: batch {label:?} has {} deviations, expected {}", r.len(), self.n_genes);
+                Ok((label.clone(), seurat::v3_clip(st.n_cells, &st.mean_var().0, r)))
+            })
+            .collect()
+    }
+
+    /// scanpy's `highly_variable_genes(flavor="seurat_v3")` from the
+    /// statistics, the loess' deviations and the clipped sums: one row per
+    /// gene, `gene_idx`, `means`, `variances` (of the whole data),
+    /// `variances_norm`, `highly_variable_rank`, `highly_variable` and,
+    /// `batched`, `highly_variable_nbatches`.
+    pub fn seurat_v3(&self, sums: &ClippedSumsFit, reg_std: &[(String, Vec<f64>)], n_top_genes: usize, batched: bool) -> PolarsResult<DataFrame> {
+        polars_ensure!(n_top_genes > 0, ComputeError: "n_top_genes must be at least 1");
+        let mut parts = Vec::with_capacity(reg_std.len());
+        for (label, r) in reg_std {
+            let st = self.batches.get(label).ok_or_else(|| polars_err!(ComputeError: "seurat_v3: no statistics of batch {label:?}"))?;
+            let cs = sums.batches.get(label).ok_or_else(|| polars_err!(ComputeError: "seurat_v3: no clipped sums of batch {label:?}"))?;
+            parts.push((st.n_cells, st.mean_var().0, r, cs));
+        }
+        let batches: Vec<seurat::V3Batch<'_>> = parts
+            .iter()
+            .map(|(n, mean, r, cs)| seurat::V3Batch { n_cells: *n, mean, reg_std: r, sum: &cs.sum, sumsq: &cs.sumsq })
+            .collect();
+        let v3 = seurat::seurat_v3_rank(&batches, n_top_genes);
+        // The whole data's moments (scanpy reports these, not the batches'):
+        // the batches' sums added in label order.
+        let g = self.n_genes;
+        let n_all: u64 = self.batches.values().map(|st| st.n_cells).sum();
+        let (mut sum, mut sumsq) = (vec![0.0; g], vec![0.0; g]);
+        for st in self.batches.values() {
+            (0..g).for_each(|j| {
+                sum[j] += st.sum[j];
+                sumsq[j] += st.sumsq[j];
+            });
+        }
+        let n = n_all as f64;
+        let means: Vec<f64> = sum.iter().map(|s| s / n).collect();
+        let correction = if n_all > 1 { n / (n - 1.0) } else { 1.0 };
+        let variances: Vec<f64> = sumsq.iter().zip(&means).map(|(q, m)| (q / n - m * m) * correction).collect();
+        let mut cols = vec![
+            Column::new("gene_idx".into(), (0..g as u32).collect::<Vec<_>>()),
+            Column::new("means".into(), means),
+            Column::new("variances".into(), variances),
+            Column::new("variances_norm".into(), v3.variances_norm),
+            Column::new("highly_variable_rank".into(), v3.rank),
+            Column::new("highly_variable".into(), v3.highly_variable),
+        ];
+        if batched {
+            cols.push(Column::new("highly_variable_nbatches".into(), v3.nbatches));
+        }
+        DataFrame::new_infer_height(cols)
+    }
 }
 
 impl StreamingFit for GeneStatsFit {

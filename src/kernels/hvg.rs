@@ -1,6 +1,6 @@
 //! Per-gene statistics for `highly_variable_genes`, accumulated in streaming
-//! passes, optionally per batch; the ranking itself works on these small
-//! per-gene tables (Python side).
+//! passes, optionally per batch; the rankings on these small per-gene
+//! tables are [`super::seurat`].
 //!
 //! - flavor "seurat" (Satija et al. 2015, as in scanpy): mean and variance of
 //!   `expm1(x)` of log-normalised values ([`Transform::Expm1`]);

@@ -1,7 +1,9 @@
-//! scanpy's `highly_variable_genes(flavor="seurat")` ranking on per-gene
-//! statistics ([`super::hvg`]'s mean and variance of `expm1(x)`), one batch
-//! or several (Satija et al. 2015; scanpy's `_highly_variable_genes_single_batch`
-//! and its `batch_key` combination).
+//! scanpy's `highly_variable_genes` rankings on per-gene statistics
+//! ([`super::hvg`]): flavor "seurat" on the mean and variance of `expm1(x)`,
+//! one batch or several (Satija et al. 2015; scanpy's
+//! `_highly_variable_genes_single_batch` and its `batch_key` combination),
+//! and flavor "seurat_v3" on raw counts (Stuart et al. 2019; scanpy's
+//! `_highly_variable_genes_seurat_v3`: a loess, then clipped counts).
 //!
 //! Rounding contract: every step is the numpy/pandas operation scanpy runs,
 //! in its order — `np.linspace` edges (`i·step + lo`, the last `hi`),
@@ -226,7 +228,7 @@ pub fn seurat_batched(batches: &[BatchStats<'_>], n_bins: usize, n_top_genes: Op
                     (true, true) => std::cmp::Ordering::Equal,
                     (true, false) => std::cmp::Ordering::Greater,
                     (false, true) => std::cmp::Ordering::Less,
-                    (false, false) => dispersions_norm[b].total_cmp(&dispersions_norm[a]),
+                    (false, false) => dispersions_norm[b].partial_cmp(&dispersions_norm[a]).expect("not NaN"),
                 })
             });
             let mut hv = vec![false; g];
@@ -235,6 +237,103 @@ pub fn seurat_batched(batches: &[BatchStats<'_>], n_bins: usize, n_top_genes: Op
         },
     };
     Batched { means, dispersions, dispersions_norm, highly_variable, nbatches, intersection }
+}
+
+// ------------------------------------------------------------ seurat_v3
+
+/// seurat_v3's expected standard deviation per gene of one batch
+/// (scanpy's `_highly_variable_genes_seurat_v3`): the loess of `log10 var`
+/// on `log10 mean` over the genes of non-zero variance, `sqrt(10^fit)`; a
+/// constant gene gets `sqrt(10^0) = 1`.
+pub fn v3_reg_std(mean: &[f64], var: &[f64], span: f64) -> Result<Vec<f64>, crate::KernelError> {
+    let varying: Vec<usize> = (0..mean.len()).filter(|&j| var[j] > 0.0).collect();
+    let x: Vec<f64> = varying.iter().map(|&j| mean[j].log10()).collect();
+    let y: Vec<f64> = varying.iter().map(|&j| var[j].log10()).collect();
+    let fit = super::loess::loess(&x, &y, span, 0.2)?;
+    let mut est = vec![0.0; mean.len()];
+    varying.iter().zip(fit).for_each(|(&j, f)| est[j] = f);
+    Ok(est.iter().map(|&e| 10f64.powf(e).sqrt()).collect())
+}
+
+/// Counts above `mean + sqrt(n)·reg_std` are clipped there in the second pass.
+pub fn v3_clip(n_cells: u64, mean: &[f64], reg_std: &[f64]) -> Vec<f64> {
+    let root = (n_cells as f64).sqrt();
+    reg_std.iter().zip(mean).map(|(&r, &m)| r * root + m).collect()
+}
+
+/// One batch of seurat_v3's second pass.
+pub struct V3Batch<'a> {
+    pub n_cells: u64,
+    pub mean: &'a [f64],
+    pub reg_std: &'a [f64],
+    /// Σ min(x, clip) and Σ min(x, clip)² per gene.
+    pub sum: &'a [f64],
+    pub sumsq: &'a [f64],
+}
+
+/// seurat_v3's ranking per gene.
+#[derive(Debug, Clone, PartialEq)]
+pub struct V3 {
+    /// The batches' mean normalised variance.
+    pub variances_norm: Vec<f64>,
+    /// The median over batches of the gene's rank (0 = most variable)
+    /// where it is among the top `n_top_genes`; NaN where it is in none.
+    pub rank: Vec<f32>,
+    pub nbatches: Vec<i64>,
+    pub highly_variable: Vec<bool>,
+}
+
+/// Each batch's normalised variance of the clipped counts, ranked within
+/// the batch (ties by gene index, NaN last, as numpy's stable argsort);
+/// genes ordered by median rank (none last), then by the number of batches
+/// that rank them in the top `n_top_genes`, then by index.
+pub fn seurat_v3_rank(batches: &[V3Batch<'_>], n_top_genes: usize) -> V3 {
+    let g = batches.first().map_or(0, |b| b.mean.len());
+    // numpy's order of operations:
+    // (1 / ((n − 1)·σ²)) · (n·μ² + Σx² − 2·Σx·μ).
+    let norm: Vec<Vec<f64>> = batches
+        .iter()
+        .map(|b| {
+            let n = b.n_cells as f64;
+            (0..g).map(|j| (1.0 / ((n - 1.0) * (b.reg_std[j] * b.reg_std[j]))) * (n * (b.mean[j] * b.mean[j]) + b.sumsq[j] - 2.0 * b.sum[j] * b.mean[j])).collect()
+        })
+        .collect();
+    let mut rank = vec![vec![f32::NAN; g]; batches.len()];
+    let mut nbatches = vec![0i64; g];
+    for (bi, v) in norm.iter().enumerate() {
+        let mut order: Vec<usize> = (0..g).collect();
+        // argsort(−v), stable: descending, NaN last.
+        order.sort_by(|&a, &b| match (v[a].is_nan(), v[b].is_nan()) {
+            (true, true) => std::cmp::Ordering::Equal,
+            (true, false) => std::cmp::Ordering::Greater,
+            (false, true) => std::cmp::Ordering::Less,
+            (false, false) => v[b].partial_cmp(&v[a]).expect("not NaN"), // −0 ties +0, as numpy
+        });
+        for (r, &j) in order.iter().enumerate().take(n_top_genes) {
+            rank[bi][j] = r as f32;
+            nbatches[j] += 1;
+        }
+    }
+    // np.nanmedian over batches: the middle value, or the mean of the middle two.
+    let median: Vec<f32> = (0..g)
+        .map(|j| {
+            let mut r: Vec<f32> = rank.iter().map(|b| b[j]).filter(|x| !x.is_nan()).collect();
+            r.sort_by(f32::total_cmp);
+            match r.len() {
+                0 => f32::NAN,
+                n if n % 2 == 1 => r[n / 2],
+                n => (r[n / 2 - 1] + r[n / 2]) / 2.0,
+            }
+        })
+        .collect();
+    let mut order: Vec<usize> = (0..g).collect();
+    let key = |j: usize| if median[j].is_nan() { f32::INFINITY } else { median[j] };
+    order.sort_by(|&a, &b| key(a).total_cmp(&key(b)).then(nbatches[b].cmp(&nbatches[a])));
+    let mut highly_variable = vec![false; g];
+    order.iter().take(n_top_genes).for_each(|&j| highly_variable[j] = true);
+    // norm_vars.mean(axis=0): a sum over batches in order, then the division.
+    let variances_norm = (0..g).map(|j| norm.iter().map(|b| b[j]).sum::<f64>() / batches.len() as f64).collect();
+    V3 { variances_norm, rank: median, nbatches, highly_variable }
 }
 
 #[cfg(test)]

@@ -113,6 +113,23 @@ impl GeneStatsFit {
         py.detach(|| fit.seurat(batched, n_bins, n_top_genes, &cut)).map(PyDataFrame).map_err(value_error)
     }
 
+    /// seurat_v3's loess per batch: [(label, expected std per gene)].
+    fn seurat_v3_loess(&self, py: Python<'_>, span: f64, batched: bool) -> PyResult<Vec<(String, Vec<f64>)>> {
+        let fit = &self.fit;
+        py.detach(|| fit.seurat_v3_loess(span, batched)).map_err(value_error)
+    }
+
+    /// The clip per batch of seurat_v3's second pass (`ClippedSumsFit`'s argument).
+    fn seurat_v3_clips(&self, reg_std: Vec<(String, Vec<f64>)>) -> PyResult<Vec<(String, Vec<f64>)>> {
+        self.fit.seurat_v3_clips(&reg_std).map_err(value_error)
+    }
+
+    /// seurat_v3's HVG table (see `fit::GeneStatsFit::seurat_v3`).
+    fn seurat_v3(&self, py: Python<'_>, clipped: PyRef<'_, ClippedSumsFit>, reg_std: Vec<(String, Vec<f64>)>, n_top_genes: usize, batched: bool) -> PyResult<PyDataFrame> {
+        let (fit, sums) = (&self.fit, &clipped.fit);
+        py.detach(|| fit.seurat_v3(sums, &reg_std, n_top_genes, batched)).map(PyDataFrame).map_err(value_error)
+    }
+
     fn to_bytes<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
         bytes(py, &self.fit)
     }

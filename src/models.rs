@@ -77,8 +77,7 @@ impl PcaModel {
     /// Read a file written by Python's `PcaModel.save` or [`write_parquet`](Self::write_parquet).
     pub fn read_parquet(path: impl AsRef<Path>) -> PolarsResult<Self> {
         let path = path.as_ref();
-        let (df, meta, text) = read_with_meta(path, PCA_META_KEY)?;
-        let meta = meta.unwrap_or_default();
+        let ModelFile { table: df, meta, text } = read_with_meta(path, PCA_META_KEY)?;
         if meta.get("kind").and_then(Value::as_str) != Some(PCA_KIND) {
             polars_bail!(ComputeError: "{} is not a polars-singlecell PCA model (written by PcaModel.save or PcaModel::write_parquet)", path.display());
         }
@@ -219,8 +218,7 @@ impl IntegrationModel {
     /// columns; then the first column is the batch key).
     pub fn read_parquet(path: impl AsRef<Path>) -> PolarsResult<Self> {
         let path = path.as_ref();
-        let (table, meta, _) = read_with_meta(path, INTEGRATION_META_KEY)?;
-        let meta = meta.unwrap_or_default();
+        let ModelFile { table, meta, .. } = read_with_meta(path, INTEGRATION_META_KEY)?;
         let format = meta.get("format").and_then(Value::as_u64).unwrap_or(INTEGRATION_FORMAT);
         polars_ensure!(format <= INTEGRATION_FORMAT, ComputeError: "{} was written by a newer polars-singlecell (model format {format}); upgrade", path.display());
         let metrics = meta.get("metrics").and_then(Value::as_object).cloned().unwrap_or_default();
@@ -272,8 +270,16 @@ fn exact_floats(text: &str, key: &str) -> Option<Vec<f64>> {
     body.split(',').map(|x| x.trim().parse::<f64>().ok()).collect()
 }
 
-/// A Parquet file's table, the JSON under `key` in its metadata, and that text.
-fn read_with_meta(path: &Path, key: &str) -> PolarsResult<(DataFrame, Option<Map<String, Value>>, String)> {
+/// A model file: its table, the JSON object under the model's metadata
+/// key (empty when absent), and that JSON's text.
+struct ModelFile {
+    table: DataFrame,
+    meta: Map<String, Value>,
+    text: String,
+}
+
+/// A Parquet file's table and the JSON under `key` in its metadata.
+fn read_with_meta(path: &Path, key: &str) -> PolarsResult<ModelFile> {
     let cannot = |e: &dyn std::fmt::Display| polars_err!(ComputeError: "cannot read the model file {}: {e}", path.display());
     let mut file = File::open(path).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => polars_err!(ComputeError: "no model file at {}", path.display()),
@@ -283,14 +289,14 @@ fn read_with_meta(path: &Path, key: &str) -> PolarsResult<(DataFrame, Option<Map
     let meta = reader.get_metadata().map_err(|e| cannot(&e))?.clone();
     let text = meta.key_value_metadata().as_ref().and_then(|kv| kv.iter().find(|k| k.key == key)).and_then(|k| k.value.clone());
     let df = reader.finish().map_err(|e| cannot(&e))?;
-    let json = match &text {
+    let meta = match &text {
         Some(t) => match serde_json::from_str::<Value>(t) {
-            Ok(Value::Object(m)) => Some(m),
+            Ok(Value::Object(m)) => m,
             Ok(_) | Err(_) => polars_bail!(ComputeError: "{}: the metadata '{key}' is not a JSON object", path.display()),
         },
-        None => None,
+        None => Map::new(),
     };
-    Ok((df, json, text.unwrap_or_default()))
+    Ok(ModelFile { table: df, meta, text: text.unwrap_or_default() })
 }
 
 /// Write `df` to `path` with `meta` under `key`: a temporary file beside

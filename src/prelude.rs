@@ -275,9 +275,26 @@ pub fn scan_parquet(path: impl AsRef<Path>) -> PolarsResult<LazyFrame> {
     LazyFrame::scan_parquet_files(files.into_iter().collect(), Default::default())
 }
 
+/// Run `f` with Polars' Parquet source reading one row group ahead
+/// (Python's `sink_bounded`): by default it decodes up to 16 row groups
+/// ahead of a slow consumer (the projection, the interpolation, a fit's
+/// update), which holds them all in memory. The variable is set for this
+/// call only, between queries; a value the user set is left as it is.
+fn one_row_group_ahead<R>(f: impl FnOnce() -> R) -> R {
+    const VAR: &str = "POLARS_ROW_GROUP_PREFETCH_SIZE";
+    if std::env::var_os(VAR).is_some() {
+        return f();
+    }
+    std::env::set_var(VAR, "1");
+    let out = f();
+    std::env::remove_var(VAR);
+    out
+}
+
 /// Run `lf` in the streaming engine (bounded memory) into `path`: a
 /// temporary file beside it, renamed when complete, so a failed or killed
-/// run leaves no half-written output (Python's `io.sink_parquet`).
+/// run leaves no half-written output (Python's `io.sink_parquet`). The
+/// Parquet source reads one row group ahead of the query.
 pub fn sink_parquet(lf: LazyFrame, path: impl AsRef<Path>) -> PolarsResult<()> {
     let path = path.as_ref();
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
@@ -286,7 +303,7 @@ pub fn sink_parquet(lf: LazyFrame, path: impl AsRef<Path>) -> PolarsResult<()> {
     let format = FileWriteFormat::Parquet(Arc::new(ParquetWriteOptions::default()));
     let run = lf
         .sink(SinkDestination::File { target }, format, UnifiedSinkArgs::default())
-        .and_then(|q| q.collect_with_engine(Engine::Streaming))
+        .and_then(|q| one_row_group_ahead(|| q.collect_with_engine(Engine::Streaming)))
         .and_then(|_| Ok(std::fs::rename(&tmp, path)?));
     if run.is_err() {
         let _ = std::fs::remove_file(&tmp);
@@ -297,8 +314,9 @@ pub fn sink_parquet(lf: LazyFrame, path: impl AsRef<Path>) -> PolarsResult<()> {
 // ---------------------------------------------------------------- fits
 
 /// Stream `columns` of `lf` in row order through `fit`: the streaming
-/// engine hands each record batch to `update`, one at a time. The first
-/// error stops the query and is returned.
+/// engine hands each record batch to `update`, one at a time, the Parquet
+/// source reading one row group ahead. The first error stops the query and
+/// is returned.
 pub fn stream_fit<T: StreamingFit + Send + 'static>(lf: LazyFrame, columns: &[&str], fit: T) -> PolarsResult<T> {
     let poisoned = || polars_err!(ComputeError: "a fit's state is poisoned by an earlier panic");
     // The callback lives in the plan; the state comes back out through the
@@ -318,7 +336,8 @@ pub fn stream_fit<T: StreamingFit + Send + 'static>(lf: LazyFrame, columns: &[&s
         Ok(false)
     });
     let cols: Vec<Expr> = columns.iter().map(|c| col(*c)).collect();
-    lf.select(cols).sink_batches(sink, true, None)?.collect_with_engine(Engine::Streaming)?;
+    let query = lf.select(cols).sink_batches(sink, true, None)?;
+    one_row_group_ahead(|| query.collect_with_engine(Engine::Streaming))?;
     let mut guard = state.lock().map_err(|_| poisoned())?;
     if let Some(e) = guard.1.take() {
         return Err(e);

@@ -64,14 +64,14 @@ impl PcaModel {
 
     /// What `pca_project` uses: built once and shared by every record batch.
     pub fn projector(&self) -> PolarsResult<Arc<PcaProjector>> {
-        let p = PcaProjector::from_parts(
-            self.scaled_mean.as_deref().unwrap_or(&self.mean),
-            &self.components,
-            self.n_comps,
-            self.std.as_deref(),
-            self.max_value.map(|m| (&self.mean[..], m, self.zero_center)),
-        )?;
-        Ok(Arc::new(p))
+        // As Python's registration: a clipped model centres on the scaled
+        // genes' mean and clips with the raw means; any other on `mean`.
+        let (centre, clip) = match (self.max_value, &self.scaled_mean) {
+            (Some(m), Some(scaled)) => (&scaled[..], Some((&self.mean[..], m, self.zero_center))),
+            (Some(_), None) => polars_bail!(ComputeError: "a clipped PCA model (max_value) needs its scaled_mean; reload it with PcaModel::read_parquet"),
+            (None, _) => (&self.mean[..], None),
+        };
+        Ok(Arc::new(PcaProjector::from_parts(centre, &self.components, self.n_comps, self.std.as_deref(), clip)?))
     }
 
     /// Read a file written by Python's `PcaModel.save` or [`write_parquet`](Self::write_parquet).
@@ -95,6 +95,7 @@ impl PcaModel {
             polars_bail!(ComputeError: "{}: 'loadings' has dtype {}, expected Array(Float64, n_comps)", path.display(), loadings.dtype());
         };
         let n_comps = *n_comps;
+        polars_ensure!(loadings.null_count() == 0, ComputeError: "{}: 'loadings' has null rows; the file is damaged, fit the PCA again", path.display());
         // The file is gene-major (one row per gene); the model is axis-major.
         let by_gene = convert::f64_values(&loadings.as_materialized_series().array()?.get_inner())?;
         let g = mean.len();
@@ -109,9 +110,12 @@ impl PcaModel {
             n_comps,
             explained_variance: numbers("explained_variance")?,
             explained_variance_ratio: numbers("explained_variance_ratio")?,
-            n_cells: meta.get("n_cells").and_then(Value::as_u64).unwrap_or(0),
+            n_cells: meta.get("n_cells").and_then(Value::as_u64).ok_or_else(|| polars_err!(ComputeError: "{}: the metadata has no whole number 'n_cells'", path.display()))?,
             std: f64s("std")?,
-            max_value: exact_floats(&text, "max_value").and_then(|v| v.first().copied()),
+            max_value: match meta.get("max_value") {
+                None | Some(Value::Null) => None,
+                Some(_) => Some(exact_floats(&text, "max_value").and_then(|v| v.first().copied()).ok_or_else(|| polars_err!(ComputeError: "{}: the metadata's 'max_value' is not a number", path.display()))?),
+            },
             zero_center: meta.get("zero_center").and_then(Value::as_bool).unwrap_or(true),
             scaled_mean: f64s("scaled_mean")?,
         })
@@ -122,6 +126,7 @@ impl PcaModel {
     /// `scaled_mean` of a clipped one), the rest as JSON metadata.
     pub fn write_parquet(&self, path: impl AsRef<Path>) -> PolarsResult<()> {
         let g = self.n_genes();
+        polars_ensure!(self.n_comps >= 1, ComputeError: "PcaModel: n_comps must be at least 1");
         polars_ensure!(self.components.len() == g * self.n_comps, ComputeError: "PcaModel: components hold {} values, expected {} axes × {g} genes", self.components.len(), self.n_comps);
         let by_gene: Vec<f64> = (0..g).flat_map(|j| (0..self.n_comps).map(move |c| (c, j))).map(|(c, j)| self.components[c * g + j]).collect();
         let loadings = convert::array_of("loadings", self.n_comps, by_gene, None)?;
@@ -270,6 +275,30 @@ fn exact_floats(text: &str, key: &str) -> Option<Vec<f64>> {
     body.split(',').map(|x| x.trim().parse::<f64>().ok()).collect()
 }
 
+/// Python's `json.dumps` writes non-finite floats as the bare tokens `NaN`,
+/// `Infinity` and `-Infinity` (a metric or `reg_m=inf`), which JSON and
+/// serde_json refuse: they become `null` here (outside strings; the exact
+/// numbers the models need are read by [`exact_floats`]).
+fn python_json(text: &str) -> String {
+    let (mut out, mut in_string, mut escaped) = (String::with_capacity(text.len()), false, false);
+    let mut rest = text;
+    while let Some(c) = rest.chars().next() {
+        if in_string {
+            in_string = escaped || c != '"';
+            escaped = !escaped && c == '\\';
+        } else if c == '"' {
+            in_string = true;
+        } else if let Some(token) = ["-Infinity", "Infinity", "NaN"].into_iter().find(|t| rest.starts_with(t)) {
+            out.push_str("null");
+            rest = &rest[token.len()..];
+            continue;
+        }
+        out.push(c);
+        rest = &rest[c.len_utf8()..];
+    }
+    out
+}
+
 /// A model file: its table, the JSON object under the model's metadata
 /// key (empty when absent), and that JSON's text.
 struct ModelFile {
@@ -290,7 +319,7 @@ fn read_with_meta(path: &Path, key: &str) -> PolarsResult<ModelFile> {
     let text = meta.key_value_metadata().as_ref().and_then(|kv| kv.iter().find(|k| k.key == key)).and_then(|k| k.value.clone());
     let df = reader.finish().map_err(|e| cannot(&e))?;
     let meta = match &text {
-        Some(t) => match serde_json::from_str::<Value>(t) {
+        Some(t) => match serde_json::from_str::<Value>(&python_json(t)) {
             Ok(Value::Object(m)) => m,
             Ok(_) | Err(_) => polars_bail!(ComputeError: "{}: the metadata '{key}' is not a JSON object", path.display()),
         },

@@ -16,7 +16,8 @@
 //!
 //! Each builder returns an `Expr` with the same output name, dtype and
 //! plan-time checks as Python's (`expressions::schema`), runs the same
-//! Series function as the plugin, and takes options with Python's defaults.
+//! Series function as the plugin (so the same errors from the data), and
+//! takes options with Python's defaults.
 //! Elementwise ones stream in Polars' streaming engine; models are shared
 //! handles ([`PcaModel::projector`], [`IntegrationModel::interpolation`]),
 //! never re-read per batch. The fits stream a `LazyFrame` once (twice for a
@@ -131,6 +132,7 @@ pub fn to_cells(genes: Expr, values: Expr, tokens: Option<Arc<[i64]>>, n_genes: 
         },
         schema::to_cells,
     )
+    .alias("cells")
 }
 
 /// Cells projected on a PCA model's axes: `Array(Float32, n_comps)` named `X_pca`.
@@ -389,6 +391,12 @@ impl Default for HvgOptions {
 /// log-normalised cells once; seurat_v3 streams raw counts twice. One row
 /// per gene, the columns of Python's table.
 pub fn highly_variable_genes(lf: LazyFrame, n_genes: usize, options: &HvgOptions) -> PolarsResult<DataFrame> {
+    // The options are checked before any data is read, as in Python.
+    polars_ensure!(n_genes > 0 && options.n_bins > 0 && options.n_top_genes != Some(0), ComputeError:
+        "n_genes, n_bins and n_top_genes must be at least 1, got {n_genes}, {} and {:?}", options.n_bins, options.n_top_genes);
+    if let Flavor::SeuratV3 { span } = options.flavor {
+        polars_ensure!(span > 0.0 && span <= 1.0, ComputeError: "span must be in (0, 1], got {span}");
+    }
     let mut cols = vec![options.gene_idx.as_str(), options.values.as_str()];
     cols.extend(options.batch_key.as_deref());
     let batched = options.batch_key.is_some();
@@ -452,6 +460,9 @@ pub fn fit_pca(lf: LazyFrame, n_genes: usize, options: &FitPcaOptions) -> Polars
     polars_ensure!(n_comps >= 1 && n_comps <= n_genes, ComputeError: "n_comps must be between 1 and n_genes={n_genes}, got {n_comps}");
     polars_ensure!(scale || (max_value.is_none() && zero_center), ComputeError:
         "max_value and zero_center=false are options of the scaling (sc.pp.scale's): set scale=true with them (PCA itself always centres)");
+    polars_ensure!(max_value.is_none_or(|m| m > 0.0 && m.is_finite()), ComputeError: "max_value must be a finite number > 0 (sc.pp.scale's), got {max_value:?}");
+    polars_ensure!(n_genes.saturating_mul(n_genes) <= (16 << 30) / 8, ComputeError:
+        "n_genes={n_genes} needs a {:.0} GiB covariance; select highly variable genes first (select_genes)", (n_genes * n_genes * 8) as f64 / (1u64 << 30) as f64);
     let cols = [options.gene_idx.as_str(), options.values.as_str()];
     let Some(max_value) = max_value else {
         let acc = stream_fit(lf, &cols, CovarianceFit::new(n_genes, device, None)?)?;
@@ -541,9 +552,11 @@ pub fn fit_centroids(lf: LazyFrame, options: &FitCentroidsOptions) -> PolarsResu
 }
 
 /// The integration of a centroid table (`batch_key`, `centroid`, `mass`
-/// columns, as [`fit_centroids`] returns): Python's `fit_integration` with
-/// `reference="barycenter"` unless `reference` names a batch.
+/// columns, as [`fit_centroids`] returns): Python's `fit_integration`, onto
+/// the barycentre of the batches (`None` or `Some("barycenter")`) or onto
+/// the batch `reference` names.
 pub fn fit_integration(centroids: &DataFrame, batch_key: &str, reference: Option<&str>, params: &IntegrationParams) -> PolarsResult<IntegrationModel> {
+    let reference = reference.filter(|r| *r != "barycenter");
     let get = |n: &str| -> PolarsResult<&Series> {
         Ok(centroids
             .column(n)

@@ -74,6 +74,29 @@ fn expressions_equal_the_series_functions_in_both_engines() {
 }
 
 #[test]
+fn projection_and_layout_conversion_equal_the_series_functions() {
+    let df = cells(200, 30, 9);
+    let (g, v) = (series(&df, "gene_idx"), series(&df, "values"));
+    let model = fit_pca(df.clone().lazy(), 30, &FitPcaOptions { n_comps: 3, ..Default::default() }).unwrap();
+    let projector = model.projector().unwrap();
+    // Tahoe's layout: int64 token ids (gene j is token 100 + 2j), values as counts.
+    let tokens: Arc<[i64]> = (0..30).map(|j| 100 + 2 * j).collect();
+    let published = df
+        .clone()
+        .lazy()
+        .select([col("gene_idx").list().eval(col("").cast(DataType::Int64) * lit(2) + lit(100)).alias("genes"), col("values")]);
+    let out = both_engines(published.with_columns([to_cells(col("genes"), col("values"), Some(tokens), None)]).select([
+        col("cells"),
+    ]));
+    let cells_ = series(&out, "cells");
+    let back = cells_.struct_().unwrap();
+    assert!(back.field_by_name("gene_idx").unwrap().equals_missing(&g));
+    assert!(back.field_by_name("values").unwrap().equals_missing(&v));
+    let x = both_engines(df.lazy().select([pca_project(col("gene_idx"), col("values"), projector.clone(), Device::Cpu)]));
+    assert!(series(&x, "X_pca").equals_missing(&expressions::pca_project(&g, &v, &projector, Device::Cpu).unwrap()));
+}
+
+#[test]
 fn median_target_sum_sees_the_whole_column() {
     // target_sum = None is the median over every cell: the streaming engine
     // must not take it per record batch.
@@ -163,6 +186,18 @@ fn models_survive_their_parquet_files() {
     assert!(back.table.equals(&model.table));
     assert_eq!((back.batch_key.as_str(), back.d), ("plate", 2));
     assert_eq!(back.metrics, model.metrics);
+
+    // Python writes a non-finite metric (reg_m=inf) as the bare token Infinity.
+    let py = temp("python_metrics.parquet");
+    let mut t = model.table.clone();
+    let kv = KeyValueMetadata::from_static(vec![(
+        "polars_singlecell.integration_model".into(),
+        r#"{"format": 1, "batch_key": "plate", "metrics": {"params": {"reg_m": Infinity, "note": "NaN stays text"}, "delta": NaN}}"#.into(),
+    )]);
+    ParquetWriter::new(std::fs::File::create(&py).unwrap()).with_key_value_metadata(Some(kv)).finish(&mut t).unwrap();
+    let read = IntegrationModel::read_parquet(&py).unwrap();
+    assert_eq!(read.metrics["params"]["note"], "NaN stays text");
+    assert!(read.metrics["params"]["reg_m"].is_null() && read.metrics["delta"].is_null());
 
     let not_a_model = temp("cells.parquet");
     let mut plain = df!("a" => [1i32]).unwrap();
@@ -303,6 +338,12 @@ fn bad_input_is_an_error_naming_column_and_row() {
     let bad = table.hstack(&[convert::array_f32("displacement", 3, [0.0].repeat(11).into_iter().chain([f32::INFINITY]).collect(), None).unwrap().into()]).unwrap();
     let err = IntegrationModel::new(bad, None, Default::default()).unwrap_err().to_string();
     assert!(err.contains("displacement") && err.contains("row 3"), "{err}");
+
+    // Options refused before any data is read.
+    let err = highly_variable_genes(cells(5, 5, 1).lazy(), 5, &HvgOptions { n_bins: 0, ..Default::default() }).unwrap_err().to_string();
+    assert!(err.contains("n_bins"), "{err}");
+    let err = fit_pca(cells(5, 5, 1).lazy(), 70_000, &FitPcaOptions::default()).unwrap_err().to_string();
+    assert!(err.contains("GiB covariance"), "{err}");
 
     // No rows at all.
     let empty = cells(0, 5, 1);

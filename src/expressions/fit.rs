@@ -159,6 +159,9 @@ impl GeneStatsFit {
                 Column::new("highly_variable".into(), r.highly_variable),
             ]);
         }
+        if let Some(label) = self.batches.iter().find(|(_, st)| st.nnz.iter().all(|&n| n == 0)).map(|(l, _)| l) {
+            polars_bail!(ComputeError: "batch '{label}' expresses no gene (every cell of it is empty): nothing to rank there; drop its cells");
+        }
         let stats: Vec<seurat::BatchStats<'_>> = moments.iter().map(|(m, v, nnz)| seurat::BatchStats { mean: m, var: v, nnz }).collect();
         let r = seurat::seurat_batched(&stats, n_bins, n_top_genes, cutoffs);
         DataFrame::new_infer_height(vec![
@@ -210,10 +213,14 @@ impl GeneStatsFit {
     /// `batched`, `highly_variable_nbatches`.
     pub fn seurat_v3(&self, sums: &ClippedSumsFit, reg_std: &[(String, Vec<f64>)], n_top_genes: usize, batched: bool) -> PolarsResult<DataFrame> {
         polars_ensure!(n_top_genes > 0, ComputeError: "n_top_genes must be at least 1");
+        polars_ensure!(batched || self.batches.len() == 1, ComputeError: "these statistics hold {} batches; rank them with batched = true", self.batches.len());
+        polars_ensure!(reg_std.len() == self.batches.len(), ComputeError: "seurat_v3: {} deviations for {} batches", reg_std.len(), self.batches.len());
+        polars_ensure!(sums.n_genes == self.n_genes, ComputeError: "seurat_v3: the clipped sums are of {} genes, the statistics of {}", sums.n_genes, self.n_genes);
         let mut parts = Vec::with_capacity(reg_std.len());
         for (label, r) in reg_std {
             let st = self.batches.get(label).ok_or_else(|| polars_err!(ComputeError: "seurat_v3: no statistics of batch {label:?}"))?;
             let cs = sums.batches.get(label).ok_or_else(|| polars_err!(ComputeError: "seurat_v3: no clipped sums of batch {label:?}"))?;
+            polars_ensure!(r.len() == self.n_genes, ComputeError: "seurat_v3: batch {label:?} has {} deviations, expected {}", r.len(), self.n_genes);
             parts.push((st.n_cells, st.mean_var().0, r, cs));
         }
         let batches: Vec<seurat::V3Batch<'_>> = parts

@@ -6,7 +6,7 @@ comma   := ,
 export VIRTUAL_ENV := $(CURDIR)/.venv
 export PATH := $(CURDIR)/.venv/bin:$(PATH)
 
-.PHONY: demo test build bench bench-kmeans bench-knn bench-metrics bench-integration bench-io bench-pipeline bench-tahoe bench-small bench-counts
+.PHONY: demo test build bench bench-kmeans bench-knn bench-metrics bench-integration bench-io bench-pipeline bench-tahoe bench-small bench-counts bench-rust
 
 .venv/.base:
 	python3 -m venv .venv
@@ -70,3 +70,8 @@ bench-pipeline: .venv/.test build
 
 bench-small: .venv/.test build
 	$(PY) benches/bench_small.py
+
+# The Rust pipeline (examples/rust_pipeline.rs, dev profile) beside psc.integrate: seconds, peak RSS, equal outputs.
+bench-rust: .venv/.test build
+	cargo build --quiet --features cuda,lazy --example rust_pipeline
+	$(PY) benches/bench_rust_pipeline.py

@@ -87,8 +87,8 @@ def main() -> None:
         "The Rust binary is the dev-profile build `make test` makes (opt-level 1, every crate), so its seconds are "
         "not a speed comparison. Both stream the counts a record batch at a time with the Parquet source one row "
         "group ahead; the peaks grow with the number of centroids (at most 2,048 a batch, one per 16 cells), which "
-        "the integration's solves hold, and the Rust side keeps every batch's centroid sample at once where "
-        "`psc.integrate` spills all but one to disk (`fit_centroids(low_memory=True)`).",
+        "the integration's solves hold; both keep one batch's centroid sample in memory and spill the others "
+        "(`low_memory`).",
     ]
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "rust_pipeline.md").write_text("\n".join(lines) + "\n")

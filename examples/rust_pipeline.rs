@@ -82,7 +82,8 @@ fn pipeline(cells: &Path, genes: Arc<[u32]>, out: &Path) -> PolarsResult<()> {
     let projector = pca.projector()?; // built once for every record batch
     sink_parquet(lf.select([col("batch"), pca_project(col("gene_idx"), col("values"), projector, Device::Cpu)]), &x_pca)?;
 
-    let options = FitCentroidsOptions { min_cells_per_centroid: MIN_CELLS_PER_CENTROID, ..Default::default() };
+    // As psc.integrate: one batch's sample in memory, the others spilled beside the outputs.
+    let options = FitCentroidsOptions { min_cells_per_centroid: MIN_CELLS_PER_CENTROID, low_memory: true, temp_dir: Some(out.to_path_buf()), ..Default::default() };
     let (centroids, _) = fit_centroids(scan_parquet(&x_pca)?, &options)?;
     write(centroids.clone(), &out.join("centroids.parquet"))?;
 

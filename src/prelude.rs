@@ -33,6 +33,7 @@ use polars_plan::prelude::FunctionOptions;
 use crate::expressions::fit::{CentroidOptions, CentroidSampleFit, ClippedSumsFit, CovarianceFit, GeneStatsFit, PcaOptions};
 use crate::kernels::hvg::Transform;
 use crate::kernels::pca::Clip;
+use crate::expressions::spill::SpillSampleFit;
 use crate::expressions::{self, schema};
 pub use crate::expressions::fit::StreamingFit;
 pub use crate::expressions::{IntegrationOutput, InterpolationModel};
@@ -320,18 +321,27 @@ pub fn sink_parquet(lf: LazyFrame, path: impl AsRef<Path>) -> PolarsResult<()> {
 /// source reading one row group ahead. The first error stops the query and
 /// is returned.
 pub fn stream_fit<T: StreamingFit + Send + 'static>(lf: LazyFrame, columns: &[&str], fit: T) -> PolarsResult<T> {
+    stream_batches(lf, columns, fit, |fit, batch| fit.update(batch))
+}
+
+/// [`stream_fit`] for any state: `update(&mut state, columns)` per record batch.
+pub fn stream_batches<S, F>(lf: LazyFrame, columns: &[&str], state: S, update: F) -> PolarsResult<S>
+where
+    S: Send + 'static,
+    F: Fn(&mut S, &[Series]) -> PolarsResult<()> + Send + Sync + 'static,
+{
     let poisoned = || polars_err!(ComputeError: "a fit's state is poisoned by an earlier panic");
     // The callback lives in the plan; the state comes back out through the
     // shared slot whether or not the engine has dropped the plan yet.
-    let state = Arc::new(Mutex::new((Some(fit), None::<PolarsError>)));
-    let shared = state.clone();
+    let slot = Arc::new(Mutex::new((Some(state), None::<PolarsError>)));
+    let shared = slot.clone();
     let names: Vec<PlSmallStr> = columns.iter().map(|c| PlSmallStr::from(*c)).collect();
     let sink = PlanCallback::new(move |df: DataFrame| {
         let mut guard = shared.lock().map_err(|_| poisoned())?;
-        let (slot, failed) = &mut *guard;
-        let Some(fit) = slot.as_mut() else { return Ok(true) };
+        let (state, failed) = &mut *guard;
+        let Some(state) = state.as_mut() else { return Ok(true) };
         let batch: PolarsResult<Vec<Series>> = names.iter().map(|n| Ok(df.column(n)?.as_materialized_series().clone())).collect();
-        if let Err(e) = batch.and_then(|b| fit.update(&b)) {
+        if let Err(e) = batch.and_then(|b| update(state, &b)) {
             *failed = Some(e);
             return Ok(true); // stop the query
         }
@@ -340,7 +350,7 @@ pub fn stream_fit<T: StreamingFit + Send + 'static>(lf: LazyFrame, columns: &[&s
     let cols: Vec<Expr> = columns.iter().map(|c| col(*c)).collect();
     let query = lf.select(cols).sink_batches(sink, true, None)?;
     one_row_group_ahead(|| query.collect_with_engine(Engine::Streaming))?;
-    let mut guard = state.lock().map_err(|_| poisoned())?;
+    let mut guard = slot.lock().map_err(|_| poisoned())?;
     if let Some(e) = guard.1.take() {
         return Err(e);
     }
@@ -498,6 +508,11 @@ pub struct FitCentroidsOptions {
     pub random_state: u64,
     pub init_size: Option<usize>,
     pub device: Device,
+    /// Python's `low_memory`: two reads, one batch's sample in memory, the
+    /// others in a hidden folder under `temp_dir` (the system's temporary
+    /// folder if `None`), removed at the end. The same centroids.
+    pub low_memory: bool,
+    pub temp_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for FitCentroidsOptions {
@@ -513,6 +528,8 @@ impl Default for FitCentroidsOptions {
             random_state: 0,
             init_size: None,
             device: Device::Cpu,
+            low_memory: false,
+            temp_dir: None,
         }
     }
 }
@@ -527,16 +544,34 @@ pub fn fit_centroids(lf: LazyFrame, options: &FitCentroidsOptions) -> PolarsResu
         .get_field(&options.embedding)
         .ok_or_else(|| polars_err!(ColumnNotFound: "no column '{}' (columns: {:?})", options.embedding, schema.iter_names().collect::<Vec<_>>()))?;
     let d = crate::expressions::convert::check_embedding_field(&field)?;
-    let fit = CentroidSampleFit::new(d, options.max_samples_per_batch, options.random_state, 0)?;
-    let fit = stream_fit(lf, &[&options.embedding, &options.batch_key], fit)?;
-    polars_ensure!(fit.n_rows() > 0, ComputeError: "no cells: fit_centroids needs at least one row");
     let mut params = KMeansParams::new(options.n_centroids);
     params.max_iter = options.max_iter;
     params.tol = options.tol;
     params.seed = options.random_state;
     params.init_size = options.init_size;
     params.device = options.device;
-    let fits = fit.finish(&CentroidOptions { params, min_cells_per_centroid: options.min_cells_per_centroid })?;
+    let finish = CentroidOptions { params, min_cells_per_centroid: options.min_cells_per_centroid };
+    let (emb, key) = (options.embedding.as_str(), options.batch_key.as_str());
+    let no_cells = || polars_err!(ComputeError: "no cells: column '{emb}' has no rows, so there is nothing to fit centroids to");
+    let fits = if options.low_memory {
+        let fit = SpillSampleFit::new(d, options.max_samples_per_batch, options.random_state)?;
+        let mut fit = stream_batches(lf.clone(), &[key], fit, |f, b| f.update(b))?;
+        if fit.n_rows() == 0 {
+            return Err(no_cells());
+        }
+        // Hidden and ending in ".tmp", as Python's: removed when done or failed.
+        let parent = options.temp_dir.clone().unwrap_or_else(std::env::temp_dir);
+        let spill = TempDir::new(parent.join(format!(".centroid-sample.{}.tmp", std::process::id())))?;
+        fit.next_pass(spill.0.clone())?;
+        let mut fit = stream_batches(lf, &[emb, key], fit, |f, b| f.update(b))?;
+        fit.finish(&finish)?
+    } else {
+        let fit = stream_fit(lf, &[emb, key], CentroidSampleFit::new(d, options.max_samples_per_batch, options.random_state, 0)?)?;
+        if fit.n_rows() == 0 {
+            return Err(no_cells());
+        }
+        fit.finish(&finish)?
+    };
     let (centroids, summary) = expressions::fit::centroid_tables(d, &fits)?;
     // Back to the key's own name, dtype and order (the sampler keys batches
     // by their text), as Python does.
@@ -549,6 +584,22 @@ pub fn fit_centroids(lf: LazyFrame, options: &FitCentroidsOptions) -> PolarsResu
         t.sort([key], SortMultipleOptions::default().with_maintain_order(true))
     };
     Ok((restore(centroids)?, restore(summary)?))
+}
+
+/// A folder removed with everything in it when dropped.
+struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    fn new(path: std::path::PathBuf) -> PolarsResult<Self> {
+        std::fs::create_dir_all(&path).map_err(|e| polars_err!(ComputeError: "cannot make the folder {}: {e}", path.display()))?;
+        Ok(TempDir(path))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 /// The integration of a centroid table (`batch_key`, `centroid`, `mass`

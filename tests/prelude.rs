@@ -229,6 +229,15 @@ fn centroids_integration_and_interpolation_from_a_lazy_frame() {
     .unwrap();
     let opts = FitCentroidsOptions { n_centroids: 8, ..Default::default() };
     let (centroids, summary) = fit_centroids(df.clone().lazy(), &opts).unwrap();
+    // The low-memory fit: the same centroids, its spill folder gone afterwards.
+    let spill_parent = temp("spill");
+    std::fs::create_dir_all(&spill_parent).unwrap();
+    let low = FitCentroidsOptions { low_memory: true, temp_dir: Some(spill_parent.clone()), max_samples_per_batch: 150, ..opts.clone() };
+    let capped = FitCentroidsOptions { max_samples_per_batch: 150, ..opts.clone() };
+    let (a, _) = fit_centroids(df.clone().lazy(), &low).unwrap();
+    let (b, _) = fit_centroids(df.clone().lazy(), &capped).unwrap();
+    assert!(a.equals(&b));
+    assert_eq!(std::fs::read_dir(&spill_parent).unwrap().count(), 0);
     assert_eq!(summary.column("n_cells").unwrap().u64().unwrap().sum(), Some(n as u64));
     assert_eq!(centroids.get_column_names(), ["batch", "centroid_id", "centroid", "mass"]);
 

@@ -295,6 +295,25 @@ def test_stage_lines_go_to_the_package_logger_and_notebooks_get_tqdm(raw, tmp_pa
         assert re.search(rf"{stage}: 100%.*6000/6000", err), (stage, err[-500:])
 
 
+def test_prefetch_is_the_variable_polars_reads():
+    # Polars ignores a variable it does not know: a misspelt name (02a9fe5
+    # to this test) left the pipeline's sinks unbounded without any test
+    # noticing. The name must be in the installed Polars' own binary.
+    import importlib.util
+    from pathlib import Path
+
+    from polars_singlecell._files import PREFETCH as _PREFETCH
+
+    roots = [Path(pl.__file__).parent]
+    for name in ("_polars_runtime_32", "_polars_runtime_64", "_polars_runtime_compat"):
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.origin:
+            roots.append(Path(spec.origin).parent)
+    libs = [p for r in roots for pattern in ("*.so", "*.pyd") for p in r.glob(pattern)]
+    assert libs, roots
+    assert any(_PREFETCH.encode() in p.read_bytes() for p in libs), (_PREFETCH, libs)
+
+
 def test_sink_bounded_writes_what_one_sink_writes(tmp_path, monkeypatch):
     # The pipeline's project and interpolate stages sink with one row group
     # of read-ahead (bounded memory, pola-rs/polars#28569): same rows, same

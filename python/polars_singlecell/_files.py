@@ -129,7 +129,7 @@ def sink_parquet(lf: pl.LazyFrame, path: str | os.PathLike, **kwargs: Any) -> No
 # from the environment when a query starts; its default (enough row groups to
 # keep every thread busy) lets the source decode far ahead of a slow
 # expression (pola-rs/polars#28569).
-PREFETCH = "POLARS_ROW_GROUPPREFETCH_SIZE"
+PREFETCH = "POLARS_ROW_GROUP_PREFETCH_SIZE"
 
 
 def sink_bounded(lf: pl.LazyFrame, path: str | os.PathLike, **kwargs: Any) -> None:

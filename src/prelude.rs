@@ -172,21 +172,8 @@ pub fn kmeans_centroids(embedding: Expr, weights: Option<Expr>, params: KMeansPa
         inputs,
         FunctionOptions::aggregation(),
         move |s| {
-            let in_group = s.iter().any(|x| x.name().is_empty());
-            let named: Vec<Series> = s
-                .iter()
-                .zip(&names)
-                .map(|(x, n)| match n {
-                    Some(n) if x.name().is_empty() => x.clone().with_name(n.clone()),
-                    _ => x.clone(),
-                })
-                .collect();
-            expressions::kmeans_centroids(&named[0], named.get(1), &params).map_err(|e| match e {
-                PolarsError::ComputeError(m) if in_group => {
-                    PolarsError::ComputeError(format!("{m} (in a group_by group: rows count from the group's first)").into())
-                },
-                e => e,
-            })
+            let names: Vec<Option<&str>> = names.iter().map(|n| n.as_deref()).collect();
+            expressions::kmeans_centroids_of_group(s, &names, &params)
         },
         schema::kmeans_centroids,
     )

@@ -258,6 +258,29 @@ pub fn kmeans_centroids(embedding: &Series, weights: Option<&Series>, params: &K
     centroids_row(d, fit.centroids, fit.mass)
 }
 
+/// [`kmeans_centroids`] as an aggregation's inputs arrive: inside
+/// `group_by(...).agg` Polars hands each group's Series unnamed, so
+/// `names` (the inputs' planned names, where known) name them, and an
+/// error says that its row numbers count within the group.
+pub fn kmeans_centroids_of_group(inputs: &[Series], names: &[Option<&str>], params: &KMeansParams) -> PolarsResult<Series> {
+    polars_ensure!(!inputs.is_empty(), ComputeError: "kmeans_centroids takes an embedding column");
+    let in_group = inputs.iter().any(|s| s.name().is_empty());
+    let named: Vec<Series> = inputs
+        .iter()
+        .zip(names.iter().copied().chain(std::iter::repeat(None)))
+        .map(|(s, name)| match name {
+            Some(n) if s.name().is_empty() => s.clone().with_name(n.into()),
+            _ => s.clone(),
+        })
+        .collect();
+    kmeans_centroids(&named[0], named.get(1), params).map_err(|e| match e {
+        PolarsError::ComputeError(m) if in_group => {
+            PolarsError::ComputeError(format!("{m} (in a group_by group: rows count from the group's first)").into())
+        },
+        e => e,
+    })
+}
+
 /// One `centroids_dtype(d)` row from row-major centroids and their masses.
 fn centroids_row(d: usize, centroids: Vec<f32>, mass: Vec<f64>) -> PolarsResult<Series> {
     let centroid = convert::array_f32("centroid", d, centroids, None)?.implode()?.into_series();

@@ -168,23 +168,8 @@ fn kmeans_centroids_output(fields: &[Field]) -> PolarsResult<Field> {
 
 #[polars_expr(output_type_func = kmeans_centroids_output)]
 fn kmeans_centroids(inputs: &[Series], kwargs: KMeansKwargs) -> PolarsResult<Series> {
-    // Unnamed inputs mean a group_by group: name them, and say that row
-    // numbers count within the group.
-    let in_group = inputs.iter().any(|s| s.name().is_empty());
-    let named: Vec<Series> = inputs
-        .iter()
-        .zip(kwargs.names.iter().map(Some).chain(std::iter::repeat(None)))
-        .map(|(s, name)| match name {
-            Some(n) if s.name().is_empty() => s.clone().with_name(n.as_str().into()),
-            _ => s.clone(),
-        })
-        .collect();
-    expressions::kmeans_centroids(&named[0], named.get(1), &kwargs.params()?).map_err(|e| match e {
-        PolarsError::ComputeError(m) if in_group => {
-            PolarsError::ComputeError(format!("{m} (in a group_by group: rows count from the group's first)").into())
-        },
-        e => e,
-    })
+    let names: Vec<Option<&str>> = kwargs.names.iter().map(|n| Some(n.as_str())).collect();
+    expressions::kmeans_centroids_of_group(inputs, &names, &kwargs.params()?)
 }
 
 // ------------------------------------------------------ knn, knn_interpolate

@@ -36,6 +36,7 @@ test: .venv/.test build
 	$(PY) -m ruff check python tests benches examples
 	cargo clippy --all-targets --features python,cuda --quiet -- -D warnings
 	cargo clippy --all-targets --features cuda,lazy --quiet -- -D warnings
+	RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --features cuda,lazy --quiet
 	cargo test --quiet --features cuda,lazy
 	cargo run --quiet --features cuda,lazy --example rust_pipeline
 	PSC_REQUIRE_RUST_EXAMPLE=1 $(PY) -m pytest -q

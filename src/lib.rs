@@ -4,6 +4,10 @@
 //! `prelude` (feature `lazy`) gives Rust pipelines lazy `Expr`s, fits over a
 //! `LazyFrame` and the models' Parquet files.
 
+// Every public item is documented: `make test` runs clippy with `-D warnings`,
+// so a missing doc comment fails it.
+#![warn(missing_docs)]
+
 pub mod error;
 pub mod expressions;
 #[cfg(feature = "parquet")]

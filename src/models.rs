@@ -26,16 +26,24 @@ const INTEGRATION_FORMAT: u64 = 1;
 /// `components` is `n_comps × n_genes`, row-major.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PcaModel {
+    /// Each gene's mean over the fitted cells (`n_genes`).
     pub mean: Vec<f64>,
+    /// The principal axes, `n_comps × n_genes`, row-major (scikit-learn's `components_`).
     pub components: Vec<f64>,
+    /// Number of principal axes.
     pub n_comps: usize,
+    /// Variance along each axis, largest first (ddof 1, as scikit-learn's).
     pub explained_variance: Vec<f64>,
+    /// Each axis' share of the total variance.
     pub explained_variance_ratio: Vec<f64>,
+    /// Cells the model was fitted on.
     pub n_cells: u64,
     /// A scaled fit's per-gene standard deviation.
     pub std: Option<Vec<f64>>,
     /// A scaled fit clipped at `±max_value` (then `scaled_mean` is set).
     pub max_value: Option<f64>,
+    /// A clipped fit's `sc.pp.scale(zero_center=...)`: `false` scaled the
+    /// non-zeros without centring them.
     pub zero_center: bool,
     /// A clipped fit's centre among the scaled, clipped genes.
     pub scaled_mean: Option<Vec<f64>>,
@@ -58,6 +66,7 @@ impl PcaModel {
         }
     }
 
+    /// Number of genes the model projects (the length of `mean`).
     pub fn n_genes(&self) -> usize {
         self.mean.len()
     }
@@ -160,10 +169,13 @@ impl PcaModel {
 /// and any other columns (`mass`, `centroid_id`).
 #[derive(Debug, Clone)]
 pub struct IntegrationModel {
+    /// One row per centroid: `batch_key`, `centroid`, `displacement`, and any others.
     pub table: DataFrame,
+    /// The name of the table's batch column.
     pub batch_key: String,
     /// Free-form fit information, saved with the model.
     pub metrics: Map<String, Value>,
+    /// The embedding's width (`centroid`'s and `displacement`'s).
     pub d: usize,
 }
 

@@ -72,6 +72,7 @@ pub struct NormalizeOptions {
     /// Total counts of each cell after scaling; `None`: the median of the
     /// non-zero totals of the whole column (not streamed: it needs every row).
     pub target_sum: Option<f64>,
+    /// `log1p` after scaling (scanpy's `sc.pp.log1p`).
     pub log1p: bool,
 }
 
@@ -83,6 +84,25 @@ impl Default for NormalizeOptions {
 
 /// `normalize_total` + `log1p` of each cell: `List(Float32)` named like
 /// `values`, so `with_columns` replaces the counts.
+///
+/// ```
+/// use polars::prelude::*;
+/// use polars_singlecell::prelude::*;
+///
+/// # fn main() -> PolarsResult<()> {
+/// let cells = df!(
+///     "gene_idx" => [Series::new("".into(), [0u32, 2]), Series::new("".into(), [1u32])],
+///     "values" => [Series::new("".into(), [1f32, 3.0]), Series::new("".into(), [5f32])],
+/// )?;
+/// let out = cells
+///     .lazy()
+///     .with_columns([normalize(col("gene_idx"), col("values"), NormalizeOptions::default())])
+///     .collect()?;
+/// // Cell 0 has 4 counts: its gene 2 becomes log1p(3 / 4 * 1e4).
+/// let first = out.column("values")?.list()?.get_as_series(0).unwrap();
+/// assert!((first.f32()?.get(1).unwrap() - (7500f32).ln_1p()).abs() < 1e-5);
+/// # Ok(()) }
+/// ```
 pub fn normalize(gene_idx: Expr, values: Expr, options: NormalizeOptions) -> Expr {
     let NormalizeOptions { target_sum, log1p } = options;
     // The median needs the whole column: not elementwise, as in Python.
@@ -91,6 +111,20 @@ pub fn normalize(gene_idx: Expr, values: Expr, options: NormalizeOptions) -> Exp
 }
 
 /// Each cell's total counts: `Float32` named `total_counts`.
+///
+/// ```
+/// use polars::prelude::*;
+/// use polars_singlecell::prelude::*;
+///
+/// # fn main() -> PolarsResult<()> {
+/// let cells = df!(
+///     "gene_idx" => [Series::new("".into(), [0u32, 2]), Series::new("".into(), [1u32])],
+///     "values" => [Series::new("".into(), [1f32, 3.0]), Series::new("".into(), [5f32])],
+/// )?;
+/// let out = cells.lazy().select([total_counts(col("gene_idx"), col("values"))]).collect()?;
+/// assert_eq!(out.column("total_counts")?.f32()?.to_vec(), [Some(4.0), Some(5.0)]);
+/// # Ok(()) }
+/// ```
 pub fn total_counts(gene_idx: Expr, values: Expr) -> Expr {
     udf("total_counts", vec![gene_idx, values], FunctionOptions::elementwise(), |s| expressions::total_counts(&s[0], &s[1]), schema::total_counts)
         .alias("total_counts")
@@ -99,6 +133,27 @@ pub fn total_counts(gene_idx: Expr, values: Expr) -> Expr {
 /// Keep `genes` (old indices, each once) renumbered `0..genes.len()`: a
 /// struct named like `gene_idx` with both columns;
 /// `.struct_().field_by_names(["*"])` inside `with_columns` replaces them.
+///
+/// ```
+/// use polars::prelude::*;
+/// use polars_singlecell::prelude::*;
+///
+/// # fn main() -> PolarsResult<()> {
+/// let cells = df!(
+///     "gene_idx" => [Series::new("".into(), [0u32, 2, 5]), Series::new("".into(), [1u32])],
+///     "values" => [Series::new("".into(), [1f32, 3.0, 2.0]), Series::new("".into(), [5f32])],
+/// )?;
+/// let kept: Arc<[u32]> = Arc::from([5u32, 2]); // gene 5 becomes 0, gene 2 becomes 1
+/// let out = cells
+///     .lazy()
+///     .with_columns([select_genes(col("gene_idx"), col("values"), kept).struct_().field_by_names(["*"])])
+///     .collect()?;
+/// let first = out.column("gene_idx")?.list()?.get_as_series(0).unwrap();
+/// assert_eq!(first.u32()?.to_vec(), [Some(0), Some(1)]);
+/// let first = out.column("values")?.list()?.get_as_series(0).unwrap();
+/// assert_eq!(first.f32()?.to_vec(), [Some(2.0), Some(3.0)]);
+/// # Ok(()) }
+/// ```
 pub fn select_genes(gene_idx: Expr, values: Expr, genes: Arc<[u32]>) -> Expr {
     udf(
         "select_genes",
@@ -116,6 +171,28 @@ pub fn select_genes(gene_idx: Expr, values: Expr, genes: Arc<[u32]>) -> Expr {
 /// `cells{gene_idx, values}`. `tokens`: the vocabulary's token ids in gene
 /// order (Tahoe's `gene_metadata.token_id`); `None`: the ids are gene
 /// indices, below `n_genes` if given.
+///
+/// ```
+/// use polars::prelude::*;
+/// use polars_singlecell::prelude::*;
+///
+/// # fn main() -> PolarsResult<()> {
+/// // Tahoe's layout: token ids led by a marker token that is no gene.
+/// let cells = df!(
+///     "genes" => [Series::new("".into(), [99i64, 30, 10])],
+///     "expressions" => [Series::new("".into(), [-1f32, 4.0, 2.0])],
+/// )?;
+/// let tokens: Arc<[i64]> = Arc::from([10i64, 20, 30]); // gene_metadata.token_id, gene order
+/// let out = cells
+///     .lazy()
+///     .select([to_cells(col("genes"), col("expressions"), Some(tokens), None).struct_().field_by_names(["*"])])
+///     .collect()?;
+/// let genes = out.column("gene_idx")?.list()?.get_as_series(0).unwrap();
+/// assert_eq!(genes.u32()?.to_vec(), [Some(0), Some(2)]); // sorted; the marker dropped
+/// let values = out.column("values")?.list()?.get_as_series(0).unwrap();
+/// assert_eq!(values.f32()?.to_vec(), [Some(2.0), Some(4.0)]);
+/// # Ok(()) }
+/// ```
 pub fn to_cells(genes: Expr, values: Expr, tokens: Option<Arc<[i64]>>, n_genes: Option<usize>) -> Expr {
     udf(
         "to_cells",
@@ -137,6 +214,24 @@ pub fn to_cells(genes: Expr, values: Expr, tokens: Option<Arc<[i64]>>, n_genes: 
 }
 
 /// Cells projected on a PCA model's axes: `Array(Float32, n_comps)` named `X_pca`.
+///
+/// ```
+/// use polars::prelude::*;
+/// use polars_singlecell::prelude::*;
+///
+/// # fn main() -> PolarsResult<()> {
+/// # let gene_idx: Vec<Series> = (0..40u32).map(|i| Series::new("".into(), (0..6u32).filter(|g| (i + g) % 4 != 0).collect::<Vec<_>>())).collect();
+/// # let values: Vec<Series> = gene_idx.iter().zip(0u32..).map(|(g, i)| Series::new("".into(), g.u32().unwrap().into_no_null_iter().map(|g| ((i * g + g * g) % 7 + 1) as f32).collect::<Vec<_>>())).collect();
+/// # let batch: Vec<&str> = (0..40).map(|i| if i % 2 == 0 { "plate1" } else { "plate2" }).collect();
+/// # let cells = df!("gene_idx" => gene_idx, "values" => values, "batch" => batch)?;
+/// let options = FitPcaOptions { n_comps: 2, ..Default::default() };
+/// let model = fit_pca(cells.clone().lazy(), 6, &options)?;
+/// let projector = model.projector()?; // built once, shared by every record batch
+/// let out = cells.lazy().select([pca_project(col("gene_idx"), col("values"), projector, Device::Cpu)]).collect()?;
+/// assert_eq!(out.column("X_pca")?.dtype(), &DataType::Array(Box::new(DataType::Float32), 2));
+/// assert_eq!(out.height(), 40);
+/// # Ok(()) }
+/// ```
 pub fn pca_project(gene_idx: Expr, values: Expr, model: Arc<PcaProjector>, device: Device) -> Expr {
     let n_comps = model.n_comps;
     udf(
@@ -164,6 +259,28 @@ fn column_name(e: &Expr) -> Option<PlSmallStr> {
 /// aggregation (one row: `centroids{centroid: List(Array), mass: List(Float64)}`),
 /// for `group_by(batch).agg([...])` or `select`. `KMeansParams::new(k)`
 /// holds Python's defaults (`max_iter=300`, `tol=1e-4`, `random_state=0`).
+///
+/// ```
+/// use polars::prelude::*;
+/// use polars_singlecell::prelude::*;
+///
+/// # fn main() -> PolarsResult<()> {
+/// # let rows: Vec<Series> = (0..60u32).map(|i| Series::new("".into(), [(i % 3) as f32 * 10.0 + (i % 2) as f32 * 2.0 + (i % 7) as f32 * 0.1, (i % 5) as f32 * 0.1])).collect();
+/// # let batch: Vec<&str> = (0..60).map(|i| if i % 2 == 0 { "plate1" } else { "plate2" }).collect();
+/// # let x_pca = Series::new("X_pca".into(), rows).cast(&DataType::Array(Box::new(DataType::Float32), 2))?;
+/// # let emb = DataFrame::new_infer_height(vec![x_pca.into(), Series::new("batch".into(), batch).into()])?;
+/// let out = emb
+///     .lazy()
+///     .group_by([col("batch")])
+///     .agg([kmeans_centroids(col("X_pca"), None, KMeansParams::new(3))])
+///     .sort(["batch"], Default::default())
+///     .select([col("batch"), col("centroids").struct_().field_by_name("mass")])
+///     .collect()?;
+/// // One row per batch: its 3 centroids and the number of cells each holds.
+/// let masses = out.column("mass")?.list()?.get_as_series(0).unwrap();
+/// assert_eq!(masses.f64()?.sum(), Some(30.0));
+/// # Ok(()) }
+/// ```
 pub fn kmeans_centroids(embedding: Expr, weights: Option<Expr>, params: KMeansParams) -> Expr {
     let names: Vec<Option<PlSmallStr>> = std::iter::once(&embedding).chain(weights.as_ref()).map(column_name).collect();
     let inputs = std::iter::once(embedding).chain(weights).collect();
@@ -195,11 +312,14 @@ pub enum Mode {
 /// [`knn_interpolate`]'s options; `Default` is Python's.
 #[derive(Debug, Clone, Copy)]
 pub struct InterpolateOptions {
+    /// Centroids each cell is moved by (8).
     pub k: usize,
+    /// Whose centroids: the cell's own batch's (default) or all.
     pub mode: Mode,
     /// A cell whose batch the model lacks: an error (`false`, Python's
     /// `unknown_batch="error"`) or pooled neighbours (`true`).
     pub unknown_pooled: bool,
+    /// Where the search runs; `Device::Cuda` needs the `cuda` feature. Same results.
     pub device: Device,
 }
 
@@ -212,6 +332,29 @@ impl Default for InterpolateOptions {
 /// Each cell moved by the weighted displacement of its `k` nearest
 /// centroids: `Array(Float32, d)` named `X_ot`. `batch` is the cells'
 /// batch column (ignored with `Mode::Pooled`).
+///
+/// ```
+/// use polars::prelude::*;
+/// use polars_singlecell::prelude::*;
+///
+/// # fn main() -> PolarsResult<()> {
+/// # let rows: Vec<Series> = (0..60u32).map(|i| Series::new("".into(), [(i % 3) as f32 * 10.0 + (i % 2) as f32 * 2.0 + (i % 7) as f32 * 0.1, (i % 5) as f32 * 0.1])).collect();
+/// # let batch: Vec<&str> = (0..60).map(|i| if i % 2 == 0 { "plate1" } else { "plate2" }).collect();
+/// # let x_pca = Series::new("X_pca".into(), rows).cast(&DataType::Array(Box::new(DataType::Float32), 2))?;
+/// # let emb = DataFrame::new_infer_height(vec![x_pca.into(), Series::new("batch".into(), batch).into()])?;
+/// # let options = FitCentroidsOptions { n_centroids: 3, ..Default::default() };
+/// # let (centroids, _) = fit_centroids(emb.clone().lazy(), &options)?;
+/// # let model = fit_integration(&centroids, "batch", None, &IntegrationParams::default())?;
+/// let interpolation = model.interpolation()?; // built once
+/// let options = InterpolateOptions { k: 2, ..Default::default() };
+/// let out = emb
+///     .lazy()
+///     .with_columns([knn_interpolate(col("X_pca"), col("batch"), interpolation, options)])
+///     .collect()?;
+/// assert_eq!(out.column("X_ot")?.dtype(), &DataType::Array(Box::new(DataType::Float32), 2));
+/// assert_eq!(out.column("X_ot")?.null_count(), 0);
+/// # Ok(()) }
+/// ```
 pub fn knn_interpolate(embedding: Expr, batch: Expr, model: Arc<InterpolationModel>, options: InterpolateOptions) -> Expr {
     let d = model.d();
     let InterpolateOptions { k, mode, unknown_pooled, device } = options;
@@ -232,6 +375,26 @@ pub fn knn_interpolate(embedding: Expr, batch: Expr, model: Arc<InterpolationMod
 /// Exact k nearest neighbours among `index`'s points
 /// ([`IntegrationModel::index`]): `Struct{indices: Array(UInt32, k),
 /// distances: Array(Float32, k)}` named `knn`.
+///
+/// ```
+/// use polars::prelude::*;
+/// use polars_singlecell::prelude::*;
+///
+/// # fn main() -> PolarsResult<()> {
+/// # let rows: Vec<Series> = (0..60u32).map(|i| Series::new("".into(), [(i % 3) as f32 * 10.0 + (i % 2) as f32 * 2.0 + (i % 7) as f32 * 0.1, (i % 5) as f32 * 0.1])).collect();
+/// # let batch: Vec<&str> = (0..60).map(|i| if i % 2 == 0 { "plate1" } else { "plate2" }).collect();
+/// # let x_pca = Series::new("X_pca".into(), rows).cast(&DataType::Array(Box::new(DataType::Float32), 2))?;
+/// # let emb = DataFrame::new_infer_height(vec![x_pca.into(), Series::new("batch".into(), batch).into()])?;
+/// # let options = FitCentroidsOptions { n_centroids: 3, ..Default::default() };
+/// # let (centroids, _) = fit_centroids(emb.clone().lazy(), &options)?;
+/// # let model = fit_integration(&centroids, "batch", None, &IntegrationParams::default())?;
+/// let out = emb.lazy().select([knn(col("X_pca"), model.index()?, 2, Device::Cpu).struct_().field_by_names(["*"])]).collect()?;
+/// assert_eq!(out.column("indices")?.dtype(), &DataType::Array(Box::new(DataType::UInt32), 2));
+/// // Sorted nearest first.
+/// let d = out.column("distances")?.array()?.get_as_series(0).unwrap();
+/// assert!(d.f32()?.get(0) <= d.f32()?.get(1));
+/// # Ok(()) }
+/// ```
 pub fn knn(embedding: Expr, index: Arc<InterpolationModel>, k: usize, device: Device) -> Expr {
     let d = index.d();
     udf(
@@ -248,6 +411,23 @@ pub fn knn(embedding: Expr, index: Arc<InterpolationModel>, k: usize, device: De
 
 /// A Parquet file, or a folder's `*.parquet` files in name order (as
 /// `psc.datasets.write_synthetic_counts` writes cells), to scan lazily.
+///
+/// ```
+/// use polars::prelude::*;
+/// use polars_singlecell::prelude::*;
+///
+/// # fn main() -> PolarsResult<()> {
+/// let dir = std::env::temp_dir().join(format!("psc-doc-scan-{}", std::process::id()));
+/// std::fs::create_dir_all(&dir)?;
+/// for (name, n) in [("part-0.parquet", 3), ("part-1.parquet", 2)] {
+///     let part = df!("total_counts" => vec![1f32; n])?;
+///     sink_parquet(part.lazy(), dir.join(name))?;
+/// }
+/// let all = scan_parquet(&dir)?.collect()?; // both files, in name order
+/// assert_eq!(all.height(), 5);
+/// # std::fs::remove_dir_all(&dir)?;
+/// # Ok(()) }
+/// ```
 pub fn scan_parquet(path: impl AsRef<Path>) -> PolarsResult<LazyFrame> {
     let p = path.as_ref();
     polars_ensure!(p.exists(), ComputeError: "no file or folder at {}", p.display());
@@ -285,6 +465,19 @@ fn one_row_group_ahead<R>(f: impl FnOnce() -> R) -> R {
 /// temporary file beside it, renamed when complete, so a failed or killed
 /// run leaves no half-written output (Python's `io.sink_parquet`). The
 /// Parquet source reads one row group ahead of the query.
+///
+/// ```
+/// use polars::prelude::*;
+/// use polars_singlecell::prelude::*;
+///
+/// # fn main() -> PolarsResult<()> {
+/// let path = std::env::temp_dir().join(format!("psc-doc-sink-{}.parquet", std::process::id()));
+/// let cells = df!("batch" => ["plate1", "plate2"], "total_counts" => [4f32, 5.0])?;
+/// sink_parquet(cells.lazy(), &path)?;
+/// assert_eq!(scan_parquet(&path)?.collect()?.height(), 2);
+/// # std::fs::remove_file(&path)?;
+/// # Ok(()) }
+/// ```
 pub fn sink_parquet(lf: LazyFrame, path: impl AsRef<Path>) -> PolarsResult<()> {
     let path = path.as_ref();
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
@@ -307,11 +500,47 @@ pub fn sink_parquet(lf: LazyFrame, path: impl AsRef<Path>) -> PolarsResult<()> {
 /// engine hands each record batch to `update`, one at a time, the Parquet
 /// source reading one row group ahead. The first error stops the query and
 /// is returned.
+///
+/// ```
+/// use polars::prelude::*;
+/// use polars_singlecell::prelude::*;
+///
+/// # fn main() -> PolarsResult<()> {
+/// # let gene_idx: Vec<Series> = (0..40u32).map(|i| Series::new("".into(), (0..6u32).filter(|g| (i + g) % 4 != 0).collect::<Vec<_>>())).collect();
+/// # let values: Vec<Series> = gene_idx.iter().zip(0u32..).map(|(g, i)| Series::new("".into(), g.u32().unwrap().into_no_null_iter().map(|g| ((i * g + g * g) % 7 + 1) as f32).collect::<Vec<_>>())).collect();
+/// # let batch: Vec<&str> = (0..40).map(|i| if i % 2 == 0 { "plate1" } else { "plate2" }).collect();
+/// # let cells = df!("gene_idx" => gene_idx, "values" => values, "batch" => batch)?;
+/// use polars_singlecell::expressions::fit::{CovarianceFit, PcaOptions};
+///
+/// // The state of an out-of-core PCA over 6 genes, fed record batch by record batch.
+/// let fit = stream_fit(cells.lazy(), &["gene_idx", "values"], CovarianceFit::new(6, Device::Cpu, None)?)?;
+/// let pca = fit.finish(&PcaOptions { n_comps: 2, scale: false })?;
+/// assert_eq!(pca.n_cells, 40);
+/// # Ok(()) }
+/// ```
 pub fn stream_fit<T: StreamingFit + Send + 'static>(lf: LazyFrame, columns: &[&str], fit: T) -> PolarsResult<T> {
     stream_batches(lf, columns, fit, |fit, batch| fit.update(batch))
 }
 
 /// [`stream_fit`] for any state: `update(&mut state, columns)` per record batch.
+///
+/// ```
+/// use polars::prelude::*;
+/// use polars_singlecell::prelude::*;
+///
+/// # fn main() -> PolarsResult<()> {
+/// # let gene_idx: Vec<Series> = (0..40u32).map(|i| Series::new("".into(), (0..6u32).filter(|g| (i + g) % 4 != 0).collect::<Vec<_>>())).collect();
+/// # let values: Vec<Series> = gene_idx.iter().zip(0u32..).map(|(g, i)| Series::new("".into(), g.u32().unwrap().into_no_null_iter().map(|g| ((i * g + g * g) % 7 + 1) as f32).collect::<Vec<_>>())).collect();
+/// # let batch: Vec<&str> = (0..40).map(|i| if i % 2 == 0 { "plate1" } else { "plate2" }).collect();
+/// # let cells = df!("gene_idx" => gene_idx, "values" => values, "batch" => batch)?;
+/// // Count the non-zeros, one record batch at a time.
+/// let nnz = stream_batches(cells.lazy(), &["values"], 0usize, |n, batch| {
+///     *n += batch[0].list()?.get_inner().len();
+///     Ok(())
+/// })?;
+/// assert_eq!(nnz, 180);
+/// # Ok(()) }
+/// ```
 pub fn stream_batches<S, F>(lf: LazyFrame, columns: &[&str], state: S, update: F) -> PolarsResult<S>
 where
     S: Send + 'static,
@@ -351,7 +580,10 @@ pub enum Flavor {
     #[default]
     Seurat,
     /// Raw counts, two passes; `span` is the loess' (scanpy's 0.3).
-    SeuratV3 { span: f64 },
+    SeuratV3 {
+        /// The loess' span, in (0, 1].
+        span: f64,
+    },
 }
 
 /// [`highly_variable_genes`]' options; `Default` is Python's.
@@ -361,11 +593,15 @@ pub struct HvgOptions {
     pub n_top_genes: Option<usize>,
     /// Rank within each batch of this column, then across batches.
     pub batch_key: Option<String>,
+    /// scanpy's `flavor`: which statistics rank the genes.
     pub flavor: Flavor,
     /// Flavor seurat's cut-offs and bins.
     pub cutoffs: Cutoffs,
+    /// Flavor seurat: genes are binned by mean expression into this many bins (20).
     pub n_bins: usize,
+    /// The cells' gene index column (`List(UInt32)`).
     pub gene_idx: String,
+    /// The cells' value column (`List(Float32)`).
     pub values: String,
 }
 
@@ -387,6 +623,29 @@ impl Default for HvgOptions {
 /// the same Rust ranking (`kernels::seurat`). Flavor seurat streams
 /// log-normalised cells once; seurat_v3 streams raw counts twice. One row
 /// per gene, the columns of Python's table.
+///
+/// ```
+/// use polars::prelude::*;
+/// use polars_singlecell::prelude::*;
+///
+/// # fn main() -> PolarsResult<()> {
+/// # let gene_idx: Vec<Series> = (0..40u32).map(|i| Series::new("".into(), (0..6u32).filter(|g| (i + g) % 4 != 0).collect::<Vec<_>>())).collect();
+/// # let values: Vec<Series> = gene_idx.iter().zip(0u32..).map(|(g, i)| Series::new("".into(), g.u32().unwrap().into_no_null_iter().map(|g| ((i * g + g * g) % 7 + 1) as f32).collect::<Vec<_>>())).collect();
+/// # let batch: Vec<&str> = (0..40).map(|i| if i % 2 == 0 { "plate1" } else { "plate2" }).collect();
+/// # let cells = df!("gene_idx" => gene_idx, "values" => values, "batch" => batch)?;
+/// let lognorm = cells.clone().lazy().with_columns([normalize(col("gene_idx"), col("values"), NormalizeOptions::default())]);
+/// let options = HvgOptions { n_top_genes: Some(3), batch_key: Some("batch".into()), ..Default::default() };
+/// let table = highly_variable_genes(lognorm, 6, &options)?;
+/// assert_eq!(table.height(), 6); // one row per gene
+/// assert_eq!(highly_variable(&table)?.len(), 3);
+///
+/// // scanpy's seurat_v3 ranks the raw counts (read twice).
+/// // (span 1: the loess sees only 6 genes here; scanpy's 0.3 is for thousands.)
+/// let options = HvgOptions { n_top_genes: Some(3), flavor: Flavor::SeuratV3 { span: 1.0 }, ..Default::default() };
+/// let table = highly_variable_genes(cells.lazy(), 6, &options)?;
+/// assert_eq!(highly_variable(&table)?.len(), 3);
+/// # Ok(()) }
+/// ```
 pub fn highly_variable_genes(lf: LazyFrame, n_genes: usize, options: &HvgOptions) -> PolarsResult<DataFrame> {
     // The options are checked before any data is read, as in Python.
     polars_ensure!(n_genes > 0 && options.n_bins > 0 && options.n_top_genes != Some(0), ComputeError:
@@ -412,6 +671,26 @@ pub fn highly_variable_genes(lf: LazyFrame, n_genes: usize, options: &HvgOptions
 }
 
 /// The genes a [`highly_variable_genes`] table marks, for [`select_genes`].
+///
+/// ```
+/// use polars::prelude::*;
+/// use polars_singlecell::prelude::*;
+///
+/// # fn main() -> PolarsResult<()> {
+/// # let gene_idx: Vec<Series> = (0..40u32).map(|i| Series::new("".into(), (0..6u32).filter(|g| (i + g) % 4 != 0).collect::<Vec<_>>())).collect();
+/// # let values: Vec<Series> = gene_idx.iter().zip(0u32..).map(|(g, i)| Series::new("".into(), g.u32().unwrap().into_no_null_iter().map(|g| ((i * g + g * g) % 7 + 1) as f32).collect::<Vec<_>>())).collect();
+/// # let batch: Vec<&str> = (0..40).map(|i| if i % 2 == 0 { "plate1" } else { "plate2" }).collect();
+/// # let cells = df!("gene_idx" => gene_idx, "values" => values, "batch" => batch)?;
+/// let lognorm = cells.lazy().with_columns([normalize(col("gene_idx"), col("values"), NormalizeOptions::default())]);
+/// let table = highly_variable_genes(lognorm.clone(), 6, &HvgOptions { n_top_genes: Some(4), ..Default::default() })?;
+/// let genes = highly_variable(&table)?;
+/// let selected = lognorm
+///     .with_columns([select_genes(col("gene_idx"), col("values"), genes).struct_().field_by_names(["*"])])
+///     .collect()?;
+/// let max = selected.column("gene_idx")?.list()?.get_inner().u32()?.max();
+/// assert!(max < Some(4)); // renumbered 0..4
+/// # Ok(()) }
+/// ```
 pub fn highly_variable(table: &DataFrame) -> PolarsResult<Arc<[u32]>> {
     let hv = table.filter(table.column("highly_variable")?.bool()?)?;
     Ok(hv.column("gene_idx")?.u32()?.into_no_null_iter().collect())
@@ -420,9 +699,13 @@ pub fn highly_variable(table: &DataFrame) -> PolarsResult<Arc<[u32]>> {
 /// [`fit_pca`]'s options; `Default` is Python's.
 #[derive(Debug, Clone)]
 pub struct FitPcaOptions {
+    /// Principal axes to keep (50, as scanpy's).
     pub n_comps: usize,
+    /// The cells' gene index column (`List(UInt32)`, already [`select_genes`]'d).
     pub gene_idx: String,
+    /// The cells' value column (`List(Float32)`, log-normalised).
     pub values: String,
+    /// Where the covariance is accumulated; the same bits on either.
     pub device: Device,
     /// `sc.pp.scale` first (unit variance; the model keeps `std`).
     pub scale: bool,
@@ -452,6 +735,23 @@ impl Default for FitPcaOptions {
 /// bit-identical for any batching and thread count). With `max_value`, a
 /// first pass takes the genes' exact moments and a second the covariance
 /// of the scaled, clipped cells, without the dense scaled matrix.
+///
+/// ```
+/// use polars::prelude::*;
+/// use polars_singlecell::prelude::*;
+///
+/// # fn main() -> PolarsResult<()> {
+/// # let gene_idx: Vec<Series> = (0..40u32).map(|i| Series::new("".into(), (0..6u32).filter(|g| (i + g) % 4 != 0).collect::<Vec<_>>())).collect();
+/// # let values: Vec<Series> = gene_idx.iter().zip(0u32..).map(|(g, i)| Series::new("".into(), g.u32().unwrap().into_no_null_iter().map(|g| ((i * g + g * g) % 7 + 1) as f32).collect::<Vec<_>>())).collect();
+/// # let batch: Vec<&str> = (0..40).map(|i| if i % 2 == 0 { "plate1" } else { "plate2" }).collect();
+/// # let cells = df!("gene_idx" => gene_idx, "values" => values, "batch" => batch)?;
+/// // sc.pp.scale(max_value=10) then PCA, without the dense scaled matrix.
+/// let options = FitPcaOptions { n_comps: 3, scale: true, max_value: Some(10.0), ..Default::default() };
+/// let model = fit_pca(cells.lazy(), 6, &options)?;
+/// assert_eq!((model.n_comps, model.n_genes(), model.n_cells), (3, 6, 40));
+/// assert!(model.explained_variance.windows(2).all(|w| w[0] >= w[1]));
+/// # Ok(()) }
+/// ```
 pub fn fit_pca(lf: LazyFrame, n_genes: usize, options: &FitPcaOptions) -> PolarsResult<PcaModel> {
     let FitPcaOptions { n_comps, device, scale, max_value, zero_center, .. } = options.clone();
     polars_ensure!(n_comps >= 1 && n_comps <= n_genes, ComputeError: "n_comps must be between 1 and n_genes={n_genes}, got {n_comps}");
@@ -485,20 +785,34 @@ pub fn fit_pca(lf: LazyFrame, n_genes: usize, options: &FitPcaOptions) -> Polars
 /// [`fit_centroids`]'s options; `Default` is Python's.
 #[derive(Debug, Clone)]
 pub struct FitCentroidsOptions {
+    /// The cells' embedding column (`Array(Float32, d)`).
     pub embedding: String,
+    /// The column whose values are the batches (plates).
     pub batch_key: String,
+    /// Centroids per batch (2048).
     pub n_centroids: usize,
+    /// At most one centroid per this many sampled cells of a batch, never
+    /// fewer than 64 (or `n_centroids`); 1 gives `n_centroids`.
     pub min_cells_per_centroid: usize,
+    /// Cells sampled per batch (seeded, uniform, without replacement) for its k-means.
     pub max_samples_per_batch: usize,
+    /// Lloyd passes over each sample (3: see `benches/bench_kmeans.py`).
     pub max_iter: usize,
+    /// k-means stops when the centres move at most this, relative to the
+    /// sample's mean per-feature variance (scikit-learn's `tol`).
     pub tol: f64,
+    /// Seeds the samples and the k-means initialisation.
     pub random_state: u64,
+    /// A batch sample larger than this is seeded on a random subset of this
+    /// size (`None`: max(3·n_centroids, 10,000)).
     pub init_size: Option<usize>,
+    /// Where the k-means assignment steps run; the same centroids on either.
     pub device: Device,
     /// Python's `low_memory`: two reads, one batch's sample in memory, the
     /// others in a hidden folder under `temp_dir` (the system's temporary
     /// folder if `None`), removed at the end. The same centroids.
     pub low_memory: bool,
+    /// Where `low_memory` spills the samples (`None`: the system's temporary folder).
     pub temp_dir: Option<std::path::PathBuf>,
 }
 
@@ -525,6 +839,23 @@ impl Default for FitCentroidsOptions {
 /// `fit_centroids` (seeded bottom-k samples per batch, then k-means on
 /// each). Returns the centroid table (`batch_key`, `centroid_id`,
 /// `centroid`, `mass`) and the per-batch summary.
+///
+/// ```
+/// use polars::prelude::*;
+/// use polars_singlecell::prelude::*;
+///
+/// # fn main() -> PolarsResult<()> {
+/// # let rows: Vec<Series> = (0..60u32).map(|i| Series::new("".into(), [(i % 3) as f32 * 10.0 + (i % 2) as f32 * 2.0 + (i % 7) as f32 * 0.1, (i % 5) as f32 * 0.1])).collect();
+/// # let batch: Vec<&str> = (0..60).map(|i| if i % 2 == 0 { "plate1" } else { "plate2" }).collect();
+/// # let x_pca = Series::new("X_pca".into(), rows).cast(&DataType::Array(Box::new(DataType::Float32), 2))?;
+/// # let emb = DataFrame::new_infer_height(vec![x_pca.into(), Series::new("batch".into(), batch).into()])?;
+/// let options = FitCentroidsOptions { n_centroids: 3, ..Default::default() };
+/// let (centroids, summary) = fit_centroids(emb.lazy(), &options)?;
+/// assert_eq!(centroids.height(), 6); // 3 per batch
+/// assert_eq!(summary.height(), 2);
+/// assert_eq!(centroids.column("mass")?.f64()?.sum(), Some(60.0));
+/// # Ok(()) }
+/// ```
 pub fn fit_centroids(lf: LazyFrame, options: &FitCentroidsOptions) -> PolarsResult<(DataFrame, DataFrame)> {
     let schema = lf.clone().collect_schema()?;
     let field = schema
@@ -593,6 +924,25 @@ impl Drop for TempDir {
 /// columns, as [`fit_centroids`] returns): Python's `fit_integration`, onto
 /// the barycentre of the batches (`None` or `Some("barycenter")`) or onto
 /// the batch `reference` names.
+///
+/// ```
+/// use polars::prelude::*;
+/// use polars_singlecell::prelude::*;
+///
+/// # fn main() -> PolarsResult<()> {
+/// # let rows: Vec<Series> = (0..60u32).map(|i| Series::new("".into(), [(i % 3) as f32 * 10.0 + (i % 2) as f32 * 2.0 + (i % 7) as f32 * 0.1, (i % 5) as f32 * 0.1])).collect();
+/// # let batch: Vec<&str> = (0..60).map(|i| if i % 2 == 0 { "plate1" } else { "plate2" }).collect();
+/// # let x_pca = Series::new("X_pca".into(), rows).cast(&DataType::Array(Box::new(DataType::Float32), 2))?;
+/// # let emb = DataFrame::new_infer_height(vec![x_pca.into(), Series::new("batch".into(), batch).into()])?;
+/// let (centroids, _) = fit_centroids(emb.lazy(), &FitCentroidsOptions { n_centroids: 3, ..Default::default() })?;
+/// let model = fit_integration(&centroids, "batch", None, &IntegrationParams::default())?;
+/// assert_eq!(model.table.height(), 6);
+/// assert_eq!(model.d, 2);
+/// // Onto plate1 instead of the barycentre: plate1 stays where it is.
+/// let onto = fit_integration(&centroids, "batch", Some("plate1"), &IntegrationParams::default())?;
+/// assert_eq!(onto.table.height(), 6);
+/// # Ok(()) }
+/// ```
 pub fn fit_integration(centroids: &DataFrame, batch_key: &str, reference: Option<&str>, params: &IntegrationParams) -> PolarsResult<IntegrationModel> {
     let reference = reference.filter(|r| *r != "barycenter");
     let get = |n: &str| -> PolarsResult<&Series> {

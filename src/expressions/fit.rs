@@ -13,7 +13,7 @@
 //! order.
 //!
 //! On the wire a state is `bincode` (serde, standard configuration) of
-//! [`Wire`]: a format number, the fit's kind and its state. The covariance
+//! `Wire`: a format number, the fit's kind and its state. The covariance
 //! carries the lower triangle of XᵀX only.
 
 use std::collections::BTreeMap;
@@ -121,6 +121,8 @@ pub struct GeneStatsFit {
 }
 
 impl GeneStatsFit {
+    /// An empty state for cells of `n_genes` genes, summing `transform` of
+    /// each value (what the statistics are of).
     pub fn new(n_genes: usize, transform: Transform) -> PolarsResult<Self> {
         polars_ensure!(n_genes > 0, ComputeError: "n_genes must be at least 1");
         Ok(GeneStatsFit { n_genes, transform, batches: BTreeMap::new() })
@@ -408,6 +410,7 @@ pub struct CovarianceFit {
 /// [`CovarianceFit::finish`]'s options.
 #[derive(Debug, Clone, Copy)]
 pub struct PcaOptions {
+    /// Number of principal components to keep (1 to n_genes).
     pub n_comps: usize,
     /// The PCA of the genes scaled to unit variance (`std` is returned).
     pub scale: bool,
@@ -423,6 +426,8 @@ struct CovarianceWire {
 }
 
 impl CovarianceFit {
+    /// An empty state for cells of `n_genes` genes, accumulating on `device`;
+    /// `clip` (of the same genes) scales and clips each entry first.
     pub fn new(n_genes: usize, device: Device, clip: Option<Clip>) -> PolarsResult<Self> {
         if let Some(c) = &clip {
             polars_ensure!(c.n_genes() == n_genes, ComputeError: "clip has {} genes, the fit {n_genes}", c.n_genes());
@@ -430,6 +435,7 @@ impl CovarianceFit {
         Ok(CovarianceFit { acc: CovAccumulator::with_device(n_genes, device)?, clip })
     }
 
+    /// Cells added so far.
     pub fn n_cells(&self) -> u64 {
         self.acc.n_cells()
     }
@@ -502,7 +508,12 @@ pub struct CentroidSampleFit {
 /// [`CentroidSampleFit::finish`]'s options.
 #[derive(Debug, Clone)]
 pub struct CentroidOptions {
+    /// The k-means settings of every batch's fit (`n_centroids` is the most
+    /// a batch gets).
     pub params: KMeansParams,
+    /// At most one centroid per this many sampled cells of a batch, but not
+    /// fewer than [`MIN_CENTROIDS_PER_BATCH`](super::MIN_CENTROIDS_PER_BATCH)
+    /// (or `n_centroids`, if that is fewer).
     pub min_cells_per_centroid: usize,
 }
 
@@ -525,14 +536,17 @@ impl CentroidSampleFit {
         Ok(CentroidSampleFit { cap: max_samples_per_batch, d, seed: random_state, first_row, n_rows: 0, samplers: BTreeMap::new() })
     }
 
+    /// Rows added to this state (from `first_row` on).
     pub fn n_rows(&self) -> u64 {
         self.n_rows
     }
 
+    /// The embedding's width.
     pub fn d(&self) -> usize {
         self.d
     }
 
+    /// The sampling seed (`random_state`).
     pub fn seed(&self) -> u64 {
         self.seed
     }

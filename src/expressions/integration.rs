@@ -61,14 +61,18 @@ impl InterpolationModel {
         Ok(InterpolationModel { d, batches, lookup, per_batch, pooled })
     }
 
+    /// The centroids' width (the embedding's number of components).
     pub fn d(&self) -> usize {
         self.d
     }
 
+    /// Number of centroids over all batches (the model's rows).
     pub fn n_centroids(&self) -> usize {
         self.pooled.len()
     }
 
+    /// The distinct batch labels, in order of first appearance in the model's
+    /// rows (empty for a model without labels).
     pub fn batches(&self) -> &[String] {
         &self.batches
     }
@@ -206,8 +210,11 @@ pub fn knn(embedding: &Series, model: &InterpolationModel, k: usize, device: Dev
 /// order, and the kernel's record of the passes.
 #[derive(Debug)]
 pub struct IntegrationOutput {
+    /// Each centroid's displacement, `Array(Float32, d)`, in the input's row order.
     pub displacement: Series,
+    /// The batch names in code order (sorted as `psc.metrics` sorts them).
     pub batches: Vec<String>,
+    /// The kernel's fit: the displacements again, and each pass's record.
     pub fit: IntegrationFit,
 }
 

@@ -313,8 +313,11 @@ pub(crate) fn centroid_sample_update(
 
 /// One batch's k-means on its sample, with masses scaled to its full size.
 pub struct BatchCentroids {
+    /// Cells of the batch in the data (rows seen, not only those sampled).
     pub n_cells: u64,
+    /// Cells of the batch in the sample k-means ran on.
     pub n_sampled: usize,
+    /// The k-means fit, its masses scaled by n_cells / n_sampled.
     pub fit: KMeansFit,
 }
 

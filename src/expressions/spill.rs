@@ -29,17 +29,22 @@ pub struct SpillSampleFit {
 }
 
 impl SpillSampleFit {
+    /// The fit's name in errors.
     pub const KIND: &'static str = "SpillSampleFit";
 
+    /// An empty sampler of at most `max_samples_per_batch` rows per batch of a
+    /// `d`-wide embedding, keyed by `random_state` (as `CentroidSampleFit`).
     pub fn new(d: usize, max_samples_per_batch: usize, random_state: u64) -> PolarsResult<Self> {
         polars_ensure!(max_samples_per_batch > 0 && d > 0, ComputeError: "max_samples_per_batch and the embedding width must be at least 1");
         Ok(SpillSampleFit { cap: max_samples_per_batch, d, seed: random_state, n_rows: 0, cuts: BTreeMap::new(), samples: None, pass_rows: 0 })
     }
 
+    /// Rows read in pass one.
     pub fn n_rows(&self) -> u64 {
         self.n_rows
     }
 
+    /// The embedding's width.
     pub fn d(&self) -> usize {
         self.d
     }

@@ -65,6 +65,7 @@ impl TokenMap {
         Ok(TokenMap { n_genes: tokens.len(), lookup })
     }
 
+    /// Number of genes: the vocabulary's length (gene indices run `0..n_genes`).
     pub fn n_genes(&self) -> usize {
         self.n_genes
     }
@@ -97,7 +98,9 @@ pub enum Genes<'a> {
 /// One cell as published: gene ids and their values, same length.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct TokenRow<'a> {
+    /// The cell's gene ids (token ids or gene indices), in any order.
     pub genes: &'a [i64],
+    /// The value of each id, in the same order.
     pub values: &'a [f32],
 }
 

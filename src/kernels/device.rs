@@ -7,10 +7,13 @@ use std::str::FromStr;
 
 use crate::error::KernelError;
 
+/// The device a kernel runs on, parsed from `device="cpu"` / `"cuda"`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Device {
+    /// The CPU, over the rayon pool (the default).
     #[default]
     Cpu,
+    /// The process's first NVIDIA GPU (GPU 0); needs the `cuda` feature and a driver.
     Cuda,
 }
 

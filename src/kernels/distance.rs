@@ -27,25 +27,32 @@ pub const TASK_ROWS: usize = 4096;
 /// Centres in row-major order with their squared norms.
 #[derive(Debug, Clone)]
 pub struct Centres<'a> {
+    /// The centres' values, row-major (len × d).
     pub data: &'a [f32],
+    /// Values per centre (the embedding's width).
     pub d: usize,
+    /// Each centre's squared norm ‖c‖² in float32 ([`sq_norm`]), in centre order.
     pub norms: Vec<f32>,
 }
 
 impl<'a> Centres<'a> {
+    /// Borrow `data` (row-major, `d` wide) and compute its squared norms.
     pub fn new(data: &'a [f32], d: usize) -> Self {
         let norms = data.chunks_exact(d).map(sq_norm).collect();
         Centres { data, d, norms }
     }
 
+    /// Number of centres.
     pub fn len(&self) -> usize {
         self.norms.len()
     }
 
+    /// Whether there are no centres.
     pub fn is_empty(&self) -> bool {
         self.norms.is_empty()
     }
 
+    /// Centre `j`'s `d` values.
     pub fn row(&self, j: usize) -> &'a [f32] {
         &self.data[j * self.d..(j + 1) * self.d]
     }

@@ -30,10 +30,17 @@ pub enum Transform {
 /// Running sums for one batch: n cells, Σ t(x) and Σ t(x)² per gene.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct GeneStats {
+    /// What t is: the transform applied to each value before it is summed.
     pub transform: Transform,
+    /// Cells added so far.
     pub n_cells: u64,
+    /// Σ t(x) per gene.
     pub sum: Vec<f64>,   // (n_genes,)
+    /// Σ t(x)² per gene, each square taken in float32 except for
+    /// [`Transform::Exact`].
     pub sumsq: Vec<f64>, // (n_genes,)
+    /// Cells whose entry for the gene is non-zero (stored zeros do not
+    /// count), per gene.
     pub nnz: Vec<u64>,   // (n_genes,) cells with a non-zero entry
     /// Entries that are not whole numbers ≥ 0 (seurat_v3 expects counts;
     /// scanpy's check counts -0.0 too).
@@ -41,6 +48,7 @@ pub struct GeneStats {
 }
 
 impl GeneStats {
+    /// Empty sums over `n_genes` genes, of values transformed by `transform`.
     pub fn new(n_genes: usize, transform: Transform) -> Self {
         GeneStats { transform, n_cells: 0, sum: vec![0.0; n_genes], sumsq: vec![0.0; n_genes], nnz: vec![0; n_genes], non_integer: 0 }
     }
@@ -192,12 +200,17 @@ fn add_into(a: &mut [f64], b: &[f64]) {
 /// nothing (clip values are ≥ the mean ≥ 0), so the sparse entries suffice.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct ClippedSums {
+    /// Each gene's clip value, `mean + sqrt(n)·σ` of its batch
+    /// ([`super::seurat::v3_clip`]).
     pub clip: Vec<f64>,  // (n_genes,)
+    /// Σ min(x, clip) per gene.
     pub sum: Vec<f64>,   // (n_genes,)
+    /// Σ min(x, clip)² per gene.
     pub sumsq: Vec<f64>, // (n_genes,)
 }
 
 impl ClippedSums {
+    /// Empty sums for the genes of `clip`, one clip value per gene.
     pub fn new(clip: Vec<f64>) -> Self {
         let n = clip.len();
         ClippedSums { clip, sum: vec![0.0; n], sumsq: vec![0.0; n] }
@@ -210,6 +223,9 @@ impl ClippedSums {
         add_into(&mut self.sumsq, &later.sumsq);
     }
 
+    /// Add one cell: each entry, clipped at its gene's value, to that gene's
+    /// sums (cells are counted by [`GeneStats`]). Rows must be validated
+    /// against the number of genes first.
     pub fn add(&mut self, row: SparseRow<'_>) {
         for (&g, &v) in row.gene_idx.iter().zip(row.values) {
             let g = g as usize;

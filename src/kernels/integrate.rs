@@ -8,7 +8,7 @@
 //! points go in, and what the algorithm needs of the plan comes out (row and
 //! column masses, each row's barycentric image Σ_j P_ij y_j and each column's
 //! pull Σ_i P_ij x_i). The cost matrix and the plan live only inside
-//! [`transport`], one batch at a time.
+//! `transport`, one batch at a time.
 //!
 //! Determinism: every sum runs in a fixed order (parallel loops split fixed
 //! blocks; GEMMs are sequential inside a block), the reference reduction's
@@ -60,21 +60,42 @@ pub enum Reference {
     Batch(usize),
 }
 
+/// Options of [`fit_integration`]; `polars_singlecell.fit_integration`'s
+/// docstring says what each one trades.
 #[derive(Debug, Clone)]
 pub struct IntegrationParams {
+    /// What the batches are moved onto (default: the barycentre).
     pub reference: Reference,
     /// Entropic blur, in units of the pass's cost unit.
     pub epsilon: f64,
     /// Price of creating or destroying mass (KL weight); infinite = balanced.
     pub reg_m: f64,
+    /// Rounds per pass (default 3): each solves every batch against the
+    /// reference; between rounds a barycentre's points move to the mean of
+    /// what they received.
     pub n_rounds: usize,
+    /// Passes run before the fit may stop because the batches no longer
+    /// approach (default 2).
     pub min_passes: usize,
+    /// Passes at most (default 10).
     pub max_passes: usize,
+    /// Sinkhorn iterations per solve at most (default 2000).
     pub max_iter: usize,
+    /// Sinkhorn's stopping tolerance, relative to the largest potential
+    /// (default 1e-4; see [`SinkhornParams`]).
     pub tol: f64,
+    /// Neighbourhood size of the displacement smoothing, the centroid itself
+    /// included (default 15).
     pub n_neighbors: usize,
+    /// Smoothing steps over each batch's centroid kNN graph (default 2; 0:
+    /// no smoothing).
     pub smooth_steps: usize,
+    /// Cap on the reference's points (default 4096): a barycentre takes at
+    /// most `n_reference / B` per batch, a reference batch `n_reference`;
+    /// more are reduced by weighted k-means.
     pub n_reference: usize,
+    /// Seed of the weighted k-means that reduces the reference (Python's
+    /// `random_state`).
     pub seed: u64,
 }
 
@@ -108,6 +129,7 @@ pub enum PassKind {
 }
 
 impl PassKind {
+    /// The kind's name as the metrics report it: "translate" or "local".
     pub fn as_str(self) -> &'static str {
         match self {
             PassKind::Translate => "translate",
@@ -119,11 +141,15 @@ impl PassKind {
 /// One Sinkhorn solve of a batch against the reference.
 #[derive(Debug, Clone)]
 pub struct SolveRecord {
+    /// The pass, counted from 0.
     pub pass: usize,
+    /// The round within the pass, counted from 0.
     pub round: usize,
     /// The batch's code.
     pub batch: usize,
+    /// Sinkhorn iterations run.
     pub iterations: usize,
+    /// Whether the solve reached `tol` within `max_iter` iterations.
     pub converged: bool,
     /// The last iteration's largest potential change (relative).
     pub delta: f64,
@@ -131,13 +157,17 @@ pub struct SolveRecord {
     pub marginal_error: f64,
 }
 
+/// What [`fit_integration`] returns: the displacements and how the passes went.
 #[derive(Debug, Clone)]
 pub struct IntegrationFit {
     /// Row-major, one row per input centroid.
     pub displacement: Vec<f32>,
     /// Each pass's cost unit.
     pub scales: Vec<f64>,
+    /// Each pass's kind, in pass order.
     pub passes: Vec<PassKind>,
+    /// One record per solve of a batch against the reference, in solve
+    /// order (the batches' maps onto themselves are not recorded).
     pub convergence: Vec<SolveRecord>,
 }
 

@@ -19,6 +19,7 @@ use super::rng::Rng;
 use super::{gpu, Device};
 use crate::error::KernelError;
 
+/// Options of [`kmeans`].
 #[derive(Debug, Clone)]
 pub struct KMeansParams {
     /// Centres wanted; fewer come back when the input has fewer distinct rows.
@@ -28,6 +29,8 @@ pub struct KMeansParams {
     /// Stop when the summed squared centre shift of an iteration is at most
     /// `tol × mean per-feature variance` (scikit-learn's relative tolerance).
     pub tol: f64,
+    /// Seed of every random draw: the k-means++ seeding and the subsample
+    /// order.
     pub seed: u64,
     /// Rows seeded by k-means++ (default: all rows up to max(3·K, 10 000)).
     pub init_size: Option<usize>,
@@ -38,13 +41,18 @@ pub struct KMeansParams {
 }
 
 impl KMeansParams {
+    /// `n_centroids` centres with the defaults: scikit-learn's `max_iter`
+    /// (300) and `tol` (1e-4), seed 0, the default `init_size`, 3 warm-up
+    /// iterations per subsample, on the CPU.
     pub fn new(n_centroids: usize) -> Self {
         KMeansParams { n_centroids, max_iter: 300, tol: 1e-4, seed: 0, init_size: None, warm_iter: 3, device: Device::Cpu }
     }
 }
 
+/// What [`kmeans`] returns.
 #[derive(Debug, Clone)]
 pub struct KMeansFit {
+    /// Width of the rows and centres.
     pub d: usize,
     /// (k, d) row-major; `k ≤ n_centroids`.
     pub centroids: Vec<f32>,
@@ -63,6 +71,7 @@ pub struct KMeansFit {
 }
 
 impl KMeansFit {
+    /// Number of centres returned (`k`, at most the `n_centroids` asked for).
     pub fn n_centroids(&self) -> usize {
         self.mass.len()
     }

@@ -72,14 +72,17 @@ impl CentroidIndex {
         })
     }
 
+    /// Width of the centres.
     pub fn d(&self) -> usize {
         self.d
     }
 
+    /// Number of centres.
     pub fn len(&self) -> usize {
         self.norms.len()
     }
 
+    /// Whether the index holds no centre.
     pub fn is_empty(&self) -> bool {
         self.norms.is_empty()
     }

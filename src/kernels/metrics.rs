@@ -104,7 +104,7 @@ pub fn lisi(
 }
 
 /// Connected components of the undirected graph on `n` nodes with edges
-/// (src[e], dst[e]): each node's component is named by its smallest member,
+/// `(src[e], dst[e])`: each node's component is named by its smallest member,
 /// so the labelling is unique whatever the edge order.
 pub fn components(n: usize, src: &[u32], dst: &[u32]) -> Result<Vec<u32>, KernelError> {
     if src.len() != dst.len() {

@@ -82,7 +82,9 @@ pub fn scoped_for_each<T: Send>(items: Vec<T>, f: impl Fn(T) + Sync) {
 /// One cell's sparse counts: sorted 0-based gene indices and matching values.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct SparseRow<'a> {
+    /// The cell's gene indices, 0-based and strictly increasing.
     pub gene_idx: &'a [u32],
+    /// The value of each gene, in the same order.
     pub values: &'a [f32],
 }
 

@@ -25,6 +25,7 @@ pub struct SinkhornParams {
     pub epsilon: f64,
     /// Marginal relaxation ρ (KL penalty weight); `f64::INFINITY` = balanced.
     pub reg_m: f64,
+    /// Iterations at most; the fit says whether `tol` was reached.
     pub max_iter: usize,
     /// Stop when no dual potential (in units of ε) moves by more than this
     /// times the largest potential (or 1, if all are smaller).
@@ -34,9 +35,13 @@ pub struct SinkhornParams {
 /// The dual potentials (in units of ε: φ = ln u, ψ = ln v) and how the solve went.
 #[derive(Debug, Clone)]
 pub struct SinkhornFit {
+    /// Row potentials φ, one per source point (`a.len()`).
     pub phi: Vec<f64>,
+    /// Column potentials ψ, one per target point (`b.len()`).
     pub psi: Vec<f64>,
+    /// Iterations run.
     pub iterations: usize,
+    /// Whether `delta` fell below `tol` within `max_iter` iterations.
     pub converged: bool,
     /// The last iteration's largest potential change.
     pub delta: f64,

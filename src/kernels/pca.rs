@@ -36,10 +36,18 @@ pub struct CovAccumulator {
 /// A fitted PCA, in scikit-learn's conventions.
 #[derive(Debug, Clone)]
 pub struct PcaFit {
+    /// Number of cells the PCA was fitted on.
     pub n_cells: u64,
+    /// Each gene's mean over those cells (scikit-learn's `mean_`): the PCA's
+    /// centre, before the scaling by `std` where there is one (a clipped
+    /// fit's is the scaled genes' mean).
     pub mean: Vec<f64>,                     // (n_genes,)
+    /// The axes, largest variance first, one per row, each signed as
+    /// `svd_flip` (scikit-learn's `components_`).
     pub components: Mat<f64>,               // (n_comps, n_genes)
+    /// The variance along each axis: the covariance's eigenvalues, clamped at 0.
     pub explained_variance: Vec<f64>,       // (n_comps,)
+    /// Each axis's share of the total variance (0 when the total is 0).
     pub explained_variance_ratio: Vec<f64>, // (n_comps,)
     /// With `scale`: each gene's standard deviation (ddof=1; 1 where it is
     /// 0, as `sc.pp.scale`), the axes being those of the scaled genes.
@@ -90,6 +98,7 @@ impl Clip {
         Ok(Clip { mean, std, max_value, zero_center, at_zero })
     }
 
+    /// Number of genes it scales.
     pub fn n_genes(&self) -> usize {
         self.mean.len()
     }
@@ -179,6 +188,7 @@ fn gram_tile_add(tile: &mut [f64], g: usize, lo: usize, r: &SparseRow<'_>, a0: u
 }
 
 impl CovAccumulator {
+    /// An empty accumulator for cells of `n_genes` genes, on the CPU.
     pub fn new(n_genes: usize) -> Result<Self, KernelError> {
         Self::with_device(n_genes, Device::Cpu)
     }
@@ -210,10 +220,12 @@ impl CovAccumulator {
         })
     }
 
+    /// Cells added so far.
     pub fn n_cells(&self) -> u64 {
         self.n_cells
     }
 
+    /// Genes per cell: the covariance is n_genes × n_genes.
     pub fn n_genes(&self) -> usize {
         self.n_genes
     }
@@ -449,7 +461,9 @@ impl PcaFit {
 /// each non-zero entry adds one contiguous row.
 #[derive(Debug, Clone)]
 pub struct PcaProjector {
+    /// Genes the model was fitted on; rows must be validated against it.
     pub n_genes: usize,
+    /// Components per projected row.
     pub n_comps: usize,
     loadings: Vec<f32>, // (n_genes, n_comps): componentsᵀ
     offset: Vec<f32>,   // (n_comps,): mean · componentsᵀ
@@ -521,6 +535,7 @@ impl PcaProjector {
         }
     }
 
+    /// The projector of a fit: its mean, components and, for a scaled fit, std.
     pub fn from_fit(fit: &PcaFit) -> Result<Self, KernelError> {
         Self::new(&fit.mean, &fit.components_row_major(), fit.components.nrows(), fit.std.as_deref())
     }

@@ -24,6 +24,8 @@ pub struct Rng {
 }
 
 impl Rng {
+    /// A generator for `seed`: the state is four successive SplitMix64
+    /// outputs, as xoshiro's authors recommend.
     pub fn new(seed: u64) -> Self {
         let mut z = seed;
         let mut s = [0u64; 4];
@@ -34,6 +36,7 @@ impl Rng {
         Rng { s }
     }
 
+    /// The next 64 random bits of the stream.
     pub fn next_u64(&mut self) -> u64 {
         let s = &mut self.s;
         let out = s[0].wrapping_add(s[3]).rotate_left(23).wrapping_add(s[0]);

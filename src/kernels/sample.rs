@@ -8,6 +8,8 @@ use std::collections::BinaryHeap;
 
 use super::rng::hash64;
 
+/// A bottom-k sample of at most `cap` rows of `d` values each, kept in
+/// memory with their row numbers.
 #[derive(Debug, Clone)]
 pub struct BottomK {
     cap: usize,
@@ -28,6 +30,7 @@ pub struct BottomK {
 const BLOCK: usize = 8192;
 
 impl BottomK {
+    /// An empty sample of at most `cap` rows, each `d` values wide, keyed by `seed`.
     pub fn new(cap: usize, d: usize, seed: u64) -> Self {
         BottomK { cap, d, seed, n_seen: 0, heap: BinaryHeap::new(), blocks: Vec::new() }
     }
@@ -42,14 +45,17 @@ impl BottomK {
         &self.blocks[slot / BLOCK][off..off + self.d]
     }
 
+    /// Values per row.
     pub fn d(&self) -> usize {
         self.d
     }
 
+    /// The most rows the sample keeps.
     pub fn cap(&self) -> usize {
         self.cap
     }
 
+    /// The seed the rows' keys are hashed with.
     pub fn seed(&self) -> u64 {
         self.seed
     }
@@ -136,6 +142,7 @@ pub struct KeyCut {
 }
 
 impl KeyCut {
+    /// An empty cut of at most `cap` rows, keyed by `seed`.
     pub fn new(cap: usize, seed: u64) -> Self {
         KeyCut { cap, seed, n_seen: 0, heap: BinaryHeap::new() }
     }
@@ -180,6 +187,7 @@ impl KeyCut {
         }
     }
 
+    /// Finish pass one: the rule that picks the kept rows in pass two.
     pub fn cut(&self) -> Cut {
         // Fewer rows than the cap: every row (cap 0: none, `keeps` checks n_kept).
         let max = match self.heap.peek() {
@@ -196,11 +204,14 @@ pub struct Cut {
     seed: u64,
     /// The largest kept (key, row); every row at or below it is kept.
     max: (u64, u64),
+    /// Rows the cut keeps (at most the cap).
     pub n_kept: usize,
+    /// Rows offered in pass one.
     pub n_seen: u64,
 }
 
 impl Cut {
+    /// Whether the row with global row number `row` is in the sample.
     pub fn keeps(&self, row: u64) -> bool {
         self.n_kept > 0 && (hash64(self.seed, row), row) <= self.max
     }

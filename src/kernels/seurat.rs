@@ -18,9 +18,14 @@
 /// The cut-offs used when no `n_top_genes` is given.
 #[derive(Debug, Clone, Copy)]
 pub struct Cutoffs {
+    /// A gene's `log1p` mean must be above this (default 0.0125).
     pub min_mean: f64,
+    /// A gene's `log1p` mean must be below this (default 3).
     pub max_mean: f64,
+    /// A gene's normalised dispersion, NaN counted as 0, must be above this
+    /// (default 0.5).
     pub min_disp: f64,
+    /// A gene's normalised dispersion must be below this (default ∞).
     pub max_disp: f64,
 }
 
@@ -38,7 +43,13 @@ pub struct Single {
     pub means: Vec<f64>,
     /// `ln(var / mean)` (NaN where it is 0).
     pub dispersions: Vec<f64>,
+    /// (dispersion − its bin's mean) / its bin's std (ddof=1), the bins of
+    /// equal width on `means`: 1 where the bin holds no other gene of defined
+    /// dispersion, NaN where the dispersion is NaN or the bin's std is 0.
     pub dispersions_norm: Vec<f64>,
+    /// Selected: the `n_top_genes` largest `dispersions_norm` (ties at the
+    /// cut all kept), or, without `n_top_genes`, the genes within the
+    /// [`Cutoffs`].
     pub highly_variable: Vec<bool>,
 }
 
@@ -154,18 +165,35 @@ pub fn seurat_single(mean: &[f64], var: &[f64], n_bins: usize, n_top_genes: Opti
 /// The ranking over batches, per gene (scanpy's `batch_key` path).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Batched {
+    /// Mean over batches of the batches' `means` (0 in a batch that does not
+    /// express the gene).
     pub means: Vec<f64>,
+    /// Mean over batches of the batches' `dispersions`, NaN skipped (0 in a
+    /// batch that does not express the gene).
     pub dispersions: Vec<f64>,
+    /// Mean over batches of the batches' `dispersions_norm`, NaN skipped;
+    /// without `n_top_genes`, a NaN left is then set to 0 (as scanpy).
     pub dispersions_norm: Vec<f64>,
+    /// Selected: the `n_top_genes` first by `nbatches` then
+    /// `dispersions_norm`, both descending, or, without `n_top_genes`, the
+    /// genes within the [`Cutoffs`].
     pub highly_variable: Vec<bool>,
+    /// Number of batches in which the gene is highly variable (scanpy's
+    /// `highly_variable_nbatches`).
     pub nbatches: Vec<i64>,
+    /// Highly variable in every batch (scanpy's
+    /// `highly_variable_intersection`).
     pub intersection: Vec<bool>,
 }
 
 /// One batch's statistics: per gene mean, var and the cells expressing it.
 pub struct BatchStats<'a> {
+    /// Mean of `expm1(x)` per gene.
     pub mean: &'a [f64],
+    /// Variance (ddof=1) of `expm1(x)` per gene.
     pub var: &'a [f64],
+    /// Cells with a non-zero entry per gene: a gene at 0 is left out of
+    /// this batch's ranking.
     pub nnz: &'a [u64],
 }
 
@@ -266,11 +294,15 @@ pub fn v3_clip(n_cells: u64, mean: &[f64], reg_std: &[f64]) -> Vec<f64> {
 
 /// One batch of seurat_v3's second pass.
 pub struct V3Batch<'a> {
+    /// Cells in the batch.
     pub n_cells: u64,
+    /// Mean of the raw counts per gene (the first pass).
     pub mean: &'a [f64],
+    /// Expected standard deviation per gene ([`v3_reg_std`]).
     pub reg_std: &'a [f64],
-    /// Σ min(x, clip) and Σ min(x, clip)² per gene.
+    /// Σ min(x, clip) per gene ([`super::hvg::ClippedSums`]).
     pub sum: &'a [f64],
+    /// Σ min(x, clip)² per gene.
     pub sumsq: &'a [f64],
 }
 
@@ -282,7 +314,10 @@ pub struct V3 {
     /// The median over batches of the gene's rank (0 = most variable)
     /// where it is among the top `n_top_genes`; NaN where it is in none.
     pub rank: Vec<f32>,
+    /// Number of batches that rank the gene among their top `n_top_genes`.
     pub nbatches: Vec<i64>,
+    /// Selected: the `n_top_genes` first by `rank` (NaN last), then
+    /// `nbatches` descending, then gene index.
     pub highly_variable: Vec<bool>,
 }
 

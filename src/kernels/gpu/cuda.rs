@@ -685,38 +685,58 @@ pub fn status() -> Result<String, KernelError> {
     gpu().map(|g| g.describe())
 }
 
+/// Upload an index's centres (m × d, row-major), their squared norms ‖c‖²
+/// (m) and, for `knn_interpolate`, their displacements (m × d); the handle
+/// is kept with the index.
 pub fn upload_centres(centres: &[f32], norms: &[f32], displacement: Option<&[f32]>, d: usize) -> Result<DeviceCentres, KernelError> {
     gpu()?.upload_centres(centres, norms, displacement, d)
 }
 
+/// Whether [`search_each`] can also re-rank and gather on the GPU (CUDA
+/// started and the gather kernel compiled).
 pub fn gathers() -> bool {
     gpu().is_ok_and(|g| g.gathers())
 }
 
+/// For each row of `x` (row-major, as wide as the centres): the `cap`
+/// (at most 64) centres with the smallest float32 ‖c‖² − 2x·c, ascending
+/// (ties to the lower index). Returns n × cap indices.
 pub fn candidates(x: &[f32], c: &DeviceCentres, cap: usize) -> Result<Vec<u32>, KernelError> {
     gpu()?.candidates(x, c, cap)
 }
 
+/// [`candidates`] block by block: `each(first_row, block)` runs on the CPU,
+/// in row order, while the GPU searches the next block. With
+/// `gather = Some(k)` (centres uploaded with displacements, [`gathers`]
+/// true) each block is the moved rows ([`Block::Moved`]) instead.
 pub fn search_each(x: &[f32], c: &DeviceCentres, cap: usize, gather: Option<usize>, each: impl FnMut(usize, Block<'_>)) -> Result<(), KernelError> {
     gpu()?.search_each(x, c, cap, gather, each)
 }
 
+/// Upload a PCA model's loadings (n_genes × k, gene-major) and offset (k)
+/// for [`project`]; the handle is kept with the model.
 pub fn upload_loadings(loadings: &[f32], offset: &[f32], k: usize) -> Result<DeviceLoadings, KernelError> {
     gpu()?.upload_loadings(loadings, offset, k)
 }
 
+/// `pca_project` on the GPU: each row (validated against the model's genes)
+/// times the loadings, minus the offset; n × k row-major, bit-identical to
+/// the CPU.
 pub fn project(rows: &[SparseRow<'_>], m: &DeviceLoadings) -> Result<Vec<f32>, KernelError> {
     gpu()?.project(rows, m)
 }
 
+/// A zeroed n_genes × n_genes XᵀX accumulator on the device (`fit_pca`).
 pub fn new_gram(n_genes: usize) -> Result<DeviceGram, KernelError> {
     gpu()?.new_gram(n_genes)
 }
 
+/// `acc += XᵀX` for validated rows (gene indices < n_genes).
 pub fn add_gram(acc: &mut DeviceGram, rows: &[SparseRow<'_>]) -> Result<(), KernelError> {
     gpu()?.add_gram(acc, rows)
 }
 
+/// The accumulated XᵀX, row-major n_genes × n_genes (symmetric).
 pub fn read_gram(acc: &DeviceGram) -> Result<Vec<f64>, KernelError> {
     gpu()?.read_gram(acc)
 }

@@ -26,6 +26,10 @@ pub use backend::{
 /// One block of a [`search_each`]: candidate indices (rows × cap) or the
 /// moved rows (rows × d).
 pub enum Block<'a> {
+    /// Each row's `cap` candidate centre indices, ascending by ‖c‖² − 2x·c
+    /// (rows × cap).
     Candidates(&'a [u32]),
+    /// Each row moved by its k nearest centres' weighted displacements, as
+    /// `knn::interpolate` writes it (rows × d).
     Moved(&'a [f32]),
 }

@@ -24,6 +24,24 @@ const INTEGRATION_FORMAT: u64 = 1;
 
 /// A fitted PCA in scikit-learn's conventions (Python's `PcaModel`):
 /// `components` is `n_comps × n_genes`, row-major.
+///
+/// ```
+/// use polars::prelude::*;
+/// use polars_singlecell::prelude::*;
+///
+/// # fn main() -> PolarsResult<()> {
+/// let cells = df!(
+///     "gene_idx" => [Series::new("".into(), [0u32, 1]), Series::new("".into(), [1u32, 2]), Series::new("".into(), [0u32, 2])],
+///     "values" => [Series::new("".into(), [1f32, 2.0]), Series::new("".into(), [3f32, 1.0]), Series::new("".into(), [2f32, 5.0])],
+/// )?;
+/// let model = fit_pca(cells.lazy(), 3, &FitPcaOptions { n_comps: 2, ..Default::default() })?;
+/// // The file Python's `PcaModel.load` reads, and back: the same numbers, bit for bit.
+/// let path = std::env::temp_dir().join(format!("psc-doc-pca-{}.parquet", std::process::id()));
+/// model.write_parquet(&path)?;
+/// assert_eq!(PcaModel::read_parquet(&path)?, model);
+/// # std::fs::remove_file(&path)?;
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone, PartialEq)]
 pub struct PcaModel {
     /// Each gene's mean over the fitted cells (`n_genes`).
@@ -167,6 +185,31 @@ impl PcaModel {
 /// A fitted integration, one row per centroid (Python's `IntegrationModel`):
 /// the batch column, `centroid` and `displacement` (`Array(Float32, d)`),
 /// and any other columns (`mass`, `centroid_id`).
+///
+/// ```
+/// use polars::prelude::*;
+/// use polars_singlecell::prelude::*;
+///
+/// # fn main() -> PolarsResult<()> {
+/// // Two centroids of plate2 move by (1, 0); plate1 stays.
+/// let vectors = |v: [[f32; 2]; 3], name: &str| -> PolarsResult<Series> {
+///     let rows: Vec<Series> = v.iter().map(|r| Series::new("".into(), r)).collect();
+///     Series::new(name.into(), rows).cast(&DataType::Array(Box::new(DataType::Float32), 2))
+/// };
+/// let table = DataFrame::new_infer_height(vec![
+///     Series::new("batch".into(), ["plate1", "plate2", "plate2"]).into(),
+///     vectors([[0.0, 0.0], [-1.0, 0.0], [-1.0, 1.0]], "centroid")?.into(),
+///     vectors([[0.0, 0.0], [1.0, 0.0], [1.0, 0.0]], "displacement")?.into(),
+/// ])?;
+/// let model = IntegrationModel::new(table, Some("batch"), Default::default())?;
+/// let cells = df!("batch" => ["plate2"])?
+///     .lazy()
+///     .with_column(lit(Series::new("".into(), [Series::new("".into(), [-1f32, 0.5])])).cast(DataType::Array(Box::new(DataType::Float32), 2)).alias("X_pca"));
+/// let out = cells.with_columns([knn_interpolate(col("X_pca"), col("batch"), model.interpolation()?, InterpolateOptions { k: 2, ..Default::default() })]).collect()?;
+/// let moved = out.column("X_ot")?.array()?.get_as_series(0).unwrap();
+/// assert_eq!(moved.f32()?.to_vec(), [Some(0.0), Some(0.5)]);
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone)]
 pub struct IntegrationModel {
     /// One row per centroid: `batch_key`, `centroid`, `displacement`, and any others.

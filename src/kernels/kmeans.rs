@@ -66,7 +66,8 @@ pub struct KMeansFit {
     pub inertia_history: Vec<f64>,
     /// Lloyd iterations on all rows.
     pub n_iter: usize,
-    /// The last iteration moved no label or moved the centres less than `tol`.
+    /// The last iteration moved no label, or the centres moved at most `tol`
+    /// (already scaled by the mean per-feature variance, as scikit-learn's).
     pub converged: bool,
 }
 

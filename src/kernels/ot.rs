@@ -43,7 +43,7 @@ pub struct SinkhornFit {
     pub iterations: usize,
     /// Whether `delta` fell below `tol` within `max_iter` iterations.
     pub converged: bool,
-    /// The last iteration's largest potential change.
+    /// The last iteration's largest potential change, relative to max(1, the largest |potential|).
     pub delta: f64,
 }
 

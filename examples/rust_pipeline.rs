@@ -3,7 +3,7 @@
 //! interpolate → sink Parquet, lazily and streaming.
 //!
 //!     cargo run --features lazy --example rust_pipeline                 # generated cells
-//!     cargo run --features lazy --example rust_pipeline -- CELLS PSC OUT
+//!     cargo run --features lazy --example rust_pipeline -- CELLS PSC OUT [PARTITION_ROWS]
 //!
 //! With arguments it runs on `CELLS` (a folder of the layout's Parquet:
 //! `gene_idx`, `values`, `batch`, its genes table beside it) with
@@ -14,7 +14,8 @@
 //! `X_ot`), and `cells_psc_models.parquet`: the cells projected and moved
 //! with the models and genes Python wrote in `PSC` (`psc.integrate`'s output).
 //! `tests/test_rust_pipeline.py` runs it and compares every file with
-//! `psc.integrate`'s.
+//! `psc.integrate`'s. `PARTITION_ROWS` (default [`PARTITION_ROWS`]): the
+//! HVG and PCA fits' partitions, to compare with Python's at another size.
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -31,22 +32,27 @@ fn main() -> PolarsResult<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.as_slice() {
         [] => generated(),
-        [cells, psc, out] => {
+        [cells, psc, out, rest @ ..] if rest.len() <= 1 => {
+            let partition_rows = match rest.first() {
+                Some(r) => r.parse().map_err(|_| polars_err!(InvalidOperation: "PARTITION_ROWS must be a whole number, got {r}"))?,
+                None => PARTITION_ROWS,
+            };
             std::fs::create_dir_all(out)?;
             let n_genes = n_genes_of(Path::new(cells))?;
-            let hvg = highly_variable_genes(counts(Path::new(cells))?, n_genes, &HvgOptions { batch_key: Some("batch".into()), ..Default::default() })?;
+            let hvg_options = HvgOptions { batch_key: Some("batch".into()), partition_rows, ..Default::default() };
+            let hvg = highly_variable_genes(counts(Path::new(cells))?, n_genes, &hvg_options)?;
             write(hvg.clone(), &Path::new(out).join("genes.parquet"))?;
             // flavor seurat_v3 on the raw counts (two passes), as psc.highly_variable_genes(n_top_genes=100, flavor="seurat_v3").
-            let v3 = HvgOptions { n_top_genes: Some(100), batch_key: Some("batch".into()), flavor: Flavor::SeuratV3 { span: 0.3 }, ..Default::default() };
+            let v3 = HvgOptions { n_top_genes: Some(100), flavor: Flavor::SeuratV3 { span: 0.3 }, ..hvg_options };
             write(highly_variable_genes(scan_parquet(cells)?, n_genes, &v3)?, &Path::new(out).join("genes_v3.parquet"))?;
             let genes = highly_variable(&hvg)?;
             // psc.fit_pca(scale=True, max_value=10) on the same cells: the clipped fit's two passes.
-            let clipped = FitPcaOptions { n_comps: N_COMPS.min(genes.len()), scale: true, max_value: Some(10.0), ..Default::default() };
+            let clipped = FitPcaOptions { n_comps: N_COMPS.min(genes.len()), scale: true, max_value: Some(10.0), partition_rows, ..Default::default() };
             fit_pca(selected(Path::new(cells), genes.clone())?, genes.len(), &clipped)?.write_parquet(Path::new(out).join("pca_clipped.parquet"))?;
-            pipeline(Path::new(cells), genes, Path::new(out))?;
+            pipeline(Path::new(cells), genes, Path::new(out), partition_rows)?;
             with_models(Path::new(cells), Path::new(psc), Path::new(out))
         },
-        _ => polars_bail!(InvalidOperation: "usage: rust_pipeline [CELLS PSC_OUT OUT]"),
+        _ => polars_bail!(InvalidOperation: "usage: rust_pipeline [CELLS PSC_OUT OUT [PARTITION_ROWS]]"),
     }
 }
 
@@ -72,10 +78,10 @@ fn selected(cells: &Path, genes: Arc<[u32]>) -> PolarsResult<LazyFrame> {
         .with_columns([select_genes(col("gene_idx"), col("values"), genes).struct_().field_by_names(["*"])]))
 }
 
-fn pipeline(cells: &Path, genes: Arc<[u32]>, out: &Path) -> PolarsResult<()> {
+fn pipeline(cells: &Path, genes: Arc<[u32]>, out: &Path, partition_rows: u64) -> PolarsResult<()> {
     let n_genes = genes.len();
     let lf = selected(cells, genes)?;
-    let pca = fit_pca(lf.clone(), n_genes, &FitPcaOptions { n_comps: N_COMPS.min(n_genes), ..Default::default() })?;
+    let pca = fit_pca(lf.clone(), n_genes, &FitPcaOptions { n_comps: N_COMPS.min(n_genes), partition_rows, ..Default::default() })?;
     pca.write_parquet(out.join("pca.parquet"))?;
 
     let x_pca = out.join("cells_pca.parquet");
@@ -135,7 +141,7 @@ fn generated() -> PolarsResult<()> {
     let cells = dir.join("cells.parquet");
     ParquetWriter::new(std::fs::File::create(&cells)?).with_row_group_size(Some(500)).finish(&mut df)?;
 
-    pipeline(&cells, (0..g).collect(), &dir)?;
+    pipeline(&cells, (0..g).collect(), &dir, PARTITION_ROWS)?;
     let out = scan_parquet(dir.join("cells.parquet"))?.collect()?;
     println!("{} cells with X_pca and X_ot ({} dimensions)", out.height(), N_COMPS);
     assert_eq!(out.height(), n);

@@ -28,7 +28,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use polars::prelude::*;
-use polars_plan::prelude::FunctionOptions;
+use polars_plan::prelude::{DslPlan, FunctionOptions};
 
 use crate::expressions::fit::{CentroidOptions, CentroidSampleFit, ClippedSumsFit, CovarianceFit, GeneStatsFit, PcaOptions};
 use crate::kernels::hvg::Transform;
@@ -573,6 +573,121 @@ where
     guard.0.take().ok_or_else(|| polars_err!(ComputeError: "a fit's state was taken twice"))
 }
 
+/// A fit's partition at most, in rows (whole row groups): Python's
+/// `PARTITION_ROWS`. See [`fold_fit`].
+pub const PARTITION_ROWS: u64 = 1_000_000;
+
+/// [`stream_fit`] one partition at a time: a fresh state from `make` for
+/// each partition of `lf`'s Parquet scan (consecutive whole row groups, up
+/// to `partition_rows` rows, from the files' footers), merged in row order.
+/// A float64 sum depends on how its terms are grouped; this grouping is
+/// fixed by the data, and Python's fits (locally and on a Dask cluster)
+/// group the same way, so the models agree bit for bit. A plan whose row
+/// slices do not reach one Parquet scan (an in-memory frame, a filter or a
+/// join first) is one stream into one state.
+///
+/// ```
+/// use polars::prelude::*;
+/// use polars_singlecell::prelude::*;
+/// use polars_singlecell::expressions::fit::{GeneStatsFit, StreamingFit};
+/// use polars_singlecell::kernels::hvg::Transform;
+///
+/// # fn main() -> PolarsResult<()> {
+/// let path = std::env::temp_dir().join(format!("psc-doc-fold-{}.parquet", std::process::id()));
+/// let gene_idx: Vec<Series> = (0..10u32).map(|i| Series::new("".into(), [i % 3])).collect();
+/// let values: Vec<Series> = (0..10u32).map(|i| Series::new("".into(), [0.1 * i as f32])).collect();
+/// let mut cells = df!("gene_idx" => gene_idx, "values" => values)?;
+/// let mut file = std::fs::File::create(&path)?;
+/// ParquetWriter::new(&mut file).with_row_group_size(Some(4)).finish(&mut cells)?; // groups of 4, 4, 2
+/// let cols = ["gene_idx", "values"];
+/// let make = || GeneStatsFit::new(3, Transform::Exact);
+/// let one = fold_fit(scan_parquet(&path)?, &cols, PARTITION_ROWS, make)?.finish(&())?;
+/// let parts = fold_fit(scan_parquet(&path)?, &cols, 4, make)?.finish(&())?; // 3 partitions
+/// // The same statistics up to the grouping of the float sums.
+/// let (a, b) = (one.column("mean")?.f64()?, parts.column("mean")?.f64()?);
+/// assert!(a.into_no_null_iter().zip(b.into_no_null_iter()).all(|(x, y)| (x - y).abs() <= 1e-15 * x.abs()));
+/// # std::fs::remove_file(&path)?;
+/// # Ok(()) }
+/// ```
+pub fn fold_fit<T, F>(lf: LazyFrame, columns: &[&str], partition_rows: u64, make: F) -> PolarsResult<T>
+where
+    T: StreamingFit + Send + 'static,
+    F: Fn() -> PolarsResult<T>,
+{
+    polars_ensure!(partition_rows > 0, ComputeError: "partition_rows must be at least 1");
+    let Some(parts) = partitions(&lf, columns, partition_rows)? else {
+        return stream_fit(lf, columns, make()?);
+    };
+    let mut total: Option<T> = None;
+    for &(first, n) in &parts {
+        let fit = stream_fit(lf.clone().slice(first as i64, n as IdxSize), columns, make()?)?;
+        match total.as_mut() {
+            None => total = Some(fit),
+            Some(t) => t.merge(&fit)?,
+        }
+    }
+    let end = parts.last().map_or(0, |&(first, n)| first + n);
+    let cols: Vec<Expr> = columns.iter().map(|c| col(*c)).collect();
+    let rest = lf.select(cols).slice(end as i64, 1).collect()?;
+    polars_ensure!(rest.height() == 0, ComputeError:
+        "the data has more rows than its Parquet footers said when the fit started; was a file changed while the fit ran? run it again");
+    match total {
+        Some(t) => Ok(t),
+        None => make(),
+    }
+}
+
+/// `lf`'s partitions as (first row, rows), or `None` where a row slice does
+/// not reach its one Parquet scan or the footers cannot be read. The same
+/// partitions as Python's `_frames.scan_partitions`.
+fn partitions(lf: &LazyFrame, columns: &[&str], partition_rows: u64) -> PolarsResult<Option<Vec<(u64, u64)>>> {
+    let cols: Vec<Expr> = columns.iter().map(|c| col(*c)).collect();
+    let q = lf.clone().select(cols);
+    if !slice_reaches_scan(&q) {
+        return Ok(None);
+    }
+    let Some(paths) = scan_paths(&q.logical_plan) else { return Ok(None) };
+    let names: Vec<String> = columns.iter().map(|c| c.to_string()).collect();
+    let Ok(groups) = crate::footers::row_groups(&paths, &names) else { return Ok(None) };
+    let (mut out, mut first, mut rows) = (vec![], 0u64, 0u64);
+    for (n, _) in groups.into_iter().filter(|&(n, _)| n > 0) {
+        if rows > 0 && rows + n > partition_rows {
+            out.push((first, rows));
+            (first, rows) = (first + rows, 0);
+        }
+        rows += n;
+    }
+    if rows > 0 {
+        out.push((first, rows));
+    }
+    Ok(Some(out))
+}
+
+/// Whether the optimiser pushes a row slice of `q` into its one Parquet
+/// scan (Python's `slice_reaches_scan`, on the same plan text).
+fn slice_reaches_scan(q: &LazyFrame) -> bool {
+    let Ok(plan) = q.clone().slice(1, 1).explain(true) else { return false };
+    let lines: Vec<&str> = plan.lines().map(str::trim).collect();
+    let scans: Vec<usize> = lines.iter().enumerate().filter(|(_, l)| l.contains("Parquet SCAN")).map(|(i, _)| i).collect();
+    const OTHERS: [&str; 8] = ["FILTER", "JOIN", "AGGREGATE", "UNION", "SORT", "UNIQUE", "HCONCAT", "DF ["];
+    scans.len() == 1
+        && lines[scans[0]..].iter().any(|l| l.starts_with("SLICE: Positive { offset: 1, len: 1 }"))
+        && !lines.iter().any(|l| OTHERS.iter().any(|o| l.starts_with(o)))
+}
+
+/// The local files of the one Parquet scan under a chain of `select` /
+/// `with_columns`, or `None` (a glob, a remote source, another plan).
+fn scan_paths(plan: &DslPlan) -> Option<Vec<String>> {
+    match plan {
+        DslPlan::Select { input, .. } | DslPlan::HStack { input, .. } => scan_paths(input),
+        DslPlan::Scan { sources, .. } => {
+            let paths: Vec<String> = sources.as_paths()?.iter().map(|p| p.as_str().to_string()).collect();
+            (!paths.is_empty() && paths.iter().all(|p| Path::new(p).is_file())).then_some(paths)
+        },
+        _ => None,
+    }
+}
+
 /// scanpy's HVG flavors.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub enum Flavor {
@@ -603,6 +718,8 @@ pub struct HvgOptions {
     pub gene_idx: String,
     /// The cells' value column (`List(Float32)`).
     pub values: String,
+    /// Rows of a partition at most (see [`fold_fit`]; [`PARTITION_ROWS`]).
+    pub partition_rows: u64,
 }
 
 impl Default for HvgOptions {
@@ -615,6 +732,7 @@ impl Default for HvgOptions {
             n_bins: 20,
             gene_idx: "gene_idx".into(),
             values: "values".into(),
+            partition_rows: PARTITION_ROWS,
         }
     }
 }
@@ -658,13 +776,14 @@ pub fn highly_variable_genes(lf: LazyFrame, n_genes: usize, options: &HvgOptions
     let batched = options.batch_key.is_some();
     match options.flavor {
         Flavor::Seurat => {
-            let stats = stream_fit(lf, &cols, GeneStatsFit::new(n_genes, Transform::Expm1)?)?;
+            let stats = fold_fit(lf, &cols, options.partition_rows, || GeneStatsFit::new(n_genes, Transform::Expm1))?;
             stats.seurat(batched, options.n_bins, options.n_top_genes, &options.cutoffs)
         },
         Flavor::SeuratV3 { span } => {
-            let stats = stream_fit(lf.clone(), &cols, GeneStatsFit::new(n_genes, Transform::Counts)?)?;
+            let stats = fold_fit(lf.clone(), &cols, options.partition_rows, || GeneStatsFit::new(n_genes, Transform::Counts))?;
             let reg_std = stats.seurat_v3_loess(span, batched)?;
-            let sums = stream_fit(lf, &cols, ClippedSumsFit::new(stats.seurat_v3_clips(&reg_std)?)?)?;
+            let clips = stats.seurat_v3_clips(&reg_std)?;
+            let sums = fold_fit(lf, &cols, options.partition_rows, || ClippedSumsFit::new(clips.clone()))?;
             stats.seurat_v3(&sums, &reg_std, options.n_top_genes.unwrap_or(2000), batched)
         },
     }
@@ -714,6 +833,8 @@ pub struct FitPcaOptions {
     /// With `scale` and `max_value`: `false` scales the non-zeros without
     /// centring them and clips them above (`sc.pp.scale(zero_center=False)`).
     pub zero_center: bool,
+    /// Rows of a partition at most (see [`fold_fit`]; [`PARTITION_ROWS`]).
+    pub partition_rows: u64,
 }
 
 impl Default for FitPcaOptions {
@@ -726,6 +847,7 @@ impl Default for FitPcaOptions {
             scale: false,
             max_value: None,
             zero_center: true,
+            partition_rows: PARTITION_ROWS,
         }
     }
 }
@@ -762,15 +884,15 @@ pub fn fit_pca(lf: LazyFrame, n_genes: usize, options: &FitPcaOptions) -> Polars
         "n_genes={n_genes} needs a {:.0} GiB covariance; select highly variable genes first (select_genes)", (n_genes * n_genes * 8) as f64 / (1u64 << 30) as f64);
     let cols = [options.gene_idx.as_str(), options.values.as_str()];
     let Some(max_value) = max_value else {
-        let acc = stream_fit(lf, &cols, CovarianceFit::new(n_genes, device, None)?)?;
+        let acc = fold_fit(lf, &cols, options.partition_rows, || CovarianceFit::new(n_genes, device, None))?;
         return Ok(PcaModel::from_fit(&acc.finish(&PcaOptions { n_comps, scale })?));
     };
-    let stats = stream_fit(lf.clone(), &cols, GeneStatsFit::new(n_genes, Transform::Exact)?)?.finish(&())?;
+    let stats = fold_fit(lf.clone(), &cols, options.partition_rows, || GeneStatsFit::new(n_genes, Transform::Exact))?.finish(&())?;
     polars_ensure!(stats.height() > 0, ComputeError: "no cells: fit_pca needs at least 2");
     let moment = |name: &str| crate::expressions::convert::f64_values(stats.column(name)?.as_materialized_series());
     let (mean, std) = (moment("mean")?, moment("std")?);
     let clip = Clip::new(mean.clone(), std.clone(), max_value, zero_center)?;
-    let acc = stream_fit(lf, &cols, CovarianceFit::new(n_genes, device, Some(clip))?)?;
+    let acc = fold_fit(lf, &cols, options.partition_rows, || CovarianceFit::new(n_genes, device, Some(clip.clone())))?;
     let fit = acc.finish(&PcaOptions { n_comps, scale: false })?;
     Ok(PcaModel {
         mean,

@@ -1,12 +1,15 @@
-"""DaskEngine on a 2-process LocalCluster: partitions fixed by the data, the
-centroid fit identical to the local one, workers checked at start."""
+"""DaskEngine on a 2-process LocalCluster: partitions fixed by the data; the
+HVG, PCA and centroid fits identical to the local ones, bit for bit; workers
+checked at start."""
 
 from __future__ import annotations
 
+import numpy as np
 import polars as pl
 import pytest
 
 import polars_singlecell as psc
+from polars_singlecell import _frames
 from polars_singlecell import distributed as D
 
 dask_distributed = pytest.importorskip("distributed")
@@ -31,15 +34,81 @@ def client():
     cluster.close()
 
 
+@pytest.fixture(scope="module")
+def counts(tmp_path_factory, cellbench):
+    """CellBench's raw counts (1,408 cells, 5 batches) in two Parquet files of 300-row row groups."""
+    df, n_genes = cellbench
+    folder = tmp_path_factory.mktemp("counts")
+    df = df.select("gene_idx", "values", "batch")
+    df.head(800).write_parquet(folder / "a.parquet", row_group_size=300)
+    df.slice(800).write_parquet(folder / "b.parquet", row_group_size=300)
+    return folder, n_genes
+
+
 def test_partitions_are_whole_row_groups_with_global_rows(cells):
-    paths = [str(cells / "a.parquet"), str(cells / "b.parquet")]
-    parts = D.partitions(paths, ["X_pca", "batch"], 1000)
-    assert [(p.path[-9:], p.offset, p.n_rows, p.first_row, p.groups) for p in parts] == [
-        ("a.parquet", 0, 700, 0, (700,)),
-        ("a.parquet", 700, 800, 700, (700, 100)),
-        ("b.parquet", 0, 870, 1500, (700, 170)),
+    scan = pl.scan_parquet(cells / "*.parquet").select("X_pca", "batch")
+    parts = _frames.scan_partitions(scan, [], 1000)
+    # Row groups 700, 700, 100 (a.parquet), 700, 170 (b.parquet); a partition may span files.
+    assert [(p.first_row, p.n_rows, [n for n, _ in p.groups]) for p in parts] == [
+        (0, 700, [700]),
+        (700, 800, [700, 100]),
+        (1500, 870, [700, 170]),
     ]
-    assert [p.n_rows for p in D.partitions(paths, ["X_pca"], 10)] == [700, 700, 100, 700, 170]  # a group is never split
+    assert [p.n_rows for p in _frames.scan_partitions(scan, [], 10)] == [700, 700, 100, 700, 170]  # a group is never split
+    assert [p.n_rows for p in _frames.scan_partitions(scan, [], 10**9)] == [2370]
+    # No partitions where a row slice does not reach the scan: one stream.
+    assert _frames.scan_partitions(scan.filter(pl.col("batch") != ""), [], 1000) is None
+    assert _frames.scan_partitions(pl.read_parquet(cells / "a.parquet").lazy(), [], 1000) is None
+
+
+@pytest.fixture(params=[300, None], ids=["partitions-of-300", "default-partitions"])
+def partition_rows(request, monkeypatch):
+    """The local path's partition size and the engine's, the same."""
+    if request.param is not None:
+        monkeypatch.setattr(_frames, "PARTITION_ROWS", request.param)
+    return _frames.PARTITION_ROWS
+
+
+@pytest.mark.parametrize("flavor", ["seurat", "seurat_v3"])
+def test_hvg_on_the_cluster_is_the_local_one(counts, client, partition_rows, flavor):
+    folder, n_genes = counts
+    scan = pl.scan_parquet(folder / "*.parquet")
+    # seurat ranks log-normalised values: the workers rebuild normalize from the plan.
+    data = scan.with_columns(psc.normalize("gene_idx", "values")) if flavor == "seurat" else scan
+    opts = dict(n_genes=n_genes, n_top_genes=500, batch_key="batch", flavor=flavor)
+    local = psc.highly_variable_genes(data, **opts)
+    remote = psc.highly_variable_genes(data, engine=D.DaskEngine(client, partition_rows=partition_rows), **opts)
+    assert local.equals(remote)
+    assert local["highly_variable"].sum() == 500
+
+
+@pytest.mark.parametrize("clipped", [False, True], ids=["plain", "scaled-clipped"])
+def test_pca_on_the_cluster_is_the_local_one(counts, client, partition_rows, clipped):
+    folder, n_genes = counts
+    norm = pl.scan_parquet(folder / "*.parquet").with_columns(psc.normalize("gene_idx", "values"))
+    var = psc.highly_variable_genes(norm, n_genes=n_genes, n_top_genes=300)
+    hv = var.filter("highly_variable")["gene_idx"].to_list()
+    lf = norm.with_columns(psc.select_genes("gene_idx", "values", genes=hv).struct.unnest())
+    opts = dict(n_genes=len(hv), n_comps=10, scale=clipped, max_value=10.0 if clipped else None)
+    local = psc.fit_pca(lf, **opts)
+    remote = psc.fit_pca(lf, engine=D.DaskEngine(client, partition_rows=partition_rows), **opts)
+    for name in ("mean", "components", "explained_variance", "explained_variance_ratio", "std", "scaled_mean"):
+        a, b = getattr(local, name), getattr(remote, name)
+        assert (a is None and b is None) or np.array_equal(a, b), name
+    assert local.n_cells == remote.n_cells == 1408
+
+
+def test_partitions_change_the_sums_by_rounding_only(counts, monkeypatch):
+    """The local fold of many partitions against one stream: the float64
+    sums are grouped differently, so they agree to rounding, not in bits."""
+    folder, n_genes = counts
+    lf = pl.scan_parquet(folder / "*.parquet").with_columns(psc.normalize("gene_idx", "values"))
+    opts = dict(n_genes=n_genes, n_top_genes=500, batch_key="batch")
+    one = psc.highly_variable_genes(lf, **opts)
+    monkeypatch.setattr(_frames, "PARTITION_ROWS", 300)
+    many = psc.highly_variable_genes(lf, **opts)
+    np.testing.assert_allclose(many["means"].to_numpy(), one["means"].to_numpy(), rtol=1e-12)
+    assert many["highly_variable"].equals(one["highly_variable"])
 
 
 @pytest.mark.parametrize("partition_rows", [700, 1_000_000])
@@ -60,7 +129,20 @@ def test_the_engine_checks_workers_and_its_input(cells, client, monkeypatch):
         D.DaskEngine(client)
     monkeypatch.undo()
     engine = D.DaskEngine(client)
-    with pytest.raises(TypeError, match="pass the data as Parquet path"):
+    with pytest.raises(ValueError, match="engine= needs data its workers can read"):
         psc.fit_centroids(pl.read_parquet(cells / "a.parquet"), engine=engine)
+    with pytest.raises(ValueError, match=r"column\(s\) \['plate'\] not found; the frame has \['X_pca', 'batch'\]"):
+        engine.fold(pl.scan_parquet(cells / "*.parquet"), ["X_pca", "plate"], None)
     with pytest.raises(ValueError, match="partition_rows must be a positive integer"):
         D.DaskEngine(client, partition_rows=0)
+
+
+def test_a_plan_with_our_expressions_needs_the_extension_at_the_same_path(counts, client):
+    folder, n_genes = counts
+    engine = D.DaskEngine(client)
+    engine._elsewhere = ["tcp://worker (/elsewhere/_internal.so)"]  # as if a worker had another install
+    norm = pl.scan_parquet(folder / "*.parquet").with_columns(psc.normalize("gene_idx", "values"))
+    with pytest.raises(RuntimeError, match=r"install it at the same path on every worker .* pass the files"):
+        psc.highly_variable_genes(norm, n_genes=n_genes, engine=engine)
+    # Files alone travel anywhere.
+    assert psc.highly_variable_genes(folder, n_genes=n_genes, flavor="seurat_v3", engine=engine).height == n_genes

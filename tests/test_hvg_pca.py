@@ -330,14 +330,19 @@ def test_record_batches_read_a_scan_slice_by_slice(cellbench, tmp_path, monkeypa
         rows, used = rows + n, used + e
     expect.append(rows)
     assert len(set(expect[:-1])) > 1  # both budgets bind somewhere
-    got = list(P._record_batches(lf, ["gene_idx", "values"]))
+    got = list(_frames.record_batches(lf, ["gene_idx", "values"]))
     assert [b.height for b in got] == expect
     assert all(b.height % 100 == 0 for b in got[:-1])  # never inside a row group
     assert pl.concat(got).equals(want)
+    # The fits fold partitions (whole row groups, up to PARTITION_ROWS) and
+    # read each in the same slices.
+    q = lf.select("gene_idx", "values")
+    [part] = _frames.scan_partitions(q, ["gene_idx", "values"], 10**6)
+    assert [b.height for b in _frames.partition_batches(q, part, ["gene_idx", "values"])] == expect
 
     # A row group over the budget: split into equal slices.
     monkeypatch.setattr(_frames, "SLICE_ENTRIES", min(entries) // 3)
-    got = list(P._record_batches(lf, ["gene_idx", "values"]))
+    got = list(_frames.record_batches(lf, ["gene_idx", "values"]))
     assert pl.concat(got).equals(want)
     assert all(b.height <= 34 for b in got) and len(got) >= 3 * len(entries)
 
@@ -346,7 +351,7 @@ def test_record_batches_read_a_scan_slice_by_slice(cellbench, tmp_path, monkeypa
     # entries by the probe's density, at most SLICE_ROWS rows.
     monkeypatch.setattr(_frames, "SLICE_ENTRIES", 20_000)
     monkeypatch.setattr(_frames, "_scan_paths", lambda q: None)
-    got = list(P._record_batches(lf, ["gene_idx", "values"]))
+    got = list(_frames.record_batches(lf, ["gene_idx", "values"]))
     size = int(min(500, max(64, 20_000 // want["gene_idx"].head(64).list.len().mean())))
     assert 64 < size < 500
     rest = df.height - 64
@@ -354,7 +359,7 @@ def test_record_batches_read_a_scan_slice_by_slice(cellbench, tmp_path, monkeypa
     assert pl.concat(got).equals(want)
     kept = lf.filter(pl.col("batch") != df["batch"][0])
     assert not P._slice_reaches_scan(kept.select("gene_idx", "values"))
-    assert pl.concat(list(P._record_batches(kept, ["gene_idx", "values"]))).equals(kept.select("gene_idx", "values").collect())
+    assert pl.concat(list(_frames.record_batches(kept, ["gene_idx", "values"]))).equals(kept.select("gene_idx", "values").collect())
     # And the fit over slices is the fit over the whole frame.
     whole = psc.fit_pca(df.with_columns(psc.normalize()), n_genes=n_genes, n_comps=5)
     sliced = psc.fit_pca(lf, n_genes=n_genes, n_comps=5)

@@ -18,9 +18,22 @@ import polars as pl
 import pytest
 
 import polars_singlecell as psc
+from polars_singlecell import _frames
 
 ROOT = Path(__file__).resolve().parents[1]
 BINARY = ROOT / "target" / "debug" / "examples" / "rust_pipeline"
+
+
+# The HVG and PCA fits fold partitions of this many rows (whole row groups)
+# on both sides: small, so that the files' 6,000 cells are several.
+PARTITION_ROWS = 2000
+
+
+@pytest.fixture(scope="module", autouse=True)
+def partitions():
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(_frames, "PARTITION_ROWS", PARTITION_ROWS)
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +48,10 @@ def runs(tmp_path_factory):
                                               rows_per_file=2500)
     # psc.integrate's defaults: the example hard-codes the same settings.
     psc.integrate(raw, d / "psc", log=None, progress=False)
-    done = subprocess.run([str(BINARY), str(raw), str(d / "psc"), str(d / "rust")], check=False, capture_output=True,
+    parts = _frames.scan_partitions(pl.scan_parquet(raw / "*.parquet"), [], PARTITION_ROWS)
+    assert len(parts) >= 3
+    done = subprocess.run([str(BINARY), str(raw), str(d / "psc"), str(d / "rust"), str(PARTITION_ROWS)], check=False,
+                          capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     return d / "psc", d / "rust"

@@ -1,11 +1,14 @@
 """Frame helpers shared by the fits: column arguments, frames of any kind as
-a LazyFrame, and streaming a LazyFrame in record batches."""
+a LazyFrame, streaming a LazyFrame in record batches, and folding a fit over
+the data's partitions."""
 
 from __future__ import annotations
 
 import glob
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
 
 import polars as pl
 
@@ -35,6 +38,135 @@ def lazy(data: Frame) -> pl.LazyFrame:
 SLICE_ROWS = 65_536
 SLICE_ENTRIES = 24_000_000
 PROBE_ROWS = 1_024
+
+
+# A fit's partition: at most this many rows, whole row groups. Each
+# partition's state is folded from a fresh one and the states are merged in
+# row order, on this machine as on a DaskEngine's workers: a float64 sum
+# depends on how its terms are grouped, so the grouping is fixed by the data
+# (the row groups in the footers), never by the number of workers.
+PARTITION_ROWS = 1_000_000
+
+
+@dataclass(frozen=True)
+class Partition:
+    """Rows ``first_row .. first_row + n_rows`` of a scan (whole row groups,
+    possibly of several files)."""
+
+    first_row: int
+    n_rows: int
+    groups: tuple[tuple[int, int], ...]  # each row group's (rows, entries), in order
+
+
+def partitions(groups: list[tuple[int, int]], partition_rows: int) -> list[Partition]:
+    """Consecutive row groups, up to ``partition_rows`` rows a partition (a
+    larger group is a partition of its own), in row order."""
+    out: list[Partition] = []
+    first, current = 0, []
+    for g in [*groups, None]:
+        if current and (g is None or sum(n for n, _ in current) + g[0] > partition_rows):
+            n = sum(r for r, _ in current)
+            out.append(Partition(first, n, tuple(current)))
+            first, current = first + n, []
+        if g is not None and g[0]:
+            current.append(g)
+    return out
+
+
+def scan_partitions(q: pl.LazyFrame, lists: list[str], partition_rows: int) -> list[Partition] | None:
+    """``q``'s partitions where a row slice reaches its one Parquet scan and
+    the files' footers can be read; ``None`` otherwise (the data is then one
+    stream, one state)."""
+    if not slice_reaches_scan(q):
+        return None
+    groups = _footer_groups(q, lists)
+    return None if groups is None else partitions(groups, partition_rows)
+
+
+@dataclass(frozen=True)
+class FitSpec:
+    """How to make a fresh fit state: ``cls(*args, **kwargs)``, with the
+    partition's first row as ``first_row=`` where the state numbers its rows
+    (the centroid sample). Picklable, so a worker makes its own."""
+
+    cls: Any
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+    numbers_rows: bool = False
+
+    def new(self, first_row: int = 0) -> Any:
+        kwargs = {**self.kwargs, "first_row": first_row} if self.numbers_rows else self.kwargs
+        return self.cls(*self.args, **kwargs)
+
+
+def update(fit: Any, batch: pl.DataFrame, columns: list[str | None]) -> None:
+    """``fit.update`` with the batch's columns in order; ``None`` for an
+    absent optional input (no batch key)."""
+    fit.update(*(batch[c] if c is not None else None for c in columns))
+
+
+def fold_data(data: Frame, columns: list[str | None], spec: FitSpec, engine: Any = None) -> Any:
+    """``fold`` here, or on ``engine``'s cluster (the same partitions, so the
+    same bits)."""
+    lf = lazy(data)
+    return fold(lf, columns, spec) if engine is None else engine.fold(lf, columns, spec)
+
+
+def fold(lf: pl.LazyFrame, columns: list[str | None], spec: FitSpec, *,
+         partition_rows: int | None = None) -> Any:
+    """The fit of ``spec`` over ``columns`` of ``lf``: one fresh state per
+    partition (see ``PARTITION_ROWS``), merged in row order, so a
+    ``DaskEngine`` that folds the same partitions on its workers gets the same
+    bits. Data with no partitions (an in-memory frame, a filter or join
+    before the scan) is one stream into one state, as before."""
+    names = [c for c in columns if c is not None]
+    missing = [c for c in names if c not in lf.collect_schema()]
+    if missing:
+        raise ValueError(f"column(s) {missing} not found; the frame has {lf.collect_schema().names()}")
+    q = lf.select(names)
+    schema = q.collect_schema()
+    parts = scan_partitions(q, [c for c in names if isinstance(schema[c], pl.List)],
+                            PARTITION_ROWS if partition_rows is None else partition_rows)
+    if not parts:
+        fit = spec.new()
+        for batch in record_batches(lf, names):
+            update(fit, batch, columns)
+        return fit
+    total = None
+    for part in parts:
+        fit = spec.new(part.first_row)
+        for batch in partition_batches(q, part, names):
+            update(fit, batch, columns)
+        if total is None:
+            total = fit
+        else:
+            total.merge(fit)
+    # Rows past the footers (a file that grew while this ran) are refused,
+    # not silently dropped or folded differently.
+    rest = q.slice(parts[-1].first_row + parts[-1].n_rows, 1).collect(engine="streaming")
+    if rest.height:
+        raise RuntimeError("the data has more rows than its Parquet footers said when the fit started; "
+                           "was a file changed while the fit ran? run it again")
+    return total
+
+
+def partition_batches(q: pl.LazyFrame, part: Partition, names: list[str]) -> Iterator[pl.DataFrame]:
+    """The partition's rows in record batches: slices of whole row groups,
+    as ``record_batches`` reads them, none crossing the partition's end. A
+    plan with fewer rows than its files (a ``head``) ends at its last row."""
+    schema = q.collect_schema()
+    lists = [c for c in names if isinstance(schema[c], pl.List)]
+    count = _progress.counter()
+    start = part.first_row
+    for size in _group_slices(list(part.groups), lists):
+        batch = q.slice(start, size).collect(engine="streaming")
+        if batch.height:
+            if count is not None:
+                count(batch.height)
+            yield batch
+        if batch.height < size:
+            return
+        start += size
 
 
 def record_batches(lf: pl.LazyFrame, columns: list[str]) -> Iterator[pl.DataFrame]:
@@ -100,13 +232,24 @@ def _aligned_slices(q: pl.LazyFrame, lists: list[str]) -> list[int]:
     unless one row group alone is more (one group over the entries is split);
     ``[]`` where the files' footers cannot be read (remote sources, a plan
     Polars shows differently): the caller then slices by density alone."""
+    groups = _footer_groups(q, lists)
+    return [] if groups is None else _group_slices(groups, lists)
+
+
+def _footer_groups(q: pl.LazyFrame, lists: list[str]) -> list[tuple[int, int]] | None:
+    """(rows, entries) of each row group of ``q``'s one Parquet scan, from
+    the footers; ``None`` where they cannot be read."""
     paths = _scan_paths(q)
     if not paths:
-        return []
+        return None
     try:
-        groups = _internal.parquet_row_groups(paths, lists)
+        return [(int(n), int(e)) for n, e in _internal.parquet_row_groups(paths, lists)]
     except Exception:  # noqa: BLE001 (a footer it cannot read, whatever the error: the plan is only a hint)
-        return []
+        return None
+
+
+def _group_slices(groups: list[tuple[int, int]], lists: list[str]) -> list[int]:
+    """Row counts of consecutive slices over ``groups`` (see ``_aligned_slices``)."""
     slices, rows, entries = [], 0, 0
     for n, e in groups:
         if not lists:

@@ -31,13 +31,12 @@ from polars_singlecell._checks import positive_int as _positive_int
 from polars_singlecell._checks import seed as _seed
 from polars_singlecell._checks import tol as _tol
 from polars_singlecell._device import check_device
-from polars_singlecell._frames import Frame, IntoExpr
+from polars_singlecell._frames import FitSpec, Frame, IntoExpr
 from polars_singlecell._frames import col as _col
 from polars_singlecell._frames import lazy as _lazy
 from polars_singlecell._frames import n_threads as _n_threads
 from polars_singlecell._frames import record_batches as _record_batches
 from polars_singlecell._plugin import call
-from polars_singlecell.distributed import source_paths
 
 __all__ = ["fit_centroids", "kmeans_centroids"]
 
@@ -146,10 +145,10 @@ def fit_centroids(
     column's categories with no cells are skipped with a warning and listed
     in the summary with ``n_cells == 0``.
     ``engine``: a :class:`polars_singlecell.distributed.DaskEngine` samples
-    the Parquet files at ``data`` on its cluster, one task per partition of
-    whole row groups, and merges the samples here in row order: the same
-    sample and centroids, bit for bit, as the local path (then k-means runs
-    here; ``low_memory`` does not apply).
+    ``data`` (Parquet files, or a LazyFrame over them) on its cluster, one
+    task per partition of whole row groups, and merges the samples here in
+    row order: the same sample and centroids, bit for bit, as the local path
+    (then k-means runs here; ``low_memory`` does not apply).
     """
     lf = _lazy(data)
     schema = lf.collect_schema()
@@ -176,7 +175,7 @@ def fit_centroids(
     args = (dtype.size, _positive_int("max_samples_per_batch", max_samples_per_batch), _seed(random_state),
             _n_threads(n_threads))
     if engine is not None:
-        sampler = engine.fit_centroid_sample(source_paths(data), embedding, batch_key, args)
+        sampler = engine.fold(lf, [embedding, batch_key], FitSpec(_internal.CentroidSampleFit, args, numbers_rows=True))
         if sampler.n_rows == 0:
             raise ValueError(f"no cells: column {embedding!r} has no rows, so there is nothing to fit centroids to")
         long, summ = sampler.finish(*params, device, min_cells)

@@ -1,29 +1,28 @@
 """The fits on a Dask cluster: :class:`DaskEngine`.
 
-Workers get code, not pickled plugin calls: each task is a module-level
-function that takes a file, a row range and small parameters, builds its
-query on the worker, streams the rows into a fit state
-(``_internal.*Fit``) and returns the state's bytes. The driver merges the
-states in partition order and finishes the fit. Partitions are fixed by the
-data (whole Parquet row groups of one file, at most ``partition_rows`` rows,
-with global row numbers from the footers), never by the number of workers,
-so the result does not depend on how many workers there are or in which
-order their tasks finish.
+Workers get code and a query plan, not pickled plugin calls: each task is a
+module-level function that takes the fit's query (``LazyFrame.serialize``:
+a Parquet scan and the expressions on it, rebuilt on the worker, where
+``normalize`` and ``select_genes`` run on its own copy of the extension), a
+partition of its rows and how to make a fresh fit state
+(``_internal.*Fit``); it streams the partition's rows into the state and
+returns the state's bytes. The driver merges the states in partition order
+and finishes the fit. Partitions are fixed by the data (whole Parquet row
+groups, up to ``partition_rows`` rows, from the footers), never by the
+number of workers, and the local path folds the same partitions
+(``_frames.fold``), so the result does not depend on how many workers there
+are, in which order their tasks finish, or whether there is a cluster at
+all.
 
-So far ``fit_centroids(engine=...)`` runs here; its sample is exactly the
-local one for any partitioning (a bottom-k of a union is the bottom-k of the
-parts'), so its centroids are the local run's, bit for bit.
-``highly_variable_genes``, ``fit_pca`` and ``integrate`` do not take an
-engine yet (their float sums need the local path to merge the same
-partitions; see issue 22).
+``highly_variable_genes``, ``fit_pca`` and ``fit_centroids`` take
+``engine=``. ``integrate`` does not yet (issue 22).
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
-import os
-from dataclasses import dataclass
+import io
 from pathlib import Path
 from typing import Any
 
@@ -31,38 +30,16 @@ import polars as pl
 
 from polars_singlecell import _internal
 from polars_singlecell._checks import positive_int
+from polars_singlecell._frames import (
+    PARTITION_ROWS,
+    FitSpec,
+    Partition,
+    partition_batches,
+    scan_partitions,
+    update,
+)
 
-__all__ = ["DaskEngine", "Partition", "partitions"]
-
-
-@dataclass(frozen=True)
-class Partition:
-    """Rows ``offset .. offset + n_rows`` of ``path`` (whole row groups),
-    which are rows ``first_row ..`` of the whole data."""
-
-    path: str
-    offset: int
-    n_rows: int
-    first_row: int
-    groups: tuple[int, ...]  # the row groups' sizes, in order
-
-
-def partitions(paths: list[str], columns: list[str], partition_rows: int) -> list[Partition]:
-    """The data's partitions: consecutive row groups of one file, up to
-    ``partition_rows`` rows (a larger row group is a partition of its own),
-    in file and row order. Read from the footers only."""
-    out, first_row = [], 0
-    for path in paths:
-        groups = [rows for rows, _ in _internal.parquet_row_groups([path], columns)]
-        offset, current = 0, []
-        for rows in [*groups, None]:
-            if current and (rows is None or sum(current) + rows > partition_rows):
-                n = sum(current)
-                out.append(Partition(path, offset, n, first_row, tuple(current)))
-                offset, first_row, current = offset + n, first_row + n, []
-            if rows:
-                current.append(rows)
-    return out
+__all__ = ["DaskEngine", "Partition"]
 
 
 @functools.cache
@@ -76,40 +53,49 @@ def versions() -> dict[str, str]:
     return {"polars_singlecell": _internal.__version__, "polars": pl.__version__, "build": _build()}
 
 
-def _rows(part: Partition, columns: list[str]):
-    """The partition's rows, one row group at a time (a group is decoded
-    whole however it is sliced, so slices follow the groups)."""
-    start = part.offset
-    for rows in part.groups:
-        yield pl.scan_parquet(part.path).slice(start, rows).select(columns).collect()
-        start += rows
+def _extension_path() -> str:
+    return str(Path(_internal.__file__).resolve())
 
 
-def centroid_sample_task(part: Partition, embedding: str, batch_key: str, args: tuple) -> bytes:
-    """One partition's centroid sample (a worker's task): its state's bytes."""
-    d, cap, seed = args[:3]
-    fit = _internal.CentroidSampleFit(d, cap, seed, 1, first_row=part.first_row)
-    for batch in _rows(part, [embedding, batch_key]):
-        fit.update(batch[embedding], batch[batch_key])
-    return fit.to_bytes()
+def fold_task(part: Partition, plan: bytes, columns: list[str | None], spec: FitSpec) -> tuple[bytes, int]:
+    """One partition's fit state (a worker's task): its bytes and the rows it read."""
+    import polars_singlecell  # noqa: F401  (registers the plugin's expressions before the plan is read)
+
+    q = pl.LazyFrame.deserialize(io.BytesIO(plan))
+    fit = spec.new(part.first_row)
+    rows = 0
+    for batch in partition_batches(q, part, [c for c in columns if c is not None]):
+        update(fit, batch, columns)
+        rows += batch.height
+    return fit.to_bytes(), rows
 
 
 class DaskEngine:
     """Run the fits on a ``dask.distributed.Client``'s cluster.
 
-    ``partition_rows``: rows per task at most (whole row groups). Needs
+    ``partition_rows``: rows per task at most (whole row groups); the
+    default is the local path's partition, so results equal the local ones
+    bit for bit (another value gives the same up to float64 rounding of the
+    HVG and PCA sums; the centroids are the same for any value). Needs
     ``pip install 'polars-singlecell[dask]'``. At start every worker must run
     the same polars-singlecell build and polars version as this process;
-    otherwise a ``RuntimeError`` names the worker and both versions.
+    otherwise a ``RuntimeError`` names the worker and both versions. The fits
+    take the data as Parquet path(s) or as a LazyFrame over them
+    (``pl.scan_parquet(...)`` with ``normalize``, ``select_genes`` and other
+    row-by-row columns): each worker rebuilds the query and reads its rows
+    itself.
 
     Examples
     --------
     >>> from dask.distributed import Client, LocalCluster          # doctest: +SKIP
     >>> engine = psc.distributed.DaskEngine(Client(LocalCluster(n_workers=4)))  # doctest: +SKIP
     >>> psc.fit_centroids("cells_pca/*.parquet", engine=engine)    # doctest: +SKIP
+    >>> counts = pl.scan_parquet("cells/*.parquet")                  # doctest: +SKIP
+    >>> norm = counts.with_columns(psc.normalize("gene_idx", "values"))  # doctest: +SKIP
+    >>> var = psc.highly_variable_genes(norm, n_genes=n_genes, engine=engine)  # doctest: +SKIP
     """
 
-    def __init__(self, client: Any, *, partition_rows: int = 1_000_000) -> None:
+    def __init__(self, client: Any, *, partition_rows: int = PARTITION_ROWS) -> None:
         try:
             import distributed  # noqa: F401  (the engine's one requirement)
         except ImportError as e:
@@ -117,39 +103,47 @@ class DaskEngine:
         self.client = client
         self.partition_rows = positive_int("partition_rows", partition_rows)
         here = versions()
+        self._elsewhere = []  # workers whose extension is at another path
         for address, there in client.run(versions).items():
             if there != here:
                 raise RuntimeError(f"worker {address} runs {there}, this process {here}: install the same "
                                    "polars-singlecell build and polars version on every worker")
+        for address, path in client.run(_extension_path).items():
+            if path != _extension_path():
+                self._elsewhere.append(f"{address} ({path})")
 
     def __repr__(self) -> str:
         return f"DaskEngine({self.client!r}, partition_rows={self.partition_rows})"
 
-    def fit_centroid_sample(self, paths: list[str], embedding: str, batch_key: str, args: tuple) -> Any:
-        """The merged ``CentroidSampleFit`` of the data, one task per partition."""
-        parts = partitions(paths, [embedding, batch_key], self.partition_rows)
-        futures = self.client.map(centroid_sample_task, parts, embedding=embedding, batch_key=batch_key, args=args,
-                                  pure=False)
-        n_threads = args[3]
-        merged = _internal.CentroidSampleFit(*args)
+    def fold(self, lf: pl.LazyFrame, columns: list[str | None], spec: FitSpec) -> Any:
+        """The fit of ``spec`` over ``columns`` of ``lf``, one task per
+        partition, merged here in partition order: the local ``fold``'s
+        state, bit for bit."""
+        names = [c for c in columns if c is not None]
+        missing = [c for c in names if c not in lf.collect_schema()]
+        if missing:
+            raise ValueError(f"column(s) {missing} not found; the frame has {lf.collect_schema().names()}")
+        q = lf.select(names)
+        schema = q.collect_schema()
+        parts = scan_partitions(q, [c for c in names if isinstance(schema[c], pl.List)], self.partition_rows)
+        if parts is None:
+            raise ValueError("engine= needs data its workers can read: Parquet file(s) (a path, a folder, a glob) or "
+                             "a LazyFrame of pl.scan_parquet(...) with columns computed row by row (with_columns, "
+                             "select); not an in-memory frame, a filter, a join or a sort before the fit")
+        plan = q.serialize()
+        if self._elsewhere and "polars_singlecell" in q.explain(optimized=False):
+            # A plugin expression in a plan names the extension's file: a
+            # worker that has it elsewhere cannot run the plan.
+            raise RuntimeError(f"the fit's query uses polars-singlecell expressions, which name this process's "
+                               f"extension ({_extension_path()}), and workers {self._elsewhere} have it at another "
+                               "path: install it at the same path on every worker (one environment), or write the "
+                               "prepared columns to Parquet and pass the files")
+        futures = self.client.map(fold_task, parts, plan=plan, columns=columns, spec=spec, pure=False)
+        total = spec.new()
         # In partition order, whatever order the tasks finished in, one state
         # at a time: the others wait on their workers, not here.
-        for part, future in zip(parts, futures):
-            later = _internal.CentroidSampleFit.from_bytes(future.result(), n_threads)
+        for future in futures:
+            state, _ = future.result()
             future.release()
-            if later.n_rows != part.n_rows:
-                raise RuntimeError(f"{part.path}: rows {part.offset}..{part.offset + part.n_rows} gave {later.n_rows} rows; "
-                                   "was the file changed while the fit ran?")
-            merged.merge(later)
-        return merged
-
-
-def source_paths(data: Any) -> list[str]:
-    """The Parquet files an engine's workers read (a file, a folder, a glob),
-    the files the local path would scan."""
-    from polars_singlecell.io import parquet_files
-
-    if not isinstance(data, (str, os.PathLike)):
-        raise TypeError(f"with engine=, pass the data as Parquet path(s) (a file, a folder, a glob), not a "
-                        f"{type(data).__name__}: the workers read the files themselves")
-    return [str(f) for f in parquet_files(data)]
+            total.merge(type(total).from_bytes(state))
+        return total

@@ -14,6 +14,7 @@ import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -22,11 +23,11 @@ from polars_singlecell import _internal
 from polars_singlecell._checks import check_scale as _check_scale
 from polars_singlecell._checks import positive_int as _positive_int
 from polars_singlecell._device import check_device
-from polars_singlecell._frames import Frame, IntoExpr
+from polars_singlecell._frames import FitSpec, Frame, IntoExpr
 from polars_singlecell._frames import col as _col
+from polars_singlecell._frames import fold_data as _fold
 from polars_singlecell._frames import lazy as _lazy
 from polars_singlecell._frames import n_threads as _n_threads
-from polars_singlecell._frames import record_batches as _record_batches
 from polars_singlecell._frames import slice_reaches_scan as _slice_reaches_scan  # noqa: F401 (tests reach it here)
 from polars_singlecell._plugin import call
 from polars_singlecell.io import parquet_schema, write_parquet
@@ -184,6 +185,7 @@ def highly_variable_genes(
     span: float = 0.3,
     gene_idx: str = "gene_idx",
     values: str = "values",
+    engine: Any = None,
 ) -> pl.DataFrame:
     """Highly variable genes, as ``scanpy.pp.highly_variable_genes``.
 
@@ -221,10 +223,14 @@ def highly_variable_genes(
     With ``flavor="seurat_v3"``: ``gene_idx``, ``means``, ``variances``,
     ``variances_norm``, ``highly_variable_rank``, ``highly_variable`` and, with
     a ``batch_key``, ``highly_variable_nbatches``.
+
+    ``engine``: a :class:`polars_singlecell.distributed.DaskEngine` computes
+    the statistics on its cluster, one task per partition of the data (as
+    :func:`fit_pca`), with the same result bit for bit as without it.
     """
     if flavor == "seurat_v3":
         return _seurat_v3(data, n_genes=n_genes, n_top_genes=n_top_genes, batch_key=batch_key, span=span,
-                          gene_idx=gene_idx, values=values)
+                          gene_idx=gene_idx, values=values, engine=engine)
     if flavor != "seurat":
         raise ValueError(f"flavor={flavor!r} is not supported; use flavor='seurat' (log-normalised values) "
                          "or flavor='seurat_v3' (raw counts)")
@@ -234,11 +240,7 @@ def highly_variable_genes(
     n_bins = _positive_int("n_bins", n_bins)
     cutoffs = {"min_mean": min_mean, "max_mean": max_mean, "min_disp": min_disp, "max_disp": max_disp}
 
-    lf = _lazy(data)
-    acc = _internal.GeneStatsFit(n_genes)
-    cols = [gene_idx, values] + ([batch_key] if batch_key else [])
-    for df in _record_batches(lf, cols):
-        acc.update(df[gene_idx], df[values], df[batch_key] if batch_key else None)
+    acc = _fold(data, [gene_idx, values, batch_key], FitSpec(_internal.GeneStatsFit, (n_genes,)), engine)
     # The ranking runs in Rust (kernels::seurat), as Rust pipelines' does:
     # numpy's and pandas' arithmetic in their order, so a bin of identical
     # dispersions gives NaN as in scanpy.
@@ -246,18 +248,15 @@ def highly_variable_genes(
 
 
 def _seurat_v3(data: Frame, *, n_genes: int, n_top_genes: int | None, batch_key: str | None, span: float,
-               gene_idx: str, values: str) -> pl.DataFrame:
+               gene_idx: str, values: str, engine: Any) -> pl.DataFrame:
     """scanpy's ``_highly_variable_genes_seurat_v3`` on streamed statistics."""
     n_genes = _positive_int("n_genes", n_genes)
     # scanpy ranks seurat_v3 genes only; without n_top_genes it takes 2000.
     n_top_genes = _positive_int("n_top_genes", 2000 if n_top_genes is None else n_top_genes)
     if not (isinstance(span, (int, float)) and 0 < span <= 1):
         raise ValueError(f"span must be in (0, 1], got {span!r}")
-    lf = _lazy(data)
-    cols = [gene_idx, values] + ([batch_key] if batch_key else [])
-    acc = _internal.GeneStatsFit(n_genes, "counts")
-    for df in _record_batches(lf, cols):
-        acc.update(df[gene_idx], df[values], df[batch_key] if batch_key else None)
+    cols = [gene_idx, values, batch_key]
+    acc = _fold(data, cols, FitSpec(_internal.GeneStatsFit, (n_genes, "counts")), engine)
     if acc.non_integer:
         warnings.warn(f"`flavor='seurat_v3'` expects raw count data, but non-integers were found ({acc.non_integer} "
                       f"values in '{values}' are not whole numbers ≥ 0: log-normalised values? pass the counts)",
@@ -266,9 +265,7 @@ def _seurat_v3(data: Frame, *, n_genes: int, n_top_genes: int | None, batch_key:
     # Rust pipelines' do.
     batched = batch_key is not None
     reg_std = acc.seurat_v3_loess(span, batched)
-    clipped = _internal.ClippedSumsFit(acc.seurat_v3_clips(reg_std))
-    for df in _record_batches(lf, cols):
-        clipped.update(df[gene_idx], df[values], df[batch_key] if batch_key else None)
+    clipped = _fold(data, cols, FitSpec(_internal.ClippedSumsFit, (acc.seurat_v3_clips(reg_std),)), engine)
     return acc.seurat_v3(clipped, reg_std, n_top_genes, batched)
 
 
@@ -399,6 +396,7 @@ def fit_pca(
     scale: bool = False,
     max_value: float | None = None,
     zero_center: bool = True,
+    engine: Any = None,
 ) -> PcaModel:
     """Fit PCA out of core: one streaming pass accumulates the exact float64
     covariance (O(n_genes²) memory, never O(cells)), then its eigendecomposition.
@@ -426,6 +424,14 @@ def fit_pca(
     ``device="cuda"`` accumulates XᵀX on the GPU (float64 GEMM of each record
     batch, densified there): the same products summed in another order, so the
     axes agree with the CPU's to float64 rounding, not bit for bit.
+
+    The sums are folded per partition of the data (whole Parquet row groups,
+    up to 1,000,000 rows) and the partitions merged in row order, so
+    ``engine=`` (a :class:`polars_singlecell.distributed.DaskEngine`), which
+    folds the same partitions on its workers, gives the same model bit for
+    bit; the workers build the query from ``data`` (a LazyFrame over Parquet
+    files, e.g. with :func:`normalize` and :func:`select_genes` on it, or the
+    files' path).
     """
     n_genes = _positive_int("n_genes", n_genes)
     n_comps = _positive_int("n_comps", n_comps, upper=n_genes)
@@ -436,11 +442,10 @@ def fit_pca(
         )
     _check_scale(scale, max_value, zero_center)
     if max_value is not None:
-        return _fit_pca_clipped(_lazy(data), n_genes, n_comps, [gene_idx, values], _n_threads(n_threads),
-                                check_device(device), max_value, zero_center)
-    acc = _internal.CovarianceFit(n_genes, _n_threads(n_threads), check_device(device))
-    for df in _record_batches(_lazy(data), [gene_idx, values]):
-        acc.update(df[gene_idx], df[values])
+        return _fit_pca_clipped(data, n_genes, n_comps, [gene_idx, values], _n_threads(n_threads),
+                                check_device(device), max_value, zero_center, engine)
+    spec = FitSpec(_internal.CovarianceFit, (n_genes, _n_threads(n_threads), check_device(device)))
+    acc = _fold(data, [gene_idx, values], spec, engine)
     n_cells, mean, comps, ev, evr, std = acc.finish(n_comps, scale)
     return PcaModel(
         mean=mean.to_numpy(),
@@ -452,22 +457,18 @@ def fit_pca(
     )
 
 
-def _fit_pca_clipped(lf: pl.LazyFrame, n_genes: int, n_comps: int, cols: list[str], n_threads: int, device: str,
-                     max_value: float, zero_center: bool) -> PcaModel:
+def _fit_pca_clipped(data: Frame, n_genes: int, n_comps: int, cols: list[str], n_threads: int, device: str,
+                     max_value: float, zero_center: bool, engine: Any) -> PcaModel:
     """fit_pca(scale=True, max_value=...): the genes' moments, then the PCA
     of the clipped scaled cells (see fit_pca)."""
     # Exact moments, as the unclipped scaled fit's (scanpy squares float32
     # values in float32: its std differs from these by ~1e-8, relative).
-    first = _internal.GeneStatsFit(n_genes, "exact")
-    for df in _record_batches(lf, cols):
-        first.update(df[cols[0]], df[cols[1]])
-    stats = first.finish()
+    stats = _fold(data, cols, FitSpec(_internal.GeneStatsFit, (n_genes, "exact")), engine).finish()
     if stats.height == 0:
         raise ValueError("no cells: fit_pca needs at least 2")
     mean, std = stats["mean"].to_numpy(), stats["std"].to_numpy()  # sc.pp.scale's: ddof=1, a constant gene's 1
-    acc = _internal.CovarianceFit(n_genes, n_threads, device, (mean.tolist(), std.tolist(), float(max_value), zero_center))
-    for df in _record_batches(lf, cols):
-        acc.update(df[cols[0]], df[cols[1]])
+    clip = (mean.tolist(), std.tolist(), float(max_value), zero_center)
+    acc = _fold(data, cols, FitSpec(_internal.CovarianceFit, (n_genes, n_threads, device, clip)), engine)
     n_cells, scaled_mean, comps, ev, evr, _ = acc.finish(n_comps)
     return PcaModel(
         mean=mean,

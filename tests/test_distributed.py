@@ -146,3 +146,81 @@ def test_a_plan_with_our_expressions_needs_the_extension_at_the_same_path(counts
         psc.highly_variable_genes(norm, n_genes=n_genes, engine=engine)
     # Files alone travel anywhere.
     assert psc.highly_variable_genes(folder, n_genes=n_genes, flavor="seurat_v3", engine=engine).height == n_genes
+
+
+@pytest.fixture(scope="module")
+def raw(tmp_path_factory):
+    """3,000 generated cells in three files."""
+    d = tmp_path_factory.mktemp("pipeline")
+    return psc.datasets.write_synthetic_counts(d / "raw", 3000, n_genes=300, umis_per_cell=60, rows_per_file=1000,
+                                               random_state=5)
+
+
+def _same_outputs(a, b):
+    for name in ("genes.parquet", "pca.parquet", "cells_pca.parquet", "centroids.parquet", "integration.parquet",
+                 "cells.parquet"):
+        assert pl.read_parquet(a / name).equals(pl.read_parquet(b / name)), name
+    pa, pb = psc.PcaModel.load(a / "pca.parquet"), psc.PcaModel.load(b / "pca.parquet")
+    assert np.array_equal(pa.explained_variance, pb.explained_variance)
+
+
+def test_integrate_on_the_cluster_is_the_local_run(raw, client, monkeypatch, tmp_path):
+    monkeypatch.setattr(_frames, "PARTITION_ROWS", 700)  # several partitions a file
+    opts = dict(n_top_genes=100, n_comps=10, n_centroids=16, log=None, progress=False)
+    local = psc.integrate(raw, tmp_path / "local", **opts)
+    remote = psc.integrate(raw, tmp_path / "dask", engine=D.DaskEngine(client, partition_rows=700), **opts)
+    _same_outputs(tmp_path / "local", tmp_path / "dask")
+    untimed = [{k: v for k, v in r["stages"]["integration"]["metrics"].items() if k != "seconds"} for r in (local, remote)]
+    assert untimed[0] == untimed[1]
+
+
+def test_the_cli_runs_the_fits_on_a_local_cluster(raw, tmp_path, capsys):
+    from polars_singlecell.__main__ import main
+
+    flags = ["--n-top-genes", "100", "--n-comps", "10", "--n-centroids", "16", "--no-progress"]
+    assert main(["integrate", str(raw), str(tmp_path / "local"), *flags]) == 0
+    assert main(["integrate", str(raw), str(tmp_path / "dask"), "--workers", "2", *flags]) == 0
+    _same_outputs(tmp_path / "local", tmp_path / "dask")
+    assert main(["integrate", str(raw), str(tmp_path / "x"), "--workers", "0", *flags]) == 2
+    assert "--workers must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_a_worker_killed_mid_fit_changes_nothing(counts, client, tmp_path, monkeypatch):
+    """The first task to start kills its worker process; Dask restarts it
+    and runs the task again elsewhere: the same statistics, bit for bit."""
+    import os
+
+    from polars_singlecell import _internal
+
+    folder, n_genes = counts
+    marker = str(tmp_path / "killed")
+
+    class KillOnce:  # local, so cloudpickle sends it by value to the workers
+        def __init__(self, n: int) -> None:
+            self.fit = _internal.GeneStatsFit(n)
+
+        def update(self, *columns) -> None:
+            if not os.path.exists(marker):
+                open(marker, "w").close()
+                os._exit(1)  # the worker process dies mid-partition
+            self.fit.update(*columns)
+
+        def merge(self, later: KillOnce) -> None:
+            self.fit.merge(later.fit)
+
+        def to_bytes(self) -> bytes:
+            return self.fit.to_bytes()
+
+        @classmethod
+        def from_bytes(cls, b: bytes) -> KillOnce:
+            out = cls.__new__(cls)
+            out.fit = _internal.GeneStatsFit.from_bytes(b)
+            return out
+
+    monkeypatch.setattr(_frames, "PARTITION_ROWS", 300)
+    lf = pl.scan_parquet(folder / "*.parquet").with_columns(psc.normalize("gene_idx", "values"))
+    cols = ["gene_idx", "values", "batch"]
+    local = _frames.fold(lf, cols, _frames.FitSpec(_internal.GeneStatsFit, (n_genes,)))
+    remote = D.DaskEngine(client, partition_rows=300).fold(lf, cols, _frames.FitSpec(KillOnce, (n_genes,)))
+    assert os.path.exists(marker)  # a worker did die
+    assert local.finish().equals(remote.fit.finish())

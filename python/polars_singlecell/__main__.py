@@ -114,11 +114,35 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--random-state", type=int, default=0, help="seed of every sample and k-means")
     i.add_argument("--evaluate-cells", type=int, default=100_000, help="cells sampled for the metrics (with --label-key)")
     i.add_argument("--no-progress", action="store_true", help="no progress bars (stderr)")
+    cluster = i.add_mutually_exclusive_group()
+    cluster.add_argument("--scheduler", metavar="ADDRESS", default=None,
+                         help="run the fits on a running Dask scheduler (tcp://host:8786; needs polars-singlecell[dask] "
+                              "and the same files at the same paths on every worker); same results as without it")
+    cluster.add_argument("--workers", type=int, default=None, metavar="N",
+                         help="run the fits on a local Dask cluster of N worker processes (needs polars-singlecell[dask])")
     g = i.add_argument_group("integration", "options of psc.fit_integration")
     for name, default in _integration_defaults().items():
         kind = str if isinstance(default, str) else type(default)
         g.add_argument(f"--{name.replace('_', '-')}", type=kind, default=default, help=INTEGRATION_HELP.get(name, name))
     return parser
+
+
+def _engine(scheduler: str | None, workers: int | None):
+    """A DaskEngine on the scheduler at ``scheduler`` or on a local cluster
+    of ``workers`` processes; None for neither."""
+    if scheduler is None and workers is None:
+        return None
+    try:
+        from dask.distributed import Client, LocalCluster
+    except ImportError as e:
+        raise ImportError("--scheduler and --workers need dask.distributed: pip install 'polars-singlecell[dask]'") from e
+    from polars_singlecell.distributed import DaskEngine
+
+    if scheduler is not None:
+        return DaskEngine(Client(scheduler))
+    if workers < 1:
+        raise ValueError(f"--workers must be at least 1, got {workers}")
+    return DaskEngine(Client(LocalCluster(n_workers=workers, threads_per_worker=1, dashboard_address=None)))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,18 +160,20 @@ def main(argv: list[str] | None = None) -> int:
 
         from polars_singlecell.pipeline import integrate
 
-        options = {n: getattr(args, n) for n in _integration_defaults()}
+        defaults = _integration_defaults()
+        options = {n: getattr(args, n) for n in defaults}
         t0 = time.perf_counter()
         try:
+            engine = _engine(args.scheduler, args.workers)
             integrate(args.source, args.out, batch_key=args.batch_key, label_key=args.label_key, n_genes=args.n_genes,
                       target_sum=args.target_sum, n_top_genes=args.n_top_genes, hvg_flavor=args.hvg_flavor,
                       scale=args.scale, max_value=args.max_value, n_comps=args.n_comps, n_centroids=args.n_centroids,
                       min_cells_per_centroid=args.min_cells_per_centroid, max_samples_per_batch=args.max_samples_per_batch,
                       k=args.k, mode=args.mode, device=args.device, random_state=args.random_state,
                       evaluate_cells=args.evaluate_cells, progress=not args.no_progress, counts=tuple(args.counts),
-                      vocabulary=args.vocabulary,
+                      vocabulary=args.vocabulary, engine=engine,
                       # Only what differs from fit_integration's defaults: the fingerprint of earlier runs holds.
-                      integration={n: v for n, v in options.items() if v != _integration_defaults()[n]} or None)
+                      integration={n: v for n, v in options.items() if v != defaults[n]} or None)
         except (ValueError, OSError, ImportError, pl.exceptions.PolarsError) as e:
             # Bad input, an unreadable source or a full disk: the message says
             # which and the fix; finished stages are kept for the next run.

@@ -59,8 +59,6 @@ def _extension_path() -> str:
 
 def fold_task(part: Partition, plan: bytes, columns: list[str | None], spec: FitSpec) -> tuple[bytes, int]:
     """One partition's fit state (a worker's task): its bytes and the rows it read."""
-    import polars_singlecell  # noqa: F401  (registers the plugin's expressions before the plan is read)
-
     q = pl.LazyFrame.deserialize(io.BytesIO(plan))
     fit = spec.new(part.first_row)
     rows = 0

@@ -155,6 +155,7 @@ def integrate(
     progress: bool | None = None,
     counts: tuple[str, str] = COUNTS,
     vocabulary: pl.DataFrame | str | os.PathLike | None = None,
+    engine: Any = None,
 ) -> dict[str, Any]:
     """Integrate raw counts in Parquet (the project's layout: one row per
     cell, ``gene_idx``/``values``, a ``batch_key`` column) into ``out``:
@@ -204,6 +205,14 @@ def integrate(
     default) when someone watches (a terminal or a Jupyter notebook, where
     it is ``tqdm.auto``'s), ``True`` always (in a log: its final line only),
     ``False`` never. Returns the report.
+
+    ``engine``: a :class:`polars_singlecell.distributed.DaskEngine` runs the
+    fits that read every cell (HVG statistics, the PCA covariance, the
+    centroid samples) on its cluster, one task per partition of the Parquet
+    files, with the same outputs bit for bit as without it; the workers
+    must read ``source`` and ``out`` at the same paths (a shared file
+    system). The apply stages (projection, interpolation) and the
+    integration run here.
 
     >>> import tempfile, polars_singlecell as psc
     >>> d = tempfile.mkdtemp()
@@ -318,7 +327,7 @@ def integrate(
 
     def genes() -> dict:
         var = highly_variable_genes(scan if hvg_flavor == "seurat_v3" else norm, n_genes=n_genes,
-                                        n_top_genes=n_top_genes, batch_key=batch_key, flavor=hvg_flavor)
+                                    n_top_genes=n_top_genes, batch_key=batch_key, flavor=hvg_flavor, engine=engine)
         names = genes_of_vocabulary
         if names is None and genes_file is not None:
             names = pl.read_parquet(genes_file)
@@ -338,7 +347,8 @@ def integrate(
 
     def pca() -> dict:
         lf, n_hv = selected()
-        model = fit_pca(lf, n_genes=n_hv, n_comps=n_comps, device=device, scale=scale, max_value=max_value)
+        model = fit_pca(lf, n_genes=n_hv, n_comps=n_comps, device=device, scale=scale, max_value=max_value,
+                        engine=engine)
         model.save(out / "pca.parquet")
         return {"explained_variance_ratio": [round(float(v), 5) for v in model.explained_variance_ratio]}
 
@@ -352,7 +362,7 @@ def integrate(
         cents, summary = fit_centroids(out / "cells_pca.parquet", batch_key=batch_key, n_centroids=n_centroids,
                                            min_cells_per_centroid=min_cells_per_centroid,
                                            max_samples_per_batch=max_samples_per_batch, random_state=random_state, summary=True,
-                                           device=device, low_memory=True, temp_dir=out)
+                                           device=device, low_memory=engine is None, temp_dir=out, engine=engine)
         write_parquet(cents, out / "centroids.parquet")
         return {"n_batches": summary.height, "n_centroids": cents.height}
 

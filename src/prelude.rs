@@ -575,7 +575,7 @@ where
 
 /// A fit's partition at most, in rows (whole row groups): Python's
 /// `PARTITION_ROWS`. See [`fold_fit`].
-pub const PARTITION_ROWS: u64 = 1_000_000;
+pub const PARTITION_ROWS: u64 = 100_000;
 
 /// [`stream_fit`] one partition at a time: a fresh state from `make` for
 /// each partition of `lf`'s Parquet scan (consecutive whole row groups, up

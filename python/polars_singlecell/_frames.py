@@ -44,8 +44,11 @@ PROBE_ROWS = 1_024
 # partition's state is folded from a fresh one and the states are merged in
 # row order, on this machine as on a DaskEngine's workers: a float64 sum
 # depends on how its terms are grouped, so the grouping is fixed by the data
-# (the row groups in the footers), never by the number of workers.
-PARTITION_ROWS = 1_000_000
+# (the row groups in the footers), never by the number of workers. 100,000
+# rows: a million cells are ten tasks for a cluster to balance, and a merge
+# (a 2,000-gene covariance: 4M additions, a few ms) stays noise beside the
+# partition's read.
+PARTITION_ROWS = 100_000
 
 
 @dataclass(frozen=True)

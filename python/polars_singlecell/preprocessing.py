@@ -426,7 +426,7 @@ def fit_pca(
     axes agree with the CPU's to float64 rounding, not bit for bit.
 
     The sums are folded per partition of the data (whole Parquet row groups,
-    up to 1,000,000 rows) and the partitions merged in row order, so
+    up to 100,000 rows) and the partitions merged in row order, so
     ``engine=`` (a :class:`polars_singlecell.distributed.DaskEngine`), which
     folds the same partitions on its workers, gives the same model bit for
     bit; the workers build the query from ``data`` (a LazyFrame over Parquet

@@ -104,8 +104,8 @@ def main() -> None:
         "# psc.integrate with its fits on a Dask cluster",
         "",
         f"`.venv/bin/python benches/bench_distributed.py {' '.join(map(str, args.n_cells))}` at commit {commit()}, "
-        f"{platform.machine()}, {os.cpu_count()} CPUs. Generated cells (`write_synthetic_counts`, 2,000 genes, 300 UMIs "
-        "a cell, 100k rows a file, one row group each), `psc.integrate`'s defaults, each run in its own process. "
+        f"{platform.machine()}, {os.cpu_count()} CPUs. Generated cells (`write_synthetic_counts`, 2,000 genes, 230 UMIs "
+        "a cell, 100k rows a file in row groups of ~4M non-zeros, so ~11 partitions of 100,000 rows at most), `psc.integrate`'s defaults, each run in its own process. "
         f"Dask: `LocalCluster(n_workers={args.workers}, threads_per_worker=1)` on this machine, Polars with one thread "
         "a worker; the local run uses Polars' two. The fits (genes: HVG statistics; pca: the covariance; centroids: "
         "the samples, then k-means on the driver) run on the workers; projection, integration and interpolation on "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 
 import numpy as np
 import polars as pl
@@ -252,6 +253,33 @@ def test_plot_embedding_draws_the_seeded_sample_and_writes_a_png(tmp_path):
         psc.plot.embedding(cells, basis=["X_umap"])
     with pytest.raises(ValueError, match=r"components \(0, 5\)"):
         psc.plot.embedding(cells, components=(0, 5))
+
+
+def test_plot_umap_keeps_apart_what_is_apart(monkeypatch):
+    """basis="umap": a UMAP of X_pca and of X_ot on the sample; two
+    populations far apart stay apart in it; seeded, so the same picture twice."""
+    pytest.importorskip("umap")
+    rng = np.random.default_rng(1)
+    n = 600
+    label = rng.choice(["A", "B"], n)
+    x = rng.normal(size=(n, 8)) + 12.0 * (label == "B")[:, None]
+    cells = pl.DataFrame({"batch": rng.choice(["p1", "p2"], n), "label": label,
+                          "X_pca": x.astype(np.float32), "X_ot": (x + 1.0).astype(np.float32)}).with_columns(
+        pl.col("X_pca", "X_ot").cast(pl.Array(pl.Float32, 8)))
+    fig = psc.plot.embedding(cells, basis="umap", color=["label"], max_cells=400)
+    assert [ax.get_title() for ax in fig.axes] == ["UMAP of X_pca by label", "UMAP of X_ot by label"]
+    xy = np.asarray(fig.axes[0].collections[0].get_offsets())
+    seeded = _files.seeded_sample(cells.lazy(), 400, 0).collect()
+    drawn = seeded.sample(fraction=1.0, shuffle=True, seed=0)["label"].to_numpy()  # the drawing order
+    a, b = xy[drawn == "A"], xy[drawn == "B"]
+    gap = np.linalg.norm(a.mean(0) - b.mean(0))
+    assert gap > 3 * max(a.std(0).max(), b.std(0).max())
+    again = psc.plot.embedding(cells, basis=["umap:X_pca"], color=["label"], max_cells=400)
+    assert np.array_equal(np.asarray(again.axes[0].collections[0].get_offsets()), xy)
+    assert seeded.height == 400
+    monkeypatch.setitem(sys.modules, "umap", None)  # as if umap-learn were not installed
+    with pytest.raises(ImportError, match=r"needs umap-learn: pip install 'polars-singlecell\[umap\]'"):
+        psc.plot.embedding(cells, basis="umap")
 
 
 def test_progress_bars_count_every_cell_and_change_no_output(raw, tmp_path, capsys):

@@ -16,14 +16,14 @@ from polars_singlecell.io import write_parquet
 __all__ = ["synthetic_counts", "tahoe_design", "tahoe_like", "tahoe_like_embedding", "write_synthetic_counts"]
 
 
-def _gene_rates(rng: np.random.Generator, n_genes: int, n_types: int, n_batches: int):
+def _gene_rates(rng: np.random.Generator, n_genes: int, n_types: int, n_batches: int, batch_effect: float = 0.3):
     base = rng.lognormal(0.0, 1.0, n_genes)
     # Each cell type up-regulates its own 5% of genes 4-fold.
     types = np.ones((n_types, n_genes))
     for t in range(n_types):
         types[t, rng.choice(n_genes, max(1, n_genes // 20), replace=False)] *= 4.0
     # Each batch scales every gene by a log-normal factor (a plate effect).
-    batches = rng.lognormal(0.0, 0.3, (n_batches, n_genes))
+    batches = rng.lognormal(0.0, batch_effect, (n_batches, n_genes))
     return base, types, batches
 
 
@@ -57,6 +57,7 @@ def synthetic_counts(
     umis_per_cell: int = 230,
     random_state: int = 0,
     first_cell: int = 0,
+    batch_effect: float = 0.3,
 ) -> pl.DataFrame:
     """``n_cells`` cells of raw UMI counts: ``cell_id``, ``batch``, ``label``,
     ``gene_idx: List(UInt32)``, ``values: List(Float32)``.
@@ -65,9 +66,13 @@ def synthetic_counts(
     distribution scaled by its batch's effect; with the defaults about 10% of
     entries are non-zero. The gene programme depends only on ``random_state``; cells
     depend on ``random_state`` and ``first_cell``, so chunks can be generated apart.
+    ``batch_effect``: the standard deviation of each batch's log gene factors
+    (0.3: plates that PC1–PC2 barely separate; 1: plates apart on every axis).
     """
+    if not (isinstance(batch_effect, (int, float)) and 0 <= batch_effect < 10):
+        raise ValueError(f"batch_effect must be a number in [0, 10), got {batch_effect!r}")
     rng = np.random.default_rng(random_state)
-    base, types, batches = _gene_rates(rng, n_genes, n_types, n_batches)
+    base, types, batches = _gene_rates(rng, n_genes, n_types, n_batches, batch_effect)
     crng = np.random.default_rng([random_state, first_cell])
     label = crng.integers(0, n_types, n_cells)
     batch = crng.integers(0, n_batches, n_cells)

@@ -1,6 +1,7 @@
 """Before/after pictures of an integration, for a seeded sample of cells.
 
-Needs matplotlib (``pip install matplotlib``; the demo's setup installs it).
+Needs matplotlib (``pip install matplotlib``; the demo's setup installs it),
+and umap-learn for UMAPs (``pip install 'polars-singlecell[umap]'``).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ __all__ = ["embedding"]
 def embedding(
     cells: pl.DataFrame | pl.LazyFrame | str | os.PathLike,
     *,
-    basis: Sequence[str] = ("X_pca", "X_ot"),
+    basis: str | Sequence[str] = ("X_pca", "X_ot"),
     color: Sequence[str] = ("batch", "label"),
     components: tuple[int, int] = (0, 1),
     max_cells: int = 20_000,
@@ -36,6 +37,13 @@ def embedding(
     engine, so a 100M-cell file is fine). Points are drawn in a seeded random
     order, so no batch hides the others.
 
+    ``basis="umap"``: a UMAP of ``X_pca`` (before) and one of ``X_ot``
+    (after), computed on the sample (umap-learn, scanpy's defaults:
+    15 neighbours, ``min_dist=0.5``, seeded by ``random_state``), as users
+    judge an integration; ``"umap:<column>"`` is the UMAP of any embedding
+    column. A UMAP takes ~10 s per 5,000 cells on two cores (plus numba's
+    compilation on first use): lower ``max_cells`` for a quick look.
+
     Returns the matplotlib ``Figure``; with ``path`` also writes it (PNG, or
     the format of the suffix) atomically.
 
@@ -47,29 +55,45 @@ def embedding(
     ['X_pca by batch']
     """
     # The object API, not pyplot: no backend is chosen or changed (a notebook's stays as it is).
-    from matplotlib import colormaps
-    from matplotlib.figure import Figure
-    from matplotlib.lines import Line2D
+    try:
+        from matplotlib import colormaps
+        from matplotlib.figure import Figure
+        from matplotlib.lines import Line2D
+    except ImportError as e:
+        raise ImportError("plot.embedding needs matplotlib: pip install 'polars-singlecell[plot]'") from e
 
     from polars_singlecell._files import atomic_path, seeded_sample
     from polars_singlecell.io import parquet_files
 
-    basis, color = list(basis), list(color)
+    basis = ["umap:X_pca", "umap:X_ot"] if basis == "umap" else [basis] if isinstance(basis, str) else list(basis)
+    color = list(color)
     if not basis or not color:
         raise ValueError("basis and color each need at least one column")
+    umap_of = {b: b.removeprefix("umap:") for b in basis if b.startswith("umap:")}
+    if umap_of:
+        try:
+            import umap  # noqa: F401  (checked before any data is read)
+        except ImportError as e:
+            raise ImportError(f"basis {list(umap_of)} needs umap-learn: pip install 'polars-singlecell[umap]'") from e
+    columns = list(dict.fromkeys(umap_of.get(b, b) for b in basis))
     if isinstance(max_cells, bool) or not isinstance(max_cells, int) or max_cells < 1:
         raise ValueError(f"max_cells must be a positive integer, got {max_cells!r}")
     lf = pl.scan_parquet(parquet_files(cells)) if isinstance(cells, (str, os.PathLike)) else cells.lazy()
     schema = lf.collect_schema()
-    for c in basis + color:
+    for c in columns + color:
         if c not in schema:
             raise ValueError(f"the cells have no column '{c}' (columns: {schema.names()})")
-    for b in basis:
+    for b in columns:
         dt = schema[b]
-        if not isinstance(dt, pl.Array) or not max(components) < dt.size or min(components) < 0:
+        if not isinstance(dt, pl.Array):
+            raise ValueError(f"column '{b}' is {dt}, expected an embedding (Array)")
+        if b not in umap_of.values() and not (max(components) < dt.size and min(components) >= 0):
             raise ValueError(f"column '{b}' is {dt}: components {components} need an Array with more than {max(components)} entries")
-    df = seeded_sample(lf.select(basis + color), max_cells, random_state).collect(engine="streaming")
+    df = seeded_sample(lf.select(columns + [c for c in color if c not in columns]), max_cells, random_state).collect(
+        engine="streaming")
     df = df.sample(fraction=1.0, shuffle=True, seed=random_state)  # the drawing order: no batch always on top
+    points = {b: _umap(df[umap_of[b]].to_numpy(), random_state) if b in umap_of else df[b].to_numpy()[:, list(components)]
+              for b in basis}
     fig = Figure(figsize=(4.2 * len(color), 3.8 * len(basis)))
     axes = fig.subplots(len(basis), len(color), squeeze=False)
     for j, c in enumerate(color):
@@ -78,12 +102,13 @@ def embedding(
         cmap = colormaps["tab10" if len(cats) <= 10 else "tab20"]  # tab20's pairs look alike
         code = values.replace_strict(cats, list(range(len(cats))), return_dtype=pl.Int64).to_numpy()
         for i, b in enumerate(basis):
-            x = df[b].to_numpy()[:, list(components)]
+            x = points[b]
             ax = axes[i][j]
             ax.scatter(x[:, 0], x[:, 1], c=cmap(code % cmap.N), s=point_size, linewidths=0, rasterized=True)
-            ax.set_title(f"{b} by {c}")
-            ax.set_xlabel(f"{b}[{components[0]}]")
-            ax.set_ylabel(f"{b}[{components[1]}]")
+            name = f"UMAP of {umap_of[b]}" if b in umap_of else b
+            ax.set_title(f"{name} by {c}")
+            ax.set_xlabel("UMAP1" if b in umap_of else f"{b}[{components[0]}]")
+            ax.set_ylabel("UMAP2" if b in umap_of else f"{b}[{components[1]}]")
             ax.set_xticks([])
             ax.set_yticks([])
         if len(cats) <= cmap.N:
@@ -95,3 +120,12 @@ def embedding(
         with atomic_path(path) as tmp:
             fig.savefig(tmp, dpi=110, format=path.suffix.lstrip(".") or "png")
     return fig
+
+
+def _umap(x, random_state: int):
+    """A 2-d UMAP of the rows of ``x`` with scanpy's defaults (15 neighbours,
+    ``min_dist=0.5``), seeded (umap-learn then runs single-threaded: the
+    same picture every time)."""
+    import umap
+
+    return umap.UMAP(n_neighbors=15, min_dist=0.5, random_state=random_state).fit_transform(x)

@@ -28,7 +28,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use polars::prelude::*;
-use polars_plan::prelude::{DslPlan, FunctionOptions};
+use polars_plan::prelude::{FunctionOptions, IR};
 
 use crate::expressions::fit::{CentroidOptions, CentroidSampleFit, ClippedSumsFit, CovarianceFit, GeneStatsFit, PcaOptions};
 use crate::kernels::hvg::Transform;
@@ -646,7 +646,7 @@ fn partitions(lf: &LazyFrame, columns: &[&str], partition_rows: u64) -> PolarsRe
     if !slice_reaches_scan(&q) {
         return Ok(None);
     }
-    let Some(paths) = scan_paths(&q.logical_plan) else { return Ok(None) };
+    let Some(paths) = scan_paths(&q) else { return Ok(None) };
     let names: Vec<String> = columns.iter().map(|c| c.to_string()).collect();
     let Ok(groups) = crate::footers::row_groups(&paths, &names) else { return Ok(None) };
     let (mut out, mut first, mut rows) = (vec![], 0u64, 0u64);
@@ -675,16 +675,23 @@ fn slice_reaches_scan(q: &LazyFrame) -> bool {
         && !lines.iter().any(|l| OTHERS.iter().any(|o| l.starts_with(o)))
 }
 
-/// The local files of the one Parquet scan under a chain of `select` /
-/// `with_columns`, or `None` (a glob, a remote source, another plan).
-fn scan_paths(plan: &DslPlan) -> Option<Vec<String>> {
-    match plan {
-        DslPlan::Select { input, .. } | DslPlan::HStack { input, .. } => scan_paths(input),
-        DslPlan::Scan { sources, .. } => {
+/// The local files of `q`'s one Parquet scan, from its optimised plan (a
+/// glob or a folder expanded, as Polars reads them), or `None` (a remote
+/// source, a join, another plan): Python's `scan_paths`, on the same plan.
+fn scan_paths(q: &LazyFrame) -> Option<Vec<String>> {
+    let plan = q.clone().to_alp_optimized().ok()?;
+    let mut node = plan.lp_top;
+    loop {
+        let ir = plan.lp_arena.get(node);
+        if let IR::Scan { sources, .. } = ir {
             let paths: Vec<String> = sources.as_paths()?.iter().map(|p| p.as_str().to_string()).collect();
-            (!paths.is_empty() && paths.iter().all(|p| Path::new(p).is_file())).then_some(paths)
-        },
-        _ => None,
+            return (!paths.is_empty() && paths.iter().all(|p| Path::new(p).is_file())).then_some(paths);
+        }
+        let inputs = ir.get_inputs();
+        if inputs.len() != 1 {
+            return None;
+        }
+        node = inputs[0];
     }
 }
 

@@ -358,3 +358,42 @@ fn bad_input_is_an_error_naming_column_and_row() {
     let empty = cells(0, 5, 1);
     assert!(fit_pca(empty.lazy(), 5, &FitPcaOptions { n_comps: 2, ..Default::default() }).is_err());
 }
+
+#[test]
+fn fold_fit_partitions_the_files_whatever_the_scan() {
+    use polars_singlecell::expressions::fit::{CovarianceFit, PcaOptions};
+    let dir = temp("partitioned");
+    std::fs::create_dir_all(&dir).unwrap();
+    for k in 0..2 {
+        let mut df = cells(150, 20, 10 + k);
+        let file = std::fs::File::create(dir.join(format!("part-{k}.parquet"))).unwrap();
+        ParquetWriter::new(file).with_row_group_size(Some(40)).finish(&mut df).unwrap(); // groups 40, 40, 40, 30
+    }
+    let lognorm = |lf: LazyFrame| lf.with_columns([normalize(col("gene_idx"), col("values"), NormalizeOptions::default())]);
+    let opts = FitPcaOptions { n_comps: 3, partition_rows: 100, ..Default::default() };
+    let by_folder = fit_pca(lognorm(scan_parquet(&dir).unwrap()), 20, &opts).unwrap();
+    // A glob is expanded by Polars' plan: the same files, the same partitions.
+    let glob = PlRefPath::new(format!("{}/*.parquet", dir.display()).as_str());
+    let by_glob = fit_pca(lognorm(LazyFrame::scan_parquet(glob, Default::default()).unwrap()), 20, &opts).unwrap();
+    assert_eq!(by_folder, by_glob);
+    // Whole row groups up to 100 rows, across files in order: 80, 70 | 80, 70.
+    let all = lognorm(scan_parquet(&dir).unwrap()).collect().unwrap();
+    let mut total: Option<CovarianceFit> = None;
+    for (first, n) in [(0, 80), (80, 70), (150, 80), (230, 70)] {
+        let part = all.slice(first, n);
+        let mut fit = CovarianceFit::new(20, Device::Cpu, None).unwrap();
+        fit.update(&[series(&part, "gene_idx"), series(&part, "values")]).unwrap();
+        match total.as_mut() {
+            None => total = Some(fit),
+            Some(t) => t.merge(&fit).unwrap(),
+        }
+    }
+    let want = PcaModel::from_fit(&total.unwrap().finish(&PcaOptions { n_comps: 3, scale: false }).unwrap());
+    assert_eq!(by_folder, want);
+    // One stream groups the sums otherwise: the same model to rounding.
+    let one = fit_pca(lognorm(scan_parquet(&dir).unwrap()), 20, &FitPcaOptions { n_comps: 3, ..Default::default() }).unwrap();
+    assert_eq!(one.n_cells, 300);
+    for (a, b) in one.explained_variance.iter().zip(&want.explained_variance) {
+        assert!((a - b).abs() <= 1e-12 * a.abs(), "{a} vs {b}");
+    }
+}

@@ -224,3 +224,32 @@ def test_a_worker_killed_mid_fit_changes_nothing(counts, client, tmp_path, monke
     remote = D.DaskEngine(client, partition_rows=300).fold(lf, cols, _frames.FitSpec(KillOnce, (n_genes,)))
     assert os.path.exists(marker)  # a worker did die
     assert local.finish().equals(remote.fit.finish())
+
+
+def test_a_plan_shorter_than_its_files_folds_alike(cells, counts, client, monkeypatch):
+    """A head() ends inside a partition: both paths fold up to there and read
+    no further (the centroid sample, whose merges check row order, too)."""
+    from polars_singlecell import _internal
+
+    monkeypatch.setattr(_frames, "PARTITION_ROWS", 300)
+    engine = D.DaskEngine(client, partition_rows=300)
+    short = pl.scan_parquet(cells / "*.parquet").head(1000)
+    opts = dict(batch_key="batch", n_centroids=32, random_state=1, summary=True)
+    local, remote = psc.fit_centroids(short, **opts), psc.fit_centroids(short, engine=engine, **opts)
+    assert all(a.equals(b) for a, b in zip(local, remote)) and remote[1]["n_cells"].sum() == 1000
+    folder, n_genes = counts
+    lf = pl.scan_parquet(folder / "*.parquet").head(1000)
+    cols, spec = ["gene_idx", "values", "batch"], _frames.FitSpec(_internal.GeneStatsFit, (n_genes,))
+    a, b = _frames.fold(lf, cols, spec).finish(), engine.fold(lf, cols, spec).finish()
+    assert a.equals(b)
+    assert a.group_by("batch").agg(pl.col("n_cells").first())["n_cells"].sum() == 1000
+
+
+def test_workers_get_absolute_paths(cells, client, monkeypatch):
+    monkeypatch.chdir(cells)
+    engine = D.DaskEngine(client)
+    with pytest.raises(ValueError, match=r"reads \['a.parquet'\] by relative path .* scan absolute paths"):
+        psc.fit_centroids(pl.scan_parquet("a.parquet"), engine=engine)
+    # A path given as text is made absolute before it travels.
+    local = psc.fit_centroids("a.parquet", n_centroids=16)
+    assert local.equals(psc.fit_centroids("a.parquet", n_centroids=16, engine=engine))

@@ -350,7 +350,7 @@ def test_record_batches_read_a_scan_slice_by_slice(cellbench, tmp_path, monkeypa
     # source): a probe slice of 64 rows, then slices of ~SLICE_ENTRIES
     # entries by the probe's density, at most SLICE_ROWS rows.
     monkeypatch.setattr(_frames, "SLICE_ENTRIES", 20_000)
-    monkeypatch.setattr(_frames, "_scan_paths", lambda q: None)
+    monkeypatch.setattr(_frames, "scan_paths", lambda q: None)
     got = list(_frames.record_batches(lf, ["gene_idx", "values"]))
     size = int(min(500, max(64, 20_000 // want["gene_idx"].head(64).list.len().mean())))
     assert 64 < size < 500
@@ -383,9 +383,9 @@ def test_row_group_footers_found_for_files_and_globs(tmp_path):
     assert [e for _, e in groups] == [int(df["gene_idx"][a:a + 8].list.len().clip(1).sum()) for a in (0, 8, 16)] * 2
     for source in (files, str(tmp_path / "part-*.parquet")):
         q = pl.scan_parquet(source).with_columns(psc.normalize()).select("gene_idx", "values")
-        assert _frames._scan_paths(q) == files
+        assert _frames.scan_paths(q) == files
         assert sum(_frames._aligned_slices(q, ["gene_idx", "values"])) == 2 * df.height
-    assert _frames._scan_paths(df.lazy().select("gene_idx")) is None
+    assert _frames.scan_paths(df.lazy().select("gene_idx")) is None
     (tmp_path / "bad.parquet").write_bytes(b"not parquet")
     with pytest.raises(ValueError, match="bad.parquet"):
         _internal.parquet_row_groups([str(tmp_path / "bad.parquet")], ["gene_idx"])

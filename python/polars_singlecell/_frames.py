@@ -30,7 +30,8 @@ def lazy(data: Frame) -> pl.LazyFrame:
     if isinstance(data, pl.DataFrame):
         return data.lazy()
     if isinstance(data, (str, os.PathLike)):
-        return pl.scan_parquet(parquet_files(data))
+        # Absolute: a DaskEngine's workers read the same files from their own folder.
+        return pl.scan_parquet([os.path.abspath(f) for f in parquet_files(data)])
     raise TypeError(f"expected a LazyFrame, DataFrame or Parquet path, got {type(data).__name__}")
 
 
@@ -137,20 +138,28 @@ def fold(lf: pl.LazyFrame, columns: list[str | None], spec: FitSpec, *,
         return fit
     total = None
     for part in parts:
-        fit = spec.new(part.first_row)
+        fit, rows = spec.new(part.first_row), 0
         for batch in partition_batches(q, part, names):
             update(fit, batch, columns)
+            rows += batch.height
         if total is None:
             total = fit
         else:
             total.merge(fit)
-    # Rows past the footers (a file that grew while this ran) are refused,
-    # not silently dropped or folded differently.
+        del fit  # one state beside the total, not two (a covariance can be GBs)
+        if rows < part.n_rows:  # the plan ends here (a head()): no later rows to read
+            break
+    check_no_rows_after(q, parts)
+    return total
+
+
+def check_no_rows_after(q: pl.LazyFrame, parts: list[Partition]) -> None:
+    """Refuse rows past the footers (a file that grew while the fit ran),
+    rather than drop them or fold them differently."""
     rest = q.slice(parts[-1].first_row + parts[-1].n_rows, 1).collect(engine="streaming")
     if rest.height:
         raise RuntimeError("the data has more rows than its Parquet footers said when the fit started; "
                            "was a file changed while the fit ran? run it again")
-    return total
 
 
 def partition_batches(q: pl.LazyFrame, part: Partition, names: list[str]) -> Iterator[pl.DataFrame]:
@@ -242,7 +251,7 @@ def _aligned_slices(q: pl.LazyFrame, lists: list[str]) -> list[int]:
 def _footer_groups(q: pl.LazyFrame, lists: list[str]) -> list[tuple[int, int]] | None:
     """(rows, entries) of each row group of ``q``'s one Parquet scan, from
     the footers; ``None`` where they cannot be read."""
-    paths = _scan_paths(q)
+    paths = scan_paths(q)
     if not paths:
         return None
     try:
@@ -271,7 +280,7 @@ def _group_slices(groups: list[tuple[int, int]], lists: list[str]) -> list[int]:
     return [s for s in slices if s > 0]
 
 
-def _scan_paths(q: pl.LazyFrame) -> list[str] | None:
+def scan_paths(q: pl.LazyFrame) -> list[str] | None:
     """The local files of ``q``'s one Parquet scan, from its optimised plan
     (Polars' plan visitor, the interface its GPU engine reads), or None."""
     try:

@@ -23,19 +23,22 @@ from __future__ import annotations
 import functools
 import hashlib
 import io
+import os
 from pathlib import Path
 from typing import Any
 
 import polars as pl
 
-from polars_singlecell import _internal
+from polars_singlecell import _internal, _progress
 from polars_singlecell._checks import positive_int
 from polars_singlecell._frames import (
     PARTITION_ROWS,
     FitSpec,
     Partition,
+    check_no_rows_after,
     partition_batches,
     scan_partitions,
+    scan_paths,
     update,
 )
 
@@ -125,9 +128,10 @@ class DaskEngine:
         schema = q.collect_schema()
         parts = scan_partitions(q, [c for c in names if isinstance(schema[c], pl.List)], self.partition_rows)
         if parts is None:
-            raise ValueError("engine= needs data its workers can read: Parquet file(s) (a path, a folder, a glob) or "
-                             "a LazyFrame of pl.scan_parquet(...) with columns computed row by row (with_columns, "
-                             "select); not an in-memory frame, a filter, a join or a sort before the fit")
+            raise ValueError("engine= needs data its workers can read: local Parquet file(s) (a path, a folder, a "
+                             "glob) or a LazyFrame of pl.scan_parquet(...) over them with columns computed row by row "
+                             "(with_columns, select); not a remote URL, an in-memory frame, or a filter, join or sort "
+                             "before the fit")
         plan = q.serialize()
         if self._elsewhere and "polars_singlecell" in q.explain(optimized=False):
             # A plugin expression in a plan names the extension's file: a
@@ -136,12 +140,32 @@ class DaskEngine:
                                f"extension ({_extension_path()}), and workers {self._elsewhere} have it at another "
                                "path: install it at the same path on every worker (one environment), or write the "
                                "prepared columns to Parquet and pass the files")
+        relative = [p for p in scan_paths(q) or [] if not os.path.isabs(p)]
+        if relative:
+            raise ValueError(f"engine=: the query reads {relative[:3]} by relative path, which a worker started in "
+                             "another folder would not find: scan absolute paths (Path(...).resolve())")
         futures = self.client.map(fold_task, parts, plan=plan, columns=columns, spec=spec, pure=False)
-        total = spec.new()
+        total, short, count = spec.new(), None, _progress.counter()
         # In partition order, whatever order the tasks finished in, one state
-        # at a time: the others wait on their workers, not here.
-        for future in futures:
-            state, _ = future.result()
+        # at a time: the others wait on their workers, not here. As the local
+        # fold: up to the first partition with fewer rows than its footers
+        # (the plan ends there: a head()); rows after it mean the files changed.
+        for part, future in zip(parts, futures):
+            state, rows = future.result()
             future.release()
-            total.merge(type(total).from_bytes(state))
+            if short is not None:
+                if rows:
+                    raise RuntimeError(f"rows from {part.first_row} were read after rows {short.first_row}.."
+                                       f"{short.first_row + short.n_rows} ended early: was a file changed while the "
+                                       "fit ran? run it again")
+                continue
+            later = type(total).from_bytes(state)
+            del state
+            total.merge(later)
+            del later
+            if count is not None:
+                count(rows)
+            if rows < part.n_rows:
+                short = part
+        check_no_rows_after(q, parts)
         return total

@@ -259,7 +259,9 @@ def integrate(
         if n_genes is not None and n_genes != genes_of_vocabulary.height:
             raise ValueError(f"n_genes={n_genes} but the vocabulary has {genes_of_vocabulary.height} genes; leave n_genes out")
         n_genes = genes_of_vocabulary.height
-    scan = scan_cells(files, counts=counts, vocabulary=vocabulary, n_genes=n_genes)
+    # Absolute paths: an engine's workers read the files from their own folder.
+    scan = scan_cells(files if remote else [Path(f).absolute() for f in files], counts=counts, vocabulary=vocabulary,
+                      n_genes=n_genes)
     # The genes table beside the cells (an h5ad import's var names, the
     # generators'): it sets n_genes where not given and names genes.parquet's genes.
     genes_file = None if remote or vocabulary is not None else next(

@@ -116,6 +116,19 @@ def fold_data(data: Frame, columns: list[str | None], spec: FitSpec, engine: Any
     return fold(lf, columns, spec) if engine is None else engine.fold(lf, columns, spec)
 
 
+def fit_query(lf: pl.LazyFrame, columns: list[str | None],
+              partition_rows: int) -> tuple[pl.LazyFrame, list[str], list[Partition] | None]:
+    """A fit's query (``lf``'s named ``columns``), their names, and its
+    partitions (``None``: one stream). A missing column is an error naming it."""
+    names = [c for c in columns if c is not None]
+    missing = [c for c in names if c not in lf.collect_schema()]
+    if missing:
+        raise ValueError(f"column(s) {missing} not found; the frame has {lf.collect_schema().names()}")
+    q = lf.select(names)
+    schema = q.collect_schema()
+    return q, names, scan_partitions(q, [c for c in names if isinstance(schema[c], pl.List)], partition_rows)
+
+
 def fold(lf: pl.LazyFrame, columns: list[str | None], spec: FitSpec, *,
          partition_rows: int | None = None) -> Any:
     """The fit of ``spec`` over ``columns`` of ``lf``: one fresh state per
@@ -123,14 +136,7 @@ def fold(lf: pl.LazyFrame, columns: list[str | None], spec: FitSpec, *,
     ``DaskEngine`` that folds the same partitions on its workers gets the same
     bits. Data with no partitions (an in-memory frame, a filter or join
     before the scan) is one stream into one state, as before."""
-    names = [c for c in columns if c is not None]
-    missing = [c for c in names if c not in lf.collect_schema()]
-    if missing:
-        raise ValueError(f"column(s) {missing} not found; the frame has {lf.collect_schema().names()}")
-    q = lf.select(names)
-    schema = q.collect_schema()
-    parts = scan_partitions(q, [c for c in names if isinstance(schema[c], pl.List)],
-                            PARTITION_ROWS if partition_rows is None else partition_rows)
+    q, names, parts = fit_query(lf, columns, PARTITION_ROWS if partition_rows is None else partition_rows)
     if not parts:
         fit = spec.new()
         for batch in record_batches(lf, names):

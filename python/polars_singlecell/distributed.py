@@ -36,8 +36,8 @@ from polars_singlecell._frames import (
     FitSpec,
     Partition,
     check_no_rows_after,
+    fit_query,
     partition_batches,
-    scan_partitions,
     scan_paths,
     update,
 )
@@ -120,13 +120,7 @@ class DaskEngine:
         """The fit of ``spec`` over ``columns`` of ``lf``, one task per
         partition, merged here in partition order: the local ``fold``'s
         state, bit for bit."""
-        names = [c for c in columns if c is not None]
-        missing = [c for c in names if c not in lf.collect_schema()]
-        if missing:
-            raise ValueError(f"column(s) {missing} not found; the frame has {lf.collect_schema().names()}")
-        q = lf.select(names)
-        schema = q.collect_schema()
-        parts = scan_partitions(q, [c for c in names if isinstance(schema[c], pl.List)], self.partition_rows)
+        q, _, parts = fit_query(lf, columns, self.partition_rows)
         if parts is None:
             raise ValueError("engine= needs data its workers can read: local Parquet file(s) (a path, a folder, a "
                              "glob) or a LazyFrame of pl.scan_parquet(...) over them with columns computed row by row "

@@ -66,14 +66,14 @@ def partitions(groups: list[tuple[int, int]], partition_rows: int) -> list[Parti
     """Consecutive row groups, up to ``partition_rows`` rows a partition (a
     larger group is a partition of its own), in row order."""
     out: list[Partition] = []
-    first, current = 0, []
+    first, rows, current = 0, 0, []
     for g in [*groups, None]:
-        if current and (g is None or sum(n for n, _ in current) + g[0] > partition_rows):
-            n = sum(r for r, _ in current)
-            out.append(Partition(first, n, tuple(current)))
-            first, current = first + n, []
+        if current and (g is None or rows + g[0] > partition_rows):
+            out.append(Partition(first, rows, tuple(current)))
+            first, rows, current = first + rows, 0, []
         if g is not None and g[0]:
             current.append(g)
+            rows += g[0]
     return out
 
 
@@ -144,10 +144,7 @@ def fold(lf: pl.LazyFrame, columns: list[str | None], spec: FitSpec, *,
         return fit
     total = None
     for part in parts:
-        fit, rows = spec.new(part.first_row), 0
-        for batch in partition_batches(q, part, names):
-            update(fit, batch, columns)
-            rows += batch.height
+        fit, rows = fold_partition(q, part, columns, spec)
         if total is None:
             total = fit
         else:
@@ -157,6 +154,16 @@ def fold(lf: pl.LazyFrame, columns: list[str | None], spec: FitSpec, *,
             break
     check_no_rows_after(q, parts)
     return total
+
+
+def fold_partition(q: pl.LazyFrame, part: Partition, columns: list[str | None], spec: FitSpec) -> tuple[Any, int]:
+    """A fresh state of ``spec`` over the partition's rows of the fit's
+    query ``q``, and the rows it read (here, or in a worker's task)."""
+    fit, rows = spec.new(part.first_row), 0
+    for batch in partition_batches(q, part, [c for c in columns if c is not None]):
+        update(fit, batch, columns)
+        rows += batch.height
+    return fit, rows
 
 
 def check_no_rows_after(q: pl.LazyFrame, parts: list[Partition]) -> None:

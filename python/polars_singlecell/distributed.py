@@ -14,8 +14,9 @@ number of workers, and the local path folds the same partitions
 are, in which order their tasks finish, or whether there is a cluster at
 all.
 
-``highly_variable_genes``, ``fit_pca`` and ``fit_centroids`` take
-``engine=``. ``integrate`` does not yet (issue 22).
+``highly_variable_genes``, ``fit_pca``, ``fit_centroids`` and ``integrate``
+(its three fits) take ``engine=``; projection and interpolation run on the
+driver.
 """
 
 from __future__ import annotations
@@ -37,9 +38,8 @@ from polars_singlecell._frames import (
     Partition,
     check_no_rows_after,
     fit_query,
-    partition_batches,
+    fold_partition,
     scan_paths,
-    update,
 )
 
 __all__ = ["DaskEngine", "Partition"]
@@ -62,12 +62,7 @@ def _extension_path() -> str:
 
 def fold_task(part: Partition, plan: bytes, columns: list[str | None], spec: FitSpec) -> tuple[bytes, int]:
     """One partition's fit state (a worker's task): its bytes and the rows it read."""
-    q = pl.LazyFrame.deserialize(io.BytesIO(plan))
-    fit = spec.new(part.first_row)
-    rows = 0
-    for batch in partition_batches(q, part, [c for c in columns if c is not None]):
-        update(fit, batch, columns)
-        rows += batch.height
+    fit, rows = fold_partition(pl.LazyFrame.deserialize(io.BytesIO(plan)), part, columns, spec)
     return fit.to_bytes(), rows
 
 

@@ -6,7 +6,7 @@ comma   := ,
 export VIRTUAL_ENV := $(CURDIR)/.venv
 export PATH := $(CURDIR)/.venv/bin:$(PATH)
 
-.PHONY: demo test build bench bench-kmeans bench-knn bench-metrics bench-integration bench-io bench-pipeline bench-tahoe bench-small bench-counts bench-rust
+.PHONY: demo test build wheels docs bench-distributed bench-scale bench bench-kmeans bench-knn bench-metrics bench-integration bench-io bench-pipeline bench-tahoe bench-small bench-counts bench-rust
 
 .venv/.base:
 	python3 -m venv .venv
@@ -40,6 +40,16 @@ test: .venv/.test build
 	cargo test --quiet --features cuda,lazy
 	cargo run --quiet --features cuda,lazy --example rust_pipeline
 	PSC_REQUIRE_RUST_EXAMPLE=1 $(PY) -m pytest -q
+
+# The abi3 wheel (one for every Python >= 3.10 of this platform) into target/wheels/; CI for
+# Linux, macOS and Windows: .github/workflows/wheels.yml. `make wheels CUDA=1` adds the CUDA backend.
+wheels: .venv/.base
+	maturin build --release --out target/wheels $(if $(CUDA),--features python$(comma)cuda)
+
+# The tables of docs/benchmarks.md, refilled from benches/results/ (run it after a bench;
+# tests/test_docs.py fails while one differs from its file).
+docs:
+	$(PY) benches/render_docs.py
 
 bench: .venv/.test build
 	$(PY) benches/bench_preprocessing.py
@@ -76,3 +86,11 @@ bench-small: .venv/.test build
 bench-rust: .venv/.test build
 	cargo build --quiet --features cuda,lazy --example rust_pipeline
 	$(PY) benches/bench_rust_pipeline.py
+
+# psc.integrate local against a 2-worker Dask LocalCluster (seconds, peaks, identical outputs).
+bench-distributed: .venv/.test build
+	$(PY) benches/bench_distributed.py $(or $(N),1000000)
+
+# Tahoe-100M's size on N workers, on paper, from the measured rates (benches/results/*.json).
+bench-scale: .venv/.test build
+	$(PY) benches/scale_plan.py

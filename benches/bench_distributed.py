@@ -1,17 +1,18 @@
-"""``psc.integrate`` on one machine against the same run with its fits on a
-``DaskEngine`` (a 2-worker ``LocalCluster`` on this machine): seconds per
-stage, peak RSS of the driver and of each worker, and whether every output
-is the same, bit for bit.
+"""``psc.integrate`` on one machine against the same run on a ``DaskEngine``
+(a 2-worker ``LocalCluster`` on this machine: the fits and the apply stages
+as tasks): seconds per stage, peak RSS of the driver and of each worker, and
+whether every output is the same, bit for bit.
 
 On one machine the engine can only cost: the same cores do the same work,
 plus the tasks' scheduling, each worker's own decode of its partitions and
 the states' bytes. This measures that overhead (issue 22's bound: under
-15% on the fits). Each worker runs Polars with one thread and the local run
+15%). Each worker runs Polars with one thread and the local run
 with two, so both use the machine's two cores.
 
     .venv/bin/python benches/bench_distributed.py [N_CELLS ...] [--keep DIR]
 
-Writes ``benches/results/distributed.md``.
+Writes ``benches/results/distributed.md`` and ``distributed.json`` (read
+by ``benches/scale_plan.py``).
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ import polars_singlecell as psc
 from _harness import commit, hwm_mb
 
 RESULTS = Path(__file__).parent / "results"
-FITS = ("genes", "pca", "centroids")
+# The stages that read every cell, as tasks on the engine (integration: on the centroids, on the driver).
+ON_ENGINE = ("genes", "pca", "project", "centroids", "interpolate")
 OUTPUTS = ("genes.parquet", "pca.parquet", "cells_pca.parquet", "centroids.parquet", "integration.parquet",
            "cells.parquet")
 
@@ -76,7 +78,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--keep", type=Path)
     args = ap.parse_args()
-    rows, same_all = [], True
+    rows, same_all, runs = [], True, []
     for n in args.n_cells:
         d = Path(tempfile.mkdtemp(prefix="psc-dask-bench-")) if args.keep is None else args.keep / str(n)
         d.mkdir(parents=True, exist_ok=True)
@@ -89,35 +91,40 @@ def main() -> None:
         dask, dask_mem = contender("dask", raw, d / "dask", args.workers)
         same = all(pl.read_parquet(d / "local" / f).equals(pl.read_parquet(d / "dask" / f)) for f in OUTPUTS)
         same_all &= same
-        fits_local = sum(local[s]["seconds"] for s in FITS)
-        fits_dask = sum(dask[s]["seconds"] for s in FITS)
+        fits_local = sum(local[s]["seconds"] for s in ON_ENGINE)
+        fits_dask = sum(dask[s]["seconds"] for s in ON_ENGINE)
         total_local = sum(v["seconds"] for v in local.values())
         total_dask = sum(v["seconds"] for v in dask.values())
-        per_stage = ", ".join(f"{s} {local[s]['seconds']:.1f} → {dask[s]['seconds']:.1f}" for s in FITS)
+        per_stage = ", ".join(f"{s} {local[s]['seconds']:.1f} → {dask[s]['seconds']:.1f}" for s in ON_ENGINE)
         workers_mb = " / ".join(f"{m:.0f}" for m in dask_mem["worker_peak_mb"])
         rows.append(f"| {n:,} | {per_stage} | {fits_local:.1f} | {fits_dask:.1f} | {fits_dask / fits_local - 1:+.0%} | "
                     f"{total_local:.1f} | {total_dask:.1f} | {local_mem['driver_peak_mb']:.0f} | "
                     f"{dask_mem['driver_peak_mb']:.0f} | {workers_mb} | {same} |")
+        runs.append({"cells": n, "workers": args.workers, "local": {s: v["seconds"] for s, v in local.items()},
+                     "dask": {s: v["seconds"] for s, v in dask.items()}, "local_peak_mb": local_mem["driver_peak_mb"],
+                     "driver_peak_mb": dask_mem["driver_peak_mb"], "worker_peak_mb": dask_mem["worker_peak_mb"],
+                     "identical": same, "commit": commit()})
         if args.keep is None:
             shutil.rmtree(d)
     lines = [
-        "# psc.integrate with its fits on a Dask cluster",
+        "# psc.integrate on a Dask cluster",
         "",
         f"`.venv/bin/python benches/bench_distributed.py {' '.join(map(str, args.n_cells))}` at commit {commit()}, "
         f"{platform.machine()}, {os.cpu_count()} CPUs. Generated cells (`write_synthetic_counts`, 2,000 genes, 230 UMIs "
         "a cell, 100k rows a file in row groups of ~4M non-zeros, so ~11 partitions of 100,000 rows at most), `psc.integrate`'s defaults, each run in its own process. "
         f"Dask: `LocalCluster(n_workers={args.workers}, threads_per_worker=1)` on this machine, Polars with one thread "
-        "a worker; the local run uses Polars' two. The fits (genes: HVG statistics; pca: the covariance; centroids: "
-        "the samples, then k-means on the driver) run on the workers; projection, integration and interpolation on "
-        "the driver in both runs.",
+        "a worker; the local run uses Polars' two. On the workers: the fits (genes: HVG statistics; pca: the "
+        "covariance; centroids: the samples, then k-means on the driver) and the apply stages (project, interpolate: "
+        "one part file a partition); the integration (on the centroids) runs on the driver in both runs.",
         "",
-        "| cells | fit seconds, local → Dask | fits local s | fits Dask s | overhead | all stages local s | "
+        "| cells | seconds, local → Dask | on-engine stages local s | on-engine stages Dask s | overhead | all stages local s | "
         "all stages Dask s | local peak MB | Dask driver peak MB | worker peaks MB | outputs identical |",
         "|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---|",
         *rows,
     ]
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "distributed.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / "distributed.json").write_text(json.dumps(runs, indent=1) + "\n")
     print("\n".join(lines))
     if not same_all:
         sys.exit("the Dask run's outputs differ from the local run's")

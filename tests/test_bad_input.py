@@ -386,3 +386,24 @@ def test_a_read_only_output_folder_fails_before_any_work(tmp_path):
             psc.integrate(src, ro, log=None)
     finally:
         ro.chmod(0o700)
+
+
+@pytest.mark.parametrize("dtype", [pl.Decimal(10, 2), pl.Float16])
+def test_rare_value_dtypes_are_named_not_a_panic(dtype):
+    """Every Polars dtype crosses into the plugin (Cargo.toml keeps
+    dtype-full for this): without it, a Decimal or Float16 column made the
+    plugin panic at the boundary, before any check could name it."""
+    df = pl.DataFrame({"gene_idx": pl.Series([[0, 1]], dtype=pl.List(pl.UInt32)),
+                       "values": pl.Series([[1.5, 2.5]], dtype=pl.List(dtype))})
+    with pytest.raises(pl.exceptions.ComputeError, match=r"column 'values' has dtype list\[.*expected list\[f32\]: cast it"):
+        df.select(psc.normalize())
+
+
+def test_to_cells_reads_wide_and_narrow_number_types():
+    ids = pl.Series("genes", [[2, 1]], dtype=pl.List(pl.Int128))
+    out = pl.DataFrame([ids, pl.Series("expressions", [[1.5, 2.5]], dtype=pl.List(pl.Float16))]).select(
+        psc.to_cells("genes", "expressions", n_genes=10)).unnest("genes")
+    assert out.to_dicts() == [{"gene_idx": [1, 2], "values": [2.5, 1.5]}]
+    decimal = pl.DataFrame([ids, pl.Series("expressions", [[1.5, 2.5]], dtype=pl.List(pl.Decimal(10, 2)))])
+    with pytest.raises(pl.exceptions.ComputeError, match=r"column 'expressions' has dtype list\[decimal"):
+        decimal.select(psc.to_cells("genes", "expressions", n_genes=10))

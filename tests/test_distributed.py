@@ -172,6 +172,100 @@ def test_integrate_on_the_cluster_is_the_local_run(raw, client, monkeypatch, tmp
     _same_outputs(tmp_path / "local", tmp_path / "dask")
     untimed = [{k: v for k, v in r["stages"]["integration"]["metrics"].items() if k != "seconds"} for r in (local, remote)]
     assert untimed[0] == untimed[1]
+    # The apply stages ran as tasks: one part file a partition, in row order.
+    for name in ("cells_pca.parquet", "cells.parquet"):
+        assert (tmp_path / "local" / name).is_file()
+        parts = sorted((tmp_path / "dask" / name).iterdir())
+        assert len(parts) > 1 and all(p.name.startswith("part-") for p in parts), parts
+    assert not list((tmp_path / "dask").glob(".*")), "hidden temporary files left behind"
+
+
+def test_a_run_resumes_and_replaces_across_engines(raw, client, monkeypatch, tmp_path):
+    """A run with an engine (dataset folders) resumes locally, and a changed
+    stage's output replaces the other kind (folder by file, file by folder)."""
+    monkeypatch.setattr(_frames, "PARTITION_ROWS", 700)
+    engine = D.DaskEngine(client, partition_rows=700)
+    opts = dict(n_top_genes=100, n_comps=10, n_centroids=16, log=None, progress=False)
+    out = tmp_path / "out"
+    first = psc.integrate(raw, out, engine=engine, **opts)
+    assert (out / "cells.parquet").is_dir()
+    again = psc.integrate(raw, out, **opts)  # locally: every stage kept
+    assert all(s.get("resumed") for s in again["stages"].values())
+    before = pl.read_parquet(out / "cells.parquet")
+    third = psc.integrate(raw, out, k=4, **opts)  # interpolate redone here: a file now
+    assert third["stages"]["interpolate"].get("resumed") is None and (out / "cells.parquet").is_file()
+    assert (out / "cells_pca.parquet").is_dir()
+    moved = pl.read_parquet(out / "cells.parquet")
+    assert moved.drop("X_ot").equals(before.drop("X_ot")) and not moved["X_ot"].equals(before["X_ot"])
+    psc.integrate(raw, out, k=8, engine=engine, **opts)  # and back to a folder, the first run's bits
+    assert (out / "cells.parquet").is_dir() and pl.read_parquet(out / "cells.parquet").equals(before)
+    assert first["stages"]["project"]["n_cells"] == 3000
+    assert not list(out.glob(".*")), "hidden temporary files left behind"
+
+
+def test_a_worker_killed_mid_write_changes_nothing(cells, client, tmp_path):
+    """The first part to be written kills its worker process midway, leaving
+    an unfinished hidden file: Dask reruns the task, the stale file is
+    removed, and the folder holds the local result, bit for bit."""
+    marker = str(tmp_path / "killed")
+
+    def patch() -> None:  # local, so cloudpickle sends it by value to the workers
+        import os
+        from pathlib import Path
+
+        from polars_singlecell import distributed as dm
+
+        real = getattr(dm, "_real_sink_bounded", dm.sink_bounded)
+        dm._real_sink_bounded = real
+
+        def dying(lf, dest, **kwargs):
+            if not os.path.exists(marker):
+                open(marker, "w").close()
+                Path(dest).with_name(f".{Path(dest).name}.dead.tmp").write_text("half a part")
+                os._exit(1)
+            real(lf, dest, **kwargs)
+
+        dm.sink_bounded = dying
+
+    def unpatch() -> None:
+        from polars_singlecell import distributed as dm
+
+        dm.sink_bounded = getattr(dm, "_real_sink_bounded", dm.sink_bounded)
+
+    client.run(patch)
+    try:
+        lf = pl.scan_parquet(cells / "*.parquet").with_columns(pl.col("X_pca").arr.sum().alias("total"))
+        written = D.DaskEngine(client, partition_rows=700).sink(lf, tmp_path / "out.parquet")
+    finally:
+        client.run(unpatch)
+    import os
+
+    assert os.path.exists(marker)  # a worker did die
+    assert written == lf.select(pl.len()).collect().item()
+    assert pl.read_parquet(tmp_path / "out.parquet").equals(lf.collect())
+    assert not [p for p in (tmp_path / "out.parquet").iterdir() if not p.name.startswith("part-")]
+
+
+def test_a_model_file_changed_under_the_workers_is_refused(raw, client, tmp_path):
+    """The workers read the model from its file: one that differs from the
+    driver's (rewritten meanwhile) is an error, and nothing is written."""
+    cells = pl.DataFrame({"X_pca": np.arange(12, dtype=np.float32).reshape(6, 2), "batch": ["a", "b"] * 3},
+                         schema={"X_pca": pl.Array(pl.Float32, 2), "batch": pl.String})
+    cells.write_parquet(tmp_path / "cells.parquet", row_group_size=2)
+    table = pl.DataFrame({"batch": ["a", "b"], "centroid": [[0.0, 0.0], [5.0, 5.0]], "displacement": [[1.0, 0.0], [0.0, 1.0]]},
+                         schema={"batch": pl.String, "centroid": pl.Array(pl.Float32, 2), "displacement": pl.Array(pl.Float32, 2)})
+    model = psc.IntegrationModel(table)
+    model.write_parquet(tmp_path / "model.parquet")
+    engine = D.DaskEngine(client, partition_rows=2)
+    lf = pl.scan_parquet(tmp_path / "cells.parquet").with_columns(psc.knn_interpolate("X_pca", "batch", model=model, k=1))
+    assert engine.sink(lf, tmp_path / "moved.parquet", [(model, tmp_path / "model.parquet")]) == 6
+    assert pl.read_parquet(tmp_path / "moved.parquet").equals(lf.collect())
+    assert len(list((tmp_path / "moved.parquet").iterdir())) == 3
+    psc.IntegrationModel(table.with_columns(pl.col("displacement").arr.eval(pl.element() * 2))).write_parquet(
+        tmp_path / "model.parquet")
+    with pytest.raises(RuntimeError, match=r"model.parquet on this worker is not the one the driver loaded"):
+        engine.sink(lf, tmp_path / "again.parquet", [(model, tmp_path / "model.parquet")])
+    assert not (tmp_path / "again.parquet").exists() and not list(tmp_path.glob(".*"))
 
 
 def test_the_cli_runs_the_fits_on_a_local_cluster(raw, tmp_path, capsys):

@@ -125,10 +125,10 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--no-progress", action="store_true", help="no progress bars (stderr)")
     cluster = i.add_mutually_exclusive_group()
     cluster.add_argument("--scheduler", metavar="ADDRESS", default=None,
-                         help="run the fits on a running Dask scheduler (tcp://host:8786; needs polars-singlecell[dask] "
+                         help="run every stage that reads the cells on a running Dask scheduler (tcp://host:8786; needs polars-singlecell[dask] "
                               "and the same files at the same paths on every worker); same results as without it")
     cluster.add_argument("--workers", type=int, default=None, metavar="N",
-                         help="run the fits on a local Dask cluster of N worker processes (needs polars-singlecell[dask])")
+                         help="run every stage that reads the cells on a local Dask cluster of N worker processes (needs polars-singlecell[dask])")
     g = i.add_argument_group("integration", "options of psc.fit_integration")
     for name, default in _integration_defaults().items():
         kind = str if isinstance(default, str) else type(default)

@@ -6,10 +6,20 @@ from polars_singlecell import _internal
 
 
 def cuda_available() -> bool:
-    """Whether ``device="cuda"`` works here: a build with the ``cuda`` feature
-    (``make build CUDA=1``), an NVIDIA driver and GPU, and the CUDA 12/13
-    libraries cuBLAS and NVRTC on the library path.
+    """Whether ``device="cuda"`` works here.
 
+    It needs a build with the ``cuda`` feature (``make build CUDA=1``), an
+    NVIDIA driver and GPU, and the CUDA 12/13 libraries cuBLAS and NVRTC on
+    the library path. Where one is missing, ``device="cuda"`` is a
+    ``ValueError`` saying which.
+
+    Returns
+    -------
+    bool
+        ``True`` where ``device="cuda"`` can run.
+
+    Examples
+    --------
     >>> import polars_singlecell as psc
     >>> isinstance(psc.cuda_available(), bool)
     True

@@ -10,6 +10,7 @@ import errno
 import glob
 import os
 import re
+import shutil
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -75,7 +76,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     final = Path(path)
     if final.is_dir():
         raise IsADirectoryError(f"{final} is a folder; give a file path")
-    tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp = hidden_sibling(final)
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
         # Fail here, with an errno, when the folder is not writable (Polars'
@@ -93,6 +94,36 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp.unlink(missing_ok=True)
 
 
+def hidden_sibling(final: Path) -> Path:
+    """A hidden temporary name beside ``final`` (``.<name>.<hex>.tmp``): never
+    read as data, and removed by the next ``integrate`` in that folder if a
+    killed process leaves it."""
+    return final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.tmp")
+
+
+@contextmanager
+def replacing(final: Path) -> Iterator[None]:
+    """Write a new ``final`` inside the block where an old one may be a file
+    or a dataset folder (a distributed run writes folders, a local one
+    files), which ``os.replace`` cannot swap for each other: the old one is
+    moved aside, put back if the block fails, and deleted once it succeeds."""
+    if not final.exists():
+        yield
+        return
+    aside = hidden_sibling(final)
+    os.replace(final, aside)
+    try:
+        yield
+    except BaseException:
+        if not final.exists():
+            os.replace(aside, final)
+        raise
+    if aside.is_dir():
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        aside.unlink(missing_ok=True)
+
+
 def expand(source: str | os.PathLike, suffix: str) -> list[Path]:
     """The files ``source`` names: itself, a folder's ``*<suffix>`` files, or a glob's matches."""
     p = Path(source)
@@ -104,8 +135,20 @@ def expand(source: str | os.PathLike, suffix: str) -> list[Path]:
 
 
 def sink_parquet(lf: pl.LazyFrame, path: str | os.PathLike, **kwargs: Any) -> None:
-    """``lf.sink_parquet(path)`` (streaming engine), but atomic: if the query
-    fails midway (bad input, a killed process), ``path`` is left untouched.
+    """``lf.sink_parquet(path)`` (streaming engine), but atomic.
+
+    If the query fails midway (bad input, a killed process), ``path`` is
+    left untouched: the file is written under a temporary name in the same
+    folder, then renamed.
+
+    Parameters
+    ----------
+    lf : polars.LazyFrame
+        The query to run.
+    path : str or os.PathLike
+        The file (replaced if it exists).
+    **kwargs
+        Options of ``polars.LazyFrame.sink_parquet`` (``row_group_size``, ...).
 
     Examples
     --------

@@ -54,8 +54,23 @@ PARTITION_ROWS = 100_000
 
 @dataclass(frozen=True)
 class Partition:
-    """Rows ``first_row .. first_row + n_rows`` of a scan (whole row groups,
-    possibly of several files)."""
+    """Rows ``first_row .. first_row + n_rows`` of a scan, in whole row groups.
+
+    A fit's unit of work (its row groups possibly from several files): each
+    partition's state is folded from a fresh one, here or on a
+    :class:`polars_singlecell.distributed.DaskEngine`'s worker, and the
+    states are merged in row order.
+
+    Parameters
+    ----------
+    first_row : int
+        The partition's first row in the whole scan (0-based).
+    n_rows : int
+        Its rows, as the Parquet footers count them.
+    groups : tuple of (int, int)
+        Each of its row groups' ``(rows, entries)`` in order: rows, and
+        the number of list entries in the group, from the footers.
+    """
 
     first_row: int
     n_rows: int

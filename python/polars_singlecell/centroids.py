@@ -56,9 +56,7 @@ def kmeans_centroids(
 
     An aggregation: use it in ``group_by(batch_key).agg(...)`` (one row per
     batch) or ``select`` (the whole column); inside ``.over`` every row gets
-    its group's result. Returns ``Struct{centroid: List(Array(Float32, d)),
-    mass: List(Float64)}`` named ``centroids``; ``.struct.unnest()`` then
-    ``.explode("centroid", "mass")`` makes it one row per centroid.
+    its group's result.
 
     Greedy k-means++ seeding then Lloyd iterations, scikit-learn's ``KMeans``
     semantics: ``max_iter`` Lloyd passes over all rows at most, stopping once
@@ -76,6 +74,33 @@ def kmeans_centroids(
     (the exact float64 checks stay on the CPU). Its float32 GEMM rounds
     differently, so a row within rounding of two centres may take the other,
     and the fit can differ slightly from the CPU's.
+
+    Parameters
+    ----------
+    embedding : str or polars.Expr, default "X_pca"
+        The ``Array(Float32, d)`` column of the rows to cluster.
+    n_centroids : int, default 2048
+        k, the centroids per group (fewer where the group has fewer distinct rows).
+    max_iter : int, default 300
+        Lloyd passes over all rows at most.
+    tol : float, default 1e-4
+        Stop once the summed squared centre shift is below ``tol`` × the mean
+        per-feature variance.
+    random_state : int, default 0
+        Seed of the seeding and the subsets, in [0, 2**64).
+    weights : str, polars.Expr or None, default None
+        A numeric column of row weights (read as float64); ``None``: 1 each.
+    init_size : int or None, default None
+        Rows the seeding runs on; ``None``: ``max(3·n_centroids, 10_000)``.
+    device : {"cpu", "cuda"}, default "cpu"
+        Where the assignment steps run (above).
+
+    Returns
+    -------
+    polars.Expr
+        ``Struct{centroid: List(Array(Float32, d)), mass: List(Float64)}``
+        named ``centroids``, one per group; ``.struct.unnest()`` then
+        ``.explode("centroid", "mass")`` makes it one row per centroid.
     """
     kwargs = {
         "n_centroids": _positive_int("n_centroids", n_centroids),
@@ -112,7 +137,7 @@ def fit_centroids(
     temp_dir: str | os.PathLike | None = None,
     engine: Any = None,
 ) -> pl.DataFrame | tuple[pl.DataFrame, pl.DataFrame]:
-    """Per-batch centroids of a cell embedding of any size, streaming.
+    """Per-batch centroids (k-means, with mass) of a cell embedding of any size, streaming.
 
     Reads ``embedding`` and ``batch_key`` once, in record batches, keeping for
     each batch the ``max_samples_per_batch`` cells whose seeded hash of their
@@ -123,12 +148,6 @@ def fit_centroids(
     fraction of its time, see ``benches/bench_kmeans.py``), masses scaled so
     each batch's sum to its number of cells.
 
-    Returns one row per centroid: ``batch_key``, ``centroid_id`` (UInt32, from
-    0 per batch), ``centroid`` (``Array(Float32, d)``), ``mass`` (Float64);
-    with ``summary=True`` also one row per batch: ``n_cells``, ``n_sampled``,
-    ``n_centroids``, ``inertia`` (on the sample), ``n_iter``, ``converged``.
-    ``device="cuda"``: the k-means assignment steps on the GPU, as in
-    :func:`kmeans_centroids`.
     ``low_memory=True`` holds one batch's sample in memory instead of all of
     them, for a second read: a first pass over the batch column alone fixes
     each batch's sample (keys only: ``batches × min(cells, cap) × 16`` bytes),
@@ -144,11 +163,65 @@ def fit_centroids(
     batch is summarised rather than copied cell by cell. An ``Enum`` batch
     column's categories with no cells are skipped with a warning and listed
     in the summary with ``n_cells == 0``.
-    ``engine``: a :class:`polars_singlecell.distributed.DaskEngine` samples
-    ``data`` (Parquet files, or a LazyFrame over them) on its cluster, one
-    task per partition of whole row groups, and merges the samples here in
-    row order: the same sample and centroids, bit for bit, as the local path
-    (then k-means runs here; ``low_memory`` does not apply).
+
+    Parameters
+    ----------
+    data : polars.LazyFrame, polars.DataFrame, str or os.PathLike
+        The cells, one row per cell (a Parquet path, folder or glob is scanned).
+    embedding : str, default "X_pca"
+        The ``Array(Float32, d)`` column to cluster.
+    batch_key : str, default "batch"
+        The batch column (any dtype; the output keeps it and its order).
+    n_centroids : int, default 2048
+        Centroids per batch at most.
+    min_cells_per_centroid : int, default 1
+        At most one centroid per this many sampled cells of a batch (above).
+    max_samples_per_batch : int, default 500_000
+        Cells sampled per batch (the cap).
+    max_iter : int, default 3
+        Lloyd passes over each sample.
+    tol : float, default 1e-4
+        k-means' tolerance, as in :func:`kmeans_centroids`.
+    random_state : int, default 0
+        Seed of the samples and the k-means, in [0, 2**64).
+    init_size : int or None, default None
+        Rows each k-means seeding runs on, as in :func:`kmeans_centroids`.
+    n_threads : int or None, default None
+        Threads of the k-means; ``None``: ``POLARS_MAX_THREADS`` (or Polars'
+        pool size).
+    summary : bool, default False
+        Also return the per-batch summary.
+    device : {"cpu", "cuda"}, default "cpu"
+        ``"cuda"``: the k-means assignment steps on the GPU, as in
+        :func:`kmeans_centroids`.
+    low_memory : bool, default False
+        One batch's sample in memory at a time, two reads (above).
+    temp_dir : str, os.PathLike or None, default None
+        Where ``low_memory=True`` keeps its sample files; ``None``: the
+        system's temporary folder.
+    engine : polars_singlecell.distributed.DaskEngine or None, default None
+        Samples ``data`` (Parquet files, or a LazyFrame over them) on its
+        cluster, one task per partition of whole row groups, and merges the
+        samples here in row order: the same sample and centroids, bit for
+        bit, as the local path (then k-means runs here; ``low_memory`` does
+        not apply).
+
+    Returns
+    -------
+    centroids : polars.DataFrame
+        One row per centroid: ``batch_key``, ``centroid_id`` (UInt32, from 0
+        per batch), ``centroid`` (``Array(Float32, d)``), ``mass`` (Float64).
+    summary : polars.DataFrame
+        With ``summary=True`` only (then a tuple of the two): one row per
+        batch, ``batch_key``, ``n_cells``, ``n_sampled`` (UInt64),
+        ``n_centroids`` (UInt32), ``inertia`` (Float64, on the sample),
+        ``n_iter`` (UInt32), ``converged`` (Boolean).
+
+    Raises
+    ------
+    ValueError
+        A missing column, an embedding that is not ``Array(Float32, d)``, a
+        parameter out of range, or no cells.
     """
     lf = _lazy(data)
     schema = lf.collect_schema()

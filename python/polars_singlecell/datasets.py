@@ -59,15 +59,41 @@ def synthetic_counts(
     first_cell: int = 0,
     batch_effect: float = 0.3,
 ) -> pl.DataFrame:
-    """``n_cells`` cells of raw UMI counts: ``cell_id``, ``batch``, ``label``,
-    ``gene_idx: List(UInt32)``, ``values: List(Float32)``.
+    """``n_cells`` cells of raw UMI counts of known cell types in batches.
 
     Each cell draws ~``umis_per_cell`` UMIs (Poisson) from its type's gene
     distribution scaled by its batch's effect; with the defaults about 10% of
-    entries are non-zero. The gene programme depends only on ``random_state``; cells
+    entries are non-zero. Each cell type up-regulates its own 5% of genes
+    4-fold. The gene programme depends only on ``random_state``; cells
     depend on ``random_state`` and ``first_cell``, so chunks can be generated apart.
-    ``batch_effect``: the standard deviation of each batch's log gene factors
-    (0.3: plates that PC1–PC2 barely separate; 1: plates apart on every axis).
+
+    Parameters
+    ----------
+    n_cells : int
+        Cells to draw.
+    n_genes : int, default 2000
+        Genes; gene indices are in ``[0, n_genes)``.
+    n_batches : int, default 3
+        Batches (plates), ``plate0`` ... ; each cell's drawn uniformly.
+    n_types : int, default 4
+        Cell types, ``type0`` ... ; each cell's drawn uniformly.
+    umis_per_cell : int, default 230
+        Mean UMIs per cell (Poisson, at least 1).
+    random_state : int, default 0
+        Seed of the gene programme and, with ``first_cell``, of the cells.
+    first_cell : int, default 0
+        Row number of the first cell: its ``cell_id`` and the cells' seed.
+    batch_effect : float, default 0.3
+        The standard deviation of each batch's log gene factors, in [0, 10)
+        (0.3: plates that PC1–PC2 barely separate; 1: plates apart on every
+        axis).
+
+    Returns
+    -------
+    polars.DataFrame
+        ``n_cells`` rows: ``cell_id``, ``batch``, ``label`` (String),
+        ``gene_idx`` (``List(UInt32)``, sorted) and ``values``
+        (``List(Float32)``, the counts, each > 0).
     """
     if not (isinstance(batch_effect, (int, float)) and 0 <= batch_effect < 10):
         raise ValueError(f"batch_effect must be a number in [0, 10), got {batch_effect!r}")
@@ -98,9 +124,32 @@ def write_synthetic_counts(
     random_state: int = 0,
     **kwargs,
 ) -> Path:
-    """Write :func:`synthetic_counts` into a folder of Parquet files
-    (``part-00000.parquet``, ...), one chunk at a time, plus ``genes.parquet``
-    beside them. Memory is bounded by ``rows_per_file``. Returns the folder."""
+    """Write :func:`synthetic_counts` into a folder of Parquet files, one chunk at a time.
+
+    The cells go to ``out/part-00000.parquet``, ... and the genes
+    (``gene_idx``, ``gene``) to ``<out>_genes.parquet`` beside the folder,
+    where :func:`polars_singlecell.integrate` finds them. Memory is bounded by
+    ``rows_per_file``.
+
+    Parameters
+    ----------
+    out : str or os.PathLike
+        The folder (created if missing).
+    n_cells : int
+        Cells in all.
+    rows_per_file : int, default 100_000
+        Cells per file (each file a :func:`synthetic_counts` chunk).
+    random_state : int, default 0
+        The seed, as in :func:`synthetic_counts`.
+    **kwargs
+        The other options of :func:`synthetic_counts` (``n_genes``,
+        ``n_batches``, ``batch_effect``, ...).
+
+    Returns
+    -------
+    pathlib.Path
+        The folder ``out``.
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     n_genes = kwargs.get("n_genes", 2000)
@@ -117,10 +166,18 @@ def write_synthetic_counts(
 
 def tahoe_design() -> pl.DataFrame:
     """Tahoe-100M's design: cells per (plate, cell line), with the line's organ.
-    700 rows (14 plates × 50 lines, 100,648,790 cells), summed from the
-    dataset's ``obs`` grid (``../shared/data/tahoe100m_metadata``) and shipped
-    with the package.
 
+    Summed from the dataset's ``obs`` grid (``../shared/data/tahoe100m_metadata``)
+    and shipped with the package.
+
+    Returns
+    -------
+    polars.DataFrame
+        700 rows (14 plates × 50 lines, 100,648,790 cells): ``plate``,
+        ``cell_line``, ``organ`` (String) and ``n_cells`` (Int64).
+
+    Examples
+    --------
     >>> import polars_singlecell as psc
     >>> d = psc.datasets.tahoe_design()
     >>> d.height, d["plate"].n_unique(), d["cell_line"].n_unique(), d["n_cells"].sum()
@@ -188,9 +245,35 @@ def tahoe_like_embedding(
     (:func:`_plate_effect`: shift sd ``shift`` per axis, per-axis scaling
     1 ± ``scaling``, rotation of size ``rotation``).
 
-    Returns ``plate``, ``cell_line``, ``organ``, ``X_pca`` and ``X_true``
-    (``Array(Float32, n_dims)``), plates in design order.
+    Parameters
+    ----------
+    n_cells : int
+        Cells in all (≥ 1).
+    n_dims : int, default 30
+        Dimensions of the embedding.
+    missing_lines_per_plate : int, default 5
+        Lines each plate lacks, in [0, 49].
+    line_skew : float, default 1.0
+        ≥ 1: how many-fold a line's share may differ between plates (1: the
+        design's proportions).
+    shift : float, default 1.5
+        Standard deviation of each plate's shift, per axis.
+    scaling : float, default 0.15
+        Each plate scales each axis by a factor in ``1 ± scaling``.
+    rotation : float, default 0.05
+        Size of each plate's rotation (0: none).
+    random_state : int, default 0
+        The seed.
 
+    Returns
+    -------
+    polars.DataFrame
+        ``n_cells`` rows, plates in design order: ``plate``, ``cell_line``,
+        ``organ`` (String), ``X_pca`` (the observed embedding) and ``X_true``
+        (the embedding without plate effects), both ``Array(Float32, n_dims)``.
+
+    Examples
+    --------
     >>> import polars_singlecell as psc
     >>> df = psc.datasets.tahoe_like_embedding(5000, n_dims=10)
     >>> df.height, df["plate"].n_unique(), df.schema["X_pca"]
@@ -262,10 +345,10 @@ def tahoe_like(
     line its own 3% 4-fold (the ground truth: ``cell_line``, ``organ``); each
     plate multiplies every gene by a log-normal factor of sd ``plate_effect``
     (the batch effect). Each cell draws ~``umis_per_cell`` UMIs (Poisson).
-    Rows are in plate order, lines shuffled within each file. Returns ``out``.
-    On 2 cores: 41 s and 785 MB peak for 800k cells, 743 MB for 200k (the
-    peak is one file's worth; ``make bench-io``). Tahoe's real depth is
-    ``n_genes=62_710, umis_per_cell=2_500`` (~1,400 genes detected a cell).
+    Rows are in plate order, lines shuffled within each file. Peak memory is
+    one file's worth of cells (``make bench-io`` measures it). Tahoe's real
+    depth is ``n_genes=62_710, umis_per_cell=2_500`` (~1,400 genes detected
+    a cell).
 
     ``layout="tahoe"`` writes the same cells as Tahoe-100M's Parquet release
     lays them out: ``out/data/train-*.parquet`` with ``genes`` (``List(Int64)``
@@ -280,6 +363,36 @@ def tahoe_like(
     vocabulary=out / "metadata" / "gene_metadata.parquet")``: the same counts
     as ``layout="cells"`` with the same arguments.
 
+    Parameters
+    ----------
+    n_cells : int
+        Cells in all (≥ 1).
+    out : str or os.PathLike
+        The folder to write (created if missing).
+    n_genes : int, default 2000
+        Genes; gene indices are in ``[0, n_genes)``.
+    umis_per_cell : int, default 300
+        Mean UMIs per cell (Poisson, at least 1).
+    missing_lines_per_plate : int, default 5
+        Lines each plate lacks, in [0, 49].
+    line_skew : float, default 1.0
+        ≥ 1: how many-fold a line's share may differ between plates.
+    plate_effect : float, default 0.3
+        Standard deviation of each plate's log gene factors.
+    rows_per_file : int, default 50_000
+        Cells per Parquet file (what is in memory at once).
+    random_state : int, default 0
+        The seed.
+    layout : {"cells", "tahoe"}, default "cells"
+        The project's layout, or Tahoe-100M's Parquet release's (above).
+
+    Returns
+    -------
+    pathlib.Path
+        The folder ``out``.
+
+    Examples
+    --------
     >>> import tempfile, polars as pl, polars_singlecell as psc
     >>> d = psc.datasets.tahoe_like(3000, tempfile.mkdtemp(), n_genes=200, rows_per_file=1000)
     >>> df = pl.read_parquet(d / "part-*.parquet")

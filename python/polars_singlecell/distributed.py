@@ -15,8 +15,11 @@ are, in which order their tasks finish, or whether there is a cluster at
 all.
 
 ``highly_variable_genes``, ``fit_pca``, ``fit_centroids`` and ``integrate``
-(its three fits) take ``engine=``; projection and interpolation run on the
-driver.
+take ``engine=``. In ``integrate`` the projection and the interpolation run
+there too (:meth:`DaskEngine.sink`): each partition is a task that reads
+the model files, registers the models under the driver's digests, rebuilds
+the query and writes its part of a dataset folder; row-wise expressions
+give every row the same bits whichever task computes it.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import functools
 import hashlib
 import io
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -32,13 +36,16 @@ import polars as pl
 
 from polars_singlecell import _internal, _progress
 from polars_singlecell._checks import positive_int
+from polars_singlecell._files import hidden_sibling, replacing, sink_bounded
 from polars_singlecell._frames import (
     PARTITION_ROWS,
     FitSpec,
     Partition,
     check_no_rows_after,
     fit_query,
+    fold,
     fold_partition,
+    scan_partitions,
     scan_paths,
 )
 
@@ -69,17 +76,32 @@ def fold_task(part: Partition, plan: bytes, columns: list[str | None], spec: Fit
 class DaskEngine:
     """Run the fits on a ``dask.distributed.Client``'s cluster.
 
-    ``partition_rows``: rows per task at most (whole row groups); the
-    default is the local path's partition, so results equal the local ones
-    bit for bit (another value gives the same up to float64 rounding of the
-    HVG and PCA sums; the centroids are the same for any value). Needs
-    ``pip install 'polars-singlecell[dask]'``. At start every worker must run
-    the same polars-singlecell build and polars version as this process;
-    otherwise a ``RuntimeError`` names the worker and both versions. The fits
-    take the data as Parquet path(s) or as a LazyFrame over them
-    (``pl.scan_parquet(...)`` with ``normalize``, ``select_genes`` and other
-    row-by-row columns): each worker rebuilds the query and reads its rows
-    itself.
+    Pass it as ``engine=`` to :func:`polars_singlecell.highly_variable_genes`,
+    :func:`polars_singlecell.fit_pca`, :func:`polars_singlecell.fit_centroids`
+    or :func:`polars_singlecell.integrate`. Needs
+    ``pip install 'polars-singlecell[dask]'``. The fits take the data as
+    Parquet path(s) or as a LazyFrame over them (``pl.scan_parquet(...)``
+    with ``normalize``, ``select_genes`` and other row-by-row columns): each
+    worker rebuilds the query and reads its rows itself.
+
+    Parameters
+    ----------
+    client : dask.distributed.Client
+        The cluster's client. At start every worker must run the same
+        polars-singlecell build and polars version as this process.
+    partition_rows : int, default 100_000
+        Rows per task at most (whole row groups); the default is the local
+        path's partition, so results equal the local ones bit for bit
+        (another value gives the same up to float64 rounding of the HVG and
+        PCA sums; the centroids are the same for any value).
+
+    Raises
+    ------
+    ImportError
+        ``dask.distributed`` is not installed.
+    RuntimeError
+        A worker runs another polars-singlecell build or polars version (the
+        message names the worker and both versions).
 
     Examples
     --------
@@ -111,21 +133,18 @@ class DaskEngine:
     def __repr__(self) -> str:
         return f"DaskEngine({self.client!r}, partition_rows={self.partition_rows})"
 
-    def fold(self, lf: pl.LazyFrame, columns: list[str | None], spec: FitSpec) -> Any:
-        """The fit of ``spec`` over ``columns`` of ``lf``, one task per
-        partition, merged here in partition order: the local ``fold``'s
-        state, bit for bit."""
-        q, _, parts = fit_query(lf, columns, self.partition_rows)
+    def _plan(self, q: pl.LazyFrame, parts: list[Partition] | None) -> bytes:
+        """``q`` as the bytes a worker rebuilds it from, once it is known
+        that every worker can run it."""
         if parts is None:
             raise ValueError("engine= needs data its workers can read: local Parquet file(s) (a path, a folder, a "
                              "glob) or a LazyFrame of pl.scan_parquet(...) over them with columns computed row by row "
                              "(with_columns, select); not a remote URL, an in-memory frame, or a filter, join or sort "
-                             "before the fit")
-        plan = q.serialize()
+                             "before the stage")
         if self._elsewhere and "polars_singlecell" in q.explain(optimized=False):
             # A plugin expression in a plan names the extension's file: a
             # worker that has it elsewhere cannot run the plan.
-            raise RuntimeError(f"the fit's query uses polars-singlecell expressions, which name this process's "
+            raise RuntimeError(f"the query uses polars-singlecell expressions, which name this process's "
                                f"extension ({_extension_path()}), and workers {self._elsewhere} have it at another "
                                "path: install it at the same path on every worker (one environment), or write the "
                                "prepared columns to Parquet and pass the files")
@@ -133,6 +152,44 @@ class DaskEngine:
         if relative:
             raise ValueError(f"engine=: the query reads {relative[:3]} by relative path, which a worker started in "
                              "another folder would not find: scan absolute paths (Path(...).resolve())")
+        return q.serialize()
+
+    def fold(self, lf: pl.LazyFrame, columns: list[str | None], spec: FitSpec) -> Any:
+        """The fit of ``spec`` over ``columns`` of ``lf``, one task per partition.
+
+        The fits call it (``engine.fold``); the states are merged here in
+        partition order: the local fold's state, bit for bit.
+
+        Parameters
+        ----------
+        lf : polars.LazyFrame
+            A ``pl.scan_parquet`` of local files (absolute paths), with
+            columns computed row by row on it.
+        columns : list of str or None
+            The fit's input columns in its ``update``'s order; ``None`` for
+            an absent optional input (no batch key).
+        spec : FitSpec
+            How to make a fresh fit state (one of the compiled
+            ``*Fit`` classes, its arguments).
+
+        Returns
+        -------
+        object
+            The merged fit state (the class ``spec`` makes), ready to finish.
+
+        Raises
+        ------
+        ValueError
+            Data the workers cannot read (a remote URL, an in-memory frame, a
+            filter, join or sort before the fit, a relative path).
+        RuntimeError
+            Workers have the extension at another path than this process and
+            the query uses its expressions, or the files changed during the fit.
+        """
+        q, _, parts = fit_query(lf, columns, self.partition_rows)
+        if parts == []:  # files without rows: nothing to send anywhere
+            return fold(lf, columns, spec)
+        plan = self._plan(q, parts)
         futures = self.client.map(fold_task, parts, plan=plan, columns=columns, spec=spec, pure=False)
         total, short, count = spec.new(), None, _progress.counter()
         # In partition order, whatever order the tasks finished in, one state
@@ -158,3 +215,95 @@ class DaskEngine:
                 short = part
         check_no_rows_after(q, parts)
         return total
+
+    def sink(self, lf: pl.LazyFrame, path: str | os.PathLike,
+             models: list[tuple[Any, str | os.PathLike]] = ()) -> int:
+        """Write ``lf`` to ``path`` as a dataset folder, one task per partition.
+
+        ``lf`` is a scan with row-by-row columns (``pca_project``,
+        ``knn_interpolate``); the folder holds ``part-00000.parquet``,
+        ``part-00001.parquet``, ... in row order. The parts are written
+        into a hidden folder beside ``path`` and it takes ``path``'s name
+        only when every part is in place (an old file or folder there is
+        replaced then): a failed or killed stage leaves ``path`` as it was.
+
+        Parameters
+        ----------
+        lf : polars.LazyFrame
+            A ``pl.scan_parquet`` of local files with row-by-row columns.
+        path : str or os.PathLike
+            The dataset folder to write.
+        models : list of (model, path) pairs, default ()
+            Each :class:`polars_singlecell.PcaModel` /
+            :class:`polars_singlecell.IntegrationModel` the query's
+            expressions use, with the file it was read from: a worker reads
+            the file and registers the model under the same digest before it
+            rebuilds the query (a file whose contents differ is an error).
+
+        Returns
+        -------
+        int
+            The rows written.
+        """
+        final = Path(path).absolute()  # the workers write beside it, from their own folders
+        parts = scan_partitions(lf, [], self.partition_rows)
+        plan = self._plan(lf, parts)
+        shipped = [_model_ref(m, f) for m, f in models]
+        tmp = hidden_sibling(final)
+        tmp.mkdir(parents=True)
+        try:
+            if not parts:  # files without rows: one empty part, with the schema
+                sink_bounded(lf, tmp / "part-00000.parquet")
+            names = [str(tmp / f"part-{i:05d}.parquet") for i in range(len(parts))]
+            futures = self.client.map(sink_task, parts, names, plan=plan, models=shipped, pure=False)
+            count, written, short = _progress.counter(), 0, None
+            for part, future in zip(parts, futures):
+                rows = future.result()
+                future.release()
+                if short is not None and rows:
+                    raise RuntimeError(f"rows from {part.first_row} were written after rows {short.first_row}.."
+                                       f"{short.first_row + short.n_rows} ended early: was a file changed while the "
+                                       "stage ran? run it again")
+                if count is not None:
+                    count(rows)
+                written += rows
+                if rows < part.n_rows and short is None:
+                    short = part
+            if parts:
+                check_no_rows_after(lf, parts)
+            for stale in tmp.glob(".*.tmp"):  # a killed task's unfinished part (its retry wrote the part)
+                stale.unlink(missing_ok=True)
+            with replacing(final):
+                os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return written
+
+
+def _model_ref(model: Any, path: str | os.PathLike) -> tuple[str, str, str]:
+    """(kind, file, registry key) of a model a query uses, for a worker."""
+    from polars_singlecell.integration import IntegrationModel
+    from polars_singlecell.preprocessing import PcaModel
+
+    kind = "pca" if isinstance(model, PcaModel) else "integration" if isinstance(model, IntegrationModel) else None
+    if kind is None:
+        raise TypeError(f"engine=: a query's model is a PcaModel or an IntegrationModel, got {type(model).__name__}")
+    return kind, os.path.abspath(path), model._register()
+
+
+def sink_task(part: Partition, dest: str, plan: bytes, models: list[tuple[str, str, str]]) -> int:
+    """One partition of an apply stage (a worker's task): the query's models
+    loaded from their files and registered here, the partition's rows of
+    the rebuilt query written to ``dest``; returns the rows written."""
+    from polars_singlecell.integration import IntegrationModel
+    from polars_singlecell.preprocessing import PcaModel
+
+    for kind, path, key in models:
+        model = PcaModel.load(path) if kind == "pca" else IntegrationModel.read_parquet(path)
+        if model._register() != key:
+            raise RuntimeError(f"the model file {path} on this worker is not the one the driver loaded (its contents "
+                               "differ): was it rewritten while the stage ran, or is the shared folder out of date?")
+    q = pl.LazyFrame.deserialize(io.BytesIO(plan))
+    sink_bounded(q.slice(part.first_row, part.n_rows), dest)
+    return pl.scan_parquet(dest).select(pl.len()).collect().item()

@@ -71,21 +71,31 @@ def _embedding_width(table: pl.DataFrame, column: str, what: str) -> int:
 class IntegrationModel:
     """A fitted centroid-level integration, one row per centroid.
 
+    The table is what :meth:`write_parquet` writes, so the file is readable by
+    any Parquet tool; the batch key and metrics go in the file's key-value
+    metadata. Attributes: ``table``, ``batch_key``, ``metrics`` and ``d``
+    (the embedding's width).
+
     Parameters
     ----------
-    table
-        Columns: the batch key (any scalar dtype; by default the first column),
-        ``centroid`` and ``displacement`` (both ``Array(Float32, d)``, no nulls,
-        finite), and optionally ``centroid_id`` and ``mass``. Row order is kept:
-        :func:`knn` returns row numbers of this table.
-    batch_key
+    table : polars.DataFrame
+        ``n_centroids`` rows. Columns: the batch key (any scalar dtype; by
+        default the first column), ``centroid`` and ``displacement`` (both
+        ``Array(Float32, d)``, no nulls, finite), and optionally
+        ``centroid_id`` and ``mass``. Row order is kept: :func:`knn` returns
+        row numbers of this table.
+    batch_key : str or None, default None
         Name of the batch column; ``None`` takes the first column.
-    metrics
+    metrics : dict or None, default None
         Free-form dictionary of fit information, saved with the model.
 
-    The table is what :func:`write_parquet` writes, so the file is readable by
-    any Parquet tool; the batch key and metrics go in the file's key-value
-    metadata.
+    Raises
+    ------
+    TypeError
+        ``table`` is not a polars DataFrame.
+    ValueError
+        No rows, a missing or nested batch column or one with nulls, or
+        ``centroid``/``displacement`` not finite ``Array(Float32, d)`` of one width.
     """
 
     def __init__(
@@ -118,6 +128,7 @@ class IntegrationModel:
 
     @property
     def n_centroids(self) -> int:
+        """The number of centroids (the table's rows)."""
         return self.table.height
 
     @property
@@ -132,14 +143,41 @@ class IntegrationModel:
         )
 
     def write_parquet(self, path: str | os.PathLike) -> None:
-        """Write the table to ``path`` atomically (a temporary file, then a rename)."""
+        """Write the table to ``path`` atomically (a temporary file, then a rename).
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+            The Parquet file (replaced if it exists).
+        """
         meta = {"format": _FORMAT, "batch_key": self.batch_key, "metrics": self.metrics}
         write_parquet(self.table, path, metadata={_META_KEY: json.dumps(meta)})
 
     @classmethod
     def read_parquet(cls, path: str | os.PathLike) -> IntegrationModel:
-        """Load a model written by :meth:`write_parquet` (or any Parquet file with
-        the same columns; then the first column is the batch key)."""
+        """Load a model written by :meth:`write_parquet`.
+
+        Or any Parquet file with the same columns; then the first column is
+        the batch key.
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+            The Parquet file.
+
+        Returns
+        -------
+        IntegrationModel
+            The model, with the batch key and metrics saved with it.
+
+        Raises
+        ------
+        FileNotFoundError
+            No file at ``path``.
+        ValueError
+            The file cannot be read, was written by a newer version, or its
+            table is not a model's.
+        """
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no model file at {path}")
@@ -206,35 +244,40 @@ def knn_interpolate(
     ``x + Σ_j w_j · displacement_j`` with ``w_j ∝ 1 / max(d_j, 1e-3)``,
     normalised to sum to 1. Elementwise: it streams in
     ``scan_parquet(...).with_columns(...).sink_parquet(...)`` in bounded
-    memory. Returns ``Array(Float32, d)`` named ``X_ot``.
+    memory.
 
     Parameters
     ----------
-    embedding
+    embedding : str or polars.Expr, default "X_pca"
         The cells' ``Array(Float32, d)`` column, in the space the centroids
         were fitted in (usually ``X_pca``); ``d`` must be the model's.
-    batch
+    batch : str, polars.Expr or None, default "batch"
         The cells' batch column (compared to the model's batch key as text).
         Not used with ``mode="pooled"`` (may be ``None`` then).
-    model
+    model : IntegrationModel, str or os.PathLike
         An :class:`IntegrationModel` or the path of one saved with
         :meth:`IntegrationModel.write_parquet`. It is loaded once per process.
-    k
+    k : int, default 8
         Neighbours per cell, 1 ≤ k ≤ the centroids searched.
-    mode
+    mode : {"own_batch", "pooled"}, default "own_batch"
         ``"own_batch"`` (default): search the cell's own batch's centroids, so
         a cell never takes another batch's displacement. ``"pooled"``: search
         all centroids (the reference method's behaviour).
-    unknown_batch
+    unknown_batch : {"error", "pooled"}, default "error"
         A cell whose batch is not in the model: ``"error"`` (default) or
         ``"pooled"`` (search all centroids for that cell).
-    device
+    device : {"cpu", "cuda"}, default "cpu"
         ``"cpu"`` (default) or ``"cuda"``: the distance GEMM, top-k, exact
         re-rank and gather run on the GPU, rounding as the CPU does, so both
         give the same bits unless more than four centroids tie within
         float32 rounding of a cell's k-th nearest (see
         :func:`polars_singlecell.cuda_available`). k ≤ 60 on
         the GPU.
+
+    Returns
+    -------
+    polars.Expr
+        ``Array(Float32, d)`` named ``X_ot``: each cell moved, one row per cell.
 
     Examples
     --------
@@ -288,16 +331,31 @@ def knn(
 ) -> pl.Expr:
     """Exact k nearest neighbours of each cell among the points of ``model``.
 
-    Returns ``Struct{indices: Array(UInt32, k), distances: Array(Float32, k)}``
-    named ``knn``: row numbers of the index and Euclidean (not squared)
-    distances, ascending; equal distances go to the lower row. Elementwise and
-    streaming, like :func:`knn_interpolate`, and like it on ``device="cuda"``.
+    Elementwise and streaming, like :func:`knn_interpolate`, and like it on
+    ``device="cuda"``.
 
-    ``model`` is an :class:`IntegrationModel` (or its Parquet path: its
-    centroids, in table order), a 2-D numpy array, or an
-    ``Array(Float32, d)`` Series: the same keyword as :func:`knn_interpolate`
-    and :func:`pca_project`. ``index=`` is its old name, still accepted with
-    a ``DeprecationWarning``.
+    Parameters
+    ----------
+    embedding : str or polars.Expr, default "X_pca"
+        The cells' ``Array(Float32, d)`` column.
+    model : IntegrationModel, str, os.PathLike, numpy.ndarray or polars.Series
+        The points to search: an :class:`IntegrationModel` (or its Parquet
+        path: its centroids, in table order), a 2-D ``(n_points, d)`` numpy
+        array, or an ``Array(Float32, d)`` Series: the same keyword as
+        :func:`knn_interpolate` and :func:`pca_project`.
+    k : int, default 8
+        Neighbours per cell, 1 ≤ k ≤ the points.
+    device : {"cpu", "cuda"}, default "cpu"
+        Where the search runs, as in :func:`knn_interpolate`.
+    index : object, default None
+        ``model``'s old name, still accepted with a ``DeprecationWarning``.
+
+    Returns
+    -------
+    polars.Expr
+        ``Struct{indices: Array(UInt32, k), distances: Array(Float32, k)}``
+        named ``knn``: row numbers of the points and Euclidean (not squared)
+        distances, ascending; equal distances go to the lower row.
 
     Examples
     --------

@@ -24,7 +24,7 @@ from polars_singlecell._files import rows_per_group as _rows_per_group
 from polars_singlecell._files import seeded_sample as _seeded_sample
 from polars_singlecell._files import write_failed as _write_failed
 
-__all__ = ["h5ad_to_parquet", "parquet_files", "sink_parquet", "to_anndata", "write_parquet"]
+__all__ = ["from_anndata", "h5ad_to_parquet", "parquet_files", "sink_parquet", "to_anndata", "write_obsm", "write_parquet"]
 
 
 def check_writable(folder: Path) -> None:
@@ -42,14 +42,29 @@ def check_writable(folder: Path) -> None:
 
 
 def parquet_files(source: str | os.PathLike) -> list[Path]:
-    """The Parquet files at ``source`` (a file, a folder of ``*.parquet`` or a
-    glob), each checked to be readable Parquet by its footer.
+    """The Parquet files at ``source``, each checked to be readable Parquet by its footer.
 
-    A missing path is a ``FileNotFoundError``; a file that is not Parquet, or
-    was cut short (an interrupted copy), a ``ValueError`` naming that file.
     Polars' own error for a bad footer names no file, which in a folder of
     hundreds of plates leaves the user guessing. (Only the footer is read: a
     damaged page inside a file fails later, as Polars reports it.)
+
+    Parameters
+    ----------
+    source : str or os.PathLike
+        A file, a folder of ``*.parquet`` or a glob.
+
+    Returns
+    -------
+    list of pathlib.Path
+        The files, in the order a scan reads them.
+
+    Raises
+    ------
+    FileNotFoundError
+        No file at ``source``.
+    ValueError
+        A file is not Parquet, or was cut short (an interrupted copy); the
+        message names it.
     """
     files = _expand(source, ".parquet")
     if not files or not all(f.is_file() for f in files):
@@ -74,7 +89,21 @@ def parquet_schema(path: Path) -> pl.Schema:
 
 
 def write_parquet(df: pl.DataFrame, path: str | os.PathLike, **kwargs: Any) -> None:
-    """``df.write_parquet(path)``, atomic like :func:`sink_parquet`."""
+    """``df.write_parquet(path)``, atomic like :func:`sink_parquet`.
+
+    Written to a temporary file in the same folder, then renamed: ``path``
+    is either the old file or the whole new one.
+
+    Parameters
+    ----------
+    df : polars.DataFrame
+        The frame to write.
+    path : str or os.PathLike
+        The file (replaced if it exists).
+    **kwargs
+        Options of ``polars.DataFrame.write_parquet`` (``row_group_size``,
+        ``metadata``, ...).
+    """
     with _atomic_path(path) as tmp:
         df.write_parquet(tmp, **kwargs)
 
@@ -170,10 +199,11 @@ def h5ad_to_parquet(
     obs_columns: list[str] | None = None,
     rows_per_file: int = 100_000,
 ) -> Path:
-    """Stream an AnnData ``.h5ad`` (CSR counts in ``X`` or ``layers[layer]``)
-    into the project's layout: ``out/part-*.parquet`` with ``cell_id`` (the
-    obs index), the ``obs`` columns (all, or ``obs_columns``), ``gene_idx``
-    (sorted, ``List(UInt32)``) and ``values`` (``List(Float32)``), plus
+    """Stream an AnnData ``.h5ad`` file of CSR counts into the project's layout.
+
+    Writes ``out/part-*.parquet`` with ``cell_id`` (the obs index), the
+    ``obs`` columns (all, or ``obs_columns``), ``gene_idx`` (sorted,
+    ``List(UInt32)``) and ``values`` (``List(Float32)``), plus
     ``out/genes.parquet`` (``gene_idx``, ``gene`` from the var index).
 
     Needs h5py and anndata (``pip install 'polars-singlecell[h5ad]'``). The
@@ -185,8 +215,41 @@ def h5ad_to_parquet(
     with the file or with the density. Duplicate entries of a row are summed
     and each row sorted, as scipy does. Writes into a temporary folder
     renamed to ``out`` at the end, so an interrupted import leaves no folder
-    that looks complete. Returns ``out``.
+    that looks complete.
 
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The ``.h5ad`` file (``n_obs`` cells × ``n_vars`` genes, CSR).
+    out : str or os.PathLike
+        The folder to create; it must not exist.
+    layer : str or None, default None
+        Read ``layers[layer]`` instead of ``X``.
+    obs_columns : list of str or None, default None
+        The ``obs`` columns to keep; ``None``: all.
+    rows_per_file : int, default 100_000
+        Cells per ``part-*.parquet`` file.
+
+    Returns
+    -------
+    pathlib.Path
+        The folder ``out``: ``n_obs`` cells in ``part-*.parquet`` and
+        ``n_vars`` genes in ``genes.parquet``.
+
+    Raises
+    ------
+    FileNotFoundError
+        No file at ``path``.
+    FileExistsError
+        ``out`` exists.
+    ValueError
+        Not an ``.h5ad`` file, no such layer, a matrix not stored as CSR, an
+        unsupported ``obs`` encoding, or a bad entry (the rows named).
+    ImportError
+        h5py or anndata is missing.
+
+    Examples
+    --------
     >>> import tempfile, numpy as np, scipy.sparse as sp, anndata as ad, polars_singlecell as psc
     >>> d = tempfile.mkdtemp()
     >>> X = sp.csr_matrix(np.array([[0, 2, 0], [1, 0, 3]], dtype=np.float32))
@@ -285,11 +348,12 @@ def to_anndata(
     genes: pl.DataFrame | str | os.PathLike | None = None,
     pca: Any = None,
 ):
-    """An ``anndata.AnnData`` of (a seeded sample of) integrated cells, for
-    scanpy's neighbours/UMAP/leiden: ``obsm[name]`` for each embedding column
-    in ``obsm``, ``obs`` from the other non-list columns (or ``obs``), no ``X``.
-    ``max_cells`` draws the same seeded sample as :func:`metrics.evaluate`,
-    in the streaming engine; ``None`` keeps every cell.
+    """An ``anndata.AnnData`` of (a seeded sample of) integrated cells, for scanpy.
+
+    For scanpy's neighbours/UMAP/leiden: ``obsm[name]`` for each embedding
+    column in ``obsm``, ``obs`` from the other non-list columns (or ``obs``),
+    no ``X``. ``max_cells`` draws the same seeded sample as
+    :func:`polars_singlecell.metrics.evaluate`, in the streaming engine.
 
     With ``genes`` (a ``genes.parquet`` of :func:`integrate`, or its table)
     the genes become ``var`` (indexed by the ``gene`` column, else by
@@ -298,6 +362,46 @@ def to_anndata(
     ``varm["PCs"]`` are written as ``sc.pp.pca(adata, mask_var="highly_variable")``
     writes them: the loadings of the highly variable genes, zeros elsewhere.
 
+    Parameters
+    ----------
+    cells : polars.DataFrame, polars.LazyFrame, str or os.PathLike
+        The cells (e.g. :func:`polars_singlecell.integrate`'s
+        ``cells.parquet``), or their Parquet path, folder or glob.
+    obsm : tuple of str, default ("X_pca", "X_ot")
+        Embedding columns, each an ``Array`` (``Array(Float32, d)`` as the
+        package writes them).
+    obs : list of str or None, default None
+        Columns for ``obs``; ``None``: every column that is not a list,
+        array or struct.
+    max_cells : int or None, default 100_000
+        Cells in the seeded sample; ``None`` keeps every cell.
+    random_state : int, default 0
+        The sample's seed.
+    genes : polars.DataFrame, str, os.PathLike or None, default None
+        The genes table (``gene_idx``, ``gene``, HVG statistics), or its
+        Parquet file, for ``var``.
+    pca : PcaModel, str, os.PathLike or None, default None
+        The PCA model, or its Parquet file, for ``varm["PCs"]`` and
+        ``uns["pca"]``.
+
+    Returns
+    -------
+    anndata.AnnData
+        ``n_obs`` = the sampled cells, ``obsm[name]`` a ``(n_obs, d)`` array
+        per embedding (float32 from ``Array(Float32, d)``), ``obs`` indexed
+        by ``cell_id`` where there is one; with ``genes``, ``var`` of its ``n_genes`` rows and,
+        with ``pca``, ``varm["PCs"]`` ``(n_vars, n_comps)``.
+
+    Raises
+    ------
+    ValueError
+        An ``obsm`` column is missing or not an Array, or the genes table and
+        the PCA model disagree on the genes.
+    ImportError
+        anndata or pandas is missing.
+
+    Examples
+    --------
     >>> import polars_singlecell as psc
     >>> cells = pl.DataFrame({"batch": ["a", "b", "a"], "X_ot": pl.Series([[0.0, 1.0]] * 3, dtype=pl.Array(pl.Float32, 2))})
     >>> a = psc.io.to_anndata(cells, obsm=("X_ot",))
@@ -402,17 +506,52 @@ def from_anndata(
     obs_columns: list[str] | None = None,
     rows_per_file: int = 100_000,
 ) -> Path:
-    """Write an in-memory ``AnnData`` (or a CSR matrix with ``obs``) in the
-    project's layout, as :func:`h5ad_to_parquet` writes a file:
-    ``out/part-*.parquet`` with ``cell_id`` (obs names), the ``obs`` columns
+    """Write an in-memory ``AnnData`` (or a bare matrix) in the project's layout.
+
+    As :func:`h5ad_to_parquet` writes a file: ``out/part-*.parquet`` with ``cell_id`` (obs names), the ``obs`` columns
     (all, or ``obs_columns``), ``gene_idx`` and ``values``, and
     ``out/genes.parquet`` (``gene_idx``, ``gene``). The matrix (``X``, or
     ``layers[layer]``; CSR, CSC, COO or dense) is converted one row group at
     a time, so memory beyond the AnnData stays bounded (a COO matrix is
     first made CSC, a copy). A backed AnnData is an error pointing to
     :func:`h5ad_to_parquet`, which streams the file. Written into a
-    temporary folder renamed to ``out`` at the end. Returns ``out``.
+    temporary folder renamed to ``out`` at the end.
 
+    Parameters
+    ----------
+    adata : anndata.AnnData, scipy.sparse matrix or numpy.ndarray
+        An in-memory AnnData, or a bare ``(n_cells, n_genes)`` matrix (CSR,
+        CSC, COO or dense) with ``obs`` and ``var_names``.
+    out : str or os.PathLike
+        The folder to create; it must not exist.
+    obs : pandas.DataFrame or None, default None
+        A bare matrix's ``n_cells`` rows of cell annotations (its index the
+        ``cell_id``); ``None``: ids ``"0"``, ``"1"``, ... and no columns.
+    var_names : sequence of str or None, default None
+        A bare matrix's ``n_genes`` gene names; ``None``: ``"0"``, ``"1"``, ...
+    layer : str or None, default None
+        Read ``adata.layers[layer]`` instead of ``adata.X``.
+    obs_columns : list of str or None, default None
+        The ``obs`` columns to keep; ``None``: all.
+    rows_per_file : int, default 100_000
+        Cells per ``part-*.parquet`` file.
+
+    Returns
+    -------
+    pathlib.Path
+        The folder ``out``.
+
+    Raises
+    ------
+    FileExistsError
+        ``out`` exists.
+    ValueError
+        A backed AnnData, ``obs``/``var_names`` with an AnnData, lengths that
+        do not match the matrix, a missing layer or ``obs`` column, or a bad
+        entry (the rows named).
+
+    Examples
+    --------
     >>> import tempfile, numpy as np, pandas as pd, scipy.sparse as sp, polars_singlecell as psc
     >>> X = sp.csr_matrix(np.array([[0, 2, 0], [1, 0, 3]], dtype=np.float32))
     >>> out = psc.io.from_anndata(X, tempfile.mkdtemp() + "/cells", obs=pd.DataFrame({"plate": ["p1", "p2"]}))
@@ -512,10 +651,11 @@ def write_obsm(
     column: str = "X_ot",
     rows_per_chunk: int = 262_144,
 ) -> list[Path]:
-    """Put an embedding of ``cells`` (``column``, e.g. :func:`integrate`'s
-    ``X_ot``) into each plate's ``.h5ad`` as ``obsm[key]``, without rewriting
-    ``X``: the files in order (a list, a folder, a glob: as :func:`integrate`
-    read them), each taking the next ``n_obs`` rows of ``cells``.
+    """Put an embedding of ``cells`` into each plate's ``.h5ad`` as ``obsm[key]``, ``X`` untouched.
+
+    The files in order (a list, a folder, a glob: as
+    :func:`polars_singlecell.integrate` read them), each taking the next
+    ``n_obs`` rows of ``cells``.
 
     Every file's cell count is checked against ``cells`` first, and where
     ``cells`` has ``cell_id`` (integrate keeps the obs names) each file's obs
@@ -526,8 +666,35 @@ def write_obsm(
     error in a later file leaves the earlier ones updated (each whole). An
     interrupted HDF5 write can damage the file it was writing: keep a copy
     of plates you cannot regenerate. HDF5 does not give back the space of a
-    replaced array: ``h5repack`` a file after many rewrites. Returns the
-    files written.
+    replaced array: ``h5repack`` a file after many rewrites.
+
+    Parameters
+    ----------
+    h5ad_paths : str, os.PathLike or list
+        The ``.h5ad`` files: a list in order, a folder or a glob.
+    cells : polars.DataFrame, polars.LazyFrame, str or os.PathLike
+        The cells in the files' order (e.g. integrate's ``cells.parquet``),
+        as many as the files hold together.
+    key : str, default "X_pca_ot"
+        The ``obsm`` key to write (replaced if present).
+    column : str, default "X_ot"
+        The ``Array(Float32, d)`` column of ``cells`` to write, as a float32
+        ``(n_obs, d)`` array per file; no nulls.
+    rows_per_chunk : int, default 262_144
+        Rows read and written at a time.
+
+    Returns
+    -------
+    list of pathlib.Path
+        The files written, in order.
+
+    Raises
+    ------
+    FileNotFoundError
+        A file is missing.
+    ValueError
+        ``column`` is missing, not an Array or has nulls; the cell counts or
+        (with ``cell_id``) the obs names do not match the files.
     """
     h5py = _needs("h5ad", "h5py")
     files = [Path(f) for f in h5ad_paths] if isinstance(h5ad_paths, (list, tuple)) else _expand(h5ad_paths, ".h5ad")

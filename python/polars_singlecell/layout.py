@@ -35,15 +35,48 @@ _NAME_COLUMNS = ("gene", "gene_symbol", "gene_name", "ensembl_id")
 
 
 def is_remote(source: object) -> bool:
-    """Whether ``source`` is a URL Polars reads itself (``s3://``, ``hf://``, ``https://``...)."""
+    """Whether ``source`` is a URL Polars reads itself (``s3://``, ``hf://``, ``https://``...).
+
+    Parameters
+    ----------
+    source : object
+        A path, a URL, or anything else.
+
+    Returns
+    -------
+    bool
+        ``True`` for a string with ``://`` in it.
+    """
     return isinstance(source, str) and "://" in source
 
 
 def cell_files(source: str | os.PathLike, genes_column: str) -> list[Path]:
-    """The Parquet files of cells at ``source`` (a file, a folder, a glob): in
-    a folder only those with a list column ``genes_column`` (a folder may
+    """The Parquet files of cells at ``source`` (a file, a folder, a glob).
+
+    In a folder only those with a list column ``genes_column`` (a folder may
     also hold ``genes.parquet`` and the like, as ``io.h5ad_to_parquet``
-    writes)."""
+    writes).
+
+    Parameters
+    ----------
+    source : str or os.PathLike
+        A file, a folder or a glob.
+    genes_column : str
+        The cells' list column of gene ids (``"gene_idx"`` in the project's
+        layout).
+
+    Returns
+    -------
+    list of pathlib.Path
+        The files, each checked to be readable Parquet.
+
+    Raises
+    ------
+    FileNotFoundError
+        No Parquet files at ``source``, or none with ``genes_column`` in a folder.
+    ValueError
+        A file is not Parquet or was cut short.
+    """
     from polars_singlecell.io import parquet_files, parquet_schema
 
     files = parquet_files(source)
@@ -56,9 +89,29 @@ def cell_files(source: str | os.PathLike, genes_column: str) -> list[Path]:
 
 
 def read_vocabulary(vocabulary: Vocabulary, *, token_column: str = "token_id") -> pl.DataFrame:
-    """The vocabulary table (a Parquet path, local or remote, or a frame),
-    checked: ``token_column`` is present, integer and without nulls. Its row
-    order is the gene order."""
+    """The vocabulary table, checked: ``token_column`` is present, integer and without nulls.
+
+    Parameters
+    ----------
+    vocabulary : polars.DataFrame, polars.LazyFrame, str or os.PathLike
+        The table, or its Parquet file (local or remote).
+    token_column : str, default "token_id"
+        Its column of token ids.
+
+    Returns
+    -------
+    polars.DataFrame
+        The table, one row per gene: its row order is the gene order.
+
+    Raises
+    ------
+    FileNotFoundError
+        No local file at the path.
+    TypeError
+        ``vocabulary`` is not a path or a frame.
+    ValueError
+        Not Parquet, empty, or ``token_column`` missing, not integer or null.
+    """
     if isinstance(vocabulary, pl.LazyFrame):
         vocabulary = vocabulary.collect()
     if isinstance(vocabulary, (str, os.PathLike)):
@@ -86,11 +139,25 @@ def read_vocabulary(vocabulary: Vocabulary, *, token_column: str = "token_id") -
 
 
 def vocabulary_genes(vocabulary: Vocabulary, *, token_column: str = "token_id") -> pl.DataFrame:
-    """``genes.parquet`` for cells read through ``vocabulary``: ``gene_idx``
-    (the row), ``gene`` (the first of ``gene``, ``gene_symbol``,
-    ``gene_name``, ``ensembl_id`` it has, else the token id as text), then the
-    vocabulary's other columns.
+    """``genes.parquet`` for cells read through ``vocabulary``.
 
+    Parameters
+    ----------
+    vocabulary : polars.DataFrame, str or os.PathLike
+        The vocabulary table, or its Parquet file (see :func:`read_vocabulary`).
+    token_column : str, default "token_id"
+        Its column of token ids.
+
+    Returns
+    -------
+    polars.DataFrame
+        One row per gene (the vocabulary's rows): ``gene_idx`` (UInt32, the
+        row), ``gene`` (String: the first of ``gene``, ``gene_symbol``,
+        ``gene_name``, ``ensembl_id`` it has, else the token id as text),
+        then the vocabulary's other columns.
+
+    Examples
+    --------
     >>> import polars as pl, polars_singlecell as psc
     >>> v = pl.DataFrame({"token_id": [7, 5], "ensembl_id": ["ENSG2", "ENSG1"], "gene_symbol": ["B", "A"]})
     >>> psc.layout.vocabulary_genes(v).rows()
@@ -130,29 +197,30 @@ def to_cells(
 
     Parameters
     ----------
-    genes
+    genes : str or polars.Expr, default "genes"
         A list of integer gene ids per cell (any integer dtype).
-    values
+    values : str or polars.Expr, default "expressions"
         The matching values (any float or integer dtype), read as float32.
-    vocabulary
+    vocabulary : polars.DataFrame, str, os.PathLike or None, default None
         A table with ``token_column`` (a Parquet path, local or remote, or a
         DataFrame, e.g. Tahoe-100M's ``gene_metadata``): a cell's gene index
         is the row of its token there, and tokens absent from it (Tahoe's
         leading marker token) are dropped with their values. ``None``: the
         ids are the gene indices.
-    n_genes
+    n_genes : int or None, default None
         Without a vocabulary, ids must lie in ``[0, n_genes)`` (``None``: any
         id ≥ 0).
-    token_column
+    token_column : str, default "token_id"
         The vocabulary's column of token ids.
 
     Returns
     -------
-    ``Struct{gene_idx: List(UInt32), values: List(Float32)}``, each cell's
-    entries sorted by gene index: ``.struct.unnest()`` gives the two columns.
-    An elementwise expression: it streams. A gene given twice in a cell, an
-    id out of range, and a negative or non-finite value (after the marker is
-    dropped) are errors naming the row. Null cells stay null.
+    polars.Expr
+        ``Struct{gene_idx: List(UInt32), values: List(Float32)}``, each cell's
+        entries sorted by gene index: ``.struct.unnest()`` gives the two columns.
+        An elementwise expression: it streams. A gene given twice in a cell, an
+        id out of range, and a negative or non-finite value (after the marker is
+        dropped) are errors naming the row. Null cells stay null.
 
     Examples
     --------
@@ -178,14 +246,42 @@ def scan_cells(
     n_genes: int | None = None,
     token_column: str = "token_id",
 ) -> pl.LazyFrame:
-    """A LazyFrame of cells in the project's layout from Parquet of any sparse
-    list layout: ``source`` is a path, a glob, a list of them, a URL Polars
-    reads (``hf://datasets/...``, ``s3://...``), a list of files, or a
-    LazyFrame. ``counts``
-    names its gene-id and value columns; unless they are already the
-    project's ``(gene_idx, values)`` with no vocabulary, they are replaced by
-    :func:`to_cells` of them (the other columns are kept, in order).
+    """A LazyFrame of cells in the project's layout from Parquet of any sparse list layout.
 
+    Unless the count columns are already the project's ``(gene_idx, values)``
+    with no vocabulary, they are replaced by :func:`to_cells` of them (the
+    other columns are kept, in order).
+
+    Parameters
+    ----------
+    source : str, os.PathLike, sequence of them, or polars.LazyFrame
+        A path, a folder, a glob, a URL Polars reads (``hf://datasets/...``,
+        ``s3://...``), a list of files, or a LazyFrame.
+    counts : tuple of (str, str), default ("gene_idx", "values")
+        The source's gene-id and value list columns.
+    vocabulary : polars.DataFrame, str, os.PathLike or None, default None
+        The token table, as in :func:`to_cells`.
+    n_genes : int or None, default None
+        Without a vocabulary, the bound on the ids, as in :func:`to_cells`.
+    token_column : str, default "token_id"
+        The vocabulary's column of token ids.
+
+    Returns
+    -------
+    polars.LazyFrame
+        One row per cell: the source's other columns, then ``gene_idx``
+        (``List(UInt32)``) and ``values`` (``List(Float32)``); or the source
+        as it is where ``counts`` is the project's and there is no vocabulary.
+
+    Raises
+    ------
+    ValueError
+        ``counts`` does not name two columns the source has.
+    FileNotFoundError
+        No Parquet files of cells at ``source``.
+
+    Examples
+    --------
     >>> import tempfile, polars as pl, polars_singlecell as psc
     >>> d = psc.datasets.tahoe_like(1000, tempfile.mkdtemp(), n_genes=50, layout="tahoe")
     >>> lf = psc.layout.scan_cells(d / "data", counts=("genes", "expressions"),

@@ -156,9 +156,24 @@ def _check_k(k: int, n: int, what: str = "n_neighbors") -> None:
 def neighbors(x: object, n_neighbors: int = 30) -> tuple[np.ndarray, np.ndarray]:
     """Exact ``n_neighbors`` nearest other cells of every cell.
 
-    Returns (indices (n, k) int64, distances (n, k) float32), ascending,
-    Euclidean, self excluded (a duplicate of the cell may be among them).
+    Parameters
+    ----------
+    x : numpy.ndarray or polars.Series
+        The embedding, ``(n_cells, d)`` (any float dtype, read as float32) or
+        an ``Array(Float32, d)`` Series; finite.
+    n_neighbors : int, default 30
+        Neighbours per cell, 1 ≤ ``n_neighbors`` < ``n_cells``.
 
+    Returns
+    -------
+    indices : numpy.ndarray
+        ``(n_cells, n_neighbors)`` int64, nearest first, self excluded (a
+        duplicate of the cell may be among them).
+    distances : numpy.ndarray
+        ``(n_cells, n_neighbors)`` float32 Euclidean distances, ascending.
+
+    Examples
+    --------
     >>> import numpy as np, polars_singlecell as psc
     >>> idx, dist = psc.metrics.neighbors(np.array([[0.0], [1.0], [3.0]]), 1)
     >>> idx.ravel().tolist(), dist.ravel().tolist()
@@ -183,8 +198,27 @@ def neighbors(x: object, n_neighbors: int = 30) -> tuple[np.ndarray, np.ndarray]
 
 
 def batch_entropy(indices: np.ndarray, batch: object) -> tuple[float, float]:
-    """(mean natural-log entropy of the neighbours' batches, that / ln B).
+    """Mean natural-log entropy of the batches among each cell's neighbours.
 
+    Parameters
+    ----------
+    indices : numpy.ndarray
+        ``(n_cells, k)`` integer neighbour table, row i the cells nearest to
+        cell i (:func:`neighbors`' first output).
+    batch : sequence
+        ``(n_cells,)`` batch labels (a list, a NumPy array or a Polars Series
+        of any dtype; no nulls).
+
+    Returns
+    -------
+    entropy : float
+        The mean over cells of the entropy of their neighbours' batches (the
+        reference method's ``mix``).
+    entropy_norm : float
+        ``entropy / ln B`` for B batches (1: perfect mixing); 0 with one batch.
+
+    Examples
+    --------
     >>> import numpy as np, polars_singlecell as psc
     >>> psc.metrics.batch_entropy(np.array([[1], [0]]), ["a", "b"])
     (0.0, 0.0)
@@ -200,8 +234,31 @@ def batch_entropy(indices: np.ndarray, batch: object) -> tuple[float, float]:
 
 
 def lisi(indices: np.ndarray, distances: np.ndarray, labels: object, perplexity: float = 30) -> np.ndarray:
-    """Per-cell LISI (harmonypy's ``compute_lisi``) from a neighbour table of
-    ``3 · perplexity`` nearest others (see :func:`neighbors`)."""
+    """Per-cell LISI (harmonypy's ``compute_lisi``) from a neighbour table.
+
+    Parameters
+    ----------
+    indices : numpy.ndarray
+        ``(n_cells, k)`` integer neighbour table with ``k`` ≥ ``3 · perplexity``
+        nearest others (:func:`neighbors`).
+    distances : numpy.ndarray
+        ``(n_cells, k)`` Euclidean distances of those neighbours.
+    labels : sequence
+        ``(n_cells,)`` labels (a list, a NumPy array or a Polars Series of
+        any dtype; no nulls).
+    perplexity : float, default 30
+        The perplexity the Gaussian weights are calibrated to.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(n_cells,)`` float64: each cell's LISI, from 1 to the number of labels.
+
+    Raises
+    ------
+    ValueError
+        The table has fewer than ``3 · perplexity`` neighbours.
+    """
     codes, n_c = _codes(labels, "labels")
     k = indices.shape[1]
     if k < 3 * perplexity:
@@ -216,17 +273,58 @@ def lisi(indices: np.ndarray, distances: np.ndarray, labels: object, perplexity:
 
 
 def ilisi(lisi_values: np.ndarray, n_batches: int) -> float:
-    """scib-metrics' scaled iLISI: (median − 1) / (B − 1); 1 = fully mixed."""
+    """scib-metrics' scaled iLISI: (median − 1) / (B − 1); 1 = fully mixed.
+
+    Parameters
+    ----------
+    lisi_values : numpy.ndarray
+        ``(n_cells,)`` per-cell LISI of the batches (:func:`lisi`).
+    n_batches : int
+        B, the number of batches.
+
+    Returns
+    -------
+    float
+        The scaled iLISI; NaN with one batch.
+    """
     return float((np.nanmedian(lisi_values) - 1) / (n_batches - 1)) if n_batches > 1 else float("nan")
 
 
 def clisi(lisi_values: np.ndarray, n_labels: int) -> float:
-    """scib-metrics' scaled cLISI: (C − median) / (C − 1); 1 = labels kept apart."""
+    """scib-metrics' scaled cLISI: (C − median) / (C − 1); 1 = labels kept apart.
+
+    Parameters
+    ----------
+    lisi_values : numpy.ndarray
+        ``(n_cells,)`` per-cell LISI of the labels (:func:`lisi`).
+    n_labels : int
+        C, the number of labels.
+
+    Returns
+    -------
+    float
+        The scaled cLISI; NaN with one label.
+    """
     return float((n_labels - np.nanmedian(lisi_values)) / (n_labels - 1)) if n_labels > 1 else float("nan")
 
 
 def label_purity(indices: np.ndarray, labels: object) -> float:
-    """Mean fraction of each cell's neighbours that share its label."""
+    """Mean fraction of each cell's neighbours that share its label.
+
+    Parameters
+    ----------
+    indices : numpy.ndarray
+        ``(n_cells, k)`` integer neighbour table, row i the cells nearest to
+        cell i (:func:`neighbors`' first output).
+    labels : sequence
+        ``(n_cells,)`` labels (a list, a NumPy array or a Polars Series of
+        any dtype; no nulls).
+
+    Returns
+    -------
+    float
+        In [0, 1]; 1: every neighbour has the cell's label.
+    """
     codes, _ = _codes(labels, "labels")
     return float((codes[indices] == codes[:, None]).mean())
 
@@ -239,7 +337,37 @@ def _majority(neighbour_codes: np.ndarray, n_c: int) -> np.ndarray:
 
 
 def label_transfer(x: object, batch: object, labels: object, n_neighbors: int = 30) -> float:
-    """Leave-one-batch-out kNN classification accuracy over all cells."""
+    """Leave-one-batch-out kNN classification accuracy over all cells.
+
+    Each batch's cells are classified by the majority label of their
+    ``n_neighbors`` nearest cells in the other batches (ties to the first
+    label in sorted order); a cell whose label no other batch has counts as
+    misclassified.
+
+    Parameters
+    ----------
+    x : numpy.ndarray or polars.Series
+        The embedding, ``(n_cells, d)`` (any float dtype, read as float32) or
+        an ``Array(Float32, d)`` Series; finite.
+    batch : sequence
+        ``(n_cells,)`` batch labels (a list, a NumPy array or a Polars Series
+        of any dtype; no nulls).
+    labels : sequence
+        ``(n_cells,)`` labels (a list, a NumPy array or a Polars Series of
+        any dtype; no nulls).
+    n_neighbors : int, default 30
+        Neighbours that vote.
+
+    Returns
+    -------
+    float
+        The fraction of cells classified correctly, in [0, 1].
+
+    Raises
+    ------
+    ValueError
+        One batch only, or fewer cells outside a batch than ``n_neighbors``.
+    """
     a = _matrix(x)
     b, n_b = _codes(batch, "batch")
     lab, n_c = _codes(labels, "labels")
@@ -256,7 +384,25 @@ def label_transfer(x: object, batch: object, labels: object, n_neighbors: int = 
 
 
 def graph_connectivity(indices: np.ndarray, labels: object) -> float:
-    """scib's graph connectivity on the (symmetrised) graph of ``indices``."""
+    """scib's graph connectivity on the (symmetrised) graph of ``indices``.
+
+    Per label, the fraction of its cells in the largest connected component
+    of the graph restricted to that label; the mean over labels.
+
+    Parameters
+    ----------
+    indices : numpy.ndarray
+        ``(n_cells, k)`` integer neighbour table, row i the cells nearest to
+        cell i (:func:`neighbors`' first output).
+    labels : sequence
+        ``(n_cells,)`` labels (a list, a NumPy array or a Polars Series of
+        any dtype; no nulls).
+
+    Returns
+    -------
+    float
+        In (0, 1]; 1: each label's cells are connected.
+    """
     codes, n_c = _codes(labels, "labels")
     n, k = indices.shape
     src = np.repeat(np.arange(n), k)
@@ -352,6 +498,27 @@ def silhouette_label(x: object, labels: object) -> float:
 
     O(n²) time over the cells given (memory in 32 MiB blocks).
 
+    Parameters
+    ----------
+    x : numpy.ndarray or polars.Series
+        The embedding, ``(n_cells, d)`` (any float dtype, read as float32) or
+        an ``Array(Float32, d)`` Series; finite.
+    labels : sequence
+        ``(n_cells,)`` labels (a list, a NumPy array or a Polars Series of
+        any dtype; no nulls).
+
+    Returns
+    -------
+    float
+        In [0, 1]; 1: labels far apart and compact.
+
+    Raises
+    ------
+    ValueError
+        Fewer than 2 labels, or ``labels`` of another length than ``x``.
+
+    Examples
+    --------
     >>> import numpy as np, polars_singlecell as psc
     >>> x = np.array([[0.0], [1.0], [10.0], [11.0]])
     >>> round(psc.metrics.silhouette_label(x, ["a", "a", "b", "b"]), 4)
@@ -378,6 +545,31 @@ def silhouette_batch(x: object, labels: object, batch: object) -> float:
     over labels. Labels in one batch, or with every cell in its own batch,
     are skipped; 1 = batches mixed within each label.
 
+    Parameters
+    ----------
+    x : numpy.ndarray or polars.Series
+        The embedding, ``(n_cells, d)`` (any float dtype, read as float32) or
+        an ``Array(Float32, d)`` Series; finite.
+    labels : sequence
+        ``(n_cells,)`` labels (a list, a NumPy array or a Polars Series of
+        any dtype; no nulls).
+    batch : sequence
+        ``(n_cells,)`` batch labels (a list, a NumPy array or a Polars Series
+        of any dtype; no nulls).
+
+    Returns
+    -------
+    float
+        In [0, 1].
+
+    Raises
+    ------
+    ValueError
+        No label has cells from 2 or more batches (and not each from its own
+        batch), or ``labels``/``batch`` of another length than ``x``.
+
+    Examples
+    --------
     >>> import numpy as np, polars_singlecell as psc
     >>> x = np.array([[0.0], [1.0], [10.0], [11.0], [0.5], [10.5]])
     >>> psc.metrics.silhouette_batch(x, ["a", "a", "b", "b", "a", "b"], ["p", "q", "p", "q", "p", "q"])
@@ -415,6 +607,30 @@ def isolated_labels(x: object, labels: object, batch: object) -> float:
     each label present in the fewest batches, the mean of (s + 1)/2 over its
     cells, s the label silhouette against all labels; the mean over those labels.
 
+    Parameters
+    ----------
+    x : numpy.ndarray or polars.Series
+        The embedding, ``(n_cells, d)`` (any float dtype, read as float32) or
+        an ``Array(Float32, d)`` Series; finite.
+    labels : sequence
+        ``(n_cells,)`` labels (a list, a NumPy array or a Polars Series of
+        any dtype; no nulls).
+    batch : sequence
+        ``(n_cells,)`` batch labels (a list, a NumPy array or a Polars Series
+        of any dtype; no nulls).
+
+    Returns
+    -------
+    float
+        In [0, 1].
+
+    Raises
+    ------
+    ValueError
+        Fewer than 2 labels, or ``labels``/``batch`` of another length than ``x``.
+
+    Examples
+    --------
     >>> import numpy as np, polars_singlecell as psc
     >>> x = np.array([[0.0], [1.0], [10.0], [11.0], [0.5], [10.5]])
     >>> # "b" is only in batch "q": its cells' mean rescaled silhouette
@@ -504,6 +720,29 @@ def nmi_ari_cluster_labels_kmeans(x: object, labels: object, random_state: int =
     the three implementations, so the clusters (and scores) agree exactly only
     where the clustering is unambiguous.
 
+    Parameters
+    ----------
+    x : numpy.ndarray or polars.Series
+        The embedding, ``(n_cells, d)`` (any float dtype, read as float32) or
+        an ``Array(Float32, d)`` Series; finite.
+    labels : sequence
+        ``(n_cells,)`` labels (a list, a NumPy array or a Polars Series of
+        any dtype; no nulls).
+    random_state : int, default 0
+        Seed of the k-means++ seeding, in [0, 2**64).
+
+    Returns
+    -------
+    dict of str to float
+        ``{"nmi": NMI, "ari": ARI}``.
+
+    Raises
+    ------
+    ValueError
+        Fewer than 2 labels, or ``labels`` of another length than ``x``.
+
+    Examples
+    --------
     >>> import numpy as np, polars_singlecell as psc
     >>> x = np.concatenate([np.zeros((5, 2)), np.full((5, 2), 9.0)]) + np.arange(10)[:, None] * 0.01
     >>> psc.metrics.nmi_ari_cluster_labels_kmeans(x, ["a"] * 5 + ["b"] * 5)
@@ -523,6 +762,18 @@ def aggregate(values: Mapping[str, float]) -> dict[str, float]:
     0.4 × batch. Missing or NaN metrics are left out of their group's mean; a
     group with none is NaN, and so is ``overall``. Other names are ignored.
 
+    Parameters
+    ----------
+    values : mapping of str to float
+        Metric values by name (e.g. ``{"nmi": 0.8, "ilisi": 0.5}``).
+
+    Returns
+    -------
+    dict of str to float
+        ``bio_conservation``, ``batch_correction`` and ``overall``.
+
+    Examples
+    --------
     >>> import polars_singlecell as psc
     >>> psc.metrics.aggregate({"nmi": 0.8, "ari": 0.6, "ilisi": 0.5, "label_purity": 0.1})
     {'bio_conservation': 0.7, 'batch_correction': 0.5, 'overall': 0.62}
@@ -544,8 +795,27 @@ def _sample(n: int, size: int, seed: int) -> np.ndarray:
 
 @renamed(seed="random_state")
 def overlap0(start: object, result: object, n_neighbors: int = 30, n_cells: int = 5000, random_state: int = 0) -> float:
-    """Mean fraction of shared ``n_neighbors``-NN between two embeddings of the
-    same cells, on ``n_cells`` seeded sampled cells (neighbours among them)."""
+    """Mean fraction of shared ``n_neighbors``-NN between two embeddings of the same cells.
+
+    On ``n_cells`` seeded sampled cells, neighbours searched among them.
+
+    Parameters
+    ----------
+    start, result : numpy.ndarray or polars.Series
+        Two embeddings of the same cells, ``(n_cells, d_start)`` and
+        ``(n_cells, d_result)`` (or ``Array`` Series), in the same row order.
+    n_neighbors : int, default 30
+        Neighbours compared per cell.
+    n_cells : int, default 5000
+        Cells sampled (all of them when fewer).
+    random_state : int, default 0
+        The sample's seed.
+
+    Returns
+    -------
+    float
+        In [0, 1]; 1: every cell keeps its neighbours.
+    """
     a, b = _pair(start, result)
     rows = _sample(a.shape[0], n_cells, random_state)
     ia, _ = neighbors(a[rows], n_neighbors)
@@ -555,7 +825,23 @@ def overlap0(start: object, result: object, n_neighbors: int = 30, n_cells: int 
 
 
 def strain(start: object, result: object, n_neighbors: int = 20) -> float:
-    """Mean over the start's ``n_neighbors``-NN edges of clip(d_new/d_0 − 1, −1, 1)²."""
+    """Mean over the start's ``n_neighbors``-NN edges of clip(d_new/d_0 − 1, −1, 1)².
+
+    Edges of length 0 in ``start`` are skipped (their ratio is undefined).
+
+    Parameters
+    ----------
+    start, result : numpy.ndarray or polars.Series
+        Two embeddings of the same cells, ``(n_cells, d_start)`` and
+        ``(n_cells, d_result)`` (or ``Array`` Series), in the same row order.
+    n_neighbors : int, default 20
+        Neighbours per cell in ``start`` whose edges are measured.
+
+    Returns
+    -------
+    float
+        In [0, 1]; 0: no edge stretched or shrunk.
+    """
     a, b = _pair(start, result)
     idx, _ = neighbors(a, n_neighbors)
 
@@ -574,8 +860,31 @@ def strain(start: object, result: object, n_neighbors: int = 20) -> float:
 
 @renamed(seed="random_state")
 def trustworthiness(start: object, result: object, n_neighbors: int = 30, n_cells: int = 2500, random_state: int = 0) -> float:
-    """scikit-learn's ``trustworthiness(start, result, n_neighbors)`` on
-    ``n_cells`` seeded sampled cells (all of them when fewer)."""
+    """scikit-learn's ``trustworthiness(start, result, n_neighbors)`` on sampled cells.
+
+    Parameters
+    ----------
+    start, result : numpy.ndarray or polars.Series
+        Two embeddings of the same cells, ``(n_cells, d_start)`` and
+        ``(n_cells, d_result)`` (or ``Array`` Series), in the same row order.
+    n_neighbors : int, default 30
+        k, below half the sampled cells (scikit-learn's bound).
+    n_cells : int, default 2500
+        Cells sampled, seeded (all of them when fewer).
+    random_state : int, default 0
+        The sample's seed.
+
+    Returns
+    -------
+    float
+        At most 1; 1: ``result``'s neighbourhoods hold no cells that are far
+        in ``start``.
+
+    Raises
+    ------
+    ValueError
+        ``n_neighbors`` not below half the sampled cells.
+    """
     a, b = _pair(start, result)
     rows = _sample(a.shape[0], n_cells, random_state)
     a, b = a[rows].astype(np.float64), b[rows]
@@ -618,8 +927,7 @@ def evaluate(
     silhouette_cells: int = 10_000,
     random_state: int = 0,
 ) -> pl.DataFrame:
-    """All metrics for several embeddings of the same cells, as a tidy frame
-    (``embedding``, ``metric``, ``value``).
+    """All metrics for several embeddings of the same cells, as a tidy frame.
 
     Label metrics (``clisi``, ``label_purity``, ``label_transfer``,
     ``graph_connectivity``, ``silhouette_label``, ``silhouette_batch``,
@@ -636,6 +944,42 @@ def evaluate(
     With one label, the label-separation metrics (``clisi``, the silhouettes,
     ``isolated_labels``, ``nmi``, ``ari``) are NaN, as is ``silhouette_batch``
     when no label spans 2 batches; NaN metrics are left out of the aggregates.
+
+    Parameters
+    ----------
+    cells : polars.DataFrame or polars.LazyFrame
+        One row per cell with ``batch_key``, ``label_key`` and the embeddings.
+    embeddings : sequence of str or str, default ("X_pca", "X_ot")
+        ``Array(Float32, d)`` columns (Float64 arrays are cast), the first
+        the start the others are compared with.
+    batch_key : str, default "batch"
+        The batch column.
+    label_key : str or None, default None
+        The label (cell type) column; ``None``: batch metrics only.
+    n_neighbors : int, default 30
+        Neighbours of the kNN metrics.
+    perplexity : float, default 30
+        LISI's perplexity (≥ 1; it reads ``3 · perplexity`` neighbours).
+    max_cells : int, default 100_000
+        Cells in the seeded sample (≥ 2).
+    silhouette_cells : int, default 10_000
+        Cells in the silhouettes' sub-sample (≥ 2).
+    random_state : int, default 0
+        Seed of the samples and of the k-means.
+
+    Returns
+    -------
+    polars.DataFrame
+        Columns ``embedding`` (String), ``metric`` (String) and ``value``
+        (Float64), one row per embedding and metric, starting with
+        ``n_cells``, ``batch_entropy``, ``batch_entropy_norm`` and ``ilisi``.
+
+    Raises
+    ------
+    polars.exceptions.ColumnNotFoundError
+        A named column is missing.
+    ValueError
+        No embeddings, or a count out of range.
     """
     if isinstance(embeddings, str):
         embeddings = [embeddings]

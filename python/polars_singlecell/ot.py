@@ -136,50 +136,89 @@ def fit_integration(
     n_reference: int = 4096,
     random_state: int = 0,
 ) -> IntegrationModel:
-    """Displacements for every centroid of a centroid table (one row per
-    centroid, e.g. from :func:`fit_centroids`): an :class:`IntegrationModel`
-    whose ``metrics`` hold the reference method's ``mix``, ``overlap0``,
-    ``strain``, ``tw``, ``it`` and ``n_centroids`` before/after, and the
-    Sinkhorn convergence per batch and round.
+    """Displacements for every centroid of a centroid table: an :class:`IntegrationModel`.
 
-    Parameters (costs are in units of ``scale``, the typical cross-batch
-    matching cost defined in the module docstring):
+    The table has one row per centroid, e.g. from :func:`fit_centroids`.
+    The model's ``metrics`` hold the reference method's ``mix``,
+    ``overlap0``, ``strain``, ``tw``, ``it`` and ``n_centroids``
+    before/after, the Sinkhorn convergence per batch and round, and the
+    parameters. Costs are in units of ``scale``, the typical cross-batch
+    matching cost defined in the module docstring; the steps named below
+    are the module docstring's.
 
-    - ``epsilon`` (0.05): entropic blur. Smaller follows the data more sharply
-      but needs more Sinkhorn iterations; larger averages over more targets,
-      blending neighbouring populations' displacements.
-    - ``reg_m`` (2.0): price of creating or destroying mass. Smaller lets a
-      batch's populations without counterpart stay put (cell lines missing
-      from some plates) but leaves more of the batch effect; larger mixes more
-      and pulls lines without a counterpart into other lines (with 3.0
-      instead of 2.0, as ``benches/bench_integration.py`` runs it, Harmony's
-      cell lines mixed more, batch entropy 0.555 → 0.721, but their label
-      purity fell from 0.999 to 0.847);
-      ``inf`` is balanced OT, which forces every population to be matched.
-    - ``n_rounds`` (3): barycentre updates of the reference.
-    - ``min_passes`` (2), ``max_passes`` (10): passes, each on the centroids
-      the last one moved (step 5). A pass costs as much as the first. The
-      fit stops once a local pass has run and the batches no longer come
-      closer (after ``min_passes``), or at ``max_passes`` (then possibly
-      before any local pass); ``metrics["params"]["passes"]`` lists each pass's kind
-      ("translate" or "local"). Far-apart batches take more passes (batches
-      1000 apart with lines 4 apart: four translations, then one local).
-    - ``max_iter`` (2000), ``tol`` (1e-4): Sinkhorn stops when no potential
-      moves by more than ``tol`` times the largest potential (potentials in
-      units of ε, at least 1); the metrics report whether it converged.
-      Each solve starts from the same rows' potentials of the last round or
-      pass (a warm start). On the 1M-cell Tahoe-shaped benchmark's 28,672
-      centroids, 1e-4 moved the displacements by 0.33% (RMS, relative) from
-      cold starts at 1e-6, against 0.11% for warm starts at 1e-6 (the
-      solver's own path), with the same centroid metrics to 4 digits, and
-      took 137 s instead of 867 s (float64 iterations then). At a ``tol``
-      of 1e-5 or more the iterations run in float32 (the pipeline
-      benchmark's integration stage 126 → 49 s, with the same metrics to 4
-      digits); below, float32 until 1e-5, then float64.
-    - ``n_neighbors`` (15), ``smooth_steps`` (2): smoothing of the
-      displacement over each batch's centroid kNN graph (self included).
-      0 steps gives s_i × the raw displacement, unsmoothed.
-    - ``n_reference`` (4096): cap on the barycentre's support size.
+    Parameters
+    ----------
+    centroids : polars.DataFrame
+        One row per centroid: ``batch_key``, ``centroid``
+        (``Array(Float32, d)``, finite) and ``mass`` (positive, finite); at
+        least 2 batches of at least 2 centroids each.
+    batch_key : str, default "batch"
+        The batch column.
+    centroid : str, default "centroid"
+        The centroid column (renamed ``centroid`` in the model).
+    mass : str or None, default "mass"
+        The mass column; ``None``: every centroid weighs 1.
+    reference : str, default "barycenter"
+        ``"barycenter"`` (a free-support barycentre of all batches) or a
+        batch, whose centroids are then the fixed reference and do not move.
+    epsilon : float, default 0.05
+        Entropic blur. Smaller follows the data more sharply but needs more
+        Sinkhorn iterations; larger averages over more targets, blending
+        neighbouring populations' displacements.
+    reg_m : float, default 2.0
+        Price of creating or destroying mass. Smaller lets a batch's
+        populations without counterpart stay put (cell lines missing from
+        some plates) but leaves more of the batch effect; larger mixes more
+        and pulls lines without a counterpart into other lines (with 3.0
+        instead of 2.0, as ``benches/bench_integration.py`` runs it,
+        Harmony's cell lines mixed more, batch entropy 0.555 → 0.721, but
+        their label purity fell from 0.999 to 0.847); ``inf`` is balanced
+        OT, which forces every population to be matched.
+    n_rounds : int, default 3
+        Barycentre updates of the reference.
+    min_passes, max_passes : int, default 2, 10
+        Passes, each on the centroids the last one moved (step 5). A pass
+        costs as much as the first. The fit stops once a local pass has run
+        and the batches no longer come closer (after ``min_passes``), or at
+        ``max_passes`` (then possibly before any local pass);
+        ``metrics["params"]["passes"]`` lists each pass's kind ("translate"
+        or "local"). Far-apart batches take more passes (batches 1000 apart
+        with lines 4 apart: four translations, then one local).
+    max_iter, tol : int, float, default 2000, 1e-4
+        Sinkhorn stops when no potential moves by more than ``tol`` times
+        the largest potential (potentials in units of ε, at least 1), or
+        after ``max_iter`` iterations; the metrics report whether it
+        converged. Each solve starts from the same rows' potentials of the
+        last round or pass (a warm start). On the 1M-cell Tahoe-shaped
+        benchmark's 28,672 centroids, 1e-4 moved the displacements by 0.33%
+        (RMS, relative) from cold starts at 1e-6, against 0.11% for warm
+        starts at 1e-6 (the solver's own path), with the same centroid
+        metrics to 4 digits. At a ``tol`` of 1e-5 or more the iterations run
+        in float32 (the pipeline benchmark's metrics the same to 4 digits);
+        below, float32 until 1e-5, then float64.
+    n_neighbors, smooth_steps : int, default 15, 2
+        Smoothing of the displacement over each batch's centroid kNN graph
+        (self included). 0 steps gives s_i × the raw displacement, unsmoothed.
+    n_reference : int, default 4096
+        Cap on the barycentre's support size.
+    random_state : int, default 0
+        Seed of the reference's reduction (weighted k-means), in [0, 2**64).
+
+    Returns
+    -------
+    IntegrationModel
+        The centroid table with ``displacement`` (``Array(Float32, d)``)
+        beside ``centroid``, rows in the input's order, and the ``metrics``
+        above (``metrics["seconds"]``: the fit's wall time).
+
+    Raises
+    ------
+    TypeError
+        ``centroids`` is not a polars DataFrame.
+    ValueError
+        A missing column, a non-positive mass or parameter, fewer than 2
+        batches or a batch with fewer than 2 centroids, or an unknown
+        ``reference``.
     """
     t0 = time.perf_counter()
     if not isinstance(centroids, pl.DataFrame):
@@ -256,11 +295,29 @@ def ot_integrate(
     mass: str | pl.Expr | None = "mass",
     **params: Any,
 ) -> pl.Expr:
-    """Each centroid's displacement, ``Array(Float32, d)`` named
-    ``displacement``: :func:`fit_integration` as an expression over a whole
-    centroid table (all its rows at once: it is not elementwise). ``params``
-    are :func:`fit_integration`'s.
+    """Each centroid's displacement: :func:`fit_integration` as an expression.
 
+    Over a whole centroid table, all its rows at once: it is not elementwise.
+
+    Parameters
+    ----------
+    centroid : str or polars.Expr, default "centroid"
+        The centroids' ``Array(Float32, d)`` column.
+    batch : str or polars.Expr, default "batch"
+        Their batch column.
+    mass : str, polars.Expr or None, default "mass"
+        Their mass column; ``None``: every centroid weighs 1.
+    **params
+        :func:`fit_integration`'s options (``epsilon``, ``reg_m``, ...).
+
+    Returns
+    -------
+    polars.Expr
+        ``Array(Float32, d)`` named ``displacement``, one per centroid, in
+        the table's row order.
+
+    Examples
+    --------
     >>> import numpy as np, polars as pl, polars_singlecell as psc
     >>> x = np.random.default_rng(1).normal(size=(40, 2)).astype(np.float32)
     >>> t = pl.DataFrame({"batch": np.repeat(["a", "b"], 20),

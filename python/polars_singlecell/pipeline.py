@@ -30,10 +30,15 @@ import polars as pl
 from polars_singlecell import _internal, _progress, metrics
 from polars_singlecell._checks import check_scale
 from polars_singlecell._device import check_device
-from polars_singlecell._files import atomic_path, expand, sink_bounded
+from polars_singlecell._files import atomic_path, expand, replacing, sink_bounded
 from polars_singlecell.centroids import fit_centroids
 from polars_singlecell.integration import IntegrationModel, knn_interpolate
-from polars_singlecell.io import check_writable, h5ad_obs_columns, write_parquet
+from polars_singlecell.io import (
+    check_writable,
+    h5ad_obs_columns,
+    parquet_files,
+    write_parquet,
+)
 from polars_singlecell.layout import (
     COUNTS,
     cell_files,
@@ -157,8 +162,10 @@ def integrate(
     vocabulary: pl.DataFrame | str | os.PathLike | None = None,
     engine: Any = None,
 ) -> dict[str, Any]:
-    """Integrate raw counts in Parquet (the project's layout: one row per
-    cell, ``gene_idx``/``values``, a ``batch_key`` column) into ``out``:
+    """Integrate raw counts into ``out``, stage by stage, resumably.
+
+    The counts: one row per cell, ``gene_idx``/``values`` (or any sparse
+    list layout, see ``counts``), a ``batch_key`` column. Written into ``out``:
 
     - ``genes.parquet``: per-gene HVG statistics, ``highly_variable`` (scanpy's
       ``batch_key`` ranking: genes variable in the most batches first), of
@@ -183,37 +190,111 @@ def integrate(
       integration's metrics and, with ``label_key``, :func:`metrics.evaluate`
       of ``X_pca`` and ``X_ot`` on ``evaluate_cells`` sampled cells.
 
-    ``source`` is a Parquet file, a folder of them, a glob, or a URL Polars
-    reads (``hf://datasets/...``, ``s3://...``); ``counts`` names its gene
-    and value columns, in the project's layout (``gene_idx``, ``values``)
-    or any other sparse list layout: e.g. Tahoe-100M's Parquet release with
-    ``counts=("genes", "expressions"), vocabulary=".../gene_metadata.parquet"``,
-    read through :func:`to_cells` (the marker token dropped, each cell
-    sorted) without a copy of the source, and ``genes.parquet`` then names
-    the vocabulary's genes. Or AnnData
-    ``.h5ad`` files (one, a folder of them, a glob: e.g. one per plate, with
-    CSR counts in ``X`` and the batch as an ``obs`` column), streamed once into
-    ``out/source/<name>/`` by :func:`io.h5ad_to_parquet` (kept on re-runs
-    while the file is unchanged). ``n_genes``
-    defaults to the row count of a ``genes.parquet`` beside the cells (in the
-    folder, or next to the file), else to the largest gene index + 1.
-    ``integration`` passes options to :func:`fit_integration`. ``log`` gets
-    one line per stage: by default the package's logger
-    (``logging.getLogger("polars_singlecell")``, INFO) where logging is set
-    up, else printed; or any callable; ``None``: silent. ``progress`` draws a bar per stage that
-    reads the cells on stderr (cells processed / total, rate): ``None`` (the
-    default) when someone watches (a terminal or a Jupyter notebook, where
-    it is ``tqdm.auto``'s), ``True`` always (in a log: its final line only),
-    ``False`` never. Returns the report.
-
     ``engine``: a :class:`polars_singlecell.distributed.DaskEngine` runs the
     fits that read every cell (HVG statistics, the PCA covariance, the
     centroid samples) on its cluster, one task per partition of the Parquet
     files, with the same outputs bit for bit as without it; the workers
     must read ``source`` and ``out`` at the same paths (a shared file
-    system). The apply stages (projection, interpolation) and the
-    integration run here.
+    system). The projection and the interpolation run there too, one task
+    per partition writing its part of a dataset folder
+    (``cells_pca.parquet/part-00000.parquet``, ..., in row order; every
+    reader of the package takes a file or such a folder), so no cell passes
+    through this process; the integration (on the centroids) runs here.
 
+    Parameters
+    ----------
+    source : str or os.PathLike
+        A Parquet file, a folder of them, a glob, or a URL Polars reads
+        (``hf://datasets/...``, ``s3://...``). Or AnnData ``.h5ad`` files
+        (one, a folder of them, a glob: e.g. one per plate, with CSR counts
+        in ``X`` and the batch as an ``obs`` column), streamed once into
+        ``out/source/<name>/`` by :func:`polars_singlecell.io.h5ad_to_parquet`
+        (kept on re-runs while the file is unchanged).
+    out : str or os.PathLike
+        The output folder (created if missing); a re-run with the same
+        ``out`` resumes.
+    batch_key : str, default "batch"
+        The cells' batch column.
+    label_key : str or None, default None
+        The cells' label (cell type) column: with it, ``report.json`` holds
+        :func:`polars_singlecell.metrics.evaluate` of ``X_pca`` and ``X_ot``.
+    n_genes : int or None, default None
+        Genes in the data. ``None``: the row count of a ``genes.parquet``
+        beside the cells (in the folder, or next to the file), else the
+        largest gene index + 1 (with a ``vocabulary``: its rows).
+    target_sum : float, default 1e4
+        :func:`normalize`'s total counts per cell.
+    n_top_genes : int, default 2000
+        Highly variable genes kept.
+    hvg_flavor : {"seurat", "seurat_v3"}, default "seurat"
+        :func:`highly_variable_genes`' flavour: "seurat" on the normalised
+        values, "seurat_v3" on the raw counts.
+    scale : bool, default False
+        Scale the genes to unit variance before the PCA (``sc.pp.scale``
+        folded into :func:`fit_pca`).
+    max_value : float or None, default None
+        Clip the scaled values at ``±max_value`` (needs ``scale=True``).
+    n_comps : int, default 50
+        Principal components: ``X_pca`` and ``X_ot`` are
+        ``Array(Float32, n_comps)``.
+    n_centroids : int, default 2048
+        Centroids per batch at most (:func:`fit_centroids`).
+    min_cells_per_centroid : int, default 16
+        At most one centroid per this many sampled cells of a batch (at least 64).
+    max_samples_per_batch : int, default 500_000
+        Cells sampled per batch for its k-means.
+    k : int, default 8
+        Centroids each cell's displacement is interpolated from
+        (:func:`knn_interpolate`).
+    mode : {"own_batch", "pooled"}, default "own_batch"
+        :func:`knn_interpolate`'s search: the cell's own batch's centroids,
+        or all of them.
+    device : {"cpu", "cuda"}, default "cpu"
+        Where the PCA, k-means, projection and interpolation kernels run.
+    random_state : int, default 0
+        Seed of the centroid samples, the k-means and the evaluation sample.
+    integration : dict or None, default None
+        Options passed to :func:`fit_integration` (``epsilon``, ``reg_m``, ...).
+    evaluate_cells : int, default 100_000
+        Cells sampled for the evaluation (with ``label_key``).
+    log : callable or None, default log_stage
+        Gets one line per stage: by default the package's logger
+        (``logging.getLogger("polars_singlecell")``, INFO) where logging is
+        set up, else printed; or any callable; ``None``: silent.
+    progress : bool or None, default None
+        A bar per stage that reads the cells, on stderr (cells processed /
+        total, rate): ``None`` when someone watches (a terminal or a Jupyter
+        notebook, where it is ``tqdm.auto``'s), ``True`` always (in a log: its
+        final line only), ``False`` never.
+    counts : tuple of (str, str), default ("gene_idx", "values")
+        The source's gene and value list columns, in the project's layout or
+        any other sparse list layout: e.g. Tahoe-100M's Parquet release with
+        ``counts=("genes", "expressions"), vocabulary=".../gene_metadata.parquet"``,
+        read through :func:`to_cells` (the marker token dropped, each cell
+        sorted) without a copy of the source.
+    vocabulary : polars.DataFrame, str, os.PathLike or None, default None
+        The token table for :func:`to_cells`; ``genes.parquet`` then names
+        the vocabulary's genes.
+    engine : polars_singlecell.distributed.DaskEngine or None, default None
+        Runs the stages that read every cell on its cluster (above);
+        ``None``: in this process.
+
+    Returns
+    -------
+    dict
+        The report, as written to ``out/report.json``: ``source``, ``out``,
+        ``parameters``, ``versions`` and ``stages`` (per stage its
+        fingerprint, outputs, seconds and ``peak_rss_gb``, or
+        ``resumed: True`` where it was kept, and what the stage adds).
+
+    Raises
+    ------
+    ValueError
+        An unknown ``hvg_flavor``, inconsistent scaling options, a missing
+        column, or no counts at all.
+
+    Examples
+    --------
     >>> import tempfile, polars_singlecell as psc
     >>> d = tempfile.mkdtemp()
     >>> raw = psc.datasets.write_synthetic_counts(d + "/raw", 3000, n_genes=300, umis_per_cell=60)
@@ -313,7 +394,7 @@ def integrate(
         nonlocal fp, redo
         fp = _fingerprint(fp, params[name])
         done = old.get("stages", {}).get(name)
-        if not redo and done and done.get("fingerprint") == fp and all((out / f).is_file() for f in outputs):
+        if not redo and done and done.get("fingerprint") == fp and all((out / f).exists() for f in outputs):
             report["stages"][name] = done | {"resumed": True}
             say(f"{name}: done before, kept ({', '.join(outputs)})")
             return
@@ -354,10 +435,20 @@ def integrate(
         model.save(out / "pca.parquet")
         return {"explained_variance_ratio": [round(float(v), 5) for v in model.explained_variance_ratio]}
 
+    def write(lf: pl.LazyFrame, name: str, models: list[tuple[Any, Path]]) -> None:
+        # With an engine, every partition is a task writing its part of a
+        # dataset folder; here, one file. Either replaces the other's output.
+        if engine is not None:
+            engine.sink(lf, out / name, models)
+            return
+        with replacing(out / name):
+            sink_bounded(lf, out / name)
+
     def project() -> dict:
         lf, _ = selected()
         model = PcaModel.load(out / "pca.parquet")
-        sink_bounded(lf.select(*keep, pca_project(*COUNTS, model=model, device=device)), out / "cells_pca.parquet")
+        write(lf.select(*keep, pca_project(*COUNTS, model=model, device=device)), "cells_pca.parquet",
+              [(model, out / "pca.parquet")])
         return {"n_cells": pl.scan_parquet(out / "cells_pca.parquet").select(pl.len()).collect().item()}
 
     def centroids() -> dict:
@@ -376,10 +467,10 @@ def integrate(
 
     def interpolate() -> dict:
         model = IntegrationModel.read_parquet(out / "integration.parquet")
-        cells = pl.scan_parquet(out / "cells_pca.parquet").with_columns(
+        cells = pl.scan_parquet([f.absolute() for f in parquet_files(out / "cells_pca.parquet")]).with_columns(
             knn_interpolate("X_pca", batch_key, model=model, k=k, mode=mode, device=device)
         )
-        sink_bounded(cells, out / "cells.parquet")
+        write(cells, "cells.parquet", [(model, out / "integration.parquet")])
         if not label_key:
             return {}
         t = time.perf_counter()

@@ -29,9 +29,11 @@ def embedding(
     path: str | os.PathLike | None = None,
     point_size: float = 2.0,
 ):
-    """Scatter plots of two components of each embedding in ``basis`` (rows)
-    coloured by each column in ``color`` (columns): with the defaults, PCA
-    before and OT after, by batch and by label. Like ``sc.pl.embedding`` but
+    """Scatter plots of two components of each embedding, coloured by each column.
+
+    One row per embedding in ``basis``, one column per colouring in
+    ``color``: with the defaults, PCA before and OT after, by batch and by
+    label. Like ``sc.pl.embedding`` but
     from Parquet, on a seeded sample of ``max_cells`` cells (the same sample
     as :func:`polars_singlecell.metrics.evaluate`, drawn in the streaming
     engine, so a 100M-cell file is fine). Points are drawn in a seeded random
@@ -41,12 +43,44 @@ def embedding(
     (after), computed on the sample (umap-learn, scanpy's defaults:
     15 neighbours, ``min_dist=0.5``, seeded by ``random_state``), as users
     judge an integration; ``"umap:<column>"`` is the UMAP of any embedding
-    column. A UMAP takes ~10 s per 5,000 cells on two cores (plus numba's
-    compilation on first use): lower ``max_cells`` for a quick look.
+    column. A UMAP's cost grows with the sampled cells (and numba compiles
+    on first use): lower ``max_cells`` for a quick look.
 
-    Returns the matplotlib ``Figure``; with ``path`` also writes it (PNG, or
-    the format of the suffix) atomically.
+    Parameters
+    ----------
+    cells : polars.DataFrame, polars.LazyFrame, str or os.PathLike
+        The cells, or their Parquet path, folder or glob.
+    basis : str or sequence of str, default ("X_pca", "X_ot")
+        Embedding columns (``Array``, more entries than ``max(components)``),
+        ``"umap:<column>"`` entries, or ``"umap"`` alone.
+    color : sequence of str, default ("batch", "label")
+        Columns to colour by (any dtype, shown as text; nulls as ``"(null)"``).
+    components : tuple of (int, int), default (0, 1)
+        The two entries of each embedding on the x and y axes.
+    max_cells : int, default 20_000
+        Cells in the seeded sample.
+    random_state : int, default 0
+        Seed of the sample, the drawing order and the UMAPs.
+    path : str, os.PathLike or None, default None
+        Also write the figure here (PNG, or the format of the suffix), atomically.
+    point_size : float, default 2.0
+        Marker size of each cell.
 
+    Returns
+    -------
+    matplotlib.figure.Figure
+        ``len(basis)`` × ``len(color)`` axes.
+
+    Raises
+    ------
+    ValueError
+        A missing column, an embedding that is not an Array or too narrow for
+        ``components``, or an empty ``basis``/``color``.
+    ImportError
+        matplotlib (or, for UMAPs, umap-learn) is missing.
+
+    Examples
+    --------
     >>> import polars as pl, polars_singlecell as psc
     >>> cells = pl.DataFrame({"batch": ["a", "b"] * 50,
     ...                       "X_pca": pl.Series([[float(i), float(i % 7)] for i in range(100)], dtype=pl.Array(pl.Float32, 2))})

@@ -62,21 +62,31 @@ def normalize(
 
     Parameters
     ----------
-    gene_idx, values
-        ``List(UInt32)`` / ``List(Float32)`` sparse counts of each cell.
-    target_sum
+    gene_idx, values : str or polars.Expr
+        ``List(UInt32)`` gene indices and ``List(Float32)`` counts of each cell
+        (column names or expressions), aligned entry by entry.
+    target_sum : float or None, default 1e4
         Total counts of each cell after normalisation. ``None``: the median of
         the non-zero cell totals of the column, like scanpy; that needs the whole
         column at once (not streamed), so for data larger than memory pass
         ``target_sum=psc.median_total_counts(lf)`` instead.
-    log1p
+    log1p : bool, default True
         Apply ``ln(1 + x)`` after scaling.
 
     Returns
     -------
-    ``List(Float32)`` named like ``values`` and aligned with ``gene_idx``, so
-    ``with_columns`` replaces the counts. Cells with zero total counts keep their
-    zeros (scanpy does the same, with a warning). Null cells stay null.
+    polars.Expr
+        ``List(Float32)`` named like ``values`` and aligned with ``gene_idx``
+        (one entry per non-zero), so ``with_columns`` replaces the counts.
+        Elementwise (it streams) unless ``target_sum=None``. Cells with zero
+        total counts keep their zeros (scanpy does the same, with a warning).
+        Null cells stay null.
+
+    Raises
+    ------
+    ValueError
+        ``target_sum`` is not a positive finite number or ``None``, or
+        ``log1p`` is not a bool.
 
     Examples
     --------
@@ -104,7 +114,20 @@ def normalize(
 
 
 def total_counts(gene_idx: IntoExpr = "gene_idx", values: IntoExpr = "values") -> pl.Expr:
-    """Total counts of each cell (``Float32``, named ``total_counts``), summed like scanpy."""
+    """Total counts of each cell, summed like scanpy.
+
+    Parameters
+    ----------
+    gene_idx, values : str or polars.Expr
+        ``List(UInt32)`` gene indices and ``List(Float32)`` counts of each cell
+        (column names or expressions).
+
+    Returns
+    -------
+    polars.Expr
+        ``Float32`` named ``total_counts``, one value per cell (summed in
+        float64, as scanpy). Elementwise: it streams.
+    """
     return call("total_counts", [_col(gene_idx), _col(values)]).alias("total_counts")
 
 
@@ -113,6 +136,25 @@ def median_total_counts(data: Frame, *, gene_idx: str = "gene_idx", values: str 
 
     One streaming pass; memory grows with the number of *distinct* totals
     (a few thousand for integer counts), not with the number of cells.
+
+    Parameters
+    ----------
+    data : polars.LazyFrame, polars.DataFrame, str or os.PathLike
+        The cells, one row per cell (a Parquet path, folder or glob is scanned).
+    gene_idx, values : str, default "gene_idx", "values"
+        The ``List(UInt32)`` gene-index and ``List(Float32)`` count columns.
+
+    Returns
+    -------
+    float
+        The median of the cells' total counts, cells with zero counts left out,
+        computed as ``numpy.median`` of the float32 totals (the mean of the
+        middle pair, in float32). Pass it as ``normalize(target_sum=...)``.
+
+    Raises
+    ------
+    ValueError
+        Every cell has zero total counts (there is no median).
     """
     counts = (
         _lazy(data)
@@ -145,8 +187,28 @@ def select_genes(
 ) -> pl.Expr:
     """Keep only ``genes`` and renumber them ``0..len(genes)-1``; rows stay sparse and sorted.
 
-    Returns a ``Struct`` with fields named like the inputs; ``.struct.unnest()``
-    inside ``with_columns`` replaces both columns.
+    Parameters
+    ----------
+    gene_idx, values : str or polars.Expr
+        ``List(UInt32)`` gene indices and ``List(Float32)`` values of each cell.
+    genes : iterable of int, polars.Series or numpy.ndarray
+        The gene indices to keep, ``(n_selected,)``: non-negative, each once
+        (e.g. the ``gene_idx`` of :func:`highly_variable_genes` where
+        ``highly_variable``, or :func:`consensus_genes`).
+
+    Returns
+    -------
+    polars.Expr
+        ``Struct{gene_idx: List(UInt32), values: List(Float32)}``, the fields
+        named like the inputs, gene indices in ``[0, n_selected)``;
+        ``.struct.unnest()`` inside ``with_columns`` replaces both columns.
+        Elementwise: it streams.
+
+    Raises
+    ------
+    ValueError
+        ``genes`` is empty, not 1-D, not non-negative integers below 2**32,
+        or lists a gene twice.
 
     Examples
     --------
@@ -203,30 +265,63 @@ def highly_variable_genes(
 
     Parameters
     ----------
-    data
-        LazyFrame, DataFrame or Parquet path with one row per cell.
-    n_genes
-        Number of genes in the dataset (``genes.parquet`` rows).
-    n_top_genes
+    data : polars.LazyFrame, polars.DataFrame, str or os.PathLike
+        The cells, one row per cell (a Parquet path, folder or glob is
+        scanned): log-normalised values for ``"seurat"``, raw counts for
+        ``"seurat_v3"``.
+    n_genes : int
+        Number of genes in the dataset (``genes.parquet`` rows); every gene
+        index is below it.
+    n_top_genes : int or None, default 2000
         Keep this many genes, ranked by normalised dispersion; ``None`` uses the
-        ``min_mean``/``max_mean``/``min_disp``/``max_disp`` cut-offs instead.
-    batch_key
+        ``min_mean``/``max_mean``/``min_disp``/``max_disp`` cut-offs instead
+        (``"seurat_v3"`` has no cut-offs: ``None`` keeps 2000, as scanpy).
+    batch_key : str or None, default None
         Column of batch labels: genes are ranked within each batch (genes not
         expressed in a batch are left out of its ranking), then by the number of
         batches in which they are variable and their mean normalised dispersion.
+    flavor : {"seurat", "seurat_v3"}, default "seurat"
+        scanpy's flavour: ``"seurat"`` on log-normalised values (one pass),
+        ``"seurat_v3"`` on raw counts (two passes).
+    min_mean, max_mean, min_disp, max_disp : float, default 0.0125, 3, 0.5, inf
+        scanpy's cut-offs on the mean and the normalised dispersion, used
+        where ``n_top_genes=None`` (``flavor="seurat"`` only).
+    n_bins : int, default 20
+        Bins of equal width on the mean in which dispersions are normalised
+        (``flavor="seurat"``).
+    span : float, default 0.3
+        The loess span, in (0, 1] (``flavor="seurat_v3"``).
+    gene_idx, values : str, default "gene_idx", "values"
+        The ``List(UInt32)`` gene-index and ``List(Float32)`` value columns.
+    engine : polars_singlecell.distributed.DaskEngine or None, default None
+        Computes the statistics on its cluster, one task per partition of the
+        data (as :func:`fit_pca`), with the same result bit for bit as
+        without it. ``None``: in this process.
 
     Returns
     -------
-    One row per gene, like scanpy's ``adata.var``: ``gene_idx``, ``means``,
-    ``dispersions``, ``dispersions_norm``, ``highly_variable`` and, with a
-    ``batch_key``, ``highly_variable_nbatches`` and ``highly_variable_intersection``.
-    With ``flavor="seurat_v3"``: ``gene_idx``, ``means``, ``variances``,
-    ``variances_norm``, ``highly_variable_rank``, ``highly_variable`` and, with
-    a ``batch_key``, ``highly_variable_nbatches``.
+    polars.DataFrame
+        ``n_genes`` rows, one per gene, like scanpy's ``adata.var``:
+        ``gene_idx`` (UInt32), ``means``, ``dispersions``, ``dispersions_norm``
+        (Float64), ``highly_variable`` (Boolean) and, with a ``batch_key``,
+        ``highly_variable_nbatches`` (Int64) and ``highly_variable_intersection``
+        (Boolean). With ``flavor="seurat_v3"``: ``gene_idx``, ``means``,
+        ``variances``, ``variances_norm`` (Float64), ``highly_variable_rank``
+        (Float32, NaN where no batch ranks the gene among its top genes),
+        ``highly_variable`` and, with a ``batch_key``,
+        ``highly_variable_nbatches``.
 
-    ``engine``: a :class:`polars_singlecell.distributed.DaskEngine` computes
-    the statistics on its cluster, one task per partition of the data (as
-    :func:`fit_pca`), with the same result bit for bit as without it.
+    Raises
+    ------
+    ValueError
+        An unknown ``flavor``, a non-positive ``n_genes``, ``n_top_genes`` or
+        ``n_bins``, or ``span`` outside (0, 1].
+
+    Warns
+    -----
+    UserWarning
+        ``flavor="seurat_v3"`` on values that are not whole numbers ≥ 0 (not
+        raw counts).
     """
     if flavor == "seurat_v3":
         return _seurat_v3(data, n_genes=n_genes, n_top_genes=n_top_genes, batch_key=batch_key, span=span,
@@ -272,8 +367,25 @@ def _seurat_v3(data: Frame, *, n_genes: int, n_top_genes: int | None, batch_key:
 def consensus_genes(var: pl.DataFrame, *, more_than: int) -> pl.Series:
     """Genes variable in more than ``more_than`` batches (the Tahoe-100M consensus).
 
-    ``var`` is the result of :func:`highly_variable_genes` with a ``batch_key``.
-    Returns the sorted ``gene_idx`` to pass to :func:`select_genes`.
+    Parameters
+    ----------
+    var : polars.DataFrame
+        The result of :func:`highly_variable_genes` with a ``batch_key`` (it
+        has ``highly_variable_nbatches``).
+    more_than : int
+        Keep the genes variable in more than this many batches (≥ 0).
+
+    Returns
+    -------
+    polars.Series
+        The kept genes' ``gene_idx`` (UInt32), sorted: ``genes=`` of
+        :func:`select_genes`.
+
+    Raises
+    ------
+    ValueError
+        ``var`` has no ``highly_variable_nbatches`` column, or ``more_than``
+        is not a non-negative integer.
     """
     if "highly_variable_nbatches" not in var.columns:
         raise ValueError("var has no highly_variable_nbatches column: run highly_variable_genes with batch_key=...")
@@ -296,7 +408,31 @@ class PcaModel:
     the genes scaled to unit variance, and :func:`pca_project` scales cells
     the same way. With ``max_value`` too, ``mean`` is the genes' mean before
     scaling and ``scaled_mean`` the centre of the PCA among the scaled,
-    clipped genes (scikit-learn's ``mean_`` there).
+    clipped genes (scikit-learn's ``mean_`` there). Made by :func:`fit_pca`
+    or :meth:`load`; the fields are also its attributes.
+
+    Parameters
+    ----------
+    mean : numpy.ndarray
+        ``(n_genes,)`` float64: each gene's mean over the cells.
+    components : numpy.ndarray
+        ``(n_comps, n_genes)`` float64: the axes, one per row, unit length.
+    explained_variance : numpy.ndarray
+        ``(n_comps,)`` float64: the variance along each axis (ddof=1).
+    explained_variance_ratio : numpy.ndarray
+        ``(n_comps,)`` float64: that variance over the total variance.
+    n_cells : int
+        The number of cells fitted.
+    std : numpy.ndarray or None, default None
+        ``(n_genes,)`` float64: each gene's standard deviation (ddof=1; 1 for
+        a constant gene), with ``scale=True``; else ``None``.
+    max_value : float or None, default None
+        The clip of the scaled values, with ``scale=True`` and ``max_value``.
+    zero_center : bool, default True
+        Whether the scaling centred the genes (``sc.pp.scale``'s option).
+    scaled_mean : numpy.ndarray or None, default None
+        ``(n_genes,)`` float64: the PCA's centre among the scaled, clipped
+        genes, with ``max_value``; else ``None``.
     """
 
     mean: np.ndarray  # (n_genes,) float64
@@ -311,10 +447,12 @@ class PcaModel:
 
     @property
     def n_genes(self) -> int:
+        """The number of genes the model projects (``mean.shape[0]``)."""
         return self.mean.shape[0]
 
     @property
     def n_comps(self) -> int:
+        """The number of principal axes (``components.shape[0]``)."""
         return self.components.shape[0]
 
     def _register(self) -> str:
@@ -339,10 +477,18 @@ class PcaModel:
         return key
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write as Parquet: one row per gene (``gene_idx``, ``mean``,
-        ``loadings: Array(Float64, n_comps)``, and ``std`` for a scaled fit),
-        per-axis numbers in the file's key-value metadata. Written to a
-        temporary file, then renamed."""
+        """Write the model as Parquet, atomically (a temporary file, then a rename).
+
+        One row per gene (``n_genes`` rows): ``gene_idx`` (UInt32), ``mean``
+        (Float64), ``loadings`` (``Array(Float64, n_comps)``), and ``std``
+        (and ``scaled_mean``) for a scaled fit; the per-axis numbers and
+        ``n_cells`` go in the file's key-value metadata. :meth:`load` reads it.
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+            The file to write (replaced if it exists).
+        """
         df = pl.DataFrame(
             {
                 "gene_idx": np.arange(self.n_genes, dtype=np.uint32),
@@ -363,6 +509,26 @@ class PcaModel:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> PcaModel:
+        """Read a model written by :meth:`save`.
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+            The Parquet file.
+
+        Returns
+        -------
+        PcaModel
+            The model, its arrays float64 as fitted.
+
+        Raises
+        ------
+        FileNotFoundError
+            No file at ``path``.
+        ValueError
+            The file is not Parquet, was cut short, or is not a PCA model
+            written by :meth:`save`.
+        """
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"PCA model file not found: {path}")
@@ -398,10 +564,10 @@ def fit_pca(
     zero_center: bool = True,
     engine: Any = None,
 ) -> PcaModel:
-    """Fit PCA out of core: one streaming pass accumulates the exact float64
-    covariance (O(n_genes²) memory, never O(cells)), then its eigendecomposition.
+    """Fit PCA out of core: the exact float64 covariance, then its eigendecomposition.
 
-    ``scale=True`` is ``sc.pp.scale(adata)`` (zero-centred, unit variance)
+    One streaming pass accumulates the covariance (O(n_genes²) memory, never
+    O(cells)). ``scale=True`` is ``sc.pp.scale(adata)`` (zero-centred, unit variance)
     then PCA, without writing the dense scaled matrix: the covariance is
     rescaled to the correlation before the eigendecomposition and the model
     keeps each gene's ``std`` (ddof=1; 1 for a constant gene, as scanpy, and
@@ -418,20 +584,58 @@ def fit_pca(
 
     Matches ``sklearn.decomposition.PCA(n_comps, svd_solver="full")`` fitted on
     the dense float64 matrix, with each axis signed so that its largest loading
-    is positive. ``n_threads`` defaults to ``POLARS_MAX_THREADS`` (or Polars'
-    pool size); the result is bit-identical for any thread count.
-
-    ``device="cuda"`` accumulates XᵀX on the GPU (float64 GEMM of each record
-    batch, densified there): the same products summed in another order, so the
-    axes agree with the CPU's to float64 rounding, not bit for bit.
+    is positive. The result is bit-identical for any thread count.
 
     The sums are folded per partition of the data (whole Parquet row groups,
     up to 100,000 rows) and the partitions merged in row order, so
-    ``engine=`` (a :class:`polars_singlecell.distributed.DaskEngine`), which
-    folds the same partitions on its workers, gives the same model bit for
-    bit; the workers build the query from ``data`` (a LazyFrame over Parquet
-    files, e.g. with :func:`normalize` and :func:`select_genes` on it, or the
-    files' path).
+    ``engine=``, which folds the same partitions on its workers, gives the
+    same model bit for bit.
+
+    Parameters
+    ----------
+    data : polars.LazyFrame, polars.DataFrame, str or os.PathLike
+        The cells, one row per cell, their genes already selected (gene
+        indices in ``[0, n_genes)``, e.g. after :func:`select_genes`); a
+        Parquet path, folder or glob is scanned.
+    n_genes : int
+        The number of genes (columns of the covariance); at most what a
+        16 GiB covariance holds (select highly variable genes first).
+    n_comps : int, default 50
+        Principal axes to keep, 1 ≤ ``n_comps`` ≤ ``n_genes``.
+    gene_idx, values : str, default "gene_idx", "values"
+        The ``List(UInt32)`` gene-index and ``List(Float32)`` value columns.
+    n_threads : int or None, default None
+        Threads of the accumulation; ``None``: ``POLARS_MAX_THREADS`` (or
+        Polars' pool size).
+    device : {"cpu", "cuda"}, default "cpu"
+        ``"cuda"`` accumulates XᵀX on the GPU (float64 GEMM of each record
+        batch, densified there): the same products summed in another order,
+        so the axes agree with the CPU's to float64 rounding, not bit for bit.
+    scale : bool, default False
+        Scale each gene to unit variance first (``sc.pp.scale``), see above.
+    max_value : float or None, default None
+        Clip the scaled values at ``±max_value`` (needs ``scale=True``).
+    zero_center : bool, default True
+        Centre the genes in the scaling (``sc.pp.scale``'s option);
+        ``False`` needs ``scale=True``.
+    engine : polars_singlecell.distributed.DaskEngine or None, default None
+        Folds the partitions on its cluster; the workers build the query from
+        ``data`` (a LazyFrame over Parquet files, e.g. with :func:`normalize`
+        and :func:`select_genes` on it, or the files' path). ``None``: in this
+        process.
+
+    Returns
+    -------
+    PcaModel
+        ``mean`` ``(n_genes,)``, ``components`` ``(n_comps, n_genes)``,
+        ``explained_variance`` and ``explained_variance_ratio`` ``(n_comps,)``,
+        all float64, and ``std`` ``(n_genes,)`` with ``scale=True``.
+
+    Raises
+    ------
+    ValueError
+        ``n_genes`` or ``n_comps`` out of range, a covariance over 16 GiB,
+        inconsistent scaling options, or an unavailable ``device``.
     """
     n_genes = _positive_int("n_genes", n_genes)
     n_comps = _positive_int("n_comps", n_comps, upper=n_genes)
@@ -490,14 +694,30 @@ def pca_project(
     model: PcaModel | str | os.PathLike,
     device: str = "cpu",
 ) -> pl.Expr:
-    """Project each cell onto the fitted axes: ``(x - mean) @ components.T``
-    (``((x - mean) / std) @ components.T`` for a model fitted with ``scale=True``).
+    """Project each cell onto the fitted axes: ``(x - mean) @ components.T``.
 
-    Elementwise and streaming. Returns ``Array(Float32, n_comps)`` named
-    ``X_pca``, null where the input row is null. A gene index outside the
-    model's genes is an error (select the model's genes first).
-    ``device="cuda"`` runs the sparse product on the GPU with the CPU's order
-    of sums and rounding: the same bits.
+    ``((x - mean) / std) @ components.T`` for a model fitted with
+    ``scale=True`` (clipped at ``max_value`` as the fit was). Elementwise and
+    streaming.
+
+    Parameters
+    ----------
+    gene_idx, values : str or polars.Expr
+        ``List(UInt32)`` gene indices (in ``[0, model.n_genes)``: select the
+        model's genes first) and ``List(Float32)`` values of each cell.
+    model : PcaModel, str or os.PathLike
+        The fitted model, or the Parquet file :meth:`PcaModel.save` wrote.
+        Registered once per process (see :func:`clear_models`).
+    device : {"cpu", "cuda"}, default "cpu"
+        ``"cuda"`` runs the sparse product on the GPU with the CPU's order of
+        sums and rounding: the same bits.
+
+    Returns
+    -------
+    polars.Expr
+        ``Array(Float32, n_comps)`` named ``X_pca``, null where the input row
+        is null. A gene index outside the model's genes is an error when the
+        query runs.
 
     Examples
     --------

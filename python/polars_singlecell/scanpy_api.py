@@ -18,9 +18,27 @@ __all__ = ["integrate_anndata", "obs_column"]
 
 
 def obs_column(adata: Any, key: str) -> pl.Series:
-    """``adata.obs[key]`` as a Polars Series of text labels, missing values as
-    nulls (pandas categoricals and nullable strings without pyarrow). A
-    missing column is a ``ValueError`` listing the columns there are."""
+    """``adata.obs[key]`` as a Polars Series of text labels, missing values as nulls.
+
+    Reads pandas categoricals and nullable strings without pyarrow.
+
+    Parameters
+    ----------
+    adata : anndata.AnnData
+        The AnnData whose ``obs`` is read.
+    key : str
+        The ``obs`` column.
+
+    Returns
+    -------
+    polars.Series
+        ``(n_obs,)`` String named ``key``, null where the value is missing.
+
+    Raises
+    ------
+    ValueError
+        ``obs`` has no column ``key`` (the message lists the columns there are).
+    """
     if key not in adata.obs.columns:
         raise ValueError(f"adata.obs has no column {key!r} (columns: {list(adata.obs.columns)}); pass batch_key=")
     col = adata.obs[key]
@@ -44,10 +62,10 @@ def integrate_anndata(
     random_state: int = 0,
     **integration_options: Any,
 ) -> None:
-    """Integrate the batches of ``adata.obsm[basis]`` and write the result to
-    ``adata.obsm[adjusted_basis]``, in place (scanpy's
-    ``harmony_integrate(adata, key, basis="X_pca", adjusted_basis=...)``
-    convention; returns ``None``).
+    """Integrate the batches of ``adata.obsm[basis]`` into ``adata.obsm[adjusted_basis]``, in place.
+
+    scanpy's ``harmony_integrate(adata, key, basis="X_pca", adjusted_basis=...)``
+    convention: nothing is returned.
 
     The same three steps as :func:`integrate` from ``X_pca``, with its
     defaults: per-batch centroids (:func:`fit_centroids`), their integration
@@ -57,6 +75,40 @@ def integrate_anndata(
     read as float32 and the result is float32, ``(n_obs, n_comps)``. Cells
     whose ``batch_key`` is missing, and non-finite embeddings, are errors
     naming the first such cell; nothing is written then.
+
+    Parameters
+    ----------
+    adata : anndata.AnnData
+        The cells, with ``obsm[basis]`` ``(n_obs, n_comps)`` and
+        ``obs[batch_key]``.
+    batch_key : str
+        The ``obs`` column of batches.
+    basis : str, default "X_pca"
+        The embedding to integrate.
+    adjusted_basis : str, default "X_pca_ot"
+        Where the integrated embedding goes (float32 ``(n_obs, n_comps)``).
+    n_centroids : int, default 2048
+        Centroids per batch at most (:func:`fit_centroids`).
+    min_cells_per_centroid : int, default 16
+        At most one centroid per this many sampled cells of a batch.
+    max_samples_per_batch : int, default 500_000
+        Cells sampled per batch for its k-means.
+    k : int, default 8
+        Centroids each cell's displacement is interpolated from.
+    mode : {"own_batch", "pooled"}, default "own_batch"
+        :func:`knn_interpolate`'s search.
+    device : {"cpu", "cuda"}, default "cpu"
+        Where the k-means and the interpolation run.
+    random_state : int, default 0
+        Seed of the centroid samples, the k-means and the reference reduction.
+    **integration_options
+        Options of :func:`fit_integration` (``epsilon``, ``reg_m``, ...).
+
+    Raises
+    ------
+    ValueError
+        No ``obsm[basis]``, an embedding that is not 2-D or not finite, or a
+        missing batch.
 
     Examples
     --------

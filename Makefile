@@ -49,7 +49,7 @@ wheels: .venv/.base
 # The tables of docs/benchmarks.md, refilled from benches/results/ (run it after a bench;
 # tests/test_docs.py fails while one differs from its file).
 docs:
-	$(PY) benches/render_docs.py
+	python3 benches/render_docs.py
 
 bench: .venv/.test build
 	$(PY) benches/bench_preprocessing.py

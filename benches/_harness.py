@@ -3,6 +3,7 @@ and report its result with its own peak RSS."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import multiprocessing as mp
@@ -128,3 +129,38 @@ def cpu() -> str:
     except OSError:
         pass
     return "?"
+
+
+@contextlib.contextmanager
+def recorded(name: str):
+    """Everything the script prints inside the block, also written to
+    ``benches/results/<name>`` under a title (the command) and a line saying
+    when, where and at which commit, for ``make docs`` to include: the
+    scripts that only printed their tables (k-means, kNN, metrics) keep
+    printing them and now leave them where the docs read them. The file is
+    written only if the block ends without an error."""
+    import io
+    import sys
+
+    buffer = io.StringIO()
+
+    class Tee(io.TextIOBase):
+        def write(self, s: str) -> int:
+            buffer.write(s)
+            return real.write(s)
+
+        def flush(self) -> None:
+            real.flush()
+
+    real = sys.stdout
+    sys.stdout = Tee()
+    try:
+        yield
+    finally:
+        sys.stdout = real
+    script = Path(sys.argv[0]).name
+    head = (f"# benches/{script} {' '.join(sys.argv[1:])}".rstrip() + "\n\n"
+            f"{time.strftime('%Y-%m-%d')}, {cpu()}, {os.cpu_count()} cores, commit {commit()}\n\n")
+    out = Path(__file__).parent / "results" / name
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(head + buffer.getvalue())

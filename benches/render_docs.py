@@ -1,4 +1,4 @@
-"""Include the bench scripts' results files in docs/*.md (benchmarks.md, tahoe.md), so that their tables are the scripts' output.
+"""Include the bench scripts' results files in docs/*.md (benchmarks.md, tahoe.md, cluster.md), so their tables are the scripts' output.
 
 Why (issue 24, item 5): the page's tables used to be copied from ``benches/results/`` by hand, and a
 hand copy drifts from the file it was copied from (a rerun, a reshaped column, a rounded number). The

@@ -180,6 +180,18 @@ def test_integrate_on_the_cluster_is_the_local_run(raw, client, monkeypatch, tmp
     assert not list((tmp_path / "dask").glob(".*")), "hidden temporary files left behind"
 
 
+def test_one_worker_gives_the_bits_of_two(raw, client, monkeypatch, tmp_path):
+    """Partitions come from the files, not the cluster: one worker process
+    writes what two write (and what the local run writes, above)."""
+    monkeypatch.setattr(_frames, "PARTITION_ROWS", 700)
+    opts = dict(n_top_genes=100, n_comps=10, n_centroids=16, log=None, progress=False)
+    psc.integrate(raw, tmp_path / "two", engine=D.DaskEngine(client, partition_rows=700), **opts)
+    with dask_distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
+                                       dashboard_address=None) as cluster, dask_distributed.Client(cluster) as one:
+        psc.integrate(raw, tmp_path / "one", engine=D.DaskEngine(one, partition_rows=700), **opts)
+    _same_outputs(tmp_path / "one", tmp_path / "two")
+
+
 def test_a_run_resumes_and_replaces_across_engines(raw, client, monkeypatch, tmp_path):
     """A run with an engine (dataset folders) resumes locally, and a changed
     stage's output replaces the other kind (folder by file, file by folder)."""
@@ -215,8 +227,8 @@ def test_a_worker_killed_mid_write_changes_nothing(cells, client, tmp_path):
 
         from polars_singlecell import distributed as dm
 
-        real = getattr(dm, "_real_sink_bounded", dm.sink_bounded)
-        dm._real_sink_bounded = real
+        real = getattr(dm, "_real_sink_parquet", dm.sink_parquet)
+        dm._real_sink_parquet = real
 
         def dying(lf, dest, **kwargs):
             if not os.path.exists(marker):
@@ -225,12 +237,12 @@ def test_a_worker_killed_mid_write_changes_nothing(cells, client, tmp_path):
                 os._exit(1)
             real(lf, dest, **kwargs)
 
-        dm.sink_bounded = dying
+        dm.sink_parquet = dying
 
     def unpatch() -> None:
         from polars_singlecell import distributed as dm
 
-        dm.sink_bounded = getattr(dm, "_real_sink_bounded", dm.sink_bounded)
+        dm.sink_parquet = getattr(dm, "_real_sink_parquet", dm.sink_parquet)
 
     client.run(patch)
     try:
@@ -263,9 +275,26 @@ def test_a_model_file_changed_under_the_workers_is_refused(raw, client, tmp_path
     assert len(list((tmp_path / "moved.parquet").iterdir())) == 3
     psc.IntegrationModel(table.with_columns(pl.col("displacement").arr.eval(pl.element() * 2))).write_parquet(
         tmp_path / "model.parquet")
+    before = pl.read_parquet(tmp_path / "moved.parquet")
     with pytest.raises(RuntimeError, match=r"model.parquet on this worker is not the one the driver loaded"):
-        engine.sink(lf, tmp_path / "again.parquet", [(model, tmp_path / "model.parquet")])
-    assert not (tmp_path / "again.parquet").exists() and not list(tmp_path.glob(".*"))
+        engine.sink(lf, tmp_path / "moved.parquet", [(model, tmp_path / "model.parquet")])
+    # The failed stage left the earlier output as it was, and nothing else.
+    assert pl.read_parquet(tmp_path / "moved.parquet").equals(before) and not list(tmp_path.glob(".*"))
+    # A model the workers never loaded (the first one they keep for the process's life).
+    unseen = psc.IntegrationModel(table.with_columns(pl.col("displacement").arr.eval(pl.element() * 3)))
+    lf = pl.scan_parquet(tmp_path / "cells.parquet").with_columns(psc.knn_interpolate("X_pca", "batch", model=unseen, k=1))
+    with pytest.raises(RuntimeError, match=r"uses a model that was not passed to DaskEngine.sink: pass models="):
+        engine.sink(lf, tmp_path / "nomodel.parquet")
+    assert not (tmp_path / "nomodel.parquet").exists()
+
+
+def test_files_without_rows_give_one_empty_part(client, tmp_path):
+    empty = pl.DataFrame({"X_pca": [], "batch": []}, schema={"X_pca": pl.Array(pl.Float32, 2), "batch": pl.String})
+    empty.write_parquet(tmp_path / "empty.parquet")
+    lf = pl.scan_parquet(tmp_path / "empty.parquet").with_columns(pl.col("X_pca").arr.sum().alias("total"))
+    assert D.DaskEngine(client).sink(lf, tmp_path / "out.parquet") == 0
+    assert [p.name for p in (tmp_path / "out.parquet").iterdir()] == ["part-00000.parquet"]
+    assert pl.read_parquet(tmp_path / "out.parquet").schema == lf.collect_schema()
 
 
 def test_the_cli_runs_the_fits_on_a_local_cluster(raw, tmp_path, capsys):

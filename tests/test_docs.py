@@ -36,6 +36,9 @@ def site(tmp_path: Path, page: str, results: dict[str, str]) -> Path:
 def test_benchmarks_page_is_current():
     r = render("--check")
     assert r.returncode == 0, f"run `make docs`:\n{r.stdout}{r.stderr}"
+    # The pages still include their results (a page whose markers were lost would pass the check).
+    counts = dict(re.findall(r"docs/(\w+)\.md: (\d+) included results are current", r.stdout))
+    assert int(counts.get("benchmarks", 0)) >= 13 and "tahoe" in counts and "cluster" in counts, r.stdout
 
 
 def test_missing_results_file_is_an_error_naming_it(tmp_path):

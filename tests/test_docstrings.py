@@ -24,6 +24,9 @@ Not checked, and why:
   class docstring, and the class is checked against ``__init__``'s signature.
 - Dunder methods (``__repr__``, the dataclass' ``__eq__``...): Python's
   protocol, documented by Python.
+- Inherited methods, and module-level data of a module without ``__all__``
+  (a tuple has no ``__module__`` to tell it was defined there): every public
+  module of the package has an ``__all__`` today.
 - Properties need a docstring but no ``Parameters``/``Returns`` sections:
   numpydoc documents a property like an attribute (a one-line description).
 - The compiled module ``polars_singlecell._internal`` (its streaming-fit

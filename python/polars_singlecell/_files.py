@@ -12,7 +12,7 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -101,27 +101,39 @@ def hidden_sibling(final: Path) -> Path:
     return final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.tmp")
 
 
-@contextmanager
-def replacing(final: Path) -> Iterator[None]:
-    """Write a new ``final`` inside the block where an old one may be a file
-    or a dataset folder (a distributed run writes folders, a local one
-    files), which ``os.replace`` cannot swap for each other: the old one is
-    moved aside, put back if the block fails, and deleted once it succeeds."""
-    if not final.exists():
-        yield
-        return
-    aside = hidden_sibling(final)
-    os.replace(final, aside)
-    try:
-        yield
-    except BaseException:
-        if not final.exists():
-            os.replace(aside, final)
-        raise
-    if aside.is_dir():
-        shutil.rmtree(aside, ignore_errors=True)
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
     else:
-        aside.unlink(missing_ok=True)
+        path.unlink(missing_ok=True)
+
+
+def write_replacing(final: Path, write: Callable[[Path], None]) -> None:
+    """``write(tmp)`` a new ``final`` (a file or a dataset folder) under a
+    hidden name beside it, then swap it in over whatever ``final`` is.
+
+    Until the swap the old output keeps its name, so a failed or killed
+    write leaves it as it was. ``os.replace`` cannot put a folder over a file
+    or a file over a folder (a distributed run writes folders, a local one
+    files), so for the swap alone the old one is moved aside, put back if
+    the rename fails, and deleted after it."""
+    tmp = hidden_sibling(final)
+    try:
+        write(tmp)
+        if not final.exists():
+            os.replace(tmp, final)
+            return
+        aside = hidden_sibling(final)
+        os.replace(final, aside)
+        try:
+            os.replace(tmp, final)
+        except BaseException:
+            os.replace(aside, final)
+            raise
+        _remove(aside)
+    finally:
+        if tmp.exists():
+            _remove(tmp)
 
 
 def expand(source: str | os.PathLike, suffix: str) -> list[Path]:

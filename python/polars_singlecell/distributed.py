@@ -28,7 +28,6 @@ import functools
 import hashlib
 import io
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +35,7 @@ import polars as pl
 
 from polars_singlecell import _internal, _progress
 from polars_singlecell._checks import positive_int
-from polars_singlecell._files import hidden_sibling, replacing, sink_bounded
+from polars_singlecell._files import PREFETCH, sink_parquet, write_replacing
 from polars_singlecell._frames import (
     PARTITION_ROWS,
     FitSpec,
@@ -244,40 +243,56 @@ class DaskEngine:
         -------
         int
             The rows written.
+
+        Raises
+        ------
+        ValueError
+            Data the workers cannot read (a remote URL, an in-memory frame, a
+            filter, join or sort before the stage, a relative path).
+        RuntimeError
+            A model file on a worker differs from the model given here, the
+            query uses a model not passed in ``models``, workers have the
+            extension at another path, or the files changed during the stage.
+            ``path`` is then left as it was.
         """
         final = Path(path).absolute()  # the workers write beside it, from their own folders
         parts = scan_partitions(lf, [], self.partition_rows)
         plan = self._plan(lf, parts)
         shipped = [_model_ref(m, f) for m, f in models]
-        tmp = hidden_sibling(final)
-        tmp.mkdir(parents=True)
-        try:
+        written = 0
+
+        def write(tmp: Path) -> None:
+            nonlocal written
+            tmp.mkdir(parents=True)
             if not parts:  # files without rows: one empty part, with the schema
-                sink_bounded(lf, tmp / "part-00000.parquet")
-            names = [str(tmp / f"part-{i:05d}.parquet") for i in range(len(parts))]
+                sink_parquet(lf, tmp / "part-00000.parquet")
+                return
+            width = max(5, len(str(len(parts) - 1)))  # names sort in row order
+            names = [str(tmp / f"part-{i:0{width}d}.parquet") for i in range(len(parts))]
             futures = self.client.map(sink_task, parts, names, plan=plan, models=shipped, pure=False)
-            count, written, short = _progress.counter(), 0, None
-            for part, future in zip(parts, futures):
-                rows = future.result()
-                future.release()
-                if short is not None and rows:
-                    raise RuntimeError(f"rows from {part.first_row} were written after rows {short.first_row}.."
-                                       f"{short.first_row + short.n_rows} ended early: was a file changed while the "
-                                       "stage ran? run it again")
-                if count is not None:
-                    count(rows)
-                written += rows
-                if rows < part.n_rows and short is None:
-                    short = part
-            if parts:
+            try:
+                count, short = _progress.counter(), None
+                for part, future in zip(parts, futures):
+                    rows = future.result()
+                    future.release()
+                    if short is not None and rows:
+                        raise RuntimeError(f"rows from {part.first_row} were written after rows {short.first_row}.."
+                                           f"{short.first_row + short.n_rows} ended early: was a file changed while "
+                                           "the stage ran? run it again")
+                    if count is not None:
+                        count(rows)
+                    written += rows
+                    if rows < part.n_rows and short is None:
+                        short = part
                 check_no_rows_after(lf, parts)
+            except BaseException:
+                # The other tasks stop here, rather than write into a folder about to be removed.
+                self.client.cancel(futures)
+                raise
             for stale in tmp.glob(".*.tmp"):  # a killed task's unfinished part (its retry wrote the part)
                 stale.unlink(missing_ok=True)
-            with replacing(final):
-                os.replace(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+
+        write_replacing(final, write)
         return written
 
 
@@ -299,11 +314,24 @@ def sink_task(part: Partition, dest: str, plan: bytes, models: list[tuple[str, s
     from polars_singlecell.integration import IntegrationModel
     from polars_singlecell.preprocessing import PcaModel
 
+    if not Path(dest).parent.is_dir():  # the stage failed and its folder is gone: write nothing
+        raise RuntimeError(f"{Path(dest).parent} is gone: the stage this task belonged to was abandoned")
     for kind, path, key in models:
         model = PcaModel.load(path) if kind == "pca" else IntegrationModel.read_parquet(path)
         if model._register() != key:
             raise RuntimeError(f"the model file {path} on this worker is not the one the driver loaded (its contents "
                                "differ): was it rewritten while the stage ran, or is the shared folder out of date?")
+    # One row group of read-ahead, as sink_bounded does on the driver, but set
+    # once for the worker's life: a worker runs tasks on several threads, and
+    # sink_bounded's set-and-restore would race between them.
+    os.environ.setdefault(PREFETCH, "1")
     q = pl.LazyFrame.deserialize(io.BytesIO(plan))
-    sink_bounded(q.slice(part.first_row, part.n_rows), dest)
+    try:
+        sink_parquet(q.slice(part.first_row, part.n_rows), dest)
+    except pl.exceptions.ComputeError as e:
+        if "not loaded in this process" in str(e):
+            raise RuntimeError("the query uses a model that was not passed to DaskEngine.sink: pass "
+                               "models=[(model, file it was read from)] for each PcaModel / IntegrationModel "
+                               f"in the query ({e})") from e
+        raise
     return pl.scan_parquet(dest).select(pl.len()).collect().item()

@@ -101,7 +101,8 @@ def hidden_sibling(final: Path) -> Path:
     return final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.tmp")
 
 
-def _remove(path: Path) -> None:
+def remove(path: Path) -> None:
+    """Delete a file or a folder (a dataset folder, a killed run's temporary one)."""
     if path.is_dir():
         shutil.rmtree(path, ignore_errors=True)
     else:
@@ -130,10 +131,10 @@ def write_replacing(final: Path, write: Callable[[Path], None]) -> None:
         except BaseException:
             os.replace(aside, final)
             raise
-        _remove(aside)
+        remove(aside)
     finally:
         if tmp.exists():
-            _remove(tmp)
+            remove(tmp)
 
 
 def expand(source: str | os.PathLike, suffix: str) -> list[Path]:

@@ -30,7 +30,13 @@ import polars as pl
 from polars_singlecell import _internal, _progress, metrics
 from polars_singlecell._checks import check_scale
 from polars_singlecell._device import check_device
-from polars_singlecell._files import atomic_path, expand, sink_bounded, write_replacing
+from polars_singlecell._files import (
+    atomic_path,
+    expand,
+    remove,
+    sink_bounded,
+    write_replacing,
+)
 from polars_singlecell.centroids import fit_centroids
 from polars_singlecell.integration import IntegrationModel, knn_interpolate
 from polars_singlecell.io import (
@@ -319,11 +325,8 @@ def integrate(
     check_writable(out)
     # Temporary files a killed run left behind (hidden, never under a final
     # name); ours are ".<name>.<hex>.tmp".
-    for stale in out.glob(".*.tmp"):
-        if stale.is_file():
-            stale.unlink()
-        elif stale.is_dir():  # fit_centroids' sample files
-            shutil.rmtree(stale, ignore_errors=True)
+    for stale in out.glob(".*.tmp"):  # files, and folders (fit_centroids' samples, an engine's parts)
+        remove(stale)
     say = log or (lambda _msg: None)
     if h5ads:
         # The keys before any import: a wrong --batch-key costs nothing.

@@ -9,7 +9,7 @@
 
 use rayon::prelude::*;
 
-use super::distance::{dot_block, sq_dist_f64, Centres, GEMM_CENTRES, GEMM_ROWS, TASK_ROWS};
+use super::distance::{below, dot_block, sq_dist_f64, sq_norm, BoundCost, Centres, Subset, GEMM_CENTRES, GEMM_ROWS, TASK_ROWS};
 use super::{gpu, Device};
 use crate::error::KernelError;
 
@@ -33,6 +33,10 @@ pub struct CentroidIndex {
     /// The centres on the GPU, uploaded on the first device='cuda' search and
     /// shared by clones (the same centres).
     on_gpu: std::sync::Arc<std::sync::Mutex<Option<std::sync::Arc<gpu::DeviceCentres>>>>,
+    /// For each `k` searched so far: the coordinate-subset bound, where it
+    /// pays for these centres (`Subset::for_search`, a probe worth doing
+    /// once per index and k, not per call). Shared by clones.
+    bounds: std::sync::Arc<std::sync::Mutex<Vec<(usize, Option<std::sync::Arc<Subset>>)>>>,
 }
 
 impl CentroidIndex {
@@ -69,7 +73,25 @@ impl CentroidIndex {
             norms,
             displacement,
             on_gpu: Default::default(),
+            bounds: Default::default(),
         })
+    }
+
+    /// The bound for searches of `k` nearest, probed on first use.
+    fn bound(&self, k: usize) -> Option<std::sync::Arc<Subset>> {
+        // A poisoned lock only means a probe panicked elsewhere: search
+        // without the bound (same results).
+        let mut known = self.bounds.lock().ok()?;
+        if let Some((_, b)) = known.iter().find(|(kk, _)| *kk == k) {
+            return b.clone();
+        }
+        // Two GEMM passes where the centres make several slabs (see
+        // search_pruned_serial); a top-k scan and a bound scan per centre.
+        let passes = if self.len() > GEMM_CENTRES { 2.0 } else { 1.0 };
+        let cost = BoundCost { passes, per_centre: 36.0, per_survivor_coord: 90.0 };
+        let b = Subset::for_search(&self.centres(), k, cost).map(std::sync::Arc::new);
+        known.push((k, b.clone()));
+        b
     }
 
     /// Width of the centres.
@@ -318,6 +340,83 @@ fn search_serial(x: &[f32], c: &Centres<'_>, k: usize, sink: &mut impl Sink) {
     }
 }
 
+/// [`search_serial`] through the coordinate-subset bound (`Subset`), per
+/// block of rows in two passes over the centres' slabs, each a GEMM on the
+/// subset's coordinates only. Pass 1: each row's `k` best partial distances
+/// over all centres, measured in full (float64); the `k`-th of those bounds
+/// the row's `k`-th nearest. Pass 2: every other centre whose partial
+/// distance, less its float32 rounding bound, is within that bound is
+/// measured too. A centre left out is farther than `k` measured ones, so the
+/// result is the exact `k` nearest, ascending by (float64 distance, index)
+/// as `rerank` orders them. (One pass with a running bound measured
+/// hundreds of centres a row: a row's first slabs, often another batch's
+/// centroids, bound it loosely.)
+fn search_pruned_serial(x: &[f32], c: &Centres<'_>, s: &Subset, k: usize, sink: &mut impl Sink) {
+    let (d, m, n_c) = (c.d, s.len(), c.len());
+    let one_slab = n_c <= GEMM_CENTRES;
+    let mut xs: Vec<f32> = Vec::with_capacity(GEMM_ROWS * m);
+    let mut xn: Vec<f32> = Vec::with_capacity(GEMM_ROWS);
+    let mut best: Vec<Vec<(f64, u32)>> = (0..GEMM_ROWS).map(|_| Vec::with_capacity(k + 1)).collect();
+    let mut tops: Vec<TopK> = (0..GEMM_ROWS).map(|_| TopK::new(k)).collect();
+    let (mut scratch, mut hits) = (Vec::new(), Vec::new());
+    for (blk, xb) in x.chunks(GEMM_ROWS * d).enumerate() {
+        let b = xb.len() / d;
+        xs.clear();
+        s.gather(xb, d, &mut xs);
+        xn.clear();
+        xn.extend(xs.chunks_exact(m).map(sq_norm));
+        tops[..b].iter_mut().for_each(TopK::clear);
+        best[..b].iter_mut().for_each(Vec::clear);
+        for j0 in (0..n_c).step_by(GEMM_CENTRES) {
+            let j1 = (j0 + GEMM_CENTRES).min(n_c);
+            dot_block(&xs, &s.points()[j0 * m..j1 * m], m, &mut scratch);
+            for (col, top) in scratch[..(j1 - j0) * b].chunks_exact(j1 - j0).zip(&mut tops) {
+                scan(col, &s.norms()[j0..j1], j0 as u32, top);
+            }
+        }
+        for (i, (row, top)) in xb.chunks_exact(d).zip(&tops).enumerate() {
+            for &j in &top.idx[..top.len] {
+                offer(&mut best[i], k, sq_dist_f64(row, c.row(j as usize)), j);
+            }
+        }
+        for j0 in (0..n_c).step_by(GEMM_CENTRES) {
+            let j1 = (j0 + GEMM_CENTRES).min(n_c);
+            if !one_slab {
+                dot_block(&xs, &s.points()[j0 * m..j1 * m], m, &mut scratch);
+            }
+            for (i, col) in scratch[..(j1 - j0) * b].chunks_exact(j1 - j0).enumerate() {
+                let (row, bi, top) = (&xb[i * d..(i + 1) * d], &mut best[i], &tops[i]);
+                // float64 → float32 rounds by half a unit: 1e-6 covers it.
+                let limit = (bi[k - 1].0 * (1.0 + 1e-6)) as f32 + s.rounding(xn[i], s.max_norm()) - xn[i];
+                hits.clear();
+                below(col, &s.norms()[j0..j1], limit, &mut hits);
+                for &t in &hits {
+                    let j = j0 as u32 + t;
+                    if !top.idx[..top.len].contains(&j) {
+                        offer(bi, k, sq_dist_f64(row, c.row(j as usize)), j);
+                    }
+                }
+            }
+        }
+        for (i, xi) in xb.chunks_exact(d).enumerate() {
+            sink.row(blk * GEMM_ROWS + i, xi, &best[i]);
+        }
+    }
+}
+
+/// Keep `best` the `k` smallest (distance, index) pairs offered, ascending.
+fn offer(best: &mut Vec<(f64, u32)>, k: usize, v: f64, j: u32) {
+    let before = |&(bv, bj): &(f64, u32)| bv < v || (bv == v && bj < j);
+    if best.len() == k {
+        if best.last().is_some_and(before) {
+            return;
+        }
+        best.pop();
+    }
+    let p = best.partition_point(before);
+    best.insert(p, (v, j));
+}
+
 /// `cand` = the candidate centres `idx` of row `xi` with their exact float64
 /// squared distances, ascending, ties to the lower index. Both devices' CPU
 /// re-rank; the GPU's `rerank_gather` kernel mirrors it.
@@ -416,9 +515,12 @@ fn parallel(n_rows: usize) -> bool {
 /// Search each (rows, centres, sink) task, in parallel when the call has
 /// `PAR_ROWS` rows or more (or the caller says so). Each row's result depends
 /// on that row alone, so both give the same bits.
-fn run_tasks<S: Sink>(tasks: Vec<(&[f32], &Centres<'_>, S)>, k: usize, force_parallel: bool) {
-    let n_rows: usize = tasks.iter().map(|(x, c, _)| x.len() / c.d).sum();
-    let run = |(x, c, mut sink): (&[f32], &Centres<'_>, S)| search_serial(x, c, k, &mut sink);
+fn run_tasks<S: Sink>(tasks: Vec<(&[f32], &Centres<'_>, Option<&Subset>, S)>, k: usize, force_parallel: bool) {
+    let n_rows: usize = tasks.iter().map(|(x, c, _, _)| x.len() / c.d).sum();
+    let run = |(x, c, bound, mut sink): (&[f32], &Centres<'_>, Option<&Subset>, S)| match bound {
+        Some(s) => search_pruned_serial(x, c, s, k, &mut sink),
+        None => search_serial(x, c, k, &mut sink),
+    };
     if parallel(n_rows) || (force_parallel && tasks.len() > 1) {
         tasks.into_par_iter().for_each(run);
     } else {
@@ -474,10 +576,11 @@ pub fn knn(
         });
     }
     let rows = knn_task_rows(n, index.len());
+    let bound = index.bound(k);
     let tasks = x
         .chunks(rows * d)
         .zip(idx.chunks_mut(rows * k).zip(dist.chunks_mut(rows * k)))
-        .map(|(xb, (idx, dist))| (xb, &c, Neighbours { k, idx, dist }))
+        .map(|(xb, (idx, dist))| (xb, &c, bound.as_deref(), Neighbours { k, idx, dist }))
         .collect();
     run_tasks(tasks, k, rows < TASK_ROWS);
     Ok(())
@@ -525,12 +628,13 @@ fn run_interpolation(parts: Vec<(&[f32], &CentroidIndex, &mut [f32])>, k: usize,
         }
         return Ok(());
     }
+    let bounds: Vec<_> = parts.iter().map(|p| p.1.bound(k)).collect();
     let mut tasks = Vec::new();
-    for ((x, index, out), c) in parts.into_iter().zip(&centres) {
+    for (((x, index, out), c), bound) in parts.into_iter().zip(&centres).zip(&bounds) {
         let d = index.d;
         let displacement = index.displacement.as_deref().expect("checked: the index has displacements");
         for (xb, out) in x.chunks(TASK_ROWS * d).zip(out.chunks_mut(TASK_ROWS * d)) {
-            tasks.push((xb, c, Interpolated { d, displacement, out, w: Vec::with_capacity(k) }));
+            tasks.push((xb, c, bound.as_deref(), Interpolated { d, displacement, out, w: Vec::with_capacity(k) }));
         }
     }
     run_tasks(tasks, k, false);
@@ -643,6 +747,55 @@ mod tests {
                 }
             }
         });
+    }
+
+    /// `n` rows around `g` cluster means (the same means for every `seed`),
+    /// spread falling as 1/√j per coordinate: a PCA embedding's shape, where
+    /// the coordinate-subset bound applies.
+    fn clustered(n: usize, d: usize, g: usize, seed: u64) -> Vec<f32> {
+        let mut r = Rng::new(99);
+        let means: Vec<f32> = (0..g * d).map(|i| ((r.uniform() * 8.0 - 4.0) / ((i % d + 1) as f64).sqrt()) as f32).collect();
+        let mut r = Rng::new(seed);
+        (0..n)
+            .flat_map(|_| {
+                let c = r.below(g);
+                (0..d).map(|j| means[c * d + j] + ((r.uniform() - 0.5) / ((j + 1) as f64).sqrt()) as f32).collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn pruned_search_is_exact() {
+        // 3000 centres: two GEMM slabs. Through the bound directly, whatever
+        // the probe would choose.
+        let (n, kc, d) = (700, 3000, 64);
+        let (x, c) = (clustered(n, d, 60, 1), clustered(kc, d, 60, 2));
+        let cs = Centres::new(&c, d);
+        let s = Subset::of(&cs).expect("a subset for this shape");
+        for k in [1, 8, 30] {
+            let (mut idx, mut dist) = (vec![0u32; n * k], vec![0f32; n * k]);
+            search_pruned_serial(&x, &cs, &s, k, &mut Neighbours { k, idx: &mut idx, dist: &mut dist });
+            for (i, want) in brute(&x, &c, d, k).iter().enumerate() {
+                let want_idx: Vec<u32> = want.iter().map(|p| p.1).collect();
+                assert_eq!(&idx[i * k..(i + 1) * k], &want_idx[..], "k={k} row {i}");
+                for t in 0..k {
+                    assert_eq!(dist[i * k + t], want[t].0.sqrt() as f32);
+                }
+            }
+        }
+        // The probe: 300 tight clusters of ~20 centres in 300 dimensions (k-means centroids
+        // of a PCA embedding) keep the bound, and `knn` through it is exact;
+        // centres scattered at random decline it.
+        let kc = 6000;
+        let (x, c) = (clustered(300, 300, 300, 3), clustered(kc, 300, 300, 4));
+        let index = CentroidIndex::new(c.clone(), None, 300).unwrap();
+        assert!(index.bound(8).is_some(), "the probe keeps the bound");
+        let (mut idx, mut dist) = (vec![0u32; 300 * 8], vec![0f32; 300 * 8]);
+        knn(&x, &index, 8, &mut idx, &mut dist, Device::Cpu).unwrap();
+        for (i, want) in brute(&x, &c, 300, 8).iter().enumerate() {
+            assert_eq!(idx[i * 8..(i + 1) * 8], want.iter().map(|p| p.1).collect::<Vec<_>>()[..], "row {i}");
+        }
+        assert!(CentroidIndex::new(random(kc, 300, 5), None, 300).unwrap().bound(8).is_none());
     }
 
     #[test]

@@ -36,8 +36,11 @@ pub struct CentroidIndex {
     /// For each `k` searched so far: the coordinate-subset bound, where it
     /// pays for these centres (`Subset::for_search`, a probe worth doing
     /// once per index and k, not per call). Shared by clones.
-    bounds: std::sync::Arc<std::sync::Mutex<Vec<(usize, Option<std::sync::Arc<Subset>>)>>>,
+    bounds: std::sync::Arc<std::sync::Mutex<Vec<KnownBound>>>,
 }
+
+/// A `k` and the bound for it (`None`: the probe declined it).
+type KnownBound = (usize, Option<std::sync::Arc<Subset>>);
 
 impl CentroidIndex {
     /// `centres` and `displacement` are row-major, `d` wide, one row per

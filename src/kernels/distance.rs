@@ -242,6 +242,8 @@ pub const PRUNE_SHARE: f64 = 0.6;
 
 /// Centres probed by [`Subset::for_search`].
 pub const PROBES: usize = 128;
+/// Probes measured together (one GEMM against every centre).
+const PROBE_GROUP: usize = 32;
 
 /// What a search through the [`Subset`] bound costs, in units of one
 /// multiply-add of the blocked GEMM, against K·(d + [`SCAN_COST`]) for the
@@ -351,19 +353,36 @@ impl Subset {
             return None;
         }
         let step = n.div_ceil(PROBES);
-        let survivors: usize = (0..n)
-            .step_by(step)
-            .collect::<Vec<_>>()
-            .par_iter()
-            .map(|&q| {
-                let row = c.row(q);
-                let mut full: Vec<f32> = (0..n).filter(|&j| j != q).map(|j| sq_dist(row, c.row(j))).collect();
-                let tau = *full.select_nth_unstable_by(k - 1, f32::total_cmp).1;
-                let qs = &s.centres[q * m..(q + 1) * m];
-                (0..n).filter(|&j| j != q && sq_dist(qs, &s.centres[j * m..(j + 1) * m]) <= tau).count()
-            })
-            .sum();
-        let per_row = survivors as f64 / n.div_ceil(step) as f64;
+        let probes: Vec<usize> = (0..n).step_by(step).collect();
+        // Distances of every centre to a group of probes, full and partial,
+        // by the GEMM expansion (an estimate needs no exact distance), in
+        // groups of PROBE_GROUP so the buffers stay n × 32 floats.
+        let mut survivors = 0usize;
+        let (mut full, mut part) = (Vec::new(), Vec::new());
+        for group in probes.chunks(PROBE_GROUP) {
+            let p = group.len();
+            let dists = |pts: &[f32], norms: &[f32], w: usize, out: &mut Vec<f32>| {
+                let q: Vec<f32> = group.iter().flat_map(|&i| pts[i * w..(i + 1) * w].iter().copied()).collect();
+                let qn: Vec<f32> = group.iter().map(|&i| norms[i]).collect();
+                out.resize(n * p, 0.0);
+                out.par_chunks_mut(TASK_ROWS * p).enumerate().for_each(|(b, o)| {
+                    let r = b * TASK_ROWS..b * TASK_ROWS + o.len() / p;
+                    sq_dists_to(&pts[r.start * w..r.end * w], &norms[r], &q, &qn, w, o);
+                });
+            };
+            dists(c.data, &c.norms, d, &mut full);
+            dists(&s.centres, &s.norms, m, &mut part);
+            survivors += group
+                .par_iter()
+                .enumerate()
+                .map(|(t, &q)| {
+                    let mut col: Vec<f32> = (0..n).filter(|&j| j != q).map(|j| full[j * p + t]).collect();
+                    let tau = *col.select_nth_unstable_by(k - 1, f32::total_cmp).1;
+                    (0..n).filter(|&j| j != q && part[j * p + t] <= tau).count()
+                })
+                .sum::<usize>();
+        }
+        let per_row = survivors as f64 / probes.len() as f64;
         let pruned = n as f64 * (cost.passes * m as f64 + cost.per_centre) + per_row * d as f64 * cost.per_survivor_coord;
         (pruned < 0.8 * n as f64 * (d as f64 + SCAN_COST)).then_some(s)
     }

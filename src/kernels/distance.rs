@@ -265,6 +265,10 @@ pub struct BoundCost {
 /// top-k), in the units of [`BoundCost`].
 pub const SCAN_COST: f64 = 10.0;
 
+/// Most centres [`nearest`] searches through the bound (its GEMM output for
+/// a block of rows is 128 × K floats: 4 MiB here).
+pub const NEAREST_MAX_CENTRES: usize = 8192;
+
 /// [`nearest`]'s: one GEMM pass, an arg-min and a bound scan.
 pub const NEAREST_COST: BoundCost = BoundCost { passes: 1.0, per_centre: 20.0, per_survivor_coord: 40.0 };
 
@@ -459,6 +463,8 @@ fn nearest_pruned_serial(
             };
             let mut best = (j0, sq_dist(row, c.row(j0)));
             let limit = best.1 * (1.0 + rel_d) + s.rounding(xn, s.max_norm) - xn;
+            // A squared norm beyond float32 makes it NaN: measure every centre.
+            let limit = if limit.is_nan() { f32::INFINITY } else { limit };
             hits.clear();
             below(col, &s.norms, limit, &mut hits);
             for &j in &hits {
@@ -557,7 +563,10 @@ pub fn nearest(x: &[f32], c: &Centres<'_>, labels: &mut [u32]) {
 pub fn nearest_from(x: &[f32], c: &Centres<'_>, hint: Option<&[u32]>, labels: &mut [u32]) {
     let d = c.d;
     debug_assert_eq!(x.len(), labels.len() * d);
-    let subset = Subset::for_search(c, 1, NEAREST_COST);
+    assert!(hint.is_none_or(|h| h.len() == labels.len()), "one hint per row");
+    // The bound's GEMM runs against every centre at once (128 × K floats of
+    // scratch a task), so it is kept to K ≤ NEAREST_MAX_CENTRES.
+    let subset = if x.is_empty() || c.len() > NEAREST_MAX_CENTRES { None } else { Subset::for_search(c, 1, NEAREST_COST) };
     x.par_chunks(TASK_ROWS * d).zip(labels.par_chunks_mut(TASK_ROWS)).enumerate().for_each(|(t, (xb, lb))| {
         let mut scratch = Vec::new();
         let hint = hint.map(|h| &h[t * TASK_ROWS..t * TASK_ROWS + lb.len()]);

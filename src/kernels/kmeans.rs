@@ -387,13 +387,21 @@ fn seed_block_pruned(
 ) -> Vec<f64> {
     let (t, m) = (cands.len(), s.len());
     let rows = start..start + closest.len();
+    let rel_d = 1.0 + (d as f32 + 8.0) * 2.4e-7;
     let cand_rows: Vec<f32> = cands.iter().flat_map(|&c| s.points()[c * m..(c + 1) * m].iter().copied()).collect();
     let cand_norms: Vec<f32> = cands.iter().map(|&c| s.norms()[c]).collect();
     sq_dists_to(&s.points()[rows.start * m..rows.end * m], &s.norms()[rows.clone()], &cand_rows, &cand_norms, m, o);
     let mut pot = vec![0f64; t];
     for ((i, o), (&cl, &wi)) in rows.zip(o.chunks_exact_mut(t)).zip(closest.iter().zip(w)) {
         for ((v, p), (&c, &cn)) in o.iter_mut().zip(pot.iter_mut()).zip(cands.iter().zip(&cand_norms)) {
-            *v = if *v - s.rounding(s.norms()[i], cn) < cl { sq_dist(&x[i * d..(i + 1) * d], &x[c * d..(c + 1) * d]).min(cl) } else { cl };
+            // Measured unless the partial distance (less its rounding) is at
+            // least `cl` plus the direct distance's own rounding: then the
+            // direct one could not come out below `cl` either.
+            *v = if *v - s.rounding(s.norms()[i], cn) < cl * rel_d {
+                sq_dist(&x[i * d..(i + 1) * d], &x[c * d..(c + 1) * d]).min(cl)
+            } else {
+                cl
+            };
             *p += wi * *v as f64;
         }
     }

@@ -83,9 +83,13 @@ impl CentroidIndex {
     /// The bound for searches of `k` nearest, probed on first use.
     fn bound(&self, k: usize) -> Option<std::sync::Arc<Subset>> {
         // A poisoned lock only means a probe panicked elsewhere: search
-        // without the bound (same results).
-        let mut known = self.bounds.lock().ok()?;
-        if let Some((_, b)) = known.iter().find(|(kk, _)| *kk == k) {
+        // without the bound (the k + 4 search). The lock is never held while
+        // the probe runs: the probe is a rayon loop, and a rayon worker
+        // waiting on it may pick up another call on this index from the same
+        // thread, which would then lock a mutex its thread already holds.
+        // Two first calls may both probe; they find the same bound (it
+        // depends on the centres alone) and the first kept wins.
+        if let Some((_, b)) = self.bounds.lock().ok()?.iter().find(|(kk, _)| *kk == k) {
             return b.clone();
         }
         // Two GEMM passes where the centres make several slabs (see
@@ -93,8 +97,14 @@ impl CentroidIndex {
         let passes = if self.len() > GEMM_CENTRES { 2.0 } else { 1.0 };
         let cost = BoundCost { passes, per_centre: 36.0, per_survivor_coord: 90.0 };
         let b = Subset::for_search(&self.centres(), k, cost).map(std::sync::Arc::new);
-        known.push((k, b.clone()));
-        b
+        let mut known = self.bounds.lock().ok()?;
+        match known.iter().find(|(kk, _)| *kk == k) {
+            Some((_, first)) => first.clone(),
+            None => {
+                known.push((k, b.clone()));
+                b
+            },
+        }
     }
 
     /// Width of the centres.
@@ -389,8 +399,11 @@ fn search_pruned_serial(x: &[f32], c: &Centres<'_>, s: &Subset, k: usize, sink: 
             }
             for (i, col) in scratch[..(j1 - j0) * b].chunks_exact(j1 - j0).enumerate() {
                 let (row, bi, top) = (&xb[i * d..(i + 1) * d], &mut best[i], &tops[i]);
-                // float64 → float32 rounds by half a unit: 1e-6 covers it.
+                // float64 → float32 rounds by half a unit: 1e-6 covers it. A
+                // row whose squared norm overflows float32 makes the limit
+                // NaN: every centre is then measured.
                 let limit = (bi[k - 1].0 * (1.0 + 1e-6)) as f32 + s.rounding(xn[i], s.max_norm()) - xn[i];
+                let limit = if limit.is_nan() { f32::INFINITY } else { limit };
                 hits.clear();
                 below(col, &s.norms()[j0..j1], limit, &mut hits);
                 for &t in &hits {
@@ -769,18 +782,20 @@ mod tests {
 
     #[test]
     fn pruned_search_is_exact() {
-        // 3000 centres: two GEMM slabs. Through the bound directly, whatever
-        // the probe would choose.
-        let (n, kc, d) = (700, 3000, 64);
-        let (x, c) = (clustered(n, d, 60, 1), clustered(kc, d, 60, 2));
-        let cs = Centres::new(&c, d);
-        let s = Subset::of(&cs).expect("a subset for this shape");
-        for k in [1, 8, 30] {
+        // 3000 centres: two GEMM slabs; 1500: one (its GEMM output serves
+        // both passes). Through the bound directly, whatever the probe would
+        // choose.
+        let (n, d) = (700, 64);
+        let x = clustered(n, d, 60, 1);
+        for (kc, k) in [(3000, 1), (3000, 8), (3000, 30), (1500, 8)] {
+            let c = clustered(kc, d, 60, 2);
+            let cs = Centres::new(&c, d);
+            let s = Subset::of(&cs).expect("a subset for this shape");
             let (mut idx, mut dist) = (vec![0u32; n * k], vec![0f32; n * k]);
             search_pruned_serial(&x, &cs, &s, k, &mut Neighbours { k, idx: &mut idx, dist: &mut dist });
             for (i, want) in brute(&x, &c, d, k).iter().enumerate() {
                 let want_idx: Vec<u32> = want.iter().map(|p| p.1).collect();
-                assert_eq!(&idx[i * k..(i + 1) * k], &want_idx[..], "k={k} row {i}");
+                assert_eq!(&idx[i * k..(i + 1) * k], &want_idx[..], "kc={kc} k={k} row {i}");
                 for t in 0..k {
                     assert_eq!(dist[i * k + t], want[t].0.sqrt() as f32);
                 }

@@ -353,7 +353,11 @@ impl Subset {
     pub fn for_search(c: &Centres<'_>, k: usize, cost: BoundCost) -> Option<Subset> {
         let s = Self::of(c)?;
         let (n, d, m) = (c.len(), c.d, s.len());
-        if k >= n {
+        let plain = 0.8 * n as f64 * (d as f64 + SCAN_COST);
+        let fixed = n as f64 * (cost.passes * m as f64 + cost.per_centre);
+        // No probe where the bound would not pay even with no survivor
+        // (at d = 50 the kNN search's scans alone cost what it saves).
+        if k >= n || fixed >= plain {
             return None;
         }
         let step = n.div_ceil(PROBES);
@@ -387,8 +391,7 @@ impl Subset {
                 .sum::<usize>();
         }
         let per_row = survivors as f64 / probes.len() as f64;
-        let pruned = n as f64 * (cost.passes * m as f64 + cost.per_centre) + per_row * d as f64 * cost.per_survivor_coord;
-        (pruned < 0.8 * n as f64 * (d as f64 + SCAN_COST)).then_some(s)
+        (fixed + per_row * d as f64 * cost.per_survivor_coord < plain).then_some(s)
     }
 
     /// Append the subset's coordinates of each row of `rows` (`d` wide) to `out`.

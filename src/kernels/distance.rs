@@ -485,8 +485,8 @@ fn nearest_pruned_serial(
 }
 
 /// Push every j with norms[j] − 2·dots[j] ≤ limit onto `out`, ascending.
-/// Blocks of 16 are tested with one vector minimum first: nearly all of
-/// them hold no such j.
+/// Each block of 16 becomes one bit mask (two vector compares), visited
+/// only where it is not zero: nearly every block holds no such j.
 pub(crate) fn below(dots: &[f32], norms: &[f32], limit: f32, out: &mut Vec<u32>) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {

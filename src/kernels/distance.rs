@@ -280,7 +280,8 @@ pub const NEAREST_COST: BoundCost = BoundCost { passes: 1.0, per_centre: 20.0, p
 #[derive(Debug, Clone)]
 pub struct Subset {
     dims: Vec<usize>,
-    centres: Vec<f32>,
+    /// The points (centres, or the seeding's rows) on `dims`, row-major.
+    points: Vec<f32>,
     norms: Vec<f32>,
     max_norm: f32,
 }
@@ -333,12 +334,10 @@ impl Subset {
         }
         let mut dims = order[..m].to_vec();
         dims.sort_unstable();
-        let mut centres = Vec::with_capacity(k * m);
-        let sub = Subset { dims, centres: Vec::new(), norms: Vec::new(), max_norm: 0.0 };
-        sub.gather(data, d, &mut centres);
-        let norms: Vec<f32> = centres.chunks_exact(m).map(sq_norm).collect();
+        let points: Vec<f32> = data.chunks_exact(d).flat_map(|row| dims.iter().map(move |&j| row[j])).collect();
+        let norms: Vec<f32> = points.chunks_exact(m).map(sq_norm).collect();
         let max_norm = norms.iter().copied().fold(0.0, f32::max);
-        Some(Subset { centres, norms, max_norm, ..sub })
+        Some(Subset { dims, points, norms, max_norm })
     }
 
     /// [`Subset::of`] the centres where a search for each row's `k` nearest
@@ -379,7 +378,7 @@ impl Subset {
                 });
             };
             dists(c.data, &c.norms, d, &mut full);
-            dists(&s.centres, &s.norms, m, &mut part);
+            dists(&s.points, &s.norms, m, &mut part);
             survivors += group
                 .par_iter()
                 .enumerate()
@@ -403,7 +402,7 @@ impl Subset {
 
     /// The points restricted to the subset (row-major, [`Subset::len`] wide).
     pub fn points(&self) -> &[f32] {
-        &self.centres
+        &self.points
     }
 
     /// The largest of [`Subset::norms`].
@@ -455,7 +454,7 @@ fn nearest_pruned_serial(
     for (b, (xb, lb)) in x.chunks(GEMM_ROWS * d).zip(labels.chunks_mut(GEMM_ROWS)).enumerate() {
         xs.clear();
         s.gather(xb, d, &mut xs);
-        dot_block(&xs, &s.centres, m, scratch);
+        dot_block(&xs, &s.points, m, scratch);
         for (i, (col, row)) in scratch[..k * lb.len()].chunks_exact(k).zip(xb.chunks_exact(d)).enumerate() {
             let xn = sq_norm(&xs[i * m..(i + 1) * m]);
             // The first centre measured in full: the hint (a row's previous
